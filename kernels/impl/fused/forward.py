@@ -1,0 +1,119 @@
+"""Fused forward: one multi-source online-softmax kernel, launched once per phase.
+
+A launch computes, for every query row i of a :class:`kernels.schedule.Plan` (a frame's queries)
+and every distinct source of that row (the image tokens, or a reference frame read ``count``
+times), softmax attention over the concatenation of the sources' keys, without building it:
+each source's K/V tiles are read in place from the caller's tensors (image tokens from
+``k_img``/``v_img``; frame r's keys from ``k``; its values from ``v``, or from the refreshed
+keyframe values U when r is a keyframe). Phase 1 writes only U (keyframes); phase 2 reads it.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .primitives import LN2, LOG2E, attend_source, load_tile, store_tile
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, U, KI, VI, O, LSE,
+    row_qframe, n_src, src_frame, src_vslot, src_logw,
+    stride_qb, stride_qf, stride_qn, stride_qh,
+    stride_kb, stride_kf, stride_kn, stride_kh,
+    stride_vb, stride_vf, stride_vn, stride_vh,
+    stride_ub, stride_uf, stride_un, stride_uh,
+    stride_kib, stride_kim, stride_kih,
+    stride_vib, stride_vim, stride_vih,
+    stride_ob, stride_of, stride_on, stride_oh,
+    stride_lb, stride_lf, stride_ln,
+    H, N, M, S_MAX, qk_scale,
+    HAS_IMG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # int64 batch/frame/head offsets: B*F*N*H*D may exceed 2**31 elements.
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_qf = tl.load(row_qframe + i_row).to(tl.int64)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+
+    b_q = load_tile(Q + i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh, o_m, stride_qn, N,
+                    HEAD_DIM, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    p_tab = i_row * S_MAX
+    i_first = 0
+    if HAS_IMG:  # the plan puts the image source first in the rows that read it
+        if tl.load(src_frame + p_tab) < 0:
+            acc, l_i, m_i = attend_source(
+                acc, l_i, m_i, b_q,
+                KI + i_b * stride_kib + i_h * stride_kih, VI + i_b * stride_vib + i_h * stride_vih,
+                stride_kim, stride_vim, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+            i_first = 1
+    for i_s in range(i_first, tl.load(n_src + i_row)):
+        i_src = tl.load(src_frame + p_tab + i_s).to(tl.int64)
+        i_slot = tl.load(src_vslot + p_tab + i_s).to(tl.int64)
+        bias = tl.load(src_logw + p_tab + i_s) * LOG2E
+        p_k = K + i_b * stride_kb + i_src * stride_kf + i_h * stride_kh
+        if i_slot < 0:  # values of a plain frame
+            acc, l_i, m_i = attend_source(
+                acc, l_i, m_i, b_q, p_k, V + i_b * stride_vb + i_src * stride_vf + i_h * stride_vh,
+                stride_kn, stride_vn, N, bias, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+        else:  # a keyframe: its values were refreshed by phase 1
+            acc, l_i, m_i = attend_source(
+                acc, l_i, m_i, b_q, p_k, U + i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh,
+                stride_kn, stride_un, N, bias, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+
+    # A row with no keys (rejected at the door, guarded anyway) gives zeros and lse = -inf.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    store_tile(O + i_b * stride_ob + i_row * stride_of + i_h * stride_oh, acc / l_safe[:, None],
+               o_m, stride_on, N, HEAD_DIM, BLOCK_D)
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    tl.store(LSE + i_b * stride_lb + i_row * stride_lf + o_m * stride_ln + i_h, lse, mask=o_m < N)
+
+
+def block_config(head_dim: int, device: torch.device) -> dict:
+    """Tile sizes: BLOCK_D is the head dim padded to a power of two (masked, never copied)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if device.type != "cuda":  # interpreter: small tiles so odd N crosses several blocks
+        return dict(BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    if block_d <= 64:
+        return dict(BLOCK_D=block_d, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if block_d <= 128:
+        return dict(BLOCK_D=block_d, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def _strides(t: torch.Tensor | None, n: int):
+    return tuple(t.stride()[:n]) if t is not None else (0,) * n
+
+
+def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float) -> None:
+    """Launch one phase: for every row i of ``tables`` write ``out[:, i]`` and ``lse[:, i]``.
+
+    q, k, v: (B, F, N, H, D); u: (B, K, N, H, D) refreshed keyframe values or None;
+    k_img, v_img: (B, M, H, D) or None; out: (B, rows, N, H, D); lse: (B, rows, N, H) float32.
+    """
+    b, _, n, h, d = q.shape
+    rows = tables["row_qframe"].numel()
+    m = 0 if k_img is None else k_img.shape[1]
+    cfg = block_config(d, q.device)
+    if os.environ.get("VB_BLOCK_M"):  # tests on CPU: force other tilings through the same code
+        cfg.update(BLOCK_M=int(os.environ["VB_BLOCK_M"]), BLOCK_N=int(os.environ["VB_BLOCK_N"]))
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h, rows)
+    dummy = q  # never dereferenced: HAS_IMG=False / no keyframe slot in the table
+    _fwd_kernel[grid](
+        q, k, v, u if u is not None else dummy, k_img if m else dummy, v_img if m else dummy, out, lse,
+        tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
+        *_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(u, 4),
+        *_strides(k_img, 3), *_strides(v_img, 3), *_strides(out, 4), *lse.stride()[:3],
+        h, n, m, tables["n_src_max"], scale * math.log2(math.e),
+        HAS_IMG=m > 0, HEAD_DIM=d, **cfg,
+    )

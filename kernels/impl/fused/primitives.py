@@ -1,0 +1,50 @@
+"""Tile helpers shared by the fused forward and backward kernels.
+
+Logits are kept in base 2 inside the kernels (``qk_scale = scale / ln 2``, ``exp2``); every LSE
+that leaves a kernel is converted to the natural log.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # jit globals must be constexpr
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def load_tile(p_base, o_rows, stride_row, L, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a (len(o_rows), BLOCK_D) tile of a token-major tensor; rows >= L and dims >= HEAD_DIM read 0."""
+    o_d = tl.arange(0, BLOCK_D)
+    m = (o_rows[:, None] < L) & (o_d[None, :] < HEAD_DIM)
+    return tl.load(p_base + o_rows[:, None] * stride_row + o_d[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def store_tile(p_base, b_x, o_rows, stride_row, L, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a (len(o_rows), BLOCK_D) tile, masking rows >= L and dims >= HEAD_DIM."""
+    o_d = tl.arange(0, BLOCK_D)
+    m = (o_rows[:, None] < L) & (o_d[None, :] < HEAD_DIM)
+    tl.store(p_base + o_rows[:, None] * stride_row + o_d[None, :], b_x.to(p_base.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def attend_source(acc, l_i, m_i, b_q, p_k, p_v, stride_kn, stride_vn, L, bias, qk_scale,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Online-softmax pass of one query tile over one source's L keys, read in place.
+
+    ``bias`` is log2(count) of a reference the schedule reads ``count`` times (exact dedup).
+    """
+    o_n = tl.arange(0, BLOCK_N)
+    for start in range(0, L, BLOCK_N):
+        o_k = start + o_n
+        b_k = load_tile(p_k, o_k, stride_kn, L, HEAD_DIM, BLOCK_D)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale + bias
+        b_s = tl.where((o_k < L)[None, :], b_s, float("-inf"))
+        # start < L, so every block holds a valid key and m_new is finite: no -inf - -inf.
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        b_p = tl.exp2(b_s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        b_v = load_tile(p_v, o_k, stride_vn, L, HEAD_DIM, BLOCK_D)
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        m_i = m_new
+    return acc, l_i, m_i
