@@ -79,11 +79,23 @@ def _fwd_kernel(
     tl.store(LSE + i_b * stride_lb + i_row * stride_lf + o_m * stride_ln + i_h, lse, mask=o_m < N)
 
 
-def block_config(head_dim: int, device: torch.device) -> dict:
-    """Tile sizes: BLOCK_D is the head dim padded to a power of two (masked, never copied)."""
+def block_config(head_dim: int, device: torch.device, backward: bool = False) -> dict:
+    """Tile sizes: BLOCK_D is the head dim padded to a power of two (masked, never copied).
+
+    ``VB_BLOCK_M``/``VB_BLOCK_N`` override the tiles (tests force other tilings on CPU)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
+    if os.environ.get("VB_BLOCK_M"):
+        return dict(BLOCK_D=block_d, BLOCK_M=int(os.environ["VB_BLOCK_M"]),
+                    BLOCK_N=int(os.environ.get("VB_BLOCK_N", os.environ["VB_BLOCK_M"])),
+                    num_warps=4, num_stages=1)
     if device.type != "cuda":  # interpreter: small tiles so odd N crosses several blocks
         return dict(BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    if backward:  # five tiles live per iteration: smaller blocks than the forward
+        if block_d <= 64:
+            return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        if block_d <= 128:
+            return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     if block_d <= 64:
         return dict(BLOCK_D=block_d, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     if block_d <= 128:
@@ -105,8 +117,6 @@ def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float
     rows = tables["row_qframe"].numel()
     m = 0 if k_img is None else k_img.shape[1]
     cfg = block_config(d, q.device)
-    if os.environ.get("VB_BLOCK_M"):  # tests on CPU: force other tilings through the same code
-        cfg.update(BLOCK_M=int(os.environ["VB_BLOCK_M"]), BLOCK_N=int(os.environ["VB_BLOCK_N"]))
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h, rows)
     dummy = q  # never dereferenced: HAS_IMG=False / no keyframe slot in the table
     _fwd_kernel[grid](

@@ -1,15 +1,26 @@
-"""Host side of the fused op: the two phases, the autograd Function, the public entry."""
+"""Host side of the fused op: the two phases forward and backward, registered as the custom ops
+``videobooth::fused_fwd`` / ``videobooth::fused_bwd`` so that autograd and ``torch.compile``
+(fullgraph) see one opaque, differentiable op instead of Triton launches.
+
+Saved for backward: the inputs, the output, its LSE, and phase 1's refreshed keyframe values U
+with their LSE (B, K, N, H, D with K = number of keyframes): never a concatenated K/V.
+"""
 from __future__ import annotations
 
+from typing import List, Optional, Tuple
+
 import torch
+from torch import Tensor
 
 from ...profiling import nvtx_range
 from ...schedule import Schedule
+from .backward import attention_bwd_phase
 from .forward import attention_fwd
 
-# Every buffer the fused path allocates goes through this one function, so tests can poison
-# outputs (fill with NaN) and audit that nothing but out/lse/U/lse1 is ever allocated.
+# Every buffer the fused path allocates goes through these, so tests can poison outputs (fill
+# with NaN) and audit that nothing but outputs, LSEs, U and gradients is ever allocated.
 _alloc = torch.empty
+_alloc_zeros = torch.zeros
 
 
 def fused_fwd(q, k, v, k_img, v_img, schedule: Schedule, scale: float):
@@ -31,7 +42,102 @@ def fused_fwd(q, k, v, k_img, v_img, schedule: Schedule, scale: float):
     return out, lse, u, lse1
 
 
+def fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule: Schedule, scale: float):
+    """Gradients (dq, dk, dv, dk_img, dv_img); dk_img/dv_img None without image tokens.
+    Phase 2 first (it produces dU), then phase 1 accumulating into the same buffers."""
+    phase1, phase2 = schedule.plan(k_img is not None)
+    dout = dout.contiguous()  # autograd may hand an expanded (stride 0) gradient
+    dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
+    dk = _alloc_zeros(q.shape, dtype=q.dtype, device=q.device)
+    dv = _alloc_zeros(q.shape, dtype=q.dtype, device=q.device)
+    dk_img = dv_img = du = None
+    if k_img is not None:
+        dk_img = _alloc_zeros(k_img.shape, dtype=q.dtype, device=q.device)
+        dv_img = _alloc_zeros(k_img.shape, dtype=q.dtype, device=q.device)
+    if u is not None:
+        du = _alloc_zeros(u.shape, dtype=q.dtype, device=q.device)
+    with nvtx_range("vb.phase2.cross_frame.bwd"):
+        attention_bwd_phase(q, k, v, u, k_img, v_img, dout, out, lse, dq, dk, dv, du, dk_img, dv_img,
+                            phase2.tables(q.device), scale, accumulate=False)
+    if u is not None:
+        with nvtx_range("vb.phase1.refresh.bwd"):
+            attention_bwd_phase(q, k, v, None, k_img, v_img, du, u, lse1, dq, dk, dv, None, dk_img, dv_img,
+                                phase1.tables(q.device), scale, accumulate=True)
+    return dq, dk, dv, dk_img, dv_img
+
+
+# ---- custom ops: the schedule travels as plain ints so the op is traceable ---------------------
+def _schedule(refs: List[int], num_refs: int, keyframes: List[int], image_everywhere: bool) -> Schedule:
+    table = [refs[i:i + num_refs] for i in range(0, len(refs), num_refs)]
+    return Schedule(table, keyframes, image_everywhere)
+
+
+def _empty_like_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    # Custom ops cannot return None: an absent tensor travels as a 0-element one.
+    return t if t is not None else like.new_empty((0,))
+
+
+@torch.library.custom_op("videobooth::fused_fwd", mutates_args=())
+def _fused_fwd_op(q: Tensor, k: Tensor, v: Tensor, k_img: Optional[Tensor], v_img: Optional[Tensor],
+                  refs: List[int], num_refs: int, keyframes: List[int], image_everywhere: bool,
+                  scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    sched = _schedule(refs, num_refs, keyframes, image_everywhere)
+    out, lse, u, lse1 = fused_fwd(q, k, v, k_img, v_img, sched, scale)
+    return out, lse, _empty_like_none(u, q), _empty_like_none(lse1, lse)
+
+
+@_fused_fwd_op.register_fake
+def _(q, k, v, k_img, v_img, refs, num_refs, keyframes, image_everywhere, scale):
+    b, n_frames, n, h, d = q.shape
+    n_key = len(set(keyframes))
+    out = q.new_empty(q.shape, memory_format=torch.contiguous_format)
+    lse = q.new_empty((b, n_frames, n, h), dtype=torch.float32)
+    u = q.new_empty((b, n_key, n, h, d)) if n_key else q.new_empty((0,))
+    lse1 = q.new_empty((b, n_key, n, h), dtype=torch.float32) if n_key else lse.new_empty((0,))
+    return out, lse, u, lse1
+
+
+@torch.library.custom_op("videobooth::fused_bwd", mutates_args=())
+def _fused_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, k_img: Optional[Tensor],
+                  v_img: Optional[Tensor], out: Tensor, lse: Tensor, u: Tensor, lse1: Tensor,
+                  refs: List[int], num_refs: int, keyframes: List[int], image_everywhere: bool,
+                  scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    sched = _schedule(refs, num_refs, keyframes, image_everywhere)
+    has_u = u.numel() > 0
+    dq, dk, dv, dki, dvi = fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u if has_u else None,
+                                     lse1 if has_u else None, sched, scale)
+    return dq, dk, dv, _empty_like_none(dki, q), _empty_like_none(dvi, q)
+
+
+@_fused_bwd_op.register_fake
+def _(dout, q, k, v, k_img, v_img, out, lse, u, lse1, refs, num_refs, keyframes, image_everywhere, scale):
+    img = (k_img.new_empty(k_img.shape), k_img.new_empty(k_img.shape)) if k_img is not None else (
+        q.new_empty((0,)), q.new_empty((0,)))
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), *img
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, k_img, v_img, refs, num_refs, keyframes, image_everywhere, scale = inputs
+    out, lse, u, lse1 = output
+    ctx.save_for_backward(q, k, v, k_img, v_img, out, lse, u, lse1)
+    ctx.sched_args = (refs, num_refs, keyframes, image_everywhere, scale)
+
+
+def _backward(ctx, dout, _dlse, _du, _dlse1):
+    # The LSE and U leave the public call detached / unexposed: only dout carries a gradient.
+    q, k, v, k_img, v_img, out, lse, u, lse1 = ctx.saved_tensors
+    dq, dk, dv, dki, dvi = _fused_bwd_op(dout, q, k, v, k_img, v_img, out, lse, u, lse1, *ctx.sched_args)
+    has_img = k_img is not None
+    return dq, dk, dv, dki if has_img else None, dvi if has_img else None, None, None, None, None, None
+
+
+_fused_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def fused_attention(q, k, v, k_img, v_img, schedule: Schedule, scale: float):
-    """(out, lse) of the fused op; inputs validated by :func:`kernels.videobooth_attention`."""
-    out, lse, _, _ = fused_fwd(q, k, v, k_img, v_img, schedule, scale)
-    return out, lse
+    """(out, lse) of the fused op, differentiable in q, k, v, k_img, v_img (lse is detached);
+    inputs validated by :func:`kernels.videobooth_attention`."""
+    refs = [r for row in schedule.refs for r in row]
+    out, lse, _, _ = _fused_fwd_op(q, k, v, k_img, v_img, refs, schedule.num_refs,
+                                   list(schedule.keyframes), schedule.image_everywhere, scale)
+    return out, lse.detach()

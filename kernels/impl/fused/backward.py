@@ -1,0 +1,233 @@
+"""Fused backward: deterministic, no atomics, recomputes P from the saved LSE.
+
+Per phase, two launches (FlashAttention-2 style split):
+- ``_bwd_dq_kernel``: one program per (query block, batch*head, row) walks the row's sources as
+  the forward does and owns its dQ block; it also writes Delta = rowsum(dO * O) for the dK/dV pass.
+- ``_bwd_dkv_kernel``: one program per (key block, batch*head, target), where a target is a
+  distinct key/value source (a frame, or the image tokens), walks the *inverse* table: every
+  row that reads the target, in row order. Shared K/V (the anchor frame, the image tokens) get
+  their gradient summed over all readers in registers, in a fixed order: same bits every run.
+Phase 2 runs first; its dV for a keyframe source is dU, the gradient of the refreshed values,
+which is then the dO of phase 1. Phase 1 accumulates (load + add + store, never concurrently)
+into dQ, dK, dV and the image gradients.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .forward import _strides, block_config
+from .primitives import LOG2E, load_tile, store_tile
+
+
+@triton.jit
+def _dq_source(b_dq, b_q, b_do, b_lse2, b_delta, p_k, p_v, stride_kn, stride_vn, L, bias, qk_scale,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dQ contribution of one source's L keys: sum_j dS_ij K_j (unscaled)."""
+    o_n = tl.arange(0, BLOCK_N)
+    for start in range(0, L, BLOCK_N):
+        o_k = start + o_n
+        b_k = load_tile(p_k, o_k, stride_kn, L, HEAD_DIM, BLOCK_D)
+        b_v = load_tile(p_v, o_k, stride_vn, L, HEAD_DIM, BLOCK_D)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale + bias
+        b_p = tl.where((o_k < L)[None, :], tl.exp2(b_s - b_lse2[:, None]), 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_v))
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
+    return b_dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, U, KI, VI, DO, O, LSE, DELTA, DQ,
+    row_qframe, n_src, src_frame, src_vslot, src_logw,
+    stride_qb, stride_qf, stride_qn, stride_qh,
+    stride_kb, stride_kf, stride_kn, stride_kh,
+    stride_vb, stride_vf, stride_vn, stride_vh,
+    stride_ub, stride_uf, stride_un, stride_uh,
+    stride_kib, stride_kim, stride_kih,
+    stride_vib, stride_vim, stride_vih,
+    stride_ob, stride_of, stride_on, stride_oh,
+    stride_gb, stride_gf, stride_gn, stride_gh,
+    stride_lb, stride_lf, stride_ln,
+    H, N, M, S_MAX, qk_scale, scale,
+    HAS_IMG: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_r64 = i_row.to(tl.int64)
+    i_qf = tl.load(row_qframe + i_row).to(tl.int64)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < N
+
+    b_q = load_tile(Q + i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh, o_m, stride_qn, N, HEAD_DIM, BLOCK_D)
+    p_o = i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh
+    b_do = load_tile(DO + p_o, o_m, stride_on, N, HEAD_DIM, BLOCK_D)
+    b_o = load_tile(O + p_o, o_m, stride_on, N, HEAD_DIM, BLOCK_D)
+    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)
+    p_l = i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h
+    tl.store(DELTA + p_l, b_delta, mask=m_m)
+    b_lse2 = tl.load(LSE + p_l, mask=m_m, other=0.0) * LOG2E
+
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    p_tab = i_row * S_MAX
+    i_first = 0
+    if HAS_IMG:
+        if tl.load(src_frame + p_tab) < 0:
+            b_dq = _dq_source(b_dq, b_q, b_do, b_lse2, b_delta,
+                              KI + i_b * stride_kib + i_h * stride_kih, VI + i_b * stride_vib + i_h * stride_vih,
+                              stride_kim, stride_vim, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+            i_first = 1
+    for i_s in range(i_first, tl.load(n_src + i_row)):
+        i_src = tl.load(src_frame + p_tab + i_s).to(tl.int64)
+        i_slot = tl.load(src_vslot + p_tab + i_s).to(tl.int64)
+        bias = tl.load(src_logw + p_tab + i_s) * LOG2E
+        p_k = K + i_b * stride_kb + i_src * stride_kf + i_h * stride_kh
+        if i_slot < 0:
+            b_dq = _dq_source(b_dq, b_q, b_do, b_lse2, b_delta, p_k,
+                              V + i_b * stride_vb + i_src * stride_vf + i_h * stride_vh,
+                              stride_kn, stride_vn, N, bias, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+        else:
+            b_dq = _dq_source(b_dq, b_q, b_do, b_lse2, b_delta, p_k,
+                              U + i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh,
+                              stride_kn, stride_un, N, bias, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+    b_dq = b_dq * scale
+    p_dq = DQ + i_b * stride_gb + i_qf * stride_gf + i_h * stride_gh
+    if ACCUMULATE:  # phase 1 after phase 2: the keyframe's queries were read by both
+        b_dq += load_tile(p_dq, o_m, stride_gn, N, HEAD_DIM, BLOCK_D).to(tl.float32)
+    store_tile(p_dq, b_dq, o_m, stride_gn, N, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dkv_readers(b_k, b_v, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row, rd_logw,
+                 stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on, stride_oh,
+                 stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV (unscaled dK) of one key tile, summed over every row that reads it, in row order."""
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for i_r in range(0, tl.load(n_rd + i_t)):
+        i_row = tl.load(rd_row + i_t * RD_MAX + i_r).to(tl.int64)
+        bias = tl.load(rd_logw + i_t * RD_MAX + i_r) * LOG2E
+        i_qf = tl.load(row_qframe + i_row).to(tl.int64)
+        p_q = Q + i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh
+        p_do = DO + i_b * stride_ob + i_row * stride_of + i_h * stride_oh
+        p_l = i_b * stride_lb + i_row * stride_lf + i_h
+        for start in range(0, N, BLOCK_M):
+            o_m = start + tl.arange(0, BLOCK_M)
+            m_m = o_m < N
+            b_q = load_tile(p_q, o_m, stride_qn, N, HEAD_DIM, BLOCK_D)
+            b_do = load_tile(p_do, o_m, stride_on, N, HEAD_DIM, BLOCK_D)
+            # Padded query rows get lse = +inf, so their P^T column is exactly 0.
+            b_lse2 = tl.load(LSE + p_l + o_m * stride_ln, mask=m_m, other=float("inf")) * LOG2E
+            b_delta = tl.load(DELTA + p_l + o_m * stride_ln, mask=m_m, other=0.0)
+            b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q)) * qk_scale + bias - b_lse2[None, :])
+            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
+            b_dpt = tl.dot(b_v, tl.trans(b_do))
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
+    return b_dk, b_dv
+
+
+@triton.jit
+def _accumulate_store(p, b_x, o_rows, stride_row, L, ACCUMULATE: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a gradient tile, adding what an earlier launch wrote there when ACCUMULATE."""
+    if ACCUMULATE:
+        b_x += load_tile(p, o_rows, stride_row, L, HEAD_DIM, BLOCK_D).to(tl.float32)
+    store_tile(p, b_x, o_rows, stride_row, L, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _bwd_dkv_kernel(
+    Q, K, V, U, KI, VI, DO, LSE, DELTA, DK, DV, DU, DKI, DVI,
+    row_qframe, tgt_frame, tgt_vslot, n_rd, rd_row, rd_logw,
+    stride_qb, stride_qf, stride_qn, stride_qh,
+    stride_kb, stride_kf, stride_kn, stride_kh,
+    stride_vb, stride_vf, stride_vn, stride_vh,
+    stride_ub, stride_uf, stride_un, stride_uh,
+    stride_kib, stride_kim, stride_kih,
+    stride_vib, stride_vim, stride_vih,
+    stride_ob, stride_of, stride_on, stride_oh,
+    stride_lb, stride_lf, stride_ln,
+    stride_gb, stride_gf, stride_gn, stride_gh,
+    stride_gub, stride_guf, stride_gun, stride_guh,
+    stride_gib, stride_gim, stride_gih,
+    H, N, M, RD_MAX, qk_scale, scale,
+    ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_n, i_bh, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_src = tl.load(tgt_frame + i_t).to(tl.int64)
+    i_slot = tl.load(tgt_vslot + i_t).to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if i_src < 0:  # the image tokens: M keys
+        if i_n * BLOCK_N < M:
+            b_k = load_tile(KI + i_b * stride_kib + i_h * stride_kih, o_n, stride_kim, M, HEAD_DIM, BLOCK_D)
+            b_v = load_tile(VI + i_b * stride_vib + i_h * stride_vih, o_n, stride_vim, M, HEAD_DIM, BLOCK_D)
+            b_dk, b_dv = _dkv_readers(
+                b_k, b_v, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row, rd_logw,
+                stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on, stride_oh,
+                stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
+            p_g = i_b * stride_gib + i_h * stride_gih
+            _accumulate_store(DKI + p_g, b_dk * scale, o_n, stride_gim, M, ACCUMULATE, HEAD_DIM, BLOCK_D)
+            _accumulate_store(DVI + p_g, b_dv, o_n, stride_gim, M, ACCUMULATE, HEAD_DIM, BLOCK_D)
+    elif i_n * BLOCK_N < N:  # a frame: N keys; values V, or U for a keyframe in phase 2
+        b_k = load_tile(K + i_b * stride_kb + i_src * stride_kf + i_h * stride_kh, o_n, stride_kn, N, HEAD_DIM, BLOCK_D)
+        if i_slot < 0:
+            b_v = load_tile(V + i_b * stride_vb + i_src * stride_vf + i_h * stride_vh, o_n, stride_vn, N, HEAD_DIM, BLOCK_D)
+        else:
+            b_v = load_tile(U + i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh, o_n, stride_un, N, HEAD_DIM, BLOCK_D)
+        b_dk, b_dv = _dkv_readers(
+            b_k, b_v, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row, rd_logw,
+            stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on, stride_oh,
+            stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
+        p_g = i_b * stride_gb + i_src * stride_gf + i_h * stride_gh
+        _accumulate_store(DK + p_g, b_dk * scale, o_n, stride_gn, N, ACCUMULATE, HEAD_DIM, BLOCK_D)
+        if i_slot < 0:
+            _accumulate_store(DV + p_g, b_dv, o_n, stride_gn, N, ACCUMULATE, HEAD_DIM, BLOCK_D)
+        else:  # gradient of the refreshed values U: the dO of phase 1
+            p_gu = i_b * stride_gub + i_slot * stride_guf + i_h * stride_guh
+            _accumulate_store(DU + p_gu, b_dv, o_n, stride_gun, N, ACCUMULATE, HEAD_DIM, BLOCK_D)
+
+
+def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dq, dk, dv, du, dk_img, dv_img,
+                        tables: dict, scale: float, accumulate: bool) -> None:
+    """Backward of one phase (see module docstring). ``do``/``out``/``lse`` are indexed by row;
+    gradient buffers dq/dk/dv (B,F,N,H,D), du (B,K,N,H,D), dk_img/dv_img (B,M,H,D) share the
+    strides of dk (frames) and dk_img (image)."""
+    b, _, n, h, d = q.shape
+    m = 0 if k_img is None else k_img.shape[1]
+    rows = tables["row_qframe"].numel()
+    cfg = block_config(d, q.device, backward=True)
+    delta = torch.empty_like(lse)
+    dummy = q
+    qk_scale = scale * math.log2(math.e)
+    common = (*_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(u, 4),
+              *_strides(k_img, 3), *_strides(v_img, 3), *_strides(do, 4))
+    u_ = u if u is not None else dummy
+    ki_, vi_ = (k_img, v_img) if m else (dummy, dummy)
+    _bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h, rows)](
+        q, k, v, u_, ki_, vi_, do, out, lse, delta, dq,
+        tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
+        *common, *_strides(dq, 4), *lse.stride()[:3],
+        h, n, m, tables["n_src_max"], qk_scale, scale,
+        HAS_IMG=m > 0, ACCUMULATE=accumulate, HEAD_DIM=d, **cfg)
+    n_targets = tables["n_targets"]
+    if n_targets == 0:
+        return
+    _bwd_dkv_kernel[(triton.cdiv(max(n, m), cfg["BLOCK_N"]), b * h, n_targets)](
+        q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du if du is not None else dummy,
+        dk_img if m else dummy, dv_img if m else dummy,
+        tables["row_qframe"], tables["tgt_frame"], tables["tgt_vslot"], tables["n_rd"],
+        tables["rd_row"], tables["rd_logw"],
+        *common, *lse.stride()[:3], *_strides(dk, 4), *_strides(du, 4), *_strides(dk_img, 3),
+        h, n, m, tables["n_rd_max"], qk_scale, scale,
+        ACCUMULATE=accumulate, HEAD_DIM=d, **cfg)
