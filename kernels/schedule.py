@@ -112,7 +112,7 @@ class Schedule:
         if isinstance(refs, torch.Tensor):
             refs = refs.tolist()
         try:
-            table = tuple(tuple(int(r) for r in row) for row in refs)
+            table = tuple(tuple(_as_int(r) for r in row) for row in refs)
         except TypeError as e:
             raise TypeError(f"refs: expected an (F, R) table of ints, got {type(refs).__name__}") from e
         if len(table) == 0:
@@ -204,6 +204,12 @@ class Schedule:
     def __repr__(self) -> str:
         return (f"Schedule(name={self.name!r}, F={self.num_frames}, refs={[list(r) for r in self.refs]}, "
                 f"keyframes={list(self.keyframes)}, image_everywhere={self.image_everywhere})")
+
+
+def _as_int(x) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, torch.SymInt)) and not hasattr(x, "__index__"):
+        raise TypeError(f"expected an int, got {type(x).__name__}")
+    return int(x)
 
 
 def _check_frames(num_frames) -> None:

@@ -90,7 +90,7 @@ def _fused_fwd_op(q: Tensor, k: Tensor, v: Tensor, k_img: Optional[Tensor], v_im
 def _(q, k, v, k_img, v_img, refs, num_refs, keyframes, image_everywhere, scale):
     b, n_frames, n, h, d = q.shape
     n_key = len(set(keyframes))
-    out = q.new_empty(q.shape, memory_format=torch.contiguous_format)
+    out = q.new_empty(q.shape)
     lse = q.new_empty((b, n_frames, n, h), dtype=torch.float32)
     u = q.new_empty((b, n_key, n, h, d)) if n_key else q.new_empty((0,))
     lse1 = q.new_empty((b, n_key, n, h), dtype=torch.float32) if n_key else lse.new_empty((0,))

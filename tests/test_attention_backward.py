@@ -1,0 +1,167 @@
+"""Backward of the VideoBooth attention op: gradients of every backend against float64
+autograd of the reference, determinism, the value refresh, and a drop-in training check."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attention_cases import SCHEDULES, named_schedule, needs_cuda
+from kernels import Schedule, videobooth_attention
+from kernels.testing import TOLERANCE, make_inputs, rel_err
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("q", "k", "v", "k_img", "v_img")
+
+
+def _grads(backend, ins, schedule, grad_out):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in ins]
+    out = videobooth_attention(*leaves, schedule=schedule, backend=backend)
+    out.backward(grad_out.to(out.dtype))
+    # an input the schedule never reads gets None from autograd and zeros from the fused op
+    return out, [None if t is None else (t.grad if t.grad is not None else torch.zeros_like(t))
+                 for t in leaves]
+
+
+def _check_grads(backend, schedule, shape, dtype, seed=0):
+    b, f, n, h, d, m = shape
+    torch.manual_seed(seed)
+    ins = make_inputs(b, f, n, h, d, m, dtype=dtype, device=DEV, strided=True)
+    grad_out = torch.randn(b, f, n, h, d, device=DEV)
+    out, grads = _grads(backend, ins, schedule, grad_out)
+    ref_out, ref_grads = _grads("reference", [None if t is None else t.double() for t in ins],
+                                schedule, grad_out.double())
+    assert rel_err(out, ref_out) < TOLERANCE[dtype]
+    for name, g, r in zip(NAMES, grads, ref_grads):
+        if r is None:
+            assert g is None
+            continue
+        assert g.shape == r.shape and g.dtype == dtype, name
+        tol = TOLERANCE[dtype] * (5 if dtype != torch.float32 else 1)
+        assert rel_err(g, r) < tol, (name, rel_err(g, r))
+
+
+@pytest.mark.parametrize("schedule_name", SCHEDULES)
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "triton"])
+def test_gradients_match_reference_on_every_schedule(backend, schedule_name):
+    if backend == "flex" and DEV == "cpu":
+        pytest.skip("FlexAttention has no backward on CPU (torch raises NotImplementedError); "
+                    "flex gradients are tested on a GPU")
+    _check_grads(backend, named_schedule(schedule_name, 4), (1, 4, 17, 2, 40, 9), torch.float32)
+
+
+@pytest.mark.parametrize("shape", [
+    (1, 3, 17, 1, 72, None),   # no image: phase 1 is the keyframe's self-attention
+    (1, 3, 17, 1, 40, 0),      # M = 0 is the same as no image
+    (1, 1, 20, 2, 40, 7),      # F = 1
+    (2, 3, 33, 1, 16, 40),     # M > N, odd N across three tiles
+], ids=lambda s: "B{}F{}N{}H{}D{}M{}".format(*s))
+@pytest.mark.parametrize("schedule_name", ["videobooth", "random1"])
+def test_triton_gradients_odd_shapes(shape, schedule_name):
+    _check_grads("triton", named_schedule(schedule_name, shape[1]), shape, torch.float32)
+
+
+def test_triton_gradients_fp16():
+    _check_grads("triton", named_schedule("keyframes2", 3), (1, 3, 17, 2, 40, 9), torch.float16)
+
+
+def test_gradient_flows_through_the_value_refresh():
+    """dV of the keyframe reaches only through U (phase 1), and the image gets gradient only
+    through U when image_everywhere is off: both must be nonzero and match the reference."""
+    sched = Schedule.first(3)
+    _check_grads("triton", sched, (1, 3, 17, 1, 16, 5), torch.float32)
+    torch.manual_seed(0)
+    ins = make_inputs(1, 3, 17, 1, 16, 5, device=DEV)
+    _, grads = _grads("triton", ins, sched, torch.randn(1, 3, 17, 1, 16, device=DEV))
+    assert grads[2][:, 0].abs().sum() > 0 and grads[4].abs().sum() > 0
+    assert grads[2][:, 1:].abs().sum() == 0  # frames 1, 2 are never read under "first"
+
+
+def test_backward_is_deterministic():
+    torch.manual_seed(0)
+    ins = make_inputs(1, 4, 33, 2, 40, 9, device=DEV, strided=True)
+    g = torch.randn(1, 4, 33, 2, 40, device=DEV)
+    sched = named_schedule("random2", 4)
+    _, first = _grads("triton", ins, sched, g)
+    _, second = _grads("triton", ins, sched, g)
+    for a, b in zip(first, second):
+        assert a is None or torch.equal(a, b)
+
+
+def test_poisoned_gradients_are_all_written(monkeypatch):
+    from kernels.impl.fused import function
+
+    monkeypatch.setattr(function, "_alloc", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
+    _check_grads("triton", named_schedule("random0", 3), (1, 3, 17, 1, 40, 5), torch.float32)
+
+
+def test_frame_without_keys_is_rejected_at_the_door():
+    ins = make_inputs(1, 2, 8, 1, 16, None, device=DEV)
+    with pytest.raises(ValueError, match="frame 1 has no keys"):
+        videobooth_attention(*ins, schedule=Schedule([[0], [-1]]), backend="triton")
+
+
+class _TinyAttention(torch.nn.Module):
+    """Projections + op + output projection: the shape of an attn1 layer."""
+
+    def __init__(self, dim=32, heads=2, backend="reference", schedule=None):
+        super().__init__()
+        self.heads, self.backend, self.schedule = heads, backend, schedule
+        self.to_q, self.to_k, self.to_v = (torch.nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.to_k_img, self.to_v_img = (torch.nn.Linear(dim, dim, bias=False) for _ in range(2))
+        self.to_out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, img):  # x: (B, F, N, C), img: (B, M, C)
+        b, f, n, c = x.shape
+        split = lambda t: t.view(*t.shape[:-1], self.heads, c // self.heads)  # noqa: E731
+        out = videobooth_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)),
+                                   split(self.to_k_img(img)), split(self.to_v_img(img)),
+                                   schedule=self.schedule, backend=self.backend)
+        return self.to_out(out.reshape(b, f, n, c))
+
+
+def test_drop_in_training_matches_reference():
+    """A few AdamW steps with backend="triton" end where backend="reference" ends."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 32, device=DEV)
+    img = torch.randn(2, 5, 32, device=DEV)
+    target = torch.randn(2, 3, 9, 32, device=DEV)
+    sched = Schedule.keyframes(3, 2)
+    models = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(1)
+        model = _TinyAttention(backend=backend, schedule=sched).to(DEV)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(4):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x, img), target).backward()
+            opt.step()
+        models[backend] = model
+    for (name, p_ref), (_, p_tri) in zip(models["reference"].named_parameters(),
+                                         models["triton"].named_parameters()):
+        assert rel_err(p_tri, p_ref) < 1e-5, name
+
+
+def test_torch_compile_fullgraph_with_the_custom_op():
+    """The op is a registered custom op, so a module calling it compiles without graph breaks."""
+    torch.manual_seed(0)
+    model = _TinyAttention(backend="triton", schedule=Schedule.videobooth(3)).to(DEV)
+    x = torch.randn(1, 3, 9, 32, device=DEV, requires_grad=True)
+    img = torch.randn(1, 5, 32, device=DEV)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor" if DEV == "cuda" else "aot_eager")
+    out = compiled(x, img)
+    out.square().sum().backward()
+    g_compiled = x.grad.clone()
+    x.grad = None
+    eager = model(x, img)
+    eager.square().sum().backward()
+    assert rel_err(out, eager) < 1e-6 and rel_err(g_compiled, x.grad) < 1e-6
+
+
+@needs_cuda()
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("schedule_name", SCHEDULES)
+@pytest.mark.parametrize("backend", ["flex", "triton"])
+def test_gradients_on_gpu(backend, schedule_name, dtype):
+    for shape in [(2, 5, 257, 4, 80, 77), (1, 3, 1024, 2, 40, 1024), (1, 2, 64, 8, 160, 0)]:
+        _check_grads(backend, named_schedule(schedule_name, shape[1]), shape, dtype)
