@@ -1,0 +1,138 @@
+"""What both video backbones (inflated U-Net, DiT) share: input checks, the processor registry,
+backend/schedule switches, and the adapter weights (everything VideoBooth added)."""
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from torch import nn
+
+from .processors import (ScheduleSpec, VideoBoothAttnProcessor, VideoBoothTextAttnProcessor, check_backend,
+                         check_schedule_spec)
+
+# Parameter-name fragments of the weights VideoBooth adds to a backbone: the attention
+# processors' projections and banks, and the inflated U-Net's temporal layers.
+ADAPTER_KEY_PARTS = (".processor.", ".vb_temporal.")
+
+
+def is_adapter_key(name: str) -> bool:
+    return any(p in name for p in ADAPTER_KEY_PARTS)
+
+
+class VideoBackboneMixin:
+    """Methods shared by :class:`vb.VideoBoothUNet` and :class:`vb.VideoDiT` (both nn.Modules
+    with a ``context`` attribute)."""
+
+    # -- processors -----------------------------------------------------------------------------
+    def attn1_processors(self) -> List[VideoBoothAttnProcessor]:
+        return [m for m in self.modules() if isinstance(m, VideoBoothAttnProcessor)]
+
+    def attn2_processors(self) -> List[VideoBoothTextAttnProcessor]:
+        return [m for m in self.modules() if isinstance(m, VideoBoothTextAttnProcessor)]
+
+    def set_attn_backend(self, backend: str) -> None:
+        """Switch every attn1 processor to another ``kernels`` backend (nothing else changes)."""
+        check_backend(backend)
+        for p in self.attn1_processors():
+            p.backend = backend
+
+    def set_schedule(self, schedule: ScheduleSpec) -> None:
+        """Switch every attn1 processor to another temporal schedule."""
+        check_schedule_spec(schedule)
+        for p in self.attn1_processors():
+            p.set_schedule(schedule)
+
+    # -- adapter weights ------------------------------------------------------------------------
+    def adapter_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Every tensor VideoBooth added (new projections, banks, temporal layers of an inflated
+        U-Net), keyed as in ``self.state_dict()``."""
+        return {k: v for k, v in self.state_dict().items() if is_adapter_key(k)}
+
+    def load_adapter_state_dict(self, state: Dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Copy adapter tensors in place (dtype/device of the model kept). With ``strict``, the
+        key sets must match exactly; shapes must always match."""
+        own = self.adapter_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if strict and (missing or unexpected):
+            raise ValueError(f"state: adapter keys do not match this backbone; missing {missing[:5]}"
+                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                             f"{'...' if len(unexpected) > 5 else ''}")
+        with torch.no_grad():
+            for k, t in state.items():
+                if k not in own:
+                    continue
+                if own[k].shape != t.shape:
+                    raise ValueError(f"state[{k!r}]: expected shape {tuple(own[k].shape)}, got {tuple(t.shape)}")
+                own[k].copy_(t)
+
+    def stage_parameters(self, stage: int, include_temporal: bool = False) -> Iterator[nn.Parameter]:
+        """Backbone parameters trained in a VideoBooth stage (DESIGN.md section 1).
+
+        stage 1: attn2's ``to_k_new``/``to_v_new``. stage 2: those plus every attn1 processor's
+        parameters (``to_k_new``, ``to_v_new``, ``to_k_exemplar``, ``to_v_exemplar``, the learned
+        query and bank if configured). ``include_temporal`` adds an inflated U-Net's temporal layers.
+        (The mapper's parameters are the pipeline's to add.)
+        """
+        if stage not in (1, 2):
+            raise ValueError(f"stage: expected 1 or 2, got {stage!r}")
+        mods: List[nn.Module] = list(self.attn2_processors())
+        if stage == 2:
+            mods += self.attn1_processors()
+        seen = set()
+        for m in mods:
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+        if include_temporal:
+            for name, p in self.named_parameters():
+                if ".vb_temporal." in name and id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+
+def check_tensor(name: str, t, ndim: int, shape_doc: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape {shape_doc}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected shape {shape_doc}, got {tuple(t.shape)}")
+    return t
+
+
+def batch_timesteps(timestep, batch: int, device) -> torch.Tensor:
+    """A scalar or (B,) timestep as a (B,) tensor on ``device``."""
+    t = timestep if isinstance(timestep, torch.Tensor) else torch.tensor(timestep)
+    t = t.to(device)
+    if t.dim() == 0:
+        return t.expand(batch)
+    if t.dim() != 1 or t.shape[0] not in (1, batch):
+        raise ValueError(f"timestep: expected a scalar or shape ({batch},), got {tuple(t.shape)}")
+    return t.expand(batch)
+
+
+def check_backbone_inputs(sample, image_latents, in_channels: int, multiple: int) -> None:
+    """Shared checks of ``sample`` (B, C, F, H, W) and ``image_latents`` (B, C, H, W)."""
+    check_tensor("sample", sample, 5, f"(B, {in_channels}, F, H, W)")
+    b, c, f, h, w = sample.shape
+    if c != in_channels:
+        raise ValueError(f"sample: expected {in_channels} channels (B, C, F, H, W), got shape {tuple(sample.shape)}")
+    if h % multiple or w % multiple:
+        raise ValueError(f"sample: latent height and width must be multiples of {multiple}, got {h}x{w}")
+    if image_latents is not None:
+        check_tensor("image_latents", image_latents, 4, f"({b}, {c}, {h}, {w})")
+        if tuple(image_latents.shape) != (b, c, h, w):
+            raise ValueError(f"image_latents: expected shape {(b, c, h, w)}, got {tuple(image_latents.shape)}")
+
+
+def expand_batch(name: str, t: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
+    """(1, ...) or (B, ...) -> (B, ...)."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    raise ValueError(f"{name}: expected batch 1 or {batch}, got shape {tuple(t.shape)}")

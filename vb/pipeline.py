@@ -1,0 +1,277 @@
+"""``VideoBoothPipeline``: text + image prompt -> video (DESIGN.md section 1).
+
+Per sample: the image prompt goes through the CLIP image encoder and the mapper (coarse path:
+its tokens replace the subject word in the prompt) and through the VAE (fine path: its latent,
+noised to each step's timestep, runs once through the backbone's image branch). Classifier-free
+guidance contrasts that with an unconditional pass: null prompt and no injection at all (the
+paper's), or null prompt with a grey image prompt (``uncond_image="grey"``).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .adapter import load_adapter, save_adapter
+from .coarse import _as_list, encode_prompt
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+UNCOND_IMAGES = ("none", "grey")
+
+
+@dataclass
+class VideoBoothPipelineOutput(BaseOutput):
+    """frames: ``"pil"``: B lists of F PIL images; ``"np"``: (B, F, H, W, 3) float32 in [0, 1];
+    ``"pt"``: (B, F, 3, H, W) in [0, 1]; ``"latent"``: (B, C, F, h, w) latents.
+    ``frames[0]`` goes to ``diffusers.utils.export_to_gif`` / ``export_to_video``."""
+
+    frames: Union[List[List[PIL.Image.Image]], np.ndarray, torch.Tensor]
+
+
+def image_to_tensor(image, height: int, width: int) -> torch.Tensor:
+    """A PIL image, an (H, W, 3) uint8/float array, or a (3, H, W) float tensor in [0, 1] ->
+    (3, height, width) float32 in [0, 1]. Transparent pixels become white (subject on white)."""
+    if isinstance(image, PIL.Image.Image):
+        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            bg = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = PIL.Image.alpha_composite(bg, rgba)
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"image_prompt: expected an (H, W, 3) array, got shape {image.shape}")
+        arr = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+        image = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image_prompt: expected a PIL image, a numpy array or a torch.Tensor, "
+                        f"got {type(image).__name__}")
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image_prompt: expected a (3, H, W) tensor (or (B, 3, H, W)), got {tuple(image.shape)}")
+    image = image.float()
+    if image.min() < -1e-3 or image.max() > 1 + 1e-3:
+        raise ValueError(f"image_prompt: expected values in [0, 1], got [{image.min().item():.3g}, "
+                         f"{image.max().item():.3g}]")
+    image = image.clamp(0, 1)
+    if tuple(image.shape[1:]) != (height, width):
+        image = F.interpolate(image[None], size=(height, width), mode="bicubic", align_corners=False,
+                              antialias=True)[0].clamp(0, 1)
+    return image
+
+
+class VideoBoothPipeline(DiffusionPipeline):
+    """Image-prompted text-to-video generation (VideoBooth, Jiang et al., CVPR 2024).
+
+    Args:
+        vae: ``diffusers.AutoencoderKL``.
+        text_encoder: ``transformers.CLIPTextModel``.
+        tokenizer: its CLIP tokenizer (transformers, or open_clip's with the same vocabulary).
+        image_encoder: :class:`vb.VideoBoothImageEncoder` (open_clip image tower).
+        mapper: :class:`vb.VideoBoothMapper`.
+        backbone: :class:`vb.VideoBoothUNet` or :class:`vb.VideoDiT`.
+        scheduler: any diffusers noise scheduler (DDIM, DDPM, Euler, ...).
+    """
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->mapper->backbone->vae"
+
+    def __init__(self, vae, text_encoder, tokenizer, image_encoder, mapper, backbone, scheduler):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, image_encoder=image_encoder,
+                              mapper=mapper, backbone=backbone, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # ---- adapter weights ------------------------------------------------------------------------
+    def save_adapter(self, save_directory: str) -> str:
+        """Save the mapper and every new backbone projection (safetensors, atomic write)."""
+        return save_adapter(save_directory, self.mapper, self.backbone)
+
+    def load_adapter(self, pretrained_path: str, strict: bool = True) -> "VideoBoothPipeline":
+        """Load weights saved by :meth:`save_adapter` (a directory or the .safetensors file)."""
+        load_adapter(pretrained_path, self.mapper, self.backbone, strict=strict)
+        return self
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def default_size(self) -> int:
+        size = getattr(self.backbone, "sample_size", None) or 32
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return int(size) * self.vae_scale_factor
+
+    def prepare_image(self, image_prompt, batch: int, height: int, width: int) -> torch.Tensor:
+        """Image prompt(s) -> (B, 3, height, width) in [0, 1] on the pipeline's device."""
+        if isinstance(image_prompt, torch.Tensor) and image_prompt.dim() == 4:
+            images = [image_to_tensor(x, height, width) for x in image_prompt]
+        elif isinstance(image_prompt, (list, tuple)):
+            images = [image_to_tensor(x, height, width) for x in image_prompt]
+        else:
+            images = [image_to_tensor(image_prompt, height, width)]
+        if len(images) == 1 and batch > 1:
+            images = images * batch
+        if len(images) != batch:
+            raise ValueError(f"image_prompt: expected 1 or {batch} images (one per prompt), got {len(images)}")
+        return torch.stack(images).to(self._execution_device)
+
+    def encode_images(self, images: torch.Tensor):
+        """(B, 3, H, W) in [0, 1] -> (subject tokens (B, K, D_text), image embeds (B, E))."""
+        enc = self.image_encoder(images)
+        return self.mapper(enc.layer_tokens), enc.image_embeds
+
+    def encode_vae(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, C, H/s, W/s) scaled latents (the distribution's mode)."""
+        x = (images * 2 - 1).to(self.vae.dtype)
+        lat = self.vae.encode(x).latent_dist.mode()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (lat - shift) * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """(B, C, F, h, w) -> (B, F, 3, H, W) in [0, 1], decoded frame by frame in chunks."""
+        b, c, f, h, w = latents.shape
+        x = latents.transpose(1, 2).reshape(b * f, c, h, w)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        x = x / self.vae.config.scaling_factor + shift
+        frames = torch.cat([self.vae.decode(x[i:i + chunk].to(self.vae.dtype)).sample
+                            for i in range(0, x.shape[0], chunk)])
+        frames = (frames.float() / 2 + 0.5).clamp(0, 1)
+        return frames.view(b, f, *frames.shape[1:])
+
+    def _check_inputs(self, num_frames, height, width, num_inference_steps, guidance_scale, uncond_image,
+                      output_type):
+        if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
+            raise ValueError(f"num_frames: expected an int >= 1, got {num_frames!r}")
+        mult = self.vae_scale_factor * getattr(self.backbone, "latent_multiple", 1)
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % mult:
+                raise ValueError(f"{name}: expected a positive multiple of {mult}, got {v!r}")
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps: expected an int >= 1, got {num_inference_steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool):
+            raise TypeError(f"guidance_scale: expected a float, got {type(guidance_scale).__name__}")
+        if uncond_image not in UNCOND_IMAGES:
+            raise ValueError(f"uncond_image: expected one of {UNCOND_IMAGES}, got {uncond_image!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
+
+    # ---- generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, List[str]], subject_word: Union[str, List[str]], image_prompt,
+                 num_frames: int = 16, height: Optional[int] = None, width: Optional[int] = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5, uncond_image: str = "none",
+                 generator: Optional[torch.Generator] = None, latents: Optional[torch.Tensor] = None,
+                 output_type: str = "pil", return_dict: bool = True):
+        """Generate B videos of ``num_frames`` frames.
+
+        Args:
+            prompt: B prompts, each containing its ``subject_word``.
+            subject_word: the word the image prompt replaces (one, or one per prompt).
+            image_prompt: the subject segmented on white: a PIL image, an (H, W, 3) array, a
+                (3, H, W) or (B, 3, H, W) tensor in [0, 1], or a list of those (one per prompt).
+            num_frames: F.
+            height, width: pixels; default the backbone's sample size times the VAE factor.
+            num_inference_steps: scheduler steps.
+            guidance_scale: classifier-free guidance weight (<= 1 disables guidance).
+            uncond_image: ``"none"`` (unconditional pass without any injection, as the paper)
+                or ``"grey"`` (unconditional pass with a grey image prompt).
+            generator: torch.Generator for the initial and image-branch noise.
+            latents: optional (B, C, F, h, w) initial noise.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+
+        Returns:
+            :class:`VideoBoothPipelineOutput` (or a tuple ``(frames,)`` when not ``return_dict``).
+        """
+        prompts = _as_list("prompt", prompt)
+        words = _as_list("subject_word", subject_word, len(prompts))
+        height = self.default_size() if height is None else height
+        width = self.default_size() if width is None else width
+        self._check_inputs(num_frames, height, width, num_inference_steps, guidance_scale, uncond_image, output_type)
+        b = len(prompts)
+        device = self._execution_device
+        dtype = next(self.backbone.parameters()).dtype
+        do_cfg = guidance_scale > 1.0
+
+        # Coarse path: image tokens replace the subject word; attn2 reads the result.
+        images = self.prepare_image(image_prompt, b, height, width)
+        subject_tokens, image_embeds = self.encode_images(images)
+        text, pooled = encode_prompt(self.text_encoder, self.tokenizer, prompts, words, subject_tokens)
+        null_text, null_pooled = encode_prompt(self.text_encoder, self.tokenizer, [""])
+        null_text, null_pooled = null_text.expand(b, -1, -1), null_pooled.expand(b, -1)
+        # Fine path: the image prompt's latent, noised anew at every step with one fixed draw.
+        image_latents = self.encode_vae(images)
+        if do_cfg and uncond_image == "grey":
+            grey = torch.full_like(images, 0.5)
+            _, grey_embeds = self.encode_images(grey)
+            grey_latents = self.encode_vae(grey)
+
+        lat_h, lat_w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        shape = (b, self.backbone.in_channels, num_frames, lat_h, lat_w)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        image_noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=dtype)
+        step_kwargs = {}
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["generator"] = generator
+
+        def cast(*ts):
+            return [None if t is None else t.to(dtype) for t in ts]
+
+        timesteps = self.scheduler.timesteps
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for t in timesteps:
+                x_in = self.scheduler.scale_model_input(latents, t)
+                tb = t.reshape(1).repeat(b).to(device)
+
+                def noised(lat):
+                    return self.scheduler.scale_model_input(
+                        self.scheduler.add_noise(lat.to(dtype), image_noise, tb), t)
+
+                img_t = noised(image_latents)
+                cond_args = cast(text, pooled, image_embeds, img_t, null_text, null_pooled)
+                if not do_cfg:
+                    pred = self._predict(x_in, t, *cond_args)
+                elif uncond_image == "none":
+                    pred_c = self._predict(x_in, t, *cond_args)
+                    pred_u = self._predict(x_in, t, *cast(null_text, null_pooled, None, None, None, None))
+                    pred = pred_u + guidance_scale * (pred_c - pred_u)
+                else:
+                    # One batched call: [uncond (null prompt, grey image); cond].
+                    both = [torch.cat(pair) for pair in zip(
+                        cast(null_text, null_pooled, grey_embeds, noised(grey_latents), null_text, null_pooled),
+                        cond_args)]
+                    pred_u, pred_c = self._predict(torch.cat([x_in, x_in]), t, *both).chunk(2)
+                    pred = pred_u + guidance_scale * (pred_c - pred_u)
+                if pred.shape[1] == 2 * latents.shape[1]:  # learned variance: keep the mean part
+                    pred = pred[:, : latents.shape[1]]
+                latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+                progress.update()
+
+        if output_type == "latent":
+            frames = latents
+        else:
+            video = self.decode_latents(latents)  # (B, F, 3, H, W) in [0, 1]
+            if output_type == "pt":
+                frames = video
+            else:
+                arr = video.permute(0, 1, 3, 4, 2).cpu().float().numpy()
+                if output_type == "np":
+                    frames = arr
+                else:
+                    frames = [[PIL.Image.fromarray((f * 255).round().astype(np.uint8)) for f in vid] for vid in arr]
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames,)
+        return VideoBoothPipelineOutput(frames=frames)
+
+    def _predict(self, x, t, text, pooled, image_embeds, image_latents, null_text, null_pooled):
+        return self.backbone(x, t, text, pooled_text_embeds=pooled, image_embeds=image_embeds,
+                             image_latents=image_latents, null_encoder_hidden_states=null_text,
+                             null_pooled_text_embeds=null_pooled)
