@@ -134,7 +134,8 @@ def test_prompt_augmentation_fills_white_and_is_seeded(mp4_set):
     assert torch.allclose(out, white)
     img = torch.rand(3, 16, 16) * 2 - 1
     ident = PromptAugment(hflip=0.0, degrees=0.0, translate=(0.0, 0.0), scale=(1.0, 1.0))
-    assert torch.allclose(augment_image_prompt(img, np.random.default_rng(0), ident), img, atol=1e-5)
+    out = augment_image_prompt(img, np.random.default_rng(0), ident)
+    assert torch.allclose(out, img, atol=1e-5)
     flip = PromptAugment(hflip=1.0, degrees=0.0, translate=(0.0, 0.0), scale=(1.0, 1.0))
     assert torch.allclose(augment_image_prompt(img, np.random.default_rng(0), flip),
                           img.flip(-1), atol=1e-5)
@@ -286,7 +287,9 @@ def test_synthetic_layout_and_content(frames_set):
     rows = _rows(frames_set)
     assert len(rows) == 3
     for r in rows:
-        assert r["name"] == f"a blue solid circle moving {r['motion']} on a {r['background']} background"
+        tail = f"moving {r['motion']} on a {r['background']} background"
+        assert r["name"] == f"a blue solid circle {tail}"
+        assert r["short_caption"] == f"a circle {tail}"
         folder = frames_set / "circle" / r["videoid"]
         entries = json.loads((folder / "mask.json").read_text())
         subj = [e for e in entries if e["value"] == 1][0]

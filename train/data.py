@@ -115,10 +115,14 @@ class SampleError(Exception):
     (missing_video, bad_video, missing_mask, bad_mask, no_subject, bad_box, too_short, error)."""
 
     def __init__(self, reason: str, path: str | os.PathLike | None, message: str):
-        super().__init__(f"{reason}: {path}: {message}")
+        super().__init__(reason, path, message)
         self.reason = reason
         self.path = str(path) if path is not None else ""
         self.message = message
+
+    def __str__(self) -> str:
+        # built on demand: the path is sometimes filled in by a caller that knows it
+        return f"{self.reason}: {self.path or '?'}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -531,6 +535,11 @@ class VideoBoothDataset(torch.utils.data.Dataset):
             raises RuntimeError (a dataset that is mostly broken should fail loudly).
         strict: raise the first SampleError instead of skipping (for debugging data).
         row_filter, caption_column: passed to `read_records`.
+
+    The video branch is resized and centre-cropped, never flipped: captions name directions
+    ("moving left"). The image prompt comes at one size S; a fine path that wants it at the
+    video's size resizes it (it is a padded square, so nothing is cropped). Condition dropout
+    (null caption, grey image) belongs to the training loop, not here.
     """
 
     def __init__(
@@ -653,7 +662,7 @@ class VideoBoothDataset(torch.utils.data.Dataset):
             self._record_bad(i, last)
         raise RuntimeError(
             f"VideoBoothDataset: {attempt + 1} bad items in a row from index {index} "
-            f"(last: {last}); report: {self.report()}")
+            f"(last: {last}); skipped so far: {dict(self.stats.skipped)}; see report()")
 
     def report(self) -> dict:
         """Counters of this process: {"items", "loaded", "bad_items", "skipped": {reason: n},

@@ -17,8 +17,8 @@ Each clip is a textured subject moving in a straight line over a static textured
 
 Files (what `train.data.VideoBoothDataset` reads)::
 
-    out/{shape}.csv              videoid,page_dir,name,full_caption,short_caption,split,shape,pattern,
-                                 colour,motion,background
+    out/{shape}.csv              columns videoid, page_dir, name, full_caption, short_caption,
+                                 split, shape, pattern, colour, motion, background
     out/{shape}/{videoid}/video.mp4   (or frames/000000.png ... with fmt="frames")
     out/{shape}/{videoid}/mask.json   [{"value": 0, "label": "background"},
                                        {"value": 1, "label": shape, "logit": 1.0, "box": [...]}]
@@ -365,8 +365,8 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
             "motion": clip["motion"], "background": clip["background"],
         })
 
-    fields = ["videoid", "page_dir", "name", "full_caption", "short_caption", "split", "shape", "pattern", "colour", "motion",
-              "background"]
+    fields = ["videoid", "page_dir", "name", "full_caption", "short_caption", "split", "shape",
+              "pattern", "colour", "motion", "background"]
     written = []
     for shape, rs in rows.items():
         if not rs:
@@ -383,7 +383,8 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.synthetic", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.synthetic",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder (empty or absent)")
     p.add_argument("--num", type=int, default=200, help="number of clips (default 200)")
     p.add_argument("--seed", type=int, default=0)
