@@ -138,7 +138,8 @@ class ClipEncoder:
     @classmethod
     def from_pretrained(cls, model_name: str = "ViT-B-32", pretrained: str = "openai",
                         device: str | torch.device | None = None, **kw) -> "ClipEncoder":
-        """Load an open_clip model with pretrained weights (downloaded on first use)."""
+        """Load an open_clip model with pretrained weights (downloaded on first use).
+        pretrained=None builds the same architecture with random weights."""
         import open_clip
 
         model = open_clip.create_model(model_name, pretrained=pretrained, device=device)
@@ -187,11 +188,13 @@ class DinoEncoder:
 
     @classmethod
     def from_pretrained(cls, name: str = "vit_small_patch16_224.dino",
-                        device: str | torch.device | None = None, **kw) -> "DinoEncoder":
-        """Load a timm model with pretrained weights (downloaded on first use)."""
+                        device: str | torch.device | None = None, *, pretrained: bool = True,
+                        **kw) -> "DinoEncoder":
+        """Load a timm model with pretrained weights (downloaded on first use).
+        pretrained=False builds the same architecture with random weights."""
         import timm
 
-        model = timm.create_model(name, pretrained=True, num_classes=0)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0)
         if device is not None:
             model = model.to(device)
         cfg = timm.data.resolve_model_data_config(model)
