@@ -60,12 +60,16 @@ def full_grid(config) -> bool:
 
 
 def params(rows: list[Row]) -> list:
-    """pytest params: marked smoke (runs anywhere) or gpu, skipped with the reason when this
-    machine cannot run them (decided at collection: no CUDA, a package missing)."""
+    """pytest params: smoke rows marked ``smoke``; rows this machine cannot run (no CUDA, a
+    package missing) skipped with the reason, decided at collection.
+
+    GPU rows carry no ``gpu`` mark on purpose: ``pytest -m gpu`` is the GPU test run, and
+    must not pull in minutes of benchmarks; ``pytest bench -m "not smoke"`` selects them.
+    """
     cuda = torch.cuda.is_available()
     out = []
     for row in rows:
-        marks = [pytest.mark.smoke if row.smoke else pytest.mark.gpu]
+        marks = [pytest.mark.smoke] if row.smoke else []
         reason = backends.skip_reason(row, cuda)
         if reason:
             marks.append(pytest.mark.skip(reason=reason))
