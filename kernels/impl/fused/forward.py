@@ -32,8 +32,8 @@ def _fwd_kernel(
     stride_ob, stride_of, stride_on, stride_oh,
     stride_lb, stride_lf, stride_ln,
     H, N, M, S_MAX, qk_scale,
-    HAS_IMG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_IMG: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # int64 batch/frame/head offsets: B*F*N*H*D may exceed 2**31 elements.
@@ -42,20 +42,22 @@ def _fwd_kernel(
     i_qf = tl.load(row_qframe + i_row).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
 
-    b_q = load_tile(Q + i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh, o_m, stride_qn, N,
-                    HEAD_DIM, BLOCK_D)
+    p_q = Q + i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh
+    b_q0 = load_tile(p_q, o_m, stride_qn, N, HEAD_DIM, D0)
+    b_q1 = load_tile(p_q + D0, o_m, stride_qn, N, HEAD_DIM - D0, D1) if SPLIT else b_q0
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1], tl.float32)  # unused (and removed) without SPLIT
 
     p_tab = i_row * S_MAX
     i_first = 0
     if HAS_IMG:  # the plan puts the image source first in the rows that read it
         if tl.load(src_frame + p_tab) < 0:
-            acc, l_i, m_i = attend_source(
-                acc, l_i, m_i, b_q,
+            acc0, acc1, l_i, m_i = attend_source(
+                acc0, acc1, l_i, m_i, b_q0, b_q1,
                 KI + i_b * stride_kib + i_h * stride_kih, VI + i_b * stride_vib + i_h * stride_vih,
-                stride_kim, stride_vim, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+                stride_kim, stride_vim, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
             i_first = 1
     for i_s in range(i_first, tl.load(n_src + i_row)):
         i_src = tl.load(src_frame + p_tab + i_s).to(tl.int64)
@@ -63,18 +65,20 @@ def _fwd_kernel(
         bias = tl.load(src_logw + p_tab + i_s) * LOG2E
         p_k = K + i_b * stride_kb + i_src * stride_kf + i_h * stride_kh
         if i_slot < 0:  # values of a plain frame
-            acc, l_i, m_i = attend_source(
-                acc, l_i, m_i, b_q, p_k, V + i_b * stride_vb + i_src * stride_vf + i_h * stride_vh,
-                stride_kn, stride_vn, N, bias, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+            acc0, acc1, l_i, m_i = attend_source(
+                acc0, acc1, l_i, m_i, b_q0, b_q1, p_k, V + i_b * stride_vb + i_src * stride_vf + i_h * stride_vh,
+                stride_kn, stride_vn, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
         else:  # a keyframe: its values were refreshed by phase 1
-            acc, l_i, m_i = attend_source(
-                acc, l_i, m_i, b_q, p_k, U + i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh,
-                stride_kn, stride_un, N, bias, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+            acc0, acc1, l_i, m_i = attend_source(
+                acc0, acc1, l_i, m_i, b_q0, b_q1, p_k, U + i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh,
+                stride_kn, stride_un, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
 
     # A row with no keys (rejected at the door, guarded anyway) gives zeros and lse = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    store_tile(O + i_b * stride_ob + i_row * stride_of + i_h * stride_oh, acc / l_safe[:, None],
-               o_m, stride_on, N, HEAD_DIM, BLOCK_D)
+    p_o = O + i_b * stride_ob + i_row * stride_of + i_h * stride_oh
+    store_tile(p_o, acc0 / l_safe[:, None], o_m, stride_on, N, HEAD_DIM, D0)
+    if SPLIT:
+        store_tile(p_o + D0, acc1 / l_safe[:, None], o_m, stride_on, N, HEAD_DIM - D0, D1)
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     tl.store(LSE + i_b * stride_lb + i_row * stride_lf + o_m * stride_ln + i_h, lse, mask=o_m < N)
 
@@ -103,6 +107,18 @@ def block_config(head_dim: int, device: torch.device, backward: bool = False) ->
     return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
+def split_head_dim(head_dim: int) -> tuple[int, int]:
+    """(D0, D1): the head dim as one power-of-two chunk (D1 = 0), or two (DESIGN.md section 4:
+    40 = 32 + 16, 72 = 64 + 16 with 8 masked, 80 = 64 + 16, 160 = 128 + 32) where that wastes
+    fewer FLOPs than padding to the next power of two. Chunks are >= 16 (the MMA K minimum)."""
+    pad = max(16, triton.next_power_of_2(head_dim))
+    d0 = 1 << (head_dim.bit_length() - 1)
+    if d0 == head_dim or d0 < 16:
+        return pad, 0
+    d1 = max(16, triton.next_power_of_2(head_dim - d0))
+    return (d0, d1) if d0 + d1 < pad else (pad, 0)
+
+
 def _strides(t: torch.Tensor | None, n: int):
     return tuple(t.stride()[:n]) if t is not None else (0,) * n
 
@@ -117,6 +133,8 @@ def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float
     rows = tables["row_qframe"].numel()
     m = 0 if k_img is None else k_img.shape[1]
     cfg = block_config(d, q.device)
+    d0, d1 = split_head_dim(d)
+    del cfg["BLOCK_D"]
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h, rows)
     dummy = q  # never dereferenced: HAS_IMG=False / no keyframe slot in the table
     _fwd_kernel[grid](
@@ -125,5 +143,5 @@ def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float
         *_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(u, 4),
         *_strides(k_img, 3), *_strides(v_img, 3), *_strides(out, 4), *lse.stride()[:3],
         h, n, m, tables["n_src_max"], scale * math.log2(math.e),
-        HAS_IMG=m > 0, HEAD_DIM=d, **cfg,
+        HAS_IMG=m > 0, HEAD_DIM=d, D0=d0, D1=max(d1, 16), SPLIT=d1 > 0, **cfg,
     )

@@ -27,24 +27,32 @@ def store_tile(p_base, b_x, o_rows, stride_row, L, HEAD_DIM: tl.constexpr, BLOCK
 
 
 @triton.jit
-def attend_source(acc, l_i, m_i, b_q, p_k, p_v, stride_kn, stride_vn, L, bias, qk_scale,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def attend_source(acc0, acc1, l_i, m_i, b_q0, b_q1, p_k, p_v, stride_kn, stride_vn, L, bias, qk_scale,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                  SPLIT: tl.constexpr):
     """Online-softmax pass of one query tile over one source's L keys, read in place.
 
-    ``bias`` is log2(count) of a reference the schedule reads ``count`` times (exact dedup).
+    The head dim is one power-of-two chunk [0, D0), or with SPLIT two chunks [0, D0) and
+    [D0, D0 + D1) (80 = 64 + 16, 160 = 128 + 32): S = Q0 K0^T + Q1 K1^T, O = [P V0, P V1],
+    instead of padding 80 to 128. ``bias`` is log2(count) of a reference read ``count`` times.
     """
     o_n = tl.arange(0, BLOCK_N)
     for start in range(0, L, BLOCK_N):
         o_k = start + o_n
-        b_k = load_tile(p_k, o_k, stride_kn, L, HEAD_DIM, BLOCK_D)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale + bias
+        b_s = tl.dot(b_q0, tl.trans(load_tile(p_k, o_k, stride_kn, L, HEAD_DIM, D0)))
+        if SPLIT:
+            b_s = tl.dot(b_q1, tl.trans(load_tile(p_k + D0, o_k, stride_kn, L, HEAD_DIM - D0, D1)), b_s)
+        b_s = b_s * qk_scale + bias
         b_s = tl.where((o_k < L)[None, :], b_s, float("-inf"))
         # start < L, so every block holds a valid key and m_new is finite: no -inf - -inf.
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
         alpha = tl.exp2(m_i - m_new)
         b_p = tl.exp2(b_s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(b_p, 1)
-        b_v = load_tile(p_v, o_k, stride_vn, L, HEAD_DIM, BLOCK_D)
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_v0 = load_tile(p_v, o_k, stride_vn, L, HEAD_DIM, D0)
+        acc0 = acc0 * alpha[:, None] + tl.dot(b_p.to(b_v0.dtype), b_v0)
+        if SPLIT:
+            b_v1 = load_tile(p_v + D0, o_k, stride_vn, L, HEAD_DIM - D0, D1)
+            acc1 = acc1 * alpha[:, None] + tl.dot(b_p.to(b_v1.dtype), b_v1)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc0, acc1, l_i, m_i
