@@ -42,3 +42,31 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def upcast(*tensors):
     """float64 copies (None stays None), detached, for the oracle."""
     return tuple(None if t is None else t.detach().double() for t in tensors)
+
+
+def saved_tensor_bytes(fn, *args, **kwargs) -> tuple[int, int]:
+    """(bytes, count) of the distinct storages autograd saves for backward while ``fn`` runs.
+
+    Works on ``device="meta"`` tensors (nothing is computed), so it measures what a backend
+    keeps alive between forward and backward at full model size on any machine."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[st._cdata] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args, **kwargs)
+    return sum(seen.values()), len(seen)
+
+
+def fused_saved_bytes(q, k, v, k_img, v_img, schedule, scale=None) -> tuple[int, int]:
+    """:func:`saved_tensor_bytes` of the Triton backend's custom op; works on meta tensors
+    (the op's fake implementation gives the shapes), where the public call would refuse."""
+    from .impl.fused.function import _fused_fwd_op
+
+    refs = [r for row in schedule.refs for r in row]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return saved_tensor_bytes(_fused_fwd_op, q, k, v, k_img, v_img, refs, schedule.num_refs,
+                              list(schedule.keyframes), schedule.image_everywhere, scale)

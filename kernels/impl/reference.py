@@ -55,5 +55,6 @@ def reference_attention(q, k, v, k_img, v_img, schedule: Schedule, scale: float,
         k2 = torch.cat([k_img[:, None].expand(rep), k2], dim=2)
         v2 = torch.cat([v_img[:, None].expand(rep), v2], dim=2)
         mask = torch.cat([mask.new_ones(n_frames, m), mask], dim=1)
-    out, lse = _attend(q, k2, v2, scale, mask if not bool(mask.all()) else None)
+    has_empty_slot = any(r < 0 for row in schedule.refs for r in row)
+    out, lse = _attend(q, k2, v2, scale, mask if has_empty_slot else None)
     return (out, lse) if return_lse else out
