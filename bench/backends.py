@@ -113,6 +113,8 @@ def skip_reason(row: Row, cuda: bool) -> str | None:
 
 def refuses_shape(backend: str, err: BaseException) -> str | None:
     """The skip reason when a forced SDPA kernel refuses a shape/dtype (device lacks it), else None."""
-    if backend.startswith("sdpa-") and isinstance(err, RuntimeError) and "No available kernel" in str(err):
+    # CUDA builds say "No available kernel", the CPU dispatcher "No viable backend".
+    refused = any(m in str(err) for m in ("No available kernel", "No viable backend"))
+    if backend.startswith("sdpa-") and isinstance(err, RuntimeError) and refused:
         return f"{backend}: PyTorch has no such kernel for this shape/dtype on this device ({str(err).splitlines()[0]})"
     return None

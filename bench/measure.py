@@ -312,51 +312,60 @@ def _time(benchmark, step: Step, first_call_s: float) -> tuple[float | None, str
     return ms, f"perf_counter median of {rounds} round(s) after the checked warm-up call"
 
 
+def _measure(benchmark, row: Row, device: str) -> dict:
+    """Steps 1-4 of the module docstring; returns what they found for ``extra_info``."""
+    w, ref_out, ref_grads, oracle = prepared(row.case, row.dtype, row.mode, device)
+    step = Step(w, backends.attention(row.backend), row.mode)
+    try:
+        t0 = time.perf_counter()
+        out, grads = run_once(w, step.attention, row.mode)
+        first_call_s = time.perf_counter() - t0
+    except NotImplementedError as e:
+        pytest.xfail(f"{row.backend} {row.mode}: not implemented ({e})")
+    except BackwardMissing as e:
+        pytest.xfail(f"{row.backend} {row.mode}: {e}")
+    except RuntimeError as e:
+        reason = backends.refuses_shape(row.backend, e)
+        if reason is None:
+            raise
+        pytest.skip(reason)
+    errs = check(row, out, grads, ref_out, ref_grads)
+    del out, grads
+    mem = peak_mib(step)
+    ms, timer = _time(benchmark, step, first_call_s)
+    step.clear()
+    return {"median_ms": ms, "timer": timer, "peak_mib": mem, "input_mib": w.input_bytes() / 2**20,
+            "oracle": oracle, **errs}
+
+
 def measure_row(benchmark, row: Row, peak: dict) -> None:
     """Check, then measure one row and record it in ``benchmark.extra_info`` (module docstring)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     benchmark.group = f"{row.case.id} {row.mode} {row.dtype}"
+    oom = None
     try:
-        w, ref_out, ref_grads, oracle = prepared(row.case, row.dtype, row.mode, device)
-        step = Step(w, backends.attention(row.backend), row.mode)
-        try:
-            t0 = time.perf_counter()
-            out, grads = run_once(w, step.attention, row.mode)
-            first_call_s = time.perf_counter() - t0
-        except NotImplementedError as e:
-            pytest.xfail(f"{row.backend} {row.mode}: not implemented ({e})")
-        except BackwardMissing as e:
-            pytest.xfail(f"{row.backend} {row.mode}: {e}")
-        except RuntimeError as e:
-            reason = backends.refuses_shape(row.backend, e)
-            if reason is None:
-                raise
-            pytest.skip(reason)
-        errs = check(row, out, grads, ref_out, ref_grads)
-        del out, grads
-        mem = peak_mib(step)
-        ms, timer = _time(benchmark, step, first_call_s)
-        step.clear()
+        found = _measure(benchmark, row, device)
     except torch.cuda.OutOfMemoryError as e:
-        message = str(e).splitlines()[0]
+        oom = str(e).splitlines()[0]
+    if oom is not None:
+        # Out of the except block, the frames that held the tensors are gone: free the cache too.
         prepared.cache_clear()
         gc.collect()
         torch.cuda.empty_cache()
-        pytest.skip(f"out of memory on this device: {message}")
+        pytest.skip(f"out of memory on this device: {oom}")
 
     case = row.case
     flops = row_flops(case, row.mode)
+    ms = found["median_ms"]
     tflops = flops / ms / 1e9 if ms else None
     benchmark.extra_info.update({
         "kind": "model" if isinstance(case, ModelCase) else "op",
         "model": getattr(case, "model", None),
         "set": case.set, "case": case.id, "name": case.name, "shape": case.shape(),
         "schedule": case.schedule, "backend": row.backend, "mode": row.mode, "dtype": row.dtype,
-        "median_ms": ms, "timer": timer,
-        "peak_mib": mem, "input_mib": w.input_bytes() / 2**20,
+        **found,
         "flops": flops, "tflops": tflops,
         "matmul_peak_tflops": peak["tflops"],
         "pct_matmul_peak": 100 * tflops / peak["tflops"] if tflops else None,
-        "oracle": oracle, **errs,
         **environment(),
     })
