@@ -1,0 +1,532 @@
+"""The training loop: accelerate processes, AdamW + LR schedule, gradient clipping, EMA, atomic
+checkpoints and exact resume. Model, data and loss come from a :class:`train.tasks.TrainTask`.
+
+Exact resume. Everything a step depends on is either restored from the checkpoint or a pure
+function of (seed, rank, step):
+
+* weights (trainable parameters; the frozen ones are rebuilt from ``cfg.seed`` / pretrained
+  files), EMA, AdamW state, LR scheduler, fp16 grad scaler;
+* the data order: epoch e's permutation is ``randperm(n)`` seeded with (seed, e); process r
+  reads every world-size-th batch of it; the checkpoint stores (epoch, batches read in that
+  epoch) and the resumed sampler starts there, without loading the skipped items. Datasets
+  that draw random augmentations do it from (seed, epoch, index) (``set_epoch``);
+* the randomness of step s (noise, timesteps, condition dropout) comes from a
+  ``torch.Generator`` seeded with (seed, rank, micro-batch number), not from global state;
+* the global RNGs (python, numpy, torch, cuda) of every process are saved and restored too, for
+  anything in a model that draws from them (dropout layers); the DataLoader gets its own
+  generator so that creating an iterator does not consume the global one.
+
+So on CPU a resumed run reproduces the uninterrupted run's losses bit for bit (tests/test_train.py).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .ema import EMA
+from .tasks import TrainTask, build_task
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "VB_TRAIN_FAULT"  # testing hook: "exit_after_step=N" or "exit_in_save=N" (os._exit, no cleanup)
+FAULT_EXIT_CODE = 86
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (independent streams for (seed, rank, step), ...)."""
+    a, b = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint32)
+    return (int(a) << 31) ^ int(b)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+# ================================================================================================
+# data order
+# ================================================================================================
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Per-process batches of a seeded per-epoch permutation, startable mid-epoch.
+
+    Epoch e: ``perm = randperm(n, seed=(seed, e))`` (or ``arange`` without shuffle), cut to a
+    multiple of ``batch_size * world_size`` (so every process runs the same number of steps),
+    process r takes ``perm[r::world_size]`` in batches of ``batch_size``.
+    ``set_position(epoch, offset)`` makes the next iteration yield that epoch's batches from
+    batch ``offset`` on.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True):
+        if num_items < batch_size * world_size:
+            raise ValueError(f"dataset: {num_items} items is fewer than one global batch "
+                             f"(batch_size {batch_size} x {world_size} processes)")
+        self.n, self.batch_size, self.rank, self.world = num_items, batch_size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.offset = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // (self.batch_size * self.world)
+
+    def set_position(self, epoch: int, offset: int) -> None:
+        if not 0 <= offset <= self.batches_per_epoch:
+            raise ValueError(f"offset: {offset} not in [0, {self.batches_per_epoch}]")
+        self.epoch, self.offset = int(epoch), int(offset)
+
+    def epoch_indices(self, epoch: int) -> List[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, 0x5A3D, epoch))
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        total = self.batches_per_epoch * self.batch_size * self.world
+        return perm[:total][self.rank::self.world]
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.offset
+
+    def __iter__(self) -> Iterator[List[int]]:
+        idx = self.epoch_indices(self.epoch)
+        bs = self.batch_size
+        for i in range(self.offset, self.batches_per_epoch):
+            yield idx[i * bs:(i + 1) * bs]
+
+
+# ================================================================================================
+# the trainer
+# ================================================================================================
+class Trainer:
+    """Runs one training stage of a task.
+
+    >>> Trainer(load_config("configs/toy.yaml")).train()
+
+    ``task``: an already built :class:`TrainTask` (default: ``build_task(cfg)``). Its weights must
+    be the same on every process.
+    """
+
+    def __init__(self, cfg: TrainConfig, task: Optional[TrainTask] = None):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.cfg = cfg.validate()
+        self.accelerator = Accelerator(
+            cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)])
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.main = acc.is_main_process
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / ckpt.CKPT_DIR
+        self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
+        self._stop = False
+
+        # -- the task (same weights everywhere: seeded with cfg.seed) --------------------------
+        seed_all(cfg.seed)
+        self.task = task if task is not None else build_task(cfg)
+        self.task.to(acc.device)
+        self.resume_from = self._find_resume()
+        if self.resume_from is None and cfg.init_from:
+            self._init_weights(cfg.init_from)
+        self.named_params = self.task.named_trainable_parameters(cfg.stage)
+        self.task.requires_grad_(False)
+        for _, p in self.named_params:
+            p.requires_grad_(True)
+        self.params = [p for _, p in self.named_params]
+        self.task.set_train_mode(cfg.stage)
+
+        # -- optimisation ------------------------------------------------------------------------
+        from diffusers.optimization import get_scheduler
+
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                                           weight_decay=cfg.weight_decay)
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=self.optimizer,
+                                          num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps)
+        self.ema = EMA(self.named_params, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+        # The scheduler stays outside accelerate (its wrapper steps it once per process).
+        self.model, self.optimizer = acc.prepare(self.task, self.optimizer)
+
+        # -- data --------------------------------------------------------------------------------
+        self.dataset = self.task.build_dataset()
+        self.sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, self.rank, self.world, cfg.seed)
+
+        # -- position ------------------------------------------------------------------------------
+        self.step = 0            # optimizer steps done
+        self.epoch = 0           # data position: epoch ...
+        self.batch_in_epoch = 0  # ... and batches of it this process has consumed
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+        else:
+            seed_all(derive_seed(cfg.seed, 0xC0FFEE, self.rank))
+
+    # ---------------------------------------------------------------------------------------------
+    def _find_resume(self) -> Optional[Path]:
+        r = self.cfg.resume
+        if r == "never":
+            return None
+        if r == "auto":
+            return ckpt.latest_checkpoint(self.ckpt_root)
+        return ckpt.resolve_checkpoint(r)
+
+    def _init_weights(self, path: str) -> None:
+        """Stage 2's start: the (EMA) weights of a stage-1 checkpoint, by name."""
+        src = ckpt.resolve_checkpoint(path)
+        weights = ckpt.load_weights(src, self.cfg.init_weights)
+        own = dict(self.task.named_parameters())
+        unknown = sorted(set(weights) - set(own))
+        if unknown:
+            raise ValueError(f"init_from: {src} has weights this task does not: {unknown[:5]}")
+        with torch.no_grad():
+            for k, t in weights.items():
+                if own[k].shape != t.shape:
+                    raise ValueError(f"init_from: {k} has shape {tuple(t.shape)}, the task {tuple(own[k].shape)}")
+                own[k].copy_(t)
+        if self.main:
+            log.info("initialised %d tensors from %s (%s)", len(weights), src, self.cfg.init_weights)
+        self.init_source = str(src)
+
+    def _load(self, path: Path) -> None:
+        cfg = self.cfg
+        state = ckpt.load_state(path)
+        if state.get("stage") != cfg.stage:
+            raise ValueError(f"resume: {path} is a stage-{state.get('stage')} checkpoint, this run is stage "
+                             f"{cfg.stage}; use init_from to start stage 2 from stage 1, and a new output_dir")
+        for key in ("batch_size", "grad_accum", "seed", "world_size"):
+            old = state.get(key)
+            new = self.world if key == "world_size" else getattr(cfg, key)
+            if old is not None and old != new:
+                log.warning("resume: %s was %s, now %s: the run continues but not exactly as it would have",
+                            key, old, new)
+        weights = ckpt.load_tensors(path / ckpt.TRAINABLE_FILE)
+        names = {k for k, _ in self.named_params}
+        if set(weights) != names:
+            raise ValueError(f"resume: {path} holds other parameters than this stage trains: missing "
+                             f"{sorted(names - set(weights))[:5]}, unexpected {sorted(set(weights) - names)[:5]}")
+        with torch.no_grad():
+            for k, p in self.named_params:
+                p.copy_(weights[k])
+        if self.ema is not None:
+            if (path / ckpt.EMA_FILE).is_file():
+                self.ema.load_state_dict(ckpt.load_tensors(path / ckpt.EMA_FILE), state.get("ema_updates", 0))
+            else:
+                log.warning("resume: %s has no EMA; the EMA restarts from the current weights", path)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.accelerator.device,
+                                                  weights_only=False))
+        self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and (path / "scaler.pt").is_file():
+            scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        if self.batch_in_epoch >= self.sampler.batches_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        if not ckpt.load_rng(path, self.rank):
+            log.warning("resume: %s has no RNG state for rank %d; seeding it afresh", path, self.rank)
+            seed_all(derive_seed(cfg.seed, 0xC0FFEE, self.rank, self.step))
+        if self.main:
+            log.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+
+    # ---------------------------------------------------------------------------------------------
+    def _batches(self) -> Iterator:
+        """Batches forever from the current data position; the position advances as they are taken."""
+        while True:
+            self.sampler.set_position(self.epoch, self.batch_in_epoch)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.epoch)
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=self.sampler, num_workers=self.cfg.num_workers,
+                collate_fn=self.task.collate,
+                generator=torch.Generator().manual_seed(derive_seed(self.cfg.seed, 0xDA7A, self.rank, self.epoch)),
+                pin_memory=self.accelerator.device.type == "cuda")
+            for batch in loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def _generator(self, micro: int) -> torch.Generator:
+        g = torch.Generator(device=self.accelerator.device)
+        g.manual_seed(derive_seed(self.cfg.seed, 0x57E9, self.rank, micro))
+        return g
+
+    def train(self) -> dict:
+        """Train until ``max_steps`` (or a stop signal); returns a summary."""
+        from accelerate.utils import send_to_device
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale(self.ckpt_root)
+            ckpt.atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
+            self._prepare_logs()
+        acc.wait_for_everyone()
+        restore = self._install_signal_handlers()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.main and cfg.progress),
+                   desc=f"stage {cfg.stage}", dynamic_ncols=True, unit="step")
+        batches = self._batches()
+        last_saved = self.step if self.resume_from is not None else None
+        t0 = time.perf_counter()
+        status = "done"
+        history: List[dict] = []
+        try:
+            while self.step < cfg.max_steps:
+                rec = self._train_step(batches, send_to_device)
+                self.step += 1
+                rec.update(step=self.step, time_s=round(time.perf_counter() - t0, 4))
+                history.append(rec)
+                if self.main and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
+                    self._write_log(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
+                self._maybe_fault("exit_after_step", self.step)
+                stop = self._stop_agreed()
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps or stop:
+                    self.save_checkpoint()
+                    last_saved = self.step
+                if stop:
+                    status = "stopped"
+                    break
+        finally:
+            bar.close()
+            restore()
+        if last_saved != self.step:
+            self.save_checkpoint()
+        self.write_replica_digest()
+        acc.wait_for_everyone()
+        return {"status": status, "step": self.step, "output_dir": str(self.out),
+                "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root)), "history": history}
+
+    def _train_step(self, batches, send_to_device) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        losses, extras = [], {}
+        for micro in range(cfg.grad_accum):
+            batch = send_to_device(next(batches), acc.device)
+            g = self._generator(self.step * cfg.grad_accum + micro)
+            sync = micro == cfg.grad_accum - 1
+            ctx = acc.no_sync(self.model) if not sync else _nullcontext()
+            with ctx:
+                out = self.model(batch, g)
+                loss = out["loss"]
+                acc.backward(loss / cfg.grad_accum)
+            losses.append(loss.detach().float())
+            for k, v in out.items():
+                if k != "loss":
+                    extras.setdefault(k, []).append(float(v))
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = acc.clip_grad_norm_(self.params, max_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None and (self.step + 1) % cfg.ema_update_every == 0:
+            self.ema.update()
+        local = torch.stack(losses).mean().reshape(1)
+        per_rank = acc.gather(local).cpu().tolist()
+        loss = float(sum(per_rank) / len(per_rank))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {self.step + 1}: loss is {loss} (per process {per_rank})")
+        rec = {"step": self.step + 1, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "loss": loss,
+               "lr": float(self.lr_scheduler.get_last_lr()[0]),
+               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        if self.world > 1:
+            rec["loss_per_process"] = per_rank
+        for k, v in sorted(extras.items()):
+            rec[k] = float(np.mean(v))
+        return rec
+
+    # ---------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write the checkpoint of the current step atomically (all processes take part)."""
+        cfg, acc = self.cfg, self.accelerator
+        acc.wait_for_everyone()
+        tmp = self.ckpt_root / f".tmp-{ckpt.step_dir_name(self.step)}"
+        if self.main:
+            ckpt.begin(self.ckpt_root, self.step)
+        acc.wait_for_everyone()
+        ckpt.save_rng(tmp, self.rank)
+        acc.wait_for_everyone()
+        final = self.ckpt_root / ckpt.step_dir_name(self.step)
+        if self.main:
+            meta = {"step": self.step, "stage": cfg.stage, "task": cfg.task}
+            ckpt.save_tensors({k: p for k, p in self.named_params}, tmp / ckpt.TRAINABLE_FILE, meta)
+            if self.ema is not None:
+                ckpt.save_tensors(self.ema.state_dict(), tmp / ckpt.EMA_FILE, meta)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            self._maybe_fault("exit_in_save", self.step)
+            torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+            scaler = getattr(acc, "scaler", None)
+            if scaler is not None:
+                torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+            state = {
+                "format": ckpt.FORMAT_VERSION, "step": self.step, "stage": cfg.stage, "task": cfg.task,
+                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "batches_per_epoch": self.sampler.batches_per_epoch, "sampler_seed": cfg.seed,
+                "seed": cfg.seed, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                "world_size": self.world, "ema_updates": self.ema.num_updates if self.ema is not None else 0,
+                "trainable": [k for k, _ in self.named_params],
+                "init_from": getattr(self, "init_source", None),
+                "versions": _versions(),
+            }
+            final = ckpt.commit(tmp, state)
+            ckpt.prune(self.ckpt_root, cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+        return final
+
+    def write_replica_digest(self) -> dict:
+        """Each process writes ``replicas/rank-<r>.json`` (digest of its trainable parameters and
+        EMA); identical digests across ranks mean the replicas stayed identical."""
+        d = {"rank": self.rank, "world_size": self.world, "step": self.step,
+             "params": ckpt.tensor_digest(self.named_params),
+             "ema": ckpt.tensor_digest(sorted(self.ema.state_dict().items())) if self.ema is not None else None,
+             "param_sum": float(sum(p.detach().double().sum() for p in self.params))}
+        path = self.out / "replicas"
+        path.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(path / f"rank-{self.rank}.json", json.dumps(d, indent=1))
+        return d
+
+    # ---------------------------------------------------------------------------------------------
+    def _log_paths(self):
+        fmt = self.cfg.log_format
+        return (self.out / "loss.jsonl" if fmt in ("jsonl", "both") else None,
+                self.out / "loss.csv" if fmt in ("csv", "both") else None)
+
+    def _prepare_logs(self) -> None:
+        """Fresh run: start empty logs. Resumed run: drop rows after the resumed step (they were
+        written by the interrupted run and will be recomputed)."""
+        jl, cs = self._log_paths()
+        keep = self.step if self.resume_from is not None else 0
+        if jl is not None:
+            rows = []
+            if keep and jl.is_file():
+                for line in jl.read_text(encoding="utf-8").splitlines():
+                    try:
+                        if json.loads(line)["step"] <= keep:
+                            rows.append(line)
+                    except (ValueError, KeyError):
+                        pass
+            ckpt.atomic_write_text(jl, "".join(r + "\n" for r in rows))
+        if cs is not None:
+            text = ""
+            if keep and cs.is_file():
+                with open(cs, newline="", encoding="utf-8") as f:
+                    r = list(csv.reader(f))
+                if r:
+                    head, rows = r[0], r[1:]
+                    si = head.index("step") if "step" in head else 0
+                    rows = [row for row in rows if row and row[si].isdigit() and int(row[si]) <= keep]
+                    import io
+                    buf = io.StringIO()
+                    w = csv.writer(buf)
+                    w.writerow(head)
+                    w.writerows(rows)
+                    text = buf.getvalue()
+            ckpt.atomic_write_text(cs, text)
+        self._csv_header = None
+
+    def _write_log(self, rec: dict) -> None:
+        jl, cs = self._log_paths()
+        if jl is not None:
+            with open(jl, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        if cs is not None:
+            flat = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in rec.items()}
+            new_file = not cs.is_file() or cs.stat().st_size == 0
+            if self._csv_header is None:
+                if new_file:
+                    self._csv_header = list(flat)
+                else:
+                    with open(cs, newline="", encoding="utf-8") as f:
+                        self._csv_header = next(csv.reader(f), list(flat))
+            with open(cs, "a", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=self._csv_header, extrasaction="ignore")
+                if new_file:
+                    w.writeheader()
+                w.writerow(flat)
+
+    # ---------------------------------------------------------------------------------------------
+    def _install_signal_handlers(self):
+        """SIGTERM/SIGINT: finish the current step, checkpoint, stop (a second one kills)."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        old = {}
+
+        def handler(signum, frame):
+            if self._stop:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            self._stop = True
+            log.warning("signal %d: checkpointing at the end of this step, then stopping", signum)
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                old[s] = signal.signal(s, handler)
+            except (ValueError, OSError):
+                pass
+
+        def restore():
+            for s, h in old.items():
+                signal.signal(s, h)
+        return restore
+
+    def _stop_agreed(self) -> bool:
+        if self.world == 1:
+            return self._stop
+        flag = torch.tensor([1.0 if self._stop else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "sum").item() > 0)
+
+    def _maybe_fault(self, point: str, step: int) -> None:
+        if self._fault.get(point) == step:
+            log.warning("%s=%d: exiting now (%s testing hook)", point, step, FAULT_ENV)
+            os._exit(FAULT_EXIT_CODE)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _parse_fault(spec: str) -> Dict[str, int]:
+    out = {}
+    for part in filter(None, (s.strip() for s in spec.split(","))):
+        k, _, v = part.partition("=")
+        if k not in ("exit_after_step", "exit_in_save") or not v.isdigit():
+            raise ValueError(f"{FAULT_ENV}: expected exit_after_step=N or exit_in_save=N, got {part!r}")
+        out[k] = int(v)
+    return out
+
+
+def _versions() -> dict:
+    import platform
+
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("accelerate", "diffusers", "safetensors"):
+        try:
+            v[name] = __import__(name).__version__
+        except Exception:
+            pass
+    return v
+
+
+def train(cfg: TrainConfig, task: Optional[TrainTask] = None) -> dict:
+    """Build a :class:`Trainer` and run it."""
+    return Trainer(cfg, task).train()
