@@ -8,7 +8,7 @@ sections 1 and 4.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kernels import Schedule
 
@@ -127,7 +127,6 @@ GPU_BACKENDS = ("reference", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex
 CPU_BACKENDS = ("reference", "sdpa", "flex", "triton")
 MODEL_BACKENDS = ("reference", "sdpa", "flex", "triton")  # sdpa: PyTorch picks, as a model would
 MODES = ("fwd", "fwd+bwd")
-SDPA_FAMILY = ("sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn")  # "best SDPA" is over these
 
 
 @dataclass(frozen=True)
@@ -138,11 +137,13 @@ class Row:
     backend: str
     mode: str
     dtype: str
-    marks: tuple = field(default=(), compare=False)
 
     @property
     def id(self) -> str:
         return f"{self.case.id}-{self.backend}-{self.mode}-{self.dtype}"
+
+    def __repr__(self) -> str:  # what pytest-benchmark's JSON shows under "params"
+        return f"Row({self.id})"
 
     @property
     def smoke(self) -> bool:
