@@ -9,8 +9,8 @@ For a row (case, backend, mode, dtype):
 3. Peak memory (CUDA): ``max_memory_allocated`` after ``reset_peak_memory_stats``, minus what is
    allocated before the call (the inputs, the upstream gradient, the module's weights).
 4. Time: on CUDA ``triton.testing.do_bench`` (median, its warm-up excluded, L2 flushed between
-   calls); on CPU one ``perf_counter`` round through pytest-benchmark (a smoke run: the
-   interpreter's time means nothing). The median goes to ``extra_info["median_ms"]``.
+   calls); on CPU the ``perf_counter`` median of 1 to 5 pytest-benchmark rounds (a smoke run:
+   the interpreter's time means nothing). The median goes to ``extra_info["median_ms"]``.
 5. ``extra_info``: shape, schedule, backend, mode, dtype, median ms, peak MiB, FLOPs, TFLOP/s,
    % of the bf16 matmul peak measured once per session, device, versions, commit.
 """
