@@ -24,6 +24,9 @@ loss. Its contract:
     so the loss of a step does not depend on what ran before it.
 ``set_train_mode(stage)``
     put modules in train/eval mode for training (default: frozen parts in eval).
+``export(directory)``
+    optional: write the final (EMA) weights in the model's own format (the VideoBooth task
+    writes a ``vb`` adapter that ``VideoBoothPipeline.load_adapter`` reads).
 
 :class:`DiffusionTask` implements ``forward`` for epsilon- (or v-) prediction diffusion with
 condition dropout and a diffusers ``DDPMScheduler``; a subclass supplies ``latents``,
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Callable, Dict, Iterable, List, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +69,11 @@ class TrainTask(nn.Module):
 
     def forward(self, batch, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def export(self, directory) -> Optional[str]:
+        """Optional: write the trained weights in the model's own format (called once at the end,
+        main process only, with the EMA weights in place). Returns a path or None."""
+        return None
 
     def set_train_mode(self, stage: int) -> None:
         """Train mode for modules holding trainable parameters, eval for the rest."""

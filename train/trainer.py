@@ -308,9 +308,19 @@ class Trainer:
         if last_saved != self.step:
             self.save_checkpoint()
         self.write_replica_digest()
+        exported = self.export() if status == "done" else None
         acc.wait_for_everyone()
         return {"status": status, "step": self.step, "output_dir": str(self.out),
-                "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root)), "history": history}
+                "checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root)), "export": exported,
+                "history": history}
+
+    def export(self) -> Optional[str]:
+        """The task's own export of the final weights (EMA if any) into ``output_dir/export``."""
+        if not self.main:
+            return None
+        with (self.ema.swapped_in() if self.ema is not None else _nullcontext()):
+            path = self.task.export(self.out / "export")
+        return None if path is None else str(path)
 
     def _train_step(self, batches, send_to_device) -> dict:
         cfg, acc = self.cfg, self.accelerator
@@ -338,6 +348,13 @@ class Trainer:
         local = torch.stack(losses).mean().reshape(1)
         per_rank = acc.gather(local).cpu().tolist()
         loss = float(sum(per_rank) / len(per_rank))
+        names = sorted(extras)
+        if names:  # other logged values: mean over micro-batches and processes
+            vals = torch.tensor([float(np.mean(extras[k])) for k in names], dtype=torch.float64,
+                                device=acc.device)
+            if self.world > 1:
+                vals = acc.reduce(vals, "mean")
+            extras = dict(zip(names, vals.cpu().tolist()))
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {self.step + 1}: loss is {loss} (per process {per_rank})")
         rec = {"step": self.step + 1, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "loss": loss,
@@ -345,8 +362,7 @@ class Trainer:
                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
         if self.world > 1:
             rec["loss_per_process"] = per_rank
-        for k, v in sorted(extras.items()):
-            rec[k] = float(np.mean(v))
+        rec.update(extras)
         return rec
 
     # ---------------------------------------------------------------------------------------------

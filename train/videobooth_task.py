@@ -1,0 +1,314 @@
+"""The VideoBooth training task: ``vb`` components + ``train.data`` triplets (DESIGN.md section 1).
+
+One training step, per sample (caption, subject word, image prompt, video):
+
+1. condition dropout (from the step's generator): the caption becomes the null prompt "" and/or
+   the image prompt a grey image (0.5 in [0, 1]);
+2. video latents: the VAE encodes the frames (a posterior sample), times its scaling factor;
+3. coarse path (``model.coarse_path``): CLIP layer tokens of the image prompt -> mapper ->
+   tokens that replace the subject word of the caption -> text encoder (``vb.encode_prompt``);
+   samples whose text was dropped use the null prompt instead; samples whose subject word is
+   not in the caption use the plain caption (counted as ``no_subject_span``);
+4. fine path (``model.fine_path``, default: on in stage 2 only): the image prompt's VAE latent
+   (the mode), resized to the video's size, noised to the video's timestep with its own noise,
+   runs once through the backbone's image branch with the null prompt;
+5. epsilon-prediction MSE of the backbone (``vb.VideoBoothUNet`` or ``vb.VideoDiT``).
+
+What trains (``trainable_parameters``): stage 1 the mapper and every attn2 ``to_k_new``/
+``to_v_new``; stage 2 adds every attn1 processor's parameters (``to_k_new``, ``to_v_new``,
+``to_k_exemplar``, ``to_v_exemplar``, and a learned query / token bank when configured), as
+``vb.VideoBoothComponents.stage_parameters`` says; ``model.train_temporal`` adds the inflated
+U-Net's temporal layers; ``model.extra_trainable`` adds parameters whose names match regexes
+(``backbone\\.`` trains the whole backbone: for toy-scale runs from random weights).
+Parameters of a switched-off path are left out (DDP needs every trainable parameter used).
+
+cfg.model keys (defaults in brackets):
+    components    "tiny" (vb.build_tiny_videobooth, random weights) or "pretrained" [tiny]
+    seed          weights seed of the tiny components [cfg.seed]
+    image_bank, learn_query, temporal, clip_layers   vb options [None, False, True, None]
+    coarse_path   bool [True];  fine_path  "auto" (stage 2 only), True or False ["auto"]
+    train_temporal bool [False];  extra_trainable  list of regexes [[]]
+    base_weights  a safetensors file of task parameters (by name) loaded after building, e.g.
+                  a backbone pretrained on the same data [None]
+    adapter       a vb adapter (vb.save_adapter) loaded after building [None]
+    pretrained_model_name_or_path, clip_model, clip_pretrained, mapper_hidden, revision:
+                  for components=pretrained (an SD-1.x diffusers directory; open_clip tower)
+cfg.data keys: root (required), categories, video_root, num_frames [4], frame_stride [1],
+    size [16], image_size [32], caption_column, split (keep CSV rows whose ``split`` column
+    has this value), prompt_augment {hflip, degrees, translate, scale, box_trim} (box_trim
+    defaults to 0.2 in stage 2 and 0 in stage 1, as the original code), max_skips.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .tasks import DiffusionTask
+
+log = logging.getLogger(__name__)
+
+MODEL_KEYS = {"components", "seed", "image_bank", "learn_query", "temporal", "clip_layers", "coarse_path",
+              "fine_path", "train_temporal", "extra_trainable", "base_weights", "adapter",
+              "pretrained_model_name_or_path", "clip_model", "clip_pretrained", "mapper_hidden", "revision"}
+DATA_KEYS = {"root", "categories", "video_root", "num_frames", "frame_stride", "size", "image_size",
+             "caption_column", "split", "prompt_augment", "max_skips"}
+
+
+def build_components(cfg: TrainConfig):
+    """``vb.VideoBoothComponents`` for cfg.model.components (tiny or pretrained)."""
+    import vb
+
+    m = cfg.model
+    kind = m.get("components", "tiny")
+    common = dict(image_bank=m.get("image_bank"), learn_query=bool(m.get("learn_query", False)))
+    if kind == "tiny":
+        return vb.build_tiny_videobooth(cfg.backbone, cfg.attn_backend, cfg.schedule,
+                                        temporal=bool(m.get("temporal", True)), clip_layers=m.get("clip_layers"),
+                                        seed=int(m.get("seed", cfg.seed)), **common)
+    if kind != "pretrained":
+        raise ValueError(f"model.components: expected 'tiny' or 'pretrained', got {kind!r}")
+    return _pretrained_components(cfg, **common)
+
+
+def _pretrained_components(cfg: TrainConfig, image_bank=None, learn_query=False):
+    """SD-1.x (diffusers layout) + an open_clip image tower, the paper's setup (U-Net only).
+
+    Unverified here (no weights offline): the code follows vb's documented constructors."""
+    import vb
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    m = cfg.model
+    path = m.get("pretrained_model_name_or_path")
+    if not path:
+        raise ValueError("model.pretrained_model_name_or_path: required with components=pretrained")
+    if cfg.backbone != "unet":
+        raise ValueError("backbone: components=pretrained builds the SD U-Net; use backbone=unet")
+    rev = m.get("revision")
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev)
+    backbone = vb.VideoBoothUNet(unet, schedule=cfg.schedule, attn_backend=cfg.attn_backend, image_bank=image_bank,
+                                 learn_query=learn_query, temporal=bool(m.get("temporal", True)))
+    image_encoder = vb.VideoBoothImageEncoder.from_open_clip(m.get("clip_model", "ViT-L-14"),
+                                                             pretrained=m.get("clip_pretrained", "openai"),
+                                                             layers=m.get("clip_layers"))
+    mapper = vb.VideoBoothMapper(input_dim=image_encoder.hidden_size, output_dim=text_encoder.config.hidden_size,
+                                 num_layers=len(image_encoder.layers), hidden_dim=int(m.get("mapper_hidden", 1024)))
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
+    for mod in (text_encoder, image_encoder, vae):
+        mod.eval().requires_grad_(False)
+    return vb.VideoBoothComponents(tokenizer, text_encoder, image_encoder, mapper, backbone, vae, scheduler)
+
+
+class VideoBoothTask(DiffusionTask):
+    """VideoBooth's two training stages as a :class:`train.tasks.TrainTask` (module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, components=None):
+        super().__init__(cfg)
+        m = cfg.model
+        unknown = sorted(set(m) - MODEL_KEYS)
+        if unknown:
+            raise ValueError(f"model: unknown keys {unknown}; known: {sorted(MODEL_KEYS)}")
+        unknown = sorted(set(cfg.data) - DATA_KEYS)
+        if unknown:
+            raise ValueError(f"data: unknown keys {unknown}; known: {sorted(DATA_KEYS)}")
+        parts = components if components is not None else build_components(cfg)
+        self.parts = parts
+        # Submodules named as vb's adapter files name them ("mapper.*", "backbone.*").
+        self.mapper = parts.mapper
+        self.backbone = parts.backbone
+        self.text_encoder = parts.text_encoder
+        self.image_encoder = parts.image_encoder
+        self.vae = parts.vae
+        self.tokenizer = parts.tokenizer
+        self.coarse = bool(m.get("coarse_path", True))
+        fine = m.get("fine_path", "auto")
+        if fine not in ("auto", True, False):
+            raise ValueError(f"model.fine_path: expected 'auto', true or false, got {fine!r}")
+        self.fine = (cfg.stage == 2) if fine == "auto" else bool(fine)
+        self.train_temporal = bool(m.get("train_temporal", False))
+        self.extra = [re.compile(p) for p in (m.get("extra_trainable") or [])]
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        for mod in (self.text_encoder, self.image_encoder, self.vae):
+            mod.requires_grad_(False)
+        if m.get("base_weights"):
+            self._load_named(m["base_weights"])
+        if m.get("adapter"):
+            import vb
+            vb.load_adapter(m["adapter"], self.mapper, self.backbone)
+        self._null = None
+        self.no_span = 0
+
+    def _load_named(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+        own = dict(self.named_parameters())
+        own.update(dict(self.named_buffers()))
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise ValueError(f"model.base_weights: {path} has tensors this task does not: {unknown[:5]}")
+        with torch.no_grad():
+            for k, t in state.items():
+                own[k].copy_(t)
+
+    # ---- what trains -----------------------------------------------------------------------------
+    def trainable_parameters(self, stage: int):
+        params = list(self.backbone.stage_parameters(stage, include_temporal=self.train_temporal))
+        if self.coarse:
+            params = list(self.mapper.parameters()) + params
+        if not self.fine:
+            # The exemplar projections and image banks only see the image branch.
+            skip = {id(p) for proc in self.backbone.attn1_processors()
+                    for mod in (proc.to_k_exemplar, proc.to_v_exemplar, proc.image_bank)
+                    if mod is not None for p in mod.parameters()}
+            params = [p for p in params if id(p) not in skip]
+        if self.extra:
+            seen = {id(p) for p in params}
+            for name, p in self.named_parameters():
+                if id(p) not in seen and any(r.search(name) for r in self.extra):
+                    params.append(p)
+                    seen.add(id(p))
+        return params
+
+    def set_train_mode(self, stage: int) -> None:
+        self.eval()
+        self.mapper.train()
+        self.backbone.train()
+
+    # ---- data ------------------------------------------------------------------------------------
+    def build_dataset(self):
+        from .data import PromptAugment, VideoBoothDataset
+
+        d = dict(self.cfg.data)
+        if not d.get("root"):
+            raise ValueError("data.root: required (a folder in the VideoBooth layout; python -m train.synthetic "
+                             "writes one)")
+        aug = dict(d.get("prompt_augment") or {})
+        aug.setdefault("box_trim", 0.2 if self.cfg.stage == 2 else 0.0)
+        for k in ("translate", "scale"):
+            if k in aug:
+                aug[k] = tuple(aug[k])
+        split = d.get("split")
+        row_filter = (lambda r: r.get("split") == split) if split else None
+        size = d.get("size", 16)
+        return VideoBoothDataset(
+            d["root"], d.get("categories"), video_root=d.get("video_root"), num_frames=int(d.get("num_frames", 4)),
+            frame_stride=int(d.get("frame_stride", 1)), size=tuple(size) if isinstance(size, list) else size,
+            image_size=int(d.get("image_size", 32)), train=True, prompt_augment=PromptAugment(**aug),
+            seed=self.cfg.seed, max_skips=int(d.get("max_skips", 64)), row_filter=row_filter,
+            caption_column=d.get("caption_column"))
+
+    def collate(self, items: List[dict]):
+        keep = ("video", "image", "caption", "subject", "index", "skipped")
+        return torch.utils.data.default_collate([{k: it[k] for k in keep if k in it} for it in items])
+
+    # ---- the loss pieces -------------------------------------------------------------------------
+    def drop_conditions(self, batch, drop_text, drop_image):
+        batch = dict(batch)
+        batch["drop_text"] = drop_text
+        img = batch["image"]
+        grey = torch.zeros_like(img)  # 0 in [-1, 1] = 0.5 grey
+        batch["image"] = torch.where(drop_image.to(img.device)[:, None, None, None], grey, img)
+        return batch
+
+    def latents(self, batch, generator):
+        video = batch["video"]  # (B, F, 3, H, W) in [-1, 1]
+        b, f, _, h, w = video.shape
+        dist = self.vae.encode(video.reshape(b * f, 3, h, w).to(self.vae.dtype)).latent_dist
+        lat = dist.sample(generator=generator)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        lat = (lat - shift) * self.vae.config.scaling_factor
+        return lat.view(b, f, *lat.shape[1:]).transpose(1, 2).float()  # (B, C, F, h, w)
+
+    def _null_prompt(self):
+        if self._null is None:
+            import vb
+            with torch.no_grad():
+                self._null = vb.encode_prompt(self.text_encoder, self.tokenizer, [""])
+        return self._null
+
+    def _prompts(self, captions: List[str], words: List[str], drop_text: torch.Tensor,
+                 subject_tokens: Optional[torch.Tensor]):
+        """(text (B, L, D), pooled (B, D')) with the subject injected where possible."""
+        import vb
+        from vb.coarse import find_subject_span, text_max_length, tokenize, word_token_ids
+
+        b = len(captions)
+        null_h, null_p = self._null_prompt()
+        if subject_tokens is None:
+            with torch.no_grad():
+                plain_h, plain_p = vb.encode_prompt(self.text_encoder, self.tokenizer, captions)
+            keep = ~drop_text.to(plain_h.device)
+            return (torch.where(keep[:, None, None], plain_h, null_h.expand(b, -1, -1)),
+                    torch.where(keep[:, None], plain_p, null_p.expand(b, -1)))
+        length = text_max_length(self.text_encoder, self.tokenizer)
+        ids = tokenize(self.tokenizer, captions, length)
+        has_span = []
+        for row, word in zip(ids, words):
+            has_span.append(bool(word.strip()) and
+                            find_subject_span(row.tolist(), word_token_ids(self.tokenizer, word)) is not None)
+        prompts = [c if ok else f"a {w or 'thing'}" for c, w, ok in zip(captions, words, has_span)]
+        words_ = [w if ok else (w or "thing") for w, ok in zip(words, has_span)]
+        # The injected prompt is computed for every sample (and then selected) so that the mapper
+        # is always in the graph: DDP needs every trainable parameter to get a gradient.
+        inj_h, inj_p = vb.encode_prompt(self.text_encoder, self.tokenizer, prompts, words_, subject_tokens)
+        dev = inj_h.device
+        span = torch.tensor(has_span, device=dev)
+        self.no_span += int((~span).sum())
+        keep = ~drop_text.to(dev)
+        if not all(has_span):
+            with torch.no_grad():
+                plain_h, plain_p = vb.encode_prompt(self.text_encoder, self.tokenizer, captions)
+            inj_h = torch.where(span[:, None, None], inj_h, plain_h)
+            inj_p = torch.where(span[:, None], inj_p, plain_p)
+        return (torch.where(keep[:, None, None], inj_h, null_h.expand(b, -1, -1).to(inj_h.dtype)),
+                torch.where(keep[:, None], inj_p, null_p.expand(b, -1).to(inj_p.dtype)))
+
+    def predict(self, noisy, timesteps, batch, generator):
+        image = batch["image"]  # (B, 3, S, S) in [-1, 1]
+        image01 = (image.float() + 1) / 2
+        b = image.shape[0]
+        with torch.no_grad():
+            enc = self.image_encoder(image01)
+        subject_tokens = self.mapper(enc.layer_tokens) if self.coarse else None
+        text, pooled = self._prompts(list(batch["caption"]), list(batch["subject"]), batch["drop_text"],
+                                     subject_tokens)
+        null_h, null_p = self._null_prompt()
+        image_latents = None
+        if self.fine:
+            h, w = noisy.shape[-2:]
+            size = (h * self.vae_scale, w * self.vae_scale)
+            img = F.interpolate(image.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
+            with torch.no_grad():
+                lat = self.vae.encode(img.clamp(-1, 1).to(self.vae.dtype)).latent_dist.mode()
+                shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+                lat = ((lat - shift) * self.vae.config.scaling_factor).float()
+            img_noise = torch.randn(lat.shape, generator=generator, device=generator.device).to(lat)
+            image_latents = self.add_noise(lat, img_noise, timesteps)
+        dtype = next(self.backbone.parameters()).dtype
+        cast = (lambda t: None if t is None else t.to(dtype))
+        image_embeds = enc.image_embeds if self.coarse else None
+        return self.backbone(cast(noisy), timesteps, cast(text), pooled_text_embeds=cast(pooled),
+                             image_embeds=cast(image_embeds), image_latents=cast(image_latents),
+                             null_encoder_hidden_states=cast(null_h.expand(b, -1, -1)),
+                             null_pooled_text_embeds=cast(null_p.expand(b, -1)))
+
+    # ---- after training ------------------------------------------------------------------------
+    def export(self, directory) -> Optional[str]:
+        """Write a vb adapter (``vb.save_adapter``: mapper + backbone adapter tensors) that
+        ``VideoBoothPipeline.load_adapter`` reads. Called by the trainer with the EMA weights."""
+        import vb
+
+        return vb.save_adapter(str(directory), self.mapper, self.backbone,
+                               extra_config={"stage": self.cfg.stage, "task": "videobooth"})
+
+    def extra_logs(self) -> Dict[str, float]:
+        return {"no_subject_span": float(self.no_span)}
