@@ -54,6 +54,8 @@ def test_gradients_match_reference_on_every_schedule(backend, schedule_name):
     (1, 3, 17, 1, 40, 0),      # M = 0 is the same as no image
     (1, 1, 20, 2, 40, 7),      # F = 1
     (2, 3, 33, 1, 16, 40),     # M > N, odd N across three tiles
+    (1, 2, 9, 1, 80, 5),       # head dim split 64 + 16
+    (1, 2, 9, 1, 160, 5),      # head dim split 128 + 32
 ], ids=lambda s: "B{}F{}N{}H{}D{}M{}".format(*s))
 @pytest.mark.parametrize("schedule_name", ["videobooth", "random1"])
 def test_triton_gradients_odd_shapes(shape, schedule_name):

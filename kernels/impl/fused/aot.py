@@ -27,12 +27,11 @@ def compile_kernel(fn, dtype: str, head_dim: int, arch: int, backward: bool, **f
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .forward import block_config, split_head_dim
+    from .forward import block_config
 
     cfg = block_config(head_dim, torch.device("cuda"), backward=backward)
     options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
-    d0, d1 = split_head_dim(head_dim)
-    consts = {"HEAD_DIM": head_dim, "D0": d0, "D1": max(d1, 16), "SPLIT": d1 > 0, **cfg, **flags}
+    consts = {"HEAD_DIM": head_dim, **cfg, **flags}
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {}
     for name in fn.arg_names:

@@ -20,24 +20,26 @@ import triton
 import triton.language as tl
 
 from .forward import _strides, block_config
-from .primitives import LOG2E, load_tile, store_tile
+from .primitives import LOG2E, dot_pair, load_pair, store_pair
 
 
 @triton.jit
-def _dq_source(b_dq, b_q, b_do, b_lse2, b_delta, p_k, p_v, stride_kn, stride_vn, L, bias, qk_scale,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dQ contribution of one source's L keys: sum_j dS_ij K_j (unscaled)."""
+def _dq_source(b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k, p_v, stride_kn, stride_vn,
+               L, bias, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+               D1: tl.constexpr, SPLIT: tl.constexpr):
+    """dQ contribution of one source's L keys: sum_j dS_ij K_j (unscaled), by head-dim chunk."""
     o_n = tl.arange(0, BLOCK_N)
     for start in range(0, L, BLOCK_N):
         o_k = start + o_n
-        b_k = load_tile(p_k, o_k, stride_kn, L, HEAD_DIM, BLOCK_D)
-        b_v = load_tile(p_v, o_k, stride_vn, L, HEAD_DIM, BLOCK_D)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale + bias
+        b_k0, b_k1 = load_pair(p_k, o_k, stride_kn, L, HEAD_DIM, D0, D1, SPLIT)
+        b_v0, b_v1 = load_pair(p_v, o_k, stride_vn, L, HEAD_DIM, D0, D1, SPLIT)
+        b_s = dot_pair(b_q0, b_q1, b_k0, b_k1, SPLIT) * qk_scale + bias
         b_p = tl.where((o_k < L)[None, :], tl.exp2(b_s - b_lse2[:, None]), 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v))
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
-    return b_dq
+        b_ds = b_p * (dot_pair(b_do0, b_do1, b_v0, b_v1, SPLIT) - b_delta[:, None])
+        b_dq0 += tl.dot(b_ds.to(b_k0.dtype), b_k0)
+        if SPLIT:
+            b_dq1 += tl.dot(b_ds.to(b_k1.dtype), b_k1)
+    return b_dq0, b_dq1
 
 
 @triton.jit
@@ -54,8 +56,8 @@ def _bwd_dq_kernel(
     stride_gb, stride_gf, stride_gn, stride_gh,
     stride_lb, stride_lf, stride_ln,
     H, N, M, S_MAX, qk_scale, scale,
-    HAS_IMG: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_IMG: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+    D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
@@ -65,23 +67,28 @@ def _bwd_dq_kernel(
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N
 
-    b_q = load_tile(Q + i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh, o_m, stride_qn, N, HEAD_DIM, BLOCK_D)
+    b_q0, b_q1 = load_pair(Q + i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh, o_m, stride_qn, N,
+                           HEAD_DIM, D0, D1, SPLIT)
     p_o = i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh
-    b_do = load_tile(DO + p_o, o_m, stride_on, N, HEAD_DIM, BLOCK_D)
-    b_o = load_tile(O + p_o, o_m, stride_on, N, HEAD_DIM, BLOCK_D)
-    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)
+    b_do0, b_do1 = load_pair(DO + p_o, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
+    b_o0, b_o1 = load_pair(O + p_o, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
+    b_delta = tl.sum(b_do0.to(tl.float32) * b_o0.to(tl.float32), 1)
+    if SPLIT:
+        b_delta += tl.sum(b_do1.to(tl.float32) * b_o1.to(tl.float32), 1)
     p_l = i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h
     tl.store(DELTA + p_l, b_delta, mask=m_m)
     b_lse2 = tl.load(LSE + p_l, mask=m_m, other=0.0) * LOG2E
 
-    b_dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    b_dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
+    b_dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
     p_tab = i_row * S_MAX
     i_first = 0
     if HAS_IMG:
         if tl.load(src_frame + p_tab) < 0:
-            b_dq = _dq_source(b_dq, b_q, b_do, b_lse2, b_delta,
-                              KI + i_b * stride_kib + i_h * stride_kih, VI + i_b * stride_vib + i_h * stride_vih,
-                              stride_kim, stride_vim, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+            b_dq0, b_dq1 = _dq_source(
+                b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta,
+                KI + i_b * stride_kib + i_h * stride_kih, VI + i_b * stride_vib + i_h * stride_vih,
+                stride_kim, stride_vim, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
             i_first = 1
     for i_s in range(i_first, tl.load(n_src + i_row)):
         i_src = tl.load(src_frame + p_tab + i_s).to(tl.int64)
@@ -89,28 +96,31 @@ def _bwd_dq_kernel(
         bias = tl.load(src_logw + p_tab + i_s) * LOG2E
         p_k = K + i_b * stride_kb + i_src * stride_kf + i_h * stride_kh
         if i_slot < 0:
-            b_dq = _dq_source(b_dq, b_q, b_do, b_lse2, b_delta, p_k,
-                              V + i_b * stride_vb + i_src * stride_vf + i_h * stride_vh,
-                              stride_kn, stride_vn, N, bias, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
+            b_dq0, b_dq1 = _dq_source(
+                b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k,
+                V + i_b * stride_vb + i_src * stride_vf + i_h * stride_vh,
+                stride_kn, stride_vn, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
         else:
-            b_dq = _dq_source(b_dq, b_q, b_do, b_lse2, b_delta, p_k,
-                              U + i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh,
-                              stride_kn, stride_un, N, bias, qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
-    b_dq = b_dq * scale
-    p_dq = DQ + i_b * stride_gb + i_qf * stride_gf + i_h * stride_gh
-    if ACCUMULATE:  # phase 1 after phase 2: the keyframe's queries were read by both
-        b_dq += load_tile(p_dq, o_m, stride_gn, N, HEAD_DIM, BLOCK_D).to(tl.float32)
-    store_tile(p_dq, b_dq, o_m, stride_gn, N, HEAD_DIM, BLOCK_D)
+            b_dq0, b_dq1 = _dq_source(
+                b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k,
+                U + i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh,
+                stride_kn, stride_un, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
+    # ACCUMULATE: phase 1 after phase 2, the keyframe's queries were read by both.
+    store_pair(DQ + i_b * stride_gb + i_qf * stride_gf + i_h * stride_gh, b_dq0 * scale, b_dq1 * scale,
+               o_m, stride_gn, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
 
 
 @triton.jit
-def _dkv_readers(b_k, b_v, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row, rd_logw,
-                 stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on, stride_oh,
-                 stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV (unscaled dK) of one key tile, summed over every row that reads it, in row order."""
-    b_dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    b_dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
+                 rd_logw, stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
+                 stride_oh, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
+                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK (unscaled), dV of one key tile, summed over every row that reads it, in row order."""
+    b_dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    b_dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
+    b_dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    b_dv1 = tl.zeros([BLOCK_N, D1], tl.float32)
     for i_r in range(0, tl.load(n_rd + i_t)):
         i_row = tl.load(rd_row + i_t * RD_MAX + i_r).to(tl.int64)
         bias = tl.load(rd_logw + i_t * RD_MAX + i_r) * LOG2E
@@ -121,26 +131,19 @@ def _dkv_readers(b_k, b_v, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, r
         for start in range(0, N, BLOCK_M):
             o_m = start + tl.arange(0, BLOCK_M)
             m_m = o_m < N
-            b_q = load_tile(p_q, o_m, stride_qn, N, HEAD_DIM, BLOCK_D)
-            b_do = load_tile(p_do, o_m, stride_on, N, HEAD_DIM, BLOCK_D)
+            b_q0, b_q1 = load_pair(p_q, o_m, stride_qn, N, HEAD_DIM, D0, D1, SPLIT)
+            b_do0, b_do1 = load_pair(p_do, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
             # Padded query rows get lse = +inf, so their P^T column is exactly 0.
             b_lse2 = tl.load(LSE + p_l + o_m * stride_ln, mask=m_m, other=float("inf")) * LOG2E
             b_delta = tl.load(DELTA + p_l + o_m * stride_ln, mask=m_m, other=0.0)
-            b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q)) * qk_scale + bias - b_lse2[None, :])
-            b_dv += tl.dot(b_pt.to(b_do.dtype), b_do)
-            b_dpt = tl.dot(b_v, tl.trans(b_do))
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk += tl.dot(b_dst.to(b_q.dtype), b_q)
-    return b_dk, b_dv
-
-
-@triton.jit
-def _accumulate_store(p, b_x, o_rows, stride_row, L, ACCUMULATE: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Store a gradient tile, adding what an earlier launch wrote there when ACCUMULATE."""
-    if ACCUMULATE:
-        b_x += load_tile(p, o_rows, stride_row, L, HEAD_DIM, BLOCK_D).to(tl.float32)
-    store_tile(p, b_x, o_rows, stride_row, L, HEAD_DIM, BLOCK_D)
+            b_pt = tl.exp2(dot_pair(b_k0, b_k1, b_q0, b_q1, SPLIT) * qk_scale + bias - b_lse2[None, :])
+            b_dst = b_pt * (dot_pair(b_v0, b_v1, b_do0, b_do1, SPLIT) - b_delta[None, :])
+            b_dv0 += tl.dot(b_pt.to(b_do0.dtype), b_do0)
+            b_dk0 += tl.dot(b_dst.to(b_q0.dtype), b_q0)
+            if SPLIT:
+                b_dv1 += tl.dot(b_pt.to(b_do1.dtype), b_do1)
+                b_dk1 += tl.dot(b_dst.to(b_q1.dtype), b_q1)
+    return b_dk0, b_dk1, b_dv0, b_dv1
 
 
 @triton.jit
@@ -159,8 +162,8 @@ def _bwd_dkv_kernel(
     stride_gub, stride_guf, stride_gun, stride_guh,
     stride_gib, stride_gim, stride_gih,
     H, N, M, RD_MAX, qk_scale, scale,
-    ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_n, i_bh, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
@@ -170,32 +173,41 @@ def _bwd_dkv_kernel(
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if i_src < 0:  # the image tokens: M keys
         if i_n * BLOCK_N < M:
-            b_k = load_tile(KI + i_b * stride_kib + i_h * stride_kih, o_n, stride_kim, M, HEAD_DIM, BLOCK_D)
-            b_v = load_tile(VI + i_b * stride_vib + i_h * stride_vih, o_n, stride_vim, M, HEAD_DIM, BLOCK_D)
-            b_dk, b_dv = _dkv_readers(
-                b_k, b_v, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row, rd_logw,
-                stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on, stride_oh,
-                stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
+            b_k0, b_k1 = load_pair(KI + i_b * stride_kib + i_h * stride_kih, o_n, stride_kim, M,
+                                   HEAD_DIM, D0, D1, SPLIT)
+            b_v0, b_v1 = load_pair(VI + i_b * stride_vib + i_h * stride_vih, o_n, stride_vim, M,
+                                   HEAD_DIM, D0, D1, SPLIT)
+            b_dk0, b_dk1, b_dv0, b_dv1 = _dkv_readers(
+                b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
+                rd_logw, stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
+                stride_oh, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
+                HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N)
             p_g = i_b * stride_gib + i_h * stride_gih
-            _accumulate_store(DKI + p_g, b_dk * scale, o_n, stride_gim, M, ACCUMULATE, HEAD_DIM, BLOCK_D)
-            _accumulate_store(DVI + p_g, b_dv, o_n, stride_gim, M, ACCUMULATE, HEAD_DIM, BLOCK_D)
+            store_pair(DKI + p_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim, M, HEAD_DIM, D0, D1,
+                       SPLIT, ACCUMULATE)
+            store_pair(DVI + p_g, b_dv0, b_dv1, o_n, stride_gim, M, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
     elif i_n * BLOCK_N < N:  # a frame: N keys; values V, or U for a keyframe in phase 2
-        b_k = load_tile(K + i_b * stride_kb + i_src * stride_kf + i_h * stride_kh, o_n, stride_kn, N, HEAD_DIM, BLOCK_D)
+        b_k0, b_k1 = load_pair(K + i_b * stride_kb + i_src * stride_kf + i_h * stride_kh, o_n, stride_kn,
+                               N, HEAD_DIM, D0, D1, SPLIT)
         if i_slot < 0:
-            b_v = load_tile(V + i_b * stride_vb + i_src * stride_vf + i_h * stride_vh, o_n, stride_vn, N, HEAD_DIM, BLOCK_D)
+            b_v0, b_v1 = load_pair(V + i_b * stride_vb + i_src * stride_vf + i_h * stride_vh, o_n,
+                                   stride_vn, N, HEAD_DIM, D0, D1, SPLIT)
         else:
-            b_v = load_tile(U + i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh, o_n, stride_un, N, HEAD_DIM, BLOCK_D)
-        b_dk, b_dv = _dkv_readers(
-            b_k, b_v, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row, rd_logw,
-            stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on, stride_oh,
-            stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
+            b_v0, b_v1 = load_pair(U + i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh, o_n,
+                                   stride_un, N, HEAD_DIM, D0, D1, SPLIT)
+        b_dk0, b_dk1, b_dv0, b_dv1 = _dkv_readers(
+            b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
+            rd_logw, stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
+            stride_oh, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
+            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N)
         p_g = i_b * stride_gb + i_src * stride_gf + i_h * stride_gh
-        _accumulate_store(DK + p_g, b_dk * scale, o_n, stride_gn, N, ACCUMULATE, HEAD_DIM, BLOCK_D)
+        store_pair(DK + p_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn, N, HEAD_DIM, D0, D1, SPLIT,
+                   ACCUMULATE)
         if i_slot < 0:
-            _accumulate_store(DV + p_g, b_dv, o_n, stride_gn, N, ACCUMULATE, HEAD_DIM, BLOCK_D)
+            store_pair(DV + p_g, b_dv0, b_dv1, o_n, stride_gn, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
         else:  # gradient of the refreshed values U: the dO of phase 1
-            p_gu = i_b * stride_gub + i_slot * stride_guf + i_h * stride_guh
-            _accumulate_store(DU + p_gu, b_dv, o_n, stride_gun, N, ACCUMULATE, HEAD_DIM, BLOCK_D)
+            store_pair(DU + i_b * stride_gub + i_slot * stride_guf + i_h * stride_guh, b_dv0, b_dv1, o_n,
+                       stride_gun, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
 
 
 def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dq, dk, dv, du, dk_img, dv_img,

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .primitives import LN2, LOG2E, attend_source, load_tile, store_tile
+from .primitives import LN2, LOG2E, attend_source, load_pair, store_pair
 
 
 @triton.jit
@@ -43,8 +43,7 @@ def _fwd_kernel(
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
 
     p_q = Q + i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh
-    b_q0 = load_tile(p_q, o_m, stride_qn, N, HEAD_DIM, D0)
-    b_q1 = load_tile(p_q + D0, o_m, stride_qn, N, HEAD_DIM - D0, D1) if SPLIT else b_q0
+    b_q0, b_q1 = load_pair(p_q, o_m, stride_qn, N, HEAD_DIM, D0, D1, SPLIT)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
@@ -75,36 +74,10 @@ def _fwd_kernel(
 
     # A row with no keys (rejected at the door, guarded anyway) gives zeros and lse = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    p_o = O + i_b * stride_ob + i_row * stride_of + i_h * stride_oh
-    store_tile(p_o, acc0 / l_safe[:, None], o_m, stride_on, N, HEAD_DIM, D0)
-    if SPLIT:
-        store_tile(p_o + D0, acc1 / l_safe[:, None], o_m, stride_on, N, HEAD_DIM - D0, D1)
+    store_pair(O + i_b * stride_ob + i_row * stride_of + i_h * stride_oh, acc0 / l_safe[:, None],
+               acc1 / l_safe[:, None], o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT, False)
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     tl.store(LSE + i_b * stride_lb + i_row * stride_lf + o_m * stride_ln + i_h, lse, mask=o_m < N)
-
-
-def block_config(head_dim: int, device: torch.device, backward: bool = False) -> dict:
-    """Tile sizes: BLOCK_D is the head dim padded to a power of two (masked, never copied).
-
-    ``VB_BLOCK_M``/``VB_BLOCK_N`` override the tiles (tests force other tilings on CPU)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if os.environ.get("VB_BLOCK_M"):
-        return dict(BLOCK_D=block_d, BLOCK_M=int(os.environ["VB_BLOCK_M"]),
-                    BLOCK_N=int(os.environ.get("VB_BLOCK_N", os.environ["VB_BLOCK_M"])),
-                    num_warps=4, num_stages=1)
-    if device.type != "cuda":  # interpreter: small tiles so odd N crosses several blocks
-        return dict(BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    if backward:  # five tiles live per iteration: smaller blocks than the forward
-        if block_d <= 64:
-            return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-        if block_d <= 128:
-            return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
-        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    if block_d <= 64:
-        return dict(BLOCK_D=block_d, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if block_d <= 128:
-        return dict(BLOCK_D=block_d, BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
 def split_head_dim(head_dim: int) -> tuple[int, int]:
@@ -117,6 +90,25 @@ def split_head_dim(head_dim: int) -> tuple[int, int]:
         return pad, 0
     d1 = max(16, triton.next_power_of_2(head_dim - d0))
     return (d0, d1) if d0 + d1 < pad else (pad, 0)
+
+
+def block_config(head_dim: int, device: torch.device, backward: bool = False) -> dict:
+    """Launch constants: head-dim chunks (D0, D1, SPLIT; masked, never copied), tiles, warps.
+
+    ``VB_BLOCK_M``/``VB_BLOCK_N`` override the tiles (tests force other tilings on CPU)."""
+    d0, d1 = split_head_dim(head_dim)
+    cfg = dict(D0=d0, D1=max(d1, 16), SPLIT=d1 > 0)  # D1 is a placeholder size without SPLIT
+    width = d0 + d1
+    if os.environ.get("VB_BLOCK_M"):
+        tiles = (int(os.environ["VB_BLOCK_M"]), int(os.environ.get("VB_BLOCK_N", os.environ["VB_BLOCK_M"])), 4, 1)
+    elif device.type != "cuda":  # interpreter: small tiles so odd N crosses several blocks
+        tiles = (16, 16, 1, 1)
+    elif backward:  # five tiles live per iteration: smaller blocks than the forward
+        tiles = (64, 64, 4, 2) if width <= 64 else (64, 64, 8, 2) if width <= 128 else (32, 32, 4, 1)
+    else:
+        tiles = (128, 64, 4, 3) if width <= 64 else (128, 64, 8, 3) if width <= 128 else (64, 32, 4, 2)
+    cfg.update(BLOCK_M=tiles[0], BLOCK_N=tiles[1], num_warps=tiles[2], num_stages=tiles[3])
+    return cfg
 
 
 def _strides(t: torch.Tensor | None, n: int):
@@ -133,8 +125,6 @@ def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float
     rows = tables["row_qframe"].numel()
     m = 0 if k_img is None else k_img.shape[1]
     cfg = block_config(d, q.device)
-    d0, d1 = split_head_dim(d)
-    del cfg["BLOCK_D"]
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h, rows)
     dummy = q  # never dereferenced: HAS_IMG=False / no keyframe slot in the table
     _fwd_kernel[grid](
@@ -143,5 +133,5 @@ def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float
         *_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(u, 4),
         *_strides(k_img, 3), *_strides(v_img, 3), *_strides(out, 4), *lse.stride()[:3],
         h, n, m, tables["n_src_max"], scale * math.log2(math.e),
-        HAS_IMG=m > 0, HEAD_DIM=d, D0=d0, D1=max(d1, 16), SPLIT=d1 > 0, **cfg,
+        HAS_IMG=m > 0, HEAD_DIM=d, **cfg,
     )
