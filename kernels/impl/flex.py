@@ -9,8 +9,6 @@ On CUDA the call goes through ``torch.compile`` (FlexAttention is slow and memor
 from __future__ import annotations
 
 import functools
-import math
-
 import torch
 from torch.nn.attention import flex_attention as _fa
 
@@ -22,10 +20,9 @@ def _compiled_flex():
     return torch.compile(_fa.flex_attention, dynamic=False)
 
 
-def _flex(q, k, v, mask_mod, score_mod, scale, want_lse):
+def _flex(q, k, v, block_mask, score_mod, scale, want_lse):
     """q: (B, Lq, H, D), k/v: (B, Lk, H, D). Returns (out (B, Lq, H, D), lse (B, Lq, H) or None)."""
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    block_mask = _fa.create_block_mask(mask_mod, None, None, qh.shape[2], kh.shape[2], device=q.device)
     fn = _compiled_flex() if q.is_cuda else _fa.flex_attention
     kwargs = {}
     if want_lse:
@@ -39,38 +36,31 @@ def _flex(q, k, v, mask_mod, score_mod, scale, want_lse):
     return out.transpose(1, 2), lse.transpose(1, 2).float()
 
 
-def flex_attention_vb(q, k, v, k_img, v_img, schedule: Schedule, scale: float, return_lse: bool):
-    """Shapes as :func:`kernels.videobooth_attention`; inputs already validated."""
-    b, n_frames, n, h, d = q.shape
-    dev = q.device
-    m = 0 if k_img is None else k_img.shape[1]
-    phase1, phase2 = schedule.plan(k_img is not None)
-    kcat = k.reshape(b, n_frames * n, h, d)
-    if m:
-        kcat = torch.cat([k_img, kcat], 1)
-
-    w = v
+@functools.lru_cache(maxsize=64)
+def _masks(schedule: Schedule, n: int, m: int, device: torch.device):
+    """Block masks (phase 1, phase 2), the score_mod and keyframe ids of a schedule at a size:
+    built once and reused, as a user of FlexAttention would (building them costs a kernel)."""
+    n_frames = schedule.num_frames
+    phase1, phase2 = schedule.plan(m > 0)
+    kv_len = m + n_frames * n
+    refresh = None
+    kf = torch.tensor([frame for frame, _ in phase1.rows], device=device, dtype=torch.long)
     if phase1.rows:
-        kf = torch.tensor([frame for frame, _ in phase1.rows], device=dev)
-
         def refresh_mask(b_, h_, q_idx, kv_idx):
             own = (kv_idx >= m) & ((kv_idx - m) // n == kf[q_idx // n])
             return own | (kv_idx < m)
 
-        vcat = v.reshape(b, n_frames * n, h, d)
-        vcat = torch.cat([v_img, vcat], 1) if m else vcat
-        u, _ = _flex(q[:, kf].flatten(1, 2), kcat, vcat, refresh_mask, None, scale, False)
-        w = v.index_copy(1, kf, u.view(b, len(kf), n, h, d))
+        refresh = _fa.create_block_mask(refresh_mask, None, None, len(kf) * n, kv_len, device=device)
 
-    # Phase 2: count[f, r] = how many times frame f reads frame r (after the exact shortcut).
+    # Phase 2: count[f, r] = how many times frame f reads frame r (duplicates counted).
     count = torch.zeros(n_frames, n_frames, dtype=torch.float32)
     for frame, sources in phase2.rows:
         for s in sources:
             if s.frame >= 0:
                 count[frame, s.frame] = s.count
     img_keys = bool(m) and schedule.image_everywhere
-    present = (count > 0).to(dev)
-    logc = count.clamp(min=1).log().to(dev)
+    present = (count > 0).to(device)
+    logc = count.clamp(min=1).log().to(device)
 
     def cross_mask(b_, h_, q_idx, kv_idx):
         frame_key = present[q_idx // n, (kv_idx - m).clamp(min=0) // n] & (kv_idx >= m)
@@ -82,8 +72,28 @@ def flex_attention_vb(q, k, v, k_img, v_img, schedule: Schedule, scale: float, r
             bias = logc[q_idx // n, (kv_idx - m).clamp(min=0) // n]
             return score + torch.where(kv_idx >= m, bias, 0.0)
 
+    cross = _fa.create_block_mask(cross_mask, None, None, n_frames * n, kv_len, device=device)
+    return refresh, cross, score_mod, kf
+
+
+def flex_attention_vb(q, k, v, k_img, v_img, schedule: Schedule, scale: float, return_lse: bool):
+    """Shapes as :func:`kernels.videobooth_attention`; inputs already validated."""
+    b, n_frames, n, h, d = q.shape
+    m = 0 if k_img is None else k_img.shape[1]
+    refresh, cross, score_mod, kf = _masks(schedule, n, m, q.device)
+    kcat = k.reshape(b, n_frames * n, h, d)
+    if m:
+        kcat = torch.cat([k_img, kcat], 1)
+
+    w = v
+    if refresh is not None:
+        vcat = v.reshape(b, n_frames * n, h, d)
+        vcat = torch.cat([v_img, vcat], 1) if m else vcat
+        u, _ = _flex(q[:, kf].flatten(1, 2), kcat, vcat, refresh, None, scale, False)
+        w = v.index_copy(1, kf, u.view(b, len(kf), n, h, d))
+
     vcat = w.reshape(b, n_frames * n, h, d)
     vcat = torch.cat([v_img, vcat], 1) if m else vcat
-    out, lse = _flex(q.flatten(1, 2), kcat, vcat, cross_mask, score_mod, scale, return_lse)
+    out, lse = _flex(q.flatten(1, 2), kcat, vcat, cross, score_mod, scale, return_lse)
     out = out.view(b, n_frames, n, h, d)
     return (out, lse.view(b, n_frames, n, h)) if return_lse else out
