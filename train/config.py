@@ -98,6 +98,14 @@ class TrainConfig:
 
     # ---------------------------------------------------------------------------------------
     def __post_init__(self):
+        # YAML 1.1 reads "1e-4" (no dot) as a string: accept it for float keys.
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("float", "Optional[float]") and isinstance(v, str):
+                try:
+                    setattr(self, f.name, float(v))
+                except ValueError:
+                    pass
         self.validate()
 
     def validate(self) -> "TrainConfig":

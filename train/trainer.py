@@ -129,6 +129,9 @@ class Trainer:
             cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)])
         acc = self.accelerator
+        if cfg.attn_backend == "flex" and acc.device.type == "cpu":
+            raise ValueError("attn_backend: 'flex' (FlexAttention) has no backward on CPU; train with "
+                             "'reference', 'sdpa' or 'triton' there")
         self.rank, self.world = acc.process_index, acc.num_processes
         self.main = acc.is_main_process
         self.out = Path(cfg.output_dir)
@@ -407,7 +410,9 @@ class Trainer:
     def write_replica_digest(self) -> dict:
         """Each process writes ``replicas/rank-<r>.json`` (digest of its trainable parameters and
         EMA); identical digests across ranks mean the replicas stayed identical."""
-        d = {"rank": self.rank, "world_size": self.world, "step": self.step,
+        dist = torch.distributed
+        backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+        d = {"rank": self.rank, "world_size": self.world, "step": self.step, "backend": backend,
              "params": ckpt.tensor_digest(self.named_params),
              "ema": ckpt.tensor_digest(sorted(self.ema.state_dict().items())) if self.ema is not None else None,
              "param_sum": float(sum(p.detach().double().sum() for p in self.params))}

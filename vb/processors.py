@@ -185,14 +185,14 @@ class _BaseProcessor(nn.Module):
     @staticmethod
     def _pre(attn, hidden_states, temb):
         """diffusers' input handling: spatial norm, (B, C, H, W) -> (B, HW, C), group norm."""
-        if attn.spatial_norm is not None:
+        if getattr(attn, "spatial_norm", None) is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
         shape4 = None
         if hidden_states.ndim == 4:
             shape4 = hidden_states.shape
             b, c, h, w = shape4
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        if attn.group_norm is not None:
+        if getattr(attn, "group_norm", None) is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         return hidden_states, shape4
 
@@ -312,7 +312,7 @@ class VideoBoothAttnProcessor(_BaseProcessor):
             m = x_img.shape[1]
             k_img = self.to_k_exemplar(x_img).view(b, m, h, d)
             v_img = self.to_v_exemplar(x_img).view(b, m, h, d)
-            if attn.norm_k is not None:
+            if getattr(attn, "norm_k", None) is not None:
                 k_img = attn.norm_k(k_img)
         out = videobooth_attention(q, k, v, k_img, v_img, schedule=self.schedule_for(f, x_img is not None),
                                    scale=attn.scale, backend=self.backend)
@@ -321,9 +321,9 @@ class VideoBoothAttnProcessor(_BaseProcessor):
     @staticmethod
     def _qk_norm(attn, q, k):
         # diffusers' q/k norms act on the head dim only, so they apply to BFNHD as to BHND.
-        if attn.norm_q is not None:
+        if getattr(attn, "norm_q", None) is not None:  # (absent in older diffusers)
             q = attn.norm_q(q)
-        if attn.norm_k is not None:
+        if getattr(attn, "norm_k", None) is not None:
             k = attn.norm_k(k)
         return q, k
 
@@ -362,10 +362,7 @@ class VideoBoothTextAttnProcessor(_BaseProcessor):
         q = q.view(b, n, h, d).transpose(1, 2)
         k = k.view(b, -1, h, d).transpose(1, 2)
         v = v.view(b, -1, h, d).transpose(1, 2)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k = VideoBoothAttnProcessor._qk_norm(attn, q, k)
         mask = None
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, k.shape[2], b).view(b, h, -1, k.shape[2])
