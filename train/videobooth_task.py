@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -164,19 +164,23 @@ class VideoBoothTask(DiffusionTask):
         params = list(self.backbone.stage_parameters(stage, include_temporal=self.train_temporal))
         if self.coarse:
             params = list(self.mapper.parameters()) + params
-        if not self.fine:
-            # The exemplar projections and image banks only see the image branch.
-            skip = {id(p) for proc in self.backbone.attn1_processors()
-                    for mod in (proc.to_k_exemplar, proc.to_v_exemplar, proc.image_bank)
-                    if mod is not None for p in mod.parameters()}
-            params = [p for p in params if id(p) not in skip]
         if self.extra:
             seen = {id(p) for p in params}
             for name, p in self.named_parameters():
                 if id(p) not in seen and any(r.search(name) for r in self.extra):
                     params.append(p)
                     seen.add(id(p))
-        return params
+        # Parameters of a switched-off path get no gradient (DDP needs every trainable one used).
+        skip = set()
+        if not self.fine:  # the exemplar projections, learned query and image banks see the image only
+            skip |= {id(p) for proc in self.backbone.attn1_processors()
+                     for mod in (proc.to_k_exemplar, proc.to_v_exemplar, proc.image_bank, proc.to_q_new)
+                     if mod is not None for p in mod.parameters()}
+        if not self.coarse:
+            skip |= {id(p) for p in self.mapper.parameters()}
+            if getattr(self.backbone, "image_embed", None) is not None:
+                skip |= {id(p) for p in self.backbone.image_embed.parameters()}
+        return [p for p in params if id(p) not in skip]
 
     def set_train_mode(self, stage: int) -> None:
         self.eval()
@@ -272,6 +276,12 @@ class VideoBoothTask(DiffusionTask):
         return (torch.where(keep[:, None, None], inj_h, null_h.expand(b, -1, -1).to(inj_h.dtype)),
                 torch.where(keep[:, None], inj_p, null_p.expand(b, -1).to(inj_p.dtype)))
 
+    def forward(self, batch, generator):
+        before = self.no_span
+        out = super().forward(batch, generator)
+        out["no_subject_span"] = float(self.no_span - before)
+        return out
+
     def predict(self, noisy, timesteps, batch, generator):
         image = batch["image"]  # (B, 3, S, S) in [-1, 1]
         image01 = (image.float() + 1) / 2
@@ -310,5 +320,3 @@ class VideoBoothTask(DiffusionTask):
         return vb.save_adapter(str(directory), self.mapper, self.backbone,
                                extra_config={"stage": self.cfg.stage, "task": "videobooth"})
 
-    def extra_logs(self) -> Dict[str, float]:
-        return {"no_subject_span": float(self.no_span)}
