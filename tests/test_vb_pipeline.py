@@ -43,6 +43,15 @@ def test_end_to_end_frames_export_to_gif(pipe, tmp_path):
         assert gif.n_frames == 3
 
 
+def test_frames_export_to_video(pipe, tmp_path):
+    pytest.importorskip("imageio_ffmpeg", reason="export_to_video needs imageio + imageio-ffmpeg (the train extra)")
+    from diffusers.utils import export_to_video
+
+    frames = pipe("a dog", "dog", torch.rand(3, 16, 16), output_type="np", **KW).frames
+    path = export_to_video(list(frames[0]), str(tmp_path / "video.mp4"), fps=4)  # 16x16: a whole macroblock
+    assert (tmp_path / "video.mp4").stat().st_size > 0 and path.endswith(".mp4")
+
+
 @pytest.mark.parametrize("output_type,shape", [("np", (2, 3, 16, 16, 3)), ("pt", (2, 3, 3, 16, 16)),
                                                ("latent", (2, 4, 3, 8, 8))])
 def test_output_types_and_batching(pipe, output_type, shape):
