@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import re
+from functools import lru_cache
 from typing import Callable, Optional, Union
 
 import torch
@@ -82,14 +83,10 @@ def without_image(schedule: Schedule) -> Schedule:
     return Schedule(schedule.refs, keyframes=(), image_everywhere=False, name=schedule.name + "-noimg")
 
 
-_SELF = {}
-
-
+@lru_cache(maxsize=1)
 def _self_attention_schedule() -> Schedule:
     # One frame reading itself, nothing refreshed: ordinary self-attention through the same op.
-    if "s" not in _SELF:
-        _SELF["s"] = Schedule([[0]], keyframes=(), name="self")
-    return _SELF["s"]
+    return Schedule([[0]], keyframes=(), name="self")
 
 
 # ---- compact image-token banks ---------------------------------------------------------------
