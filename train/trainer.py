@@ -344,9 +344,12 @@ class Trainer:
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = acc.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
-        self.lr_scheduler.step()
+        # fp16: a step the grad scaler skipped (inf/nan gradients) moves neither LR nor EMA
+        skipped = bool(getattr(self.optimizer, "step_was_skipped", False))
+        if not skipped:
+            self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None and (self.step + 1) % cfg.ema_update_every == 0:
+        if self.ema is not None and not skipped and (self.step + 1) % cfg.ema_update_every == 0:
             self.ema.update()
         local = torch.stack(losses).mean().reshape(1)
         per_rank = acc.gather(local).cpu().tolist()
@@ -365,6 +368,8 @@ class Trainer:
                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
         if self.world > 1:
             rec["loss_per_process"] = per_rank
+        if skipped:
+            rec["skipped_step"] = True
         rec.update(extras)
         return rec
 
