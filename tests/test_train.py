@@ -208,6 +208,8 @@ def test_checkpoint_commit_failure_keeps_previous_and_ignores_partials(tmp_path,
     (root / "step-00000009" / "trainable.safetensors").write_bytes(b"garbage")
     assert ckpt.latest_checkpoint(root) == good
     assert Trainer(cfg.replace(max_steps=4)).resume_from == good
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        Trainer(cfg.replace(resume="never"))
     with pytest.raises(FileNotFoundError):
         ckpt.resolve_checkpoint(tmp_path / "nothing")
 

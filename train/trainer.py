@@ -181,6 +181,9 @@ class Trainer:
     def _find_resume(self) -> Optional[Path]:
         r = self.cfg.resume
         if r == "never":
+            if ckpt.list_checkpoints(self.ckpt_root):
+                raise ValueError(f"resume: 'never', but {self.ckpt_root} already holds checkpoints of another "
+                                 f"run (a later resume would mix them up); use a new output_dir or resume: auto")
             return None
         if r == "auto":
             return ckpt.latest_checkpoint(self.ckpt_root)
