@@ -20,7 +20,7 @@ _POINTERS_DATA = {"Q", "K", "V", "U", "KI", "VI", "O", "DO", "DQ", "DK", "DV", "
 _FLOATS = {"qk_scale", "scale"}
 
 
-def compile_kernel(fn, dtype: str, head_dim: int, arch: int, backward: bool, **flags):
+def compile_kernel(fn, dtype: str, head_dim: int, arch: int, backward: bool, tokens: int | None = None, **flags):
     """Compile one @triton.jit kernel of this package for ``cuda:arch``; returns the CompiledKernel."""
     import torch
     import triton
@@ -29,7 +29,7 @@ def compile_kernel(fn, dtype: str, head_dim: int, arch: int, backward: bool, **f
 
     from .forward import block_config
 
-    cfg = block_config(head_dim, torch.device("cuda"), backward=backward)
+    cfg = block_config(head_dim, torch.device("cuda"), backward=backward, n_queries=tokens, n_keys=tokens)
     options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     consts = {"HEAD_DIM": head_dim, **cfg, **flags}
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
@@ -64,16 +64,17 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="SM version, e.g. 80 (A100), 90 (H100/H200)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--head-dim", type=int, nargs="+", default=[40, 64, 80, 128, 160])
+    p.add_argument("--tokens", type=int, default=None, help="tokens per frame (small N shrinks the tiles)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter does not compile", file=sys.stderr)
         return 2
     for d in args.head_dim:
         for name, fn, bwd, flags in kernels():
-            k = compile_kernel(fn, args.dtype, d, args.arch, bwd, **flags)
+            k = compile_kernel(fn, args.dtype, d, args.arch, bwd, args.tokens, **flags)
             ptx = k.asm["ptx"]
             mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if "mma.sync" in ptx else "none")
-            print(f"sm_{args.arch} {args.dtype} D={d:<3} {name:<8} shared={k.metadata.shared:>6} B  mma={mma}")
+            print(f"sm_{args.arch} {args.dtype} D={d:<3} N={args.tokens or 'big'} {name:<8} shared={k.metadata.shared:>6} B  mma={mma}")
     return 0
 
 

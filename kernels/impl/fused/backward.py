@@ -218,7 +218,7 @@ def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dq, dk, dv, du, 
     b, _, n, h, d = q.shape
     m = 0 if k_img is None else k_img.shape[1]
     rows = tables["row_qframe"].numel()
-    cfg = block_config(d, q.device, backward=True)
+    cfg = block_config(d, q.device, backward=True, n_queries=n, n_keys=max(n, m))
     delta = torch.empty_like(lse)
     dummy = q
     qk_scale = scale * math.log2(math.e)

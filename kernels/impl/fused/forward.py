@@ -92,10 +92,13 @@ def split_head_dim(head_dim: int) -> tuple[int, int]:
     return (d0, d1) if d0 + d1 < pad else (pad, 0)
 
 
-def block_config(head_dim: int, device: torch.device, backward: bool = False) -> dict:
+def block_config(head_dim: int, device: torch.device, backward: bool = False,
+                 n_queries: int | None = None, n_keys: int | None = None) -> dict:
     """Launch constants: head-dim chunks (D0, D1, SPLIT; masked, never copied), tiles, warps.
 
-    ``VB_BLOCK_M``/``VB_BLOCK_N`` override the tiles (tests force other tilings on CPU)."""
+    On CUDA the tiles shrink to the sequence (the U-Net's 16- and 64-token levels would leave
+    most of a 128-row tile masked). ``VB_BLOCK_M``/``VB_BLOCK_N`` override the tiles (tests force
+    other tilings on CPU)."""
     d0, d1 = split_head_dim(head_dim)
     cfg = dict(D0=d0, D1=max(d1, 16), SPLIT=d1 > 0)  # D1 is a placeholder size without SPLIT
     width = d0 + d1
@@ -107,7 +110,13 @@ def block_config(head_dim: int, device: torch.device, backward: bool = False) ->
         tiles = (64, 64, 4, 2) if width <= 64 else (64, 64, 8, 2) if width <= 128 else (32, 32, 4, 1)
     else:
         tiles = (128, 64, 4, 3) if width <= 64 else (128, 64, 8, 3) if width <= 128 else (64, 32, 4, 2)
-    cfg.update(BLOCK_M=tiles[0], BLOCK_N=tiles[1], num_warps=tiles[2], num_stages=tiles[3])
+    block_m, block_n = tiles[0], tiles[1]
+    if device.type == "cuda" and not os.environ.get("VB_BLOCK_M"):
+        if n_queries is not None:
+            block_m = min(block_m, max(16, triton.next_power_of_2(n_queries)))
+        if n_keys is not None:
+            block_n = min(block_n, max(16, triton.next_power_of_2(n_keys)))
+    cfg.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=tiles[2], num_stages=tiles[3])
     return cfg
 
 
@@ -124,7 +133,7 @@ def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float
     b, _, n, h, d = q.shape
     rows = tables["row_qframe"].numel()
     m = 0 if k_img is None else k_img.shape[1]
-    cfg = block_config(d, q.device)
+    cfg = block_config(d, q.device, n_queries=n, n_keys=max(n, m))
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h, rows)
     dummy = q  # never dereferenced: HAS_IMG=False / no keyframe slot in the table
     _fwd_kernel[grid](
