@@ -7,6 +7,7 @@ once per distinct reference set + PyTorch SDPA), ``flex`` (FlexAttention with a 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -24,9 +25,13 @@ def triton_runs_here(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float16,
+                    last_dim_contiguous: bool = True) -> str:
+    """``auto``: triton where it runs compiled and takes the inputs (CUDA, fp16/bf16/fp32, last
+    dim contiguous), else sdpa."""
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "sdpa"
+        fused_ok = device.type == "cuda" and dtype != torch.float64 and last_dim_contiguous
+        return "triton" if fused_ok else "sdpa"
     return backend
 
 
@@ -53,10 +58,13 @@ def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule 
 
     Returns:
         out: (B, F, N, H, D), dtype of q. With ``return_lse``: (out, lse), lse (B, F, N, H)
-        float32, natural log, of the scaled scores of each query row over its keys.
+        float32, natural log, of the scaled scores of each query row over its keys (a
+        duplicated reference counts twice, as in the literal concat). Both are differentiable
+        on every backend, so partial attentions can be merged through the LSE in training.
     """
     schedule, scale, k_img, v_img = _validate_inputs(q, k, v, k_img, v_img, schedule, scale, backend)
-    backend = resolve_backend(backend, q.device)
+    tensors = [t for t in (q, k, v, k_img, v_img) if t is not None]
+    backend = resolve_backend(backend, q.device, q.dtype, all(t.stride(-1) == 1 for t in tensors))
     if backend == "reference":
         from .impl.reference import reference_attention
         return reference_attention(q, k, v, k_img, v_img, schedule, scale, return_lse)
@@ -72,6 +80,8 @@ def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule 
         raise RuntimeError(
             f"backend 'triton' needs a CUDA device or the Triton interpreter on CPU "
             f"(set TRITON_INTERPRET=1 before triton is imported); q is on {q.device}")
+    if q.shape[0] * q.shape[3] > 65535:  # B*H is the launch grid's y dimension
+        raise ValueError(f"q: backend 'triton' expects B*H <= 65535, got B={q.shape[0]}, H={q.shape[3]}")
     for name, t in (("q", q), ("k", k), ("v", v), ("k_img", k_img), ("v_img", v_img)):
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"{name}: backend 'triton' expects the last dim contiguous (stride 1), "
@@ -134,6 +144,8 @@ def _validate_inputs(q, k, v, k_img, v_img, schedule, scale, backend):
                              f"tokens are prepended); expected at least one reference")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+    elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    elif not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale: expected a finite float > 0 or None, got {scale!r}")
     return schedule, float(scale), k_img, v_img

@@ -126,7 +126,7 @@ class Schedule:
                 if r < -1 or r >= n_frames:
                     raise ValueError(f"refs[{f}]: expected frame ids in [0, {n_frames - 1}] or -1, got {r}")
         try:
-            keys = tuple(sorted({int(u) for u in keyframes}))
+            keys = tuple(sorted({_as_int(u) for u in keyframes}))
         except TypeError as e:
             raise TypeError(f"keyframes: expected a sequence of ints, got {type(keyframes).__name__}") from e
         for u in keys:
@@ -163,7 +163,7 @@ class Schedule:
     def window(cls, num_frames: int, k: int) -> "Schedule":
         """Rolling window: refs[f] = the k frames before f that exist; frame 0 reads itself."""
         _check_frames(num_frames)
-        if not isinstance(k, int) or k < 1:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k: expected an int >= 1, got {k!r}")
         refs = []
         for f in range(num_frames):
@@ -175,7 +175,7 @@ class Schedule:
     def keyframes(cls, num_frames: int, m: int) -> "Schedule":
         """Periodic re-anchoring: keyframes {0, m, 2m, ...}; refs[f] = [m*floor(f/m), max(f-1, 0)]."""
         _check_frames(num_frames)
-        if not isinstance(m, int) or m < 1:
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
             raise ValueError(f"m: expected an int >= 1, got {m!r}")
         refs = [[m * (f // m), max(f - 1, 0)] for f in range(num_frames)]
         return cls(refs, tuple(range(0, num_frames, m)), name=f"keyframes{m}")
@@ -213,12 +213,15 @@ def _as_int(x) -> int:
 
 
 def _check_frames(num_frames) -> None:
-    if not isinstance(num_frames, int) or num_frames < 1:
+    if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
         raise ValueError(f"num_frames: expected an int >= 1, got {num_frames!r}")
 
 
 @lru_cache(maxsize=256)
 def _plans(refs, keyframes, image_everywhere, has_image) -> tuple[Plan, Plan]:
+    # Phase 1 refreshes only the keyframes some frame reads: an unread U changes nothing (exact).
+    read = {r for row in refs for r in row if r >= 0}
+    keyframes = tuple(u for u in keyframes if u in read)
     slot = {u: i for i, u in enumerate(keyframes)}
     img = (Source(IMAGE, -1, 1),) if has_image else ()
     phase1 = Plan(tuple((u, img + (Source(u, -1, 1),)) for u in keyframes))

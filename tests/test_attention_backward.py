@@ -62,6 +62,36 @@ def test_triton_gradients_odd_shapes(shape, schedule_name):
     _check_grads("triton", named_schedule(schedule_name, shape[1]), shape, torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_lse_is_differentiable(backend):
+    """Merging partial attentions goes through the LSE: its gradient must flow on every backend."""
+    torch.manual_seed(0)
+    sched = named_schedule("random1", 3)
+    ins = make_inputs(1, 3, 17, 2, 40, 9, device=DEV)
+    w_out, w_lse = torch.randn(1, 3, 17, 2, 40, device=DEV), torch.randn(1, 3, 17, 2, device=DEV)
+    grads = {}
+    for be, dtype in ((backend, torch.float32), ("reference", torch.float64)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in ins]
+        out, lse = videobooth_attention(*leaves, schedule=sched, backend=be, return_lse=True)
+        ((out * w_out.to(dtype)).sum() + (lse * w_lse).sum()).backward()
+        grads[be if dtype == torch.float32 else "ref"] = [
+            t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+    for name, g, r in zip(NAMES, grads[backend], grads["ref"]):
+        assert rel_err(g, r) < 1e-5, (name, rel_err(g, r))
+    if backend == "triton":  # the LSE alone also carries a gradient
+        leaves = [t.detach().requires_grad_() for t in ins]
+        _, lse = videobooth_attention(*leaves, schedule=sched, backend="triton", return_lse=True)
+        lse.sum().backward()
+        assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_unread_keyframe_is_skipped_exactly():
+    """A keyframe no frame reads changes nothing: phase 1 skips it, gradients stay exact."""
+    sched = Schedule([[0, 0], [0, 1], [1, 1]], keyframes=(0, 2))  # frame 2 is read by nobody
+    assert [f for f, _ in sched.plan(True)[0].rows] == [0]
+    _check_grads("triton", sched, (1, 3, 17, 1, 40, 5), torch.float32)
+
+
 def test_triton_gradients_fp16():
     _check_grads("triton", named_schedule("keyframes2", 3), (1, 3, 17, 2, 40, 9), torch.float16)
 
@@ -157,6 +187,14 @@ def test_torch_compile_fullgraph_with_the_custom_op():
     eager = model(x, img)
     eager.square().sum().backward()
     assert rel_err(out, eager) < 1e-6 and rel_err(g_compiled, x.grad) < 1e-6
+
+
+@needs_cuda()
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [40, 80, 128, 160])
+def test_fp32_gradients_at_full_tiles_on_gpu(d):
+    """fp32 takes its own (smaller) tiles: N large enough that none shrinks to the sequence."""
+    _check_grads("triton", named_schedule("videobooth", 3), (1, 3, 300, 2, d, 257), torch.float32)
 
 
 @needs_cuda()

@@ -67,10 +67,21 @@ def test_contiguous_inputs_and_custom_scale():
     assert rel_err(out, ref) < TOLERANCE[torch.float32]
 
 
-def test_auto_backend_is_sdpa_on_cpu_and_triton_on_cuda(monkeypatch):
+def test_auto_backend_is_sdpa_on_cpu_and_triton_on_cuda():
     from kernels.api import resolve_backend
     assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
     assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    # what the fused kernels do not take falls back to sdpa instead of raising
+    assert resolve_backend("auto", torch.device("cuda"), torch.float64) == "sdpa"
+    assert resolve_backend("auto", torch.device("cuda"), torch.float16, last_dim_contiguous=False) == "sdpa"
+
+
+def test_scale_accepts_numpy_and_python_reals():
+    import numpy as np
+    ins = make_inputs(1, 2, 8, 1, 16, None, device=DEV)
+    a = videobooth_attention(*ins, scale=np.float32(0.25), backend="sdpa")
+    b = videobooth_attention(*ins, scale=0.25, backend="sdpa")
+    assert torch.equal(a, b)
 
 
 def test_poisoned_outputs_are_all_written(monkeypatch):
@@ -203,6 +214,29 @@ def test_bf16_is_gpu_only():
 @pytest.mark.parametrize("d", [40, 64, 72, 80, 128, 160, 256])
 def test_head_dims_fp16_on_gpu(d):
     _check("triton", named_schedule("random1", 4), (1, 4, 1000, 2, d, 300), torch.float16)
+
+
+@needs_cuda()
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [40, 80, 128, 160])
+def test_fp32_at_full_tiles_on_gpu(d):
+    """fp32 takes its own tiles (twice the bytes): they must fit the device's shared memory."""
+    _check("triton", named_schedule("random1", 4), (1, 4, 300, 2, d, 257), torch.float32)
+
+
+@needs_cuda()
+@pytest.mark.gpu
+def test_int64_output_offsets_on_gpu():
+    """F*N*H*D of one clip above 2**31: the output and LSE row offsets must be int64."""
+    b, f, n, h, d = 1, 128, 4096, 32, 128  # 2**31 elements per tensor
+    if torch.cuda.mem_get_info()[0] < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    q = torch.randn(b, f, n, h, d, device="cuda", dtype=torch.float16)
+    k = torch.randn_like(q)
+    out = videobooth_attention(q, k, k, schedule=Schedule([[0]] * f, keyframes=()), backend="triton")
+    ref = videobooth_attention(q[:, -1:], k[:, :1], k[:, :1], schedule=Schedule([[0]], keyframes=()),
+                               backend="sdpa")
+    assert rel_err(out[:, -1:], ref) < 5e-3
 
 
 @needs_cuda()

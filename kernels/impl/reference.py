@@ -18,7 +18,8 @@ def _attend(q, k, v, scale, key_mask=None):
     scores = torch.einsum("bgnhd,bglhd->bghnl", q, k) * scale
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[None, :, None, None, :], float("-inf"))
-    lse = torch.logsumexp(scores.float(), dim=-1)
+    # at least fp32, fp64 for the float64 oracle; returned as fp32 (the op's contract)
+    lse = torch.logsumexp(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).float()
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bghnl,bglhd->bgnhd", probs, v)
     return out, lse.permute(0, 1, 3, 2)

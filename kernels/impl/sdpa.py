@@ -23,8 +23,9 @@ def _sdpa(q, k, v, scale):
 
 def _lse(q, k, scale):
     # SDPA does not return the LSE; recompute it only when asked for (return_lse=True).
-    s = torch.einsum("bgnhd,blhd->bgnhl", q.float(), k.float()) * scale
-    return torch.logsumexp(s, dim=-1)
+    dt = torch.promote_types(q.dtype, torch.float32)
+    s = torch.einsum("bgnhd,blhd->bgnhl", q.to(dt), k.to(dt)) * scale
+    return torch.logsumexp(s, dim=-1).float()
 
 
 def sdpa_attention(q, k, v, k_img, v_img, schedule: Schedule, scale: float, return_lse: bool):

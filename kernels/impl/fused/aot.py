@@ -15,12 +15,13 @@ import os
 import sys
 
 _POINTERS_I32 = {"row_qframe", "n_src", "src_frame", "src_vslot", "tgt_frame", "tgt_vslot", "n_rd", "rd_row"}
-_POINTERS_F32 = {"src_logw", "rd_logw", "LSE", "DELTA"}
+_POINTERS_F32 = {"src_logw", "rd_logw", "LSE", "DLSE", "DELTA"}
 _POINTERS_DATA = {"Q", "K", "V", "U", "KI", "VI", "O", "DO", "DQ", "DK", "DV", "DU", "DKI", "DVI"}
 _FLOATS = {"qk_scale", "scale"}
 
 
-def compile_kernel(fn, dtype: str, head_dim: int, arch: int, backward: bool, tokens: int | None = None, **flags):
+def compile_kernel(fn, dtype: str, head_dim: int, arch: int, kernel: str, tokens: int | None = None, **flags):
+    elem_bytes = 4 if dtype == "fp32" else 2
     """Compile one @triton.jit kernel of this package for ``cuda:arch``; returns the CompiledKernel."""
     import torch
     import triton
@@ -29,7 +30,8 @@ def compile_kernel(fn, dtype: str, head_dim: int, arch: int, backward: bool, tok
 
     from .forward import block_config
 
-    cfg = block_config(head_dim, torch.device("cuda"), backward=backward, n_queries=tokens, n_keys=tokens)
+    cfg = block_config(head_dim, torch.device("cuda"), kernel, n_queries=tokens, n_keys=tokens,
+                       elem_bytes=elem_bytes)
     options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     consts = {"HEAD_DIM": head_dim, **cfg, **flags}
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
@@ -47,16 +49,45 @@ def compile_kernel(fn, dtype: str, head_dim: int, arch: int, backward: bool, tok
             sig[name] = "fp32"
         else:  # strides and sizes
             sig[name] = "i32"
-    src = ASTSource(fn, sig, constexprs=consts)
+    # What a launch on ordinary tensors specialises on: 16-byte aligned pointers and strides
+    # divisible by 16 (without these hints the build is the unaligned, unpipelined variant).
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+               if name not in consts and (sig[name].startswith("*") or name.startswith("stride_"))}
+    src = ASTSource(fn, sig, constexprs=consts, attrs=aligned)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _registers(ptx: str, arch: int) -> str:
+    """Registers and spill bytes from ``ptxas -v`` (Triton's bundled ptxas), or '' if absent."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        tool = get_ptxas(arch)
+        ptxas = tool.path if hasattr(tool, "path") else tool[0]
+    except Exception:  # noqa: BLE001 - informational only, across Triton versions
+        return ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        res = subprocess.run([ptxas, "-v", f"-arch={sm}", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", res.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", res.stderr)
+    return f"regs={regs.group(1) if regs else '?'} spill={spill.group(1) if spill else '?'} B" if regs else ""
 
 
 def kernels():
     from .backward import _bwd_dkv_kernel, _bwd_dq_kernel
     from .forward import _fwd_kernel
-    return [("fwd", _fwd_kernel, False, {"HAS_IMG": True}),
-            ("bwd_dq", _bwd_dq_kernel, True, {"HAS_IMG": True, "ACCUMULATE": True}),
-            ("bwd_dkv", _bwd_dkv_kernel, True, {"ACCUMULATE": True})]
+    return [("fwd", _fwd_kernel, "fwd", {"HAS_IMG": True}),
+            ("bwd_dq", _bwd_dq_kernel, "dq", {"HAS_IMG": True, "HAS_DLSE": True, "ACCUMULATE": True}),
+            ("bwd_dkv", _bwd_dkv_kernel, "dkv", {"ACCUMULATE": True})]
 
 
 def main(argv=None) -> int:
@@ -70,11 +101,12 @@ def main(argv=None) -> int:
         print("unset TRITON_INTERPRET: the interpreter does not compile", file=sys.stderr)
         return 2
     for d in args.head_dim:
-        for name, fn, bwd, flags in kernels():
-            k = compile_kernel(fn, args.dtype, d, args.arch, bwd, args.tokens, **flags)
+        for name, fn, kernel, flags in kernels():
+            k = compile_kernel(fn, args.dtype, d, args.arch, kernel, args.tokens, **flags)
             ptx = k.asm["ptx"]
             mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if "mma.sync" in ptx else "none")
-            print(f"sm_{args.arch} {args.dtype} D={d:<3} N={args.tokens or 'big'} {name:<8} shared={k.metadata.shared:>6} B  mma={mma}")
+            print(f"sm_{args.arch} {args.dtype} D={d:<3} N={args.tokens or 'big'} {name:<8} shared={k.metadata.shared:>6} B  "
+                  f"mma={mma:<5} {_registers(ptx, args.arch)}")
     return 0
 
 

@@ -44,7 +44,7 @@ def _dq_source(b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k, p_v
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, U, KI, VI, DO, O, LSE, DELTA, DQ,
+    Q, K, V, U, KI, VI, DO, O, LSE, DLSE, DELTA, DQ,
     row_qframe, n_src, src_frame, src_vslot, src_logw,
     stride_qb, stride_qf, stride_qn, stride_qh,
     stride_kb, stride_kf, stride_kn, stride_kh,
@@ -56,8 +56,8 @@ def _bwd_dq_kernel(
     stride_gb, stride_gf, stride_gn, stride_gh,
     stride_lb, stride_lf, stride_ln,
     H, N, M, S_MAX, qk_scale, scale,
-    HAS_IMG: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
-    D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_IMG: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
@@ -69,31 +69,33 @@ def _bwd_dq_kernel(
 
     b_q0, b_q1 = load_pair(Q + i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh, o_m, stride_qn, N,
                            HEAD_DIM, D0, D1, SPLIT)
-    p_o = i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh
-    b_do0, b_do1 = load_pair(DO + p_o, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
-    b_o0, b_o1 = load_pair(O + p_o, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
+    o_o = i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh
+    b_do0, b_do1 = load_pair(DO + o_o, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
+    b_o0, b_o1 = load_pair(O + o_o, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
     b_delta = tl.sum(b_do0.to(tl.float32) * b_o0.to(tl.float32), 1)
     if SPLIT:
         b_delta += tl.sum(b_do1.to(tl.float32) * b_o1.to(tl.float32), 1)
-    p_l = i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h
-    tl.store(DELTA + p_l, b_delta, mask=m_m)
-    b_lse2 = tl.load(LSE + p_l, mask=m_m, other=0.0) * LOG2E
+    o_l = i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h
+    if HAS_DLSE:  # d lse_i / d s_ij = P_ij: a gradient of the LSE shifts Delta
+        b_delta -= tl.load(DLSE + o_l, mask=m_m, other=0.0)
+    tl.store(DELTA + o_l, b_delta, mask=m_m)
+    b_lse2 = tl.load(LSE + o_l, mask=m_m, other=0.0) * LOG2E
 
     b_dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
     b_dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
-    p_tab = i_row * S_MAX
+    o_tab = i_row * S_MAX
     i_first = 0
     if HAS_IMG:
-        if tl.load(src_frame + p_tab) < 0:
+        if tl.load(src_frame + o_tab) < 0:
             b_dq0, b_dq1 = _dq_source(
                 b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta,
                 KI + i_b * stride_kib + i_h * stride_kih, VI + i_b * stride_vib + i_h * stride_vih,
                 stride_kim, stride_vim, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
             i_first = 1
     for i_s in range(i_first, tl.load(n_src + i_row)):
-        i_src = tl.load(src_frame + p_tab + i_s).to(tl.int64)
-        i_slot = tl.load(src_vslot + p_tab + i_s).to(tl.int64)
-        bias = tl.load(src_logw + p_tab + i_s) * LOG2E
+        i_src = tl.load(src_frame + o_tab + i_s).to(tl.int64)
+        i_slot = tl.load(src_vslot + o_tab + i_s).to(tl.int64)
+        bias = tl.load(src_logw + o_tab + i_s) * LOG2E
         p_k = K + i_b * stride_kb + i_src * stride_kf + i_h * stride_kh
         if i_slot < 0:
             b_dq0, b_dq1 = _dq_source(
@@ -127,15 +129,15 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
         i_qf = tl.load(row_qframe + i_row).to(tl.int64)
         p_q = Q + i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh
         p_do = DO + i_b * stride_ob + i_row * stride_of + i_h * stride_oh
-        p_l = i_b * stride_lb + i_row * stride_lf + i_h
+        o_l = i_b * stride_lb + i_row * stride_lf + i_h
         for start in range(0, N, BLOCK_M):
             o_m = start + tl.arange(0, BLOCK_M)
             m_m = o_m < N
             b_q0, b_q1 = load_pair(p_q, o_m, stride_qn, N, HEAD_DIM, D0, D1, SPLIT)
             b_do0, b_do1 = load_pair(p_do, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
             # Padded query rows get lse = +inf, so their P^T column is exactly 0.
-            b_lse2 = tl.load(LSE + p_l + o_m * stride_ln, mask=m_m, other=float("inf")) * LOG2E
-            b_delta = tl.load(DELTA + p_l + o_m * stride_ln, mask=m_m, other=0.0)
+            b_lse2 = tl.load(LSE + o_l + o_m * stride_ln, mask=m_m, other=float("inf")) * LOG2E
+            b_delta = tl.load(DELTA + o_l + o_m * stride_ln, mask=m_m, other=0.0)
             b_pt = tl.exp2(dot_pair(b_k0, b_k1, b_q0, b_q1, SPLIT) * qk_scale + bias - b_lse2[None, :])
             b_dst = b_pt * (dot_pair(b_v0, b_v1, b_do0, b_do1, SPLIT) - b_delta[None, :])
             b_dv0 += tl.dot(b_pt.to(b_do0.dtype), b_do0)
@@ -182,10 +184,10 @@ def _bwd_dkv_kernel(
                 rd_logw, stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
                 stride_oh, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
                 HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N)
-            p_g = i_b * stride_gib + i_h * stride_gih
-            store_pair(DKI + p_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim, M, HEAD_DIM, D0, D1,
+            o_g = i_b * stride_gib + i_h * stride_gih
+            store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim, M, HEAD_DIM, D0, D1,
                        SPLIT, ACCUMULATE)
-            store_pair(DVI + p_g, b_dv0, b_dv1, o_n, stride_gim, M, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+            store_pair(DVI + o_g, b_dv0, b_dv1, o_n, stride_gim, M, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
     elif i_n * BLOCK_N < N:  # a frame: N keys; values V, or U for a keyframe in phase 2
         b_k0, b_k1 = load_pair(K + i_b * stride_kb + i_src * stride_kf + i_h * stride_kh, o_n, stride_kn,
                                N, HEAD_DIM, D0, D1, SPLIT)
@@ -200,26 +202,29 @@ def _bwd_dkv_kernel(
             rd_logw, stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
             stride_oh, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
             HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N)
-        p_g = i_b * stride_gb + i_src * stride_gf + i_h * stride_gh
-        store_pair(DK + p_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn, N, HEAD_DIM, D0, D1, SPLIT,
+        o_g = i_b * stride_gb + i_src * stride_gf + i_h * stride_gh
+        store_pair(DK + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn, N, HEAD_DIM, D0, D1, SPLIT,
                    ACCUMULATE)
         if i_slot < 0:
-            store_pair(DV + p_g, b_dv0, b_dv1, o_n, stride_gn, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+            store_pair(DV + o_g, b_dv0, b_dv1, o_n, stride_gn, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
         else:  # gradient of the refreshed values U: the dO of phase 1
             store_pair(DU + i_b * stride_gub + i_slot * stride_guf + i_h * stride_guh, b_dv0, b_dv1, o_n,
                        stride_gun, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
 
 
-def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dq, dk, dv, du, dk_img, dv_img,
+def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq, dk, dv, du, dk_img, dv_img,
                         tables: dict, scale: float, accumulate: bool) -> None:
-    """Backward of one phase (see module docstring). ``do``/``out``/``lse`` are indexed by row;
+    """Backward of one phase (see module docstring). ``do``/``out``/``lse``/``dlse`` (gradient of
+    the LSE or None) and ``delta`` (written here, fp32) are indexed by row;
     gradient buffers dq/dk/dv (B,F,N,H,D), du (B,K,N,H,D), dk_img/dv_img (B,M,H,D) share the
     strides of dk (frames) and dk_img (image)."""
     b, _, n, h, d = q.shape
     m = 0 if k_img is None else k_img.shape[1]
     rows = tables["row_qframe"].numel()
-    cfg = block_config(d, q.device, backward=True, n_queries=n, n_keys=max(n, m))
-    delta = torch.empty_like(lse)
+    cfg = block_config(d, q.device, "dq", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size())
+    # the kernels read O with dO's strides and the LSE / Delta with head stride 1
+    assert do.stride() == out.stride() and lse.stride(-1) == 1
+    assert dlse is None or dlse.stride() == lse.stride()
     dummy = q
     qk_scale = scale * math.log2(math.e)
     common = (*_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(u, 4),
@@ -227,14 +232,15 @@ def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dq, dk, dv, du, 
     u_ = u if u is not None else dummy
     ki_, vi_ = (k_img, v_img) if m else (dummy, dummy)
     _bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h, rows)](
-        q, k, v, u_, ki_, vi_, do, out, lse, delta, dq,
+        q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, delta, dq,
         tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
         *common, *_strides(dq, 4), *lse.stride()[:3],
         h, n, m, tables["n_src_max"], qk_scale, scale,
-        HAS_IMG=m > 0, ACCUMULATE=accumulate, HEAD_DIM=d, **cfg)
+        HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, **cfg)
     n_targets = tables["n_targets"]
     if n_targets == 0:
         return
+    cfg = block_config(d, q.device, "dkv", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size())
     _bwd_dkv_kernel[(triton.cdiv(max(n, m), cfg["BLOCK_N"]), b * h, n_targets)](
         q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du if du is not None else dummy,
         dk_img if m else dummy, dv_img if m else dummy,

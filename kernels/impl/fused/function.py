@@ -7,6 +7,7 @@ with their LSE (B, K, N, H, D with K = number of keyframes): never a concatenate
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Tuple
 
 import torch
@@ -23,10 +24,22 @@ _alloc = torch.empty
 _alloc_zeros = torch.zeros
 
 
+def _on_device(q):
+    """Triton launches on the current CUDA device: make it q's (a pipeline on cuda:1, say)."""
+    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+
+
 def fused_fwd(q, k, v, k_img, v_img, schedule: Schedule, scale: float):
     """Both phases. Returns (out (B,F,N,H,D), lse (B,F,N,H) fp32, u (B,K,N,H,D) or None,
-    lse1 (B,K,N,H) or None), K = number of keyframes. Only U is written between the phases."""
+    lse1 (B,K,N,H) or None), K = number of keyframes some frame reads (phase 1 skips the
+    others: exact). Only U is written between the phases."""
+    with _on_device(q):
+        return _fused_fwd(q, k, v, k_img, v_img, schedule, scale)
+
+
+def _fused_fwd(q, k, v, k_img, v_img, schedule, scale):
     b, n_frames, n, h, d = q.shape
+    assert k_img is None or k_img.shape[1] > 0, "M = 0 travels as k_img = None (the plan has no image)"
     phase1, phase2 = schedule.plan(k_img is not None)
     u = lse1 = None
     if phase1.rows:
@@ -42,11 +55,18 @@ def fused_fwd(q, k, v, k_img, v_img, schedule: Schedule, scale: float):
     return out, lse, u, lse1
 
 
-def fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule: Schedule, scale: float):
+def fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule: Schedule, scale: float, dlse=None):
     """Gradients (dq, dk, dv, dk_img, dv_img); dk_img/dv_img None without image tokens.
-    Phase 2 first (it produces dU), then phase 1 accumulating into the same buffers."""
+    ``dlse``: gradient of the phase-2 LSE or None. Phase 2 first (it produces dU), then phase 1
+    accumulating into the same buffers."""
+    with _on_device(q):
+        return _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, dlse)
+
+
+def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, dlse):
     phase1, phase2 = schedule.plan(k_img is not None)
     dout = dout.contiguous()  # autograd may hand an expanded (stride 0) gradient
+    dlse = None if dlse is None else dlse.contiguous()
     dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
     dk = _alloc_zeros(q.shape, dtype=q.dtype, device=q.device)
     dv = _alloc_zeros(q.shape, dtype=q.dtype, device=q.device)
@@ -57,12 +77,14 @@ def fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule: Schedule
     if u is not None:
         du = _alloc_zeros(u.shape, dtype=q.dtype, device=q.device)
     with nvtx_range("vb.phase2.cross_frame.bwd"):
-        attention_bwd_phase(q, k, v, u, k_img, v_img, dout, out, lse, dq, dk, dv, du, dk_img, dv_img,
-                            phase2.tables(q.device), scale, accumulate=False)
+        delta = _alloc(lse.shape, dtype=torch.float32, device=q.device)
+        attention_bwd_phase(q, k, v, u, k_img, v_img, dout, out, lse, dlse, delta, dq, dk, dv, du,
+                            dk_img, dv_img, phase2.tables(q.device), scale, accumulate=False)
     if u is not None:
         with nvtx_range("vb.phase1.refresh.bwd"):
-            attention_bwd_phase(q, k, v, None, k_img, v_img, du, u, lse1, dq, dk, dv, None, dk_img, dv_img,
-                                phase1.tables(q.device), scale, accumulate=True)
+            delta1 = _alloc(lse1.shape, dtype=torch.float32, device=q.device)
+            attention_bwd_phase(q, k, v, None, k_img, v_img, du, u, lse1, None, delta1, dq, dk, dv, None,
+                                dk_img, dv_img, phase1.tables(q.device), scale, accumulate=True)
     return dq, dk, dv, dk_img, dv_img
 
 
@@ -89,7 +111,8 @@ def _fused_fwd_op(q: Tensor, k: Tensor, v: Tensor, k_img: Optional[Tensor], v_im
 @_fused_fwd_op.register_fake
 def _(q, k, v, k_img, v_img, refs, num_refs, keyframes, image_everywhere, scale):
     b, n_frames, n, h, d = q.shape
-    n_key = len(set(keyframes))
+    phase1, _ = _schedule(refs, num_refs, keyframes, image_everywhere).plan(k_img is not None)
+    n_key = len(phase1.rows)  # keyframes that some frame reads
     out = q.new_empty(q.shape)
     lse = q.new_empty((b, n_frames, n, h), dtype=torch.float32)
     u = q.new_empty((b, n_key, n, h, d)) if n_key else q.new_empty((0,))
@@ -98,19 +121,19 @@ def _(q, k, v, k_img, v_img, refs, num_refs, keyframes, image_everywhere, scale)
 
 
 @torch.library.custom_op("videobooth::fused_bwd", mutates_args=())
-def _fused_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, k_img: Optional[Tensor],
-                  v_img: Optional[Tensor], out: Tensor, lse: Tensor, u: Tensor, lse1: Tensor,
-                  refs: List[int], num_refs: int, keyframes: List[int], image_everywhere: bool,
+def _fused_bwd_op(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+                  k_img: Optional[Tensor], v_img: Optional[Tensor], out: Tensor, lse: Tensor, u: Tensor,
+                  lse1: Tensor, refs: List[int], num_refs: int, keyframes: List[int], image_everywhere: bool,
                   scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     sched = _schedule(refs, num_refs, keyframes, image_everywhere)
     has_u = u.numel() > 0
     dq, dk, dv, dki, dvi = fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u if has_u else None,
-                                     lse1 if has_u else None, sched, scale)
+                                     lse1 if has_u else None, sched, scale, dlse)
     return dq, dk, dv, _empty_like_none(dki, q), _empty_like_none(dvi, q)
 
 
 @_fused_bwd_op.register_fake
-def _(dout, q, k, v, k_img, v_img, out, lse, u, lse1, refs, num_refs, keyframes, image_everywhere, scale):
+def _(dout, dlse, q, k, v, k_img, v_img, out, lse, u, lse1, refs, num_refs, keyframes, image_everywhere, scale):
     img = (k_img.new_empty(k_img.shape), k_img.new_empty(k_img.shape)) if k_img is not None else (
         q.new_empty((0,)), q.new_empty((0,)))
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), *img
@@ -121,12 +144,14 @@ def _setup_context(ctx, inputs, output):
     out, lse, u, lse1 = output
     ctx.save_for_backward(q, k, v, k_img, v_img, out, lse, u, lse1)
     ctx.sched_args = (refs, num_refs, keyframes, image_everywhere, scale)
+    ctx.mark_non_differentiable(u, lse1)  # internal: never leave fused_attention
 
 
-def _backward(ctx, dout, _dlse, _du, _dlse1):
-    # The LSE and U leave the public call detached / unexposed: only dout carries a gradient.
+def _backward(ctx, dout, dlse, _du, _dlse1):
     q, k, v, k_img, v_img, out, lse, u, lse1 = ctx.saved_tensors
-    dq, dk, dv, dki, dvi = _fused_bwd_op(dout, q, k, v, k_img, v_img, out, lse, u, lse1, *ctx.sched_args)
+    if dout is None:  # only the LSE was used downstream
+        dout = torch.zeros_like(out)
+    dq, dk, dv, dki, dvi = _fused_bwd_op(dout, dlse, q, k, v, k_img, v_img, out, lse, u, lse1, *ctx.sched_args)
     has_img = k_img is not None
     return dq, dk, dv, dki if has_img else None, dvi if has_img else None, None, None, None, None, None
 
@@ -135,9 +160,10 @@ _fused_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_attention(q, k, v, k_img, v_img, schedule: Schedule, scale: float):
-    """(out, lse) of the fused op, differentiable in q, k, v, k_img, v_img (lse is detached);
+    """(out, lse) of the fused op, both differentiable in q, k, v, k_img, v_img (a gradient of
+    the LSE, e.g. from merging partial attentions, enters the backward through Delta);
     inputs validated by :func:`kernels.videobooth_attention`."""
     refs = [r for row in schedule.refs for r in row]
     out, lse, _, _ = _fused_fwd_op(q, k, v, k_img, v_img, refs, schedule.num_refs,
                                    list(schedule.keyframes), schedule.image_everywhere, scale)
-    return out, lse.detach()
+    return out, lse
