@@ -343,6 +343,22 @@ def test_synthetic_arguments_and_overwrite(tmp_path):
     assert len(_rows(tmp_path / "s")) == 2
 
 
+def test_subject_radius(tmp_path):
+    for bad in [(0.3, 0.2), (0.0, 0.1), (0.2, 0.5)]:
+        with pytest.raises(ValueError, match="subject_radius"):
+            synthetic.render_clip(np.random.default_rng(0), ("circle", "solid", "red"), size=32, subject_radius=bad)
+    area = {}
+    for r in [(0.15, 0.15), (0.3, 0.3)]:
+        clip = synthetic.render_clip(np.random.default_rng(0), ("circle", "solid", "red"), size=64, num_frames=3,
+                                     subject_radius=r)
+        area[r] = clip["mask0"].mean()
+        x1, y1, x2, y2 = clip["box"]
+        assert x2 - x1 == pytest.approx(2 * r[0] * 64, abs=2)
+    assert area[(0.3, 0.3)] == pytest.approx(4 * area[(0.15, 0.15)], rel=0.15)
+    synthetic.generate(tmp_path / "big", 1, fmt="frames", subject_radius=(0.3, 0.32), **SMALL)
+    assert json.loads((tmp_path / "big" / "meta.json").read_text())["subject_radius"] == [0.3, 0.32]
+
+
 def test_cli(tmp_path):
     out = tmp_path / "cli"
     r = subprocess.run([sys.executable, "-m", "train.synthetic", "--out", str(out), "--num", "3",

@@ -1,6 +1,6 @@
 """Toy-scale ablations of VideoBooth (the paper's and the review's) on the CPU demo's setup.
 
-    python -m train.ablations --out ablations_out          # about 20 minutes on 2 CPU cores
+    python -m train.ablations --out ablations_out          # about 30 minutes on 2 idle CPU cores
     python -m train.demo --ablations --out ablations_out   # the same
     python -m train.ablations --out /tmp/a --quick --arms both,coarse   # a smoke run
 
@@ -82,7 +82,7 @@ class AblationSettings:
 
     @classmethod
     def default(cls, **demo_kw) -> "AblationSettings":
-        kw = dict(steps1=400, steps2=400, data_frames=32)
+        kw = dict(steps1=600, steps2=600, data_frames=32)
         kw.update(demo_kw)
         return cls(D.DemoSettings(**kw))
 

@@ -1,7 +1,7 @@
 """The CPU demo: synthetic data -> a tiny VideoBooth trained through both stages -> videos of
 held-out subjects with and without the image prompt -> GIFs and an identity-metric table.
 
-    python -m train.demo --out demo_out            # about 15 minutes on 2 CPU cores
+    python -m train.demo --out demo_out            # about 8 minutes on 2 idle CPU cores
     python -m train.demo --out /tmp/q --quick      # seconds: a smoke run, numbers mean nothing
     python -m train.demo --out ablations_out --ablations   # train.ablations (one table)
 
@@ -71,14 +71,16 @@ class DemoSettings:
     frames: int = 4                  # frames per training / generated clip
     frame_stride: int = 2
     image_size: int = 32             # image prompt side
+    subject_radius: tuple = (0.26, 0.32)  # subject radius / frame side (the generator's default
+                                          # 0.15-0.21 leaves ~3% of a 16 px frame to the subject)
     # the tiny VAE (an autoencoder trained first)
-    vae_steps: int = 600
-    vae_batch: int = 64
-    vae_lr: float = 2e-3
+    vae_steps: int = 1000
+    vae_batch: int = 32
+    vae_lr: float = 3e-3
     # the two stages
-    steps1: int = 1500
-    steps2: int = 1500
-    batch_size: int = 4
+    steps1: int = 800
+    steps2: int = 1200
+    batch_size: int = 8
     lr: float = 1e-3
     attn_backend: str = "reference"
     backbone: str = "unet"
@@ -142,14 +144,18 @@ def make_data(s: DemoSettings, root: Path) -> tuple[Path, Path]:
     for name, kw in sets.items():
         out = root / name
         meta = out / "meta.json"
-        want = dict(kw, size=s.data_size, num_frames=s.data_frames, caption="short")
+        want = dict(kw, size=s.data_size, num_frames=s.data_frames, caption="short", fmt="frames",
+                    subject_radius=[float(v) for v in s.subject_radius])
         if meta.is_file():
             m = json.loads(meta.read_text())
             if m.get("complete") and all(m.get(k) == v for k, v in want.items()):
                 paths.append(out)
                 continue
+        # PNG frames: decoding them is several times faster than decoding mp4 at this size, and the
+        # data loader runs in the training process (num_workers 0 on 2 cores)
         generate(out, kw["num"], kw["seed"], split=kw["split"], size=s.data_size, num_frames=s.data_frames,
-                 caption="short", overwrite=True, progress=s.progress)
+                 fmt="frames", caption="short", subject_radius=tuple(s.subject_radius), overwrite=True,
+                 progress=s.progress)
         paths.append(out)
     return paths[0], paths[1]
 
@@ -216,34 +222,38 @@ def pretrain_vae(s: DemoSettings, train_root: Path, out_file: Path) -> dict:
         opt, lambda k: min(1.0, (k + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / max(1, s.vae_steps)))))
     g = torch.Generator().manual_seed(s.seed + 77)
     bar = tqdm(range(s.vae_steps), desc="vae", unit="step", disable=not s.progress)
-    latent_numel = None
     for _ in bar:
         x = x_all[torch.randint(0, len(x_all), (s.vae_batch,), generator=g)]
         dist = vae.encode(x).latent_dist
-        z = dist.sample(generator=g)
-        latent_numel = latent_numel or z[0].numel()
-        rec = vae.decode(z).sample
-        mse = F.mse_loss(rec, x)
-        loss = mse + 1e-4 * dist.kl().mean() / latent_numel
+        rec = vae.decode(dist.mode()).sample
+        # Subjects are small: pixels far from the image's median colour (the subject, mostly)
+        # weigh up to 6x, or their colours blur into the background.
+        med = x.flatten(2).median(-1).values[..., None, None]
+        w = 1.0 + 5.0 * (x - med).abs().amax(1, keepdim=True)
+        mse = ((rec - x) ** 2 * w).mean() / w.mean()
+        loss = mse + 1e-4 * dist.kl().mean() / dist.mean[0].numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(mse=f"{mse.item():.4f}", refresh=False)
+        bar.set_postfix(loss=f"{mse.item():.4f}", refresh=False)
     bar.close()
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         probe = x_all[torch.randperm(len(x_all), generator=g)[:512]]
         mode = vae.encode(probe).latent_dist.mode()
         std = float(mode.std())
-        # z -> s * z in the encoder, z / s in the decoder: the same autoencoder, latents whose
-        # scaled version (x scaling_factor, as the task and pipeline scale them) has unit std
+        # z -> k * z in the encoder, z / k in the decoder: the same autoencoder, with latents whose
+        # scaled version (x scaling_factor, as the task and pipeline scale them) has unit std.
+        # It was trained as a deterministic autoencoder (the posterior's mode), so its posterior
+        # is made a point mass (logvar -20): the task's latent_dist.sample() is then the mode.
         k = 1.0 / (vae.config.scaling_factor * std)
         lc = vae.config.latent_channels
         vae.quant_conv.weight[:lc] *= k
         vae.quant_conv.bias[:lc] *= k
-        vae.quant_conv.bias[lc:] += 2 * math.log(k)   # logvar of the scaled posterior
+        vae.quant_conv.weight[lc:] = 0.0
+        vae.quant_conv.bias[lc:] = -20.0
         vae.post_quant_conv.weight /= k
         mode = vae.encode(probe).latent_dist.mode()
         rec_mse = float(F.mse_loss(vae.decode(mode).sample, probe))
@@ -373,10 +383,20 @@ def generate_videos(pipe, items: Sequence[EvalItem], s: DemoSettings, *, image: 
     return torch.cat(out).clamp(-1, 1)
 
 
+@torch.no_grad()
+def vae_roundtrip(pipe, videos: torch.Tensor) -> torch.Tensor:
+    """Videos (N, F, 3, H, W) in [-1, 1] encoded and decoded by the pipeline's VAE."""
+    n, f = videos.shape[:2]
+    lat = pipe.encode_vae((videos.flatten(0, 1) + 1) / 2)
+    lat = lat.view(n, f, *lat.shape[1:]).transpose(1, 2)
+    return (pipe.decode_latents(lat) * 2 - 1).clamp(-1, 1)
+
+
 # ================================================================================================
 # 5. metrics
 # ================================================================================================
 ARM_REAL = "real held-out clip (ceiling)"
+ARM_VAE = "real clip through the VAE (ceiling of generation)"
 ARM_IMAGE = "with image prompt"
 ARM_TEXT = "text only (grey image prompt)"
 
@@ -470,7 +490,7 @@ def write_grid(path: Path, columns: Dict[str, torch.Tensor], images: torch.Tenso
     names = ["image prompt"] + list(columns)
     n = images.shape[0]
     f = next(iter(columns.values())).shape[1]
-    pad, head, lab = 2, 12, (90 if labels else 0)
+    pad, head, lab = 2, 12, (6 * max(map(len, labels)) + 6 if labels else 0)
     width = lab + len(names) * (side + pad) + pad
     height = head + n * (side + pad) + pad
     frames = []
@@ -482,7 +502,7 @@ def write_grid(path: Path, columns: Dict[str, torch.Tensor], images: torch.Tenso
         for r in range(n):
             y = head + pad + r * (side + pad)
             if labels:
-                draw.text((2, y + side // 2 - 5), labels[r][:15], fill=(0, 0, 0))
+                draw.text((2, y + side // 2 - 5), labels[r], fill=(0, 0, 0))
             cells = [_cell(images[r], side)] + [_cell(v[r, t], side) for v in columns.values()]
             for c, a in enumerate(cells):
                 canvas.paste(Image.fromarray(a), (lab + pad + c * (side + pad), y))
@@ -569,7 +589,8 @@ def run_demo(s: DemoSettings, out: Path, *, clip=None, dino=None, encoder_names:
 
     t0 = time.perf_counter()
     pipe = load_trained_pipeline(cfg2, out / "runs" / "stage2")
-    vids = {ARM_REAL: torch.stack([it.video for it in items]),
+    real = torch.stack([it.video for it in items])
+    vids = {ARM_REAL: real, ARM_VAE: vae_roundtrip(pipe, real),
             ARM_IMAGE: generate_videos(pipe, items, s, image=True, seed=s.seed),
             ARM_TEXT: generate_videos(pipe, items, s, image=False, seed=s.seed)}
     mark("generate", t0)
@@ -654,6 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-subjects", type=int, dest="heldout_subjects")
     p.add_argument("--size", type=int, help=f"frame side in pixels (default {d.size})")
     p.add_argument("--frames", type=int, help=f"frames per clip (default {d.frames})")
+    p.add_argument("--subject-radius", type=float, nargs=2, dest="subject_radius", metavar=("LO", "HI"),
+                   help=f"subject radius range, fraction of the frame side (default {d.subject_radius})")
     p.add_argument("--vae-steps", type=int, dest="vae_steps")
     p.add_argument("--steps1", type=int, help=f"stage-1 steps (default {d.steps1})")
     p.add_argument("--steps2", type=int, help=f"stage-2 steps (default {d.steps2})")
@@ -676,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args) -> DemoSettings:
     kw = {k: getattr(args, k) for k in ("seed", "train_clips", "heldout_subjects", "size", "frames", "vae_steps",
-                                         "steps1", "steps2", "batch_size", "lr", "attn_backend", "inference_steps",
+                                         "steps1", "steps2", "batch_size", "lr", "attn_backend", "inference_steps", "subject_radius",
                                          "guidance_scale", "uncond_image") if getattr(args, k, None) is not None}
     if args.no_progress:
         kw["progress"] = False

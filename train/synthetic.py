@@ -195,12 +195,14 @@ def _background(rng: np.random.Generator, size: int, rgb: np.ndarray) -> np.ndar
 
 def render_clip(rng: np.random.Generator, identity: tuple[str, str, str], *, size: int = 64,
                 num_frames: int = 16, motion: str | None = None,
-                background: str | None = None) -> dict:
+                background: str | None = None,
+                subject_radius: tuple[float, float] = (0.15, 0.21)) -> dict:
     """Draw one clip.
 
     Returns {"frames": uint8 (F, size, size, 3), "mask0": bool (size, size) of frame 0,
     "box": [x1, y1, x2, y2] of mask0 (x2/y2 exclusive), "motion": str, "background": str}.
-    The subject stays wholly inside the frame on every frame.
+    The subject stays wholly inside the frame on every frame. subject_radius: the range the
+    subject's radius is drawn from, as a fraction of the frame side (at most 0.4).
     """
     shape, pattern, colour = identity
     if colour not in COLOURS:
@@ -211,11 +213,14 @@ def render_clip(rng: np.random.Generator, identity: tuple[str, str, str], *, siz
         raise ValueError(f"motion: unknown {motion!r}, expected one of {tuple(MOTIONS)}")
     if background not in BACKGROUNDS:
         raise ValueError(f"background: unknown {background!r}")
+    lo_r, hi_r = (float(v) for v in subject_radius)
+    if not 0.02 <= lo_r <= hi_r <= 0.4:
+        raise ValueError(f"subject_radius: expected (lo, hi) with 0.02 <= lo <= hi <= 0.4, got {subject_radius!r}")
     bg = _background(rng, size, np.asarray(BACKGROUNDS[background], np.float32))
     c1 = np.asarray(COLOURS[colour], np.float32)
     c2 = _second_colour(c1)
 
-    r = rng.uniform(0.15, 0.21) * size                 # subject radius
+    r = rng.uniform(lo_r, hi_r) * size                 # subject radius
     period = max(4.0, r * rng.uniform(0.5, 0.7))       # pattern period, in pixels
     phase = rng.uniform(0, period, size=2)
     dx, dy = MOTIONS[motion]
@@ -269,7 +274,8 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
              size: int = 64, num_frames: int = 16, fmt: str = "mp4", fps: int = 8,
              crf: int = 12, heldout_fraction: float = 0.2,
              identities: Sequence[tuple[str, str, str]] | None = None,
-             caption: str = "full", overwrite: bool = False, progress: bool = True) -> list[dict]:
+             caption: str = "full", subject_radius: tuple[float, float] = (0.15, 0.21),
+             overwrite: bool = False, progress: bool = True) -> list[dict]:
     """Write `num` clips under `out` in the VideoBooth layout; returns the CSV rows written.
 
     Args:
@@ -286,6 +292,7 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
         caption: "full" puts "a red striped star moving left on a grey background" in the
             `name` column, "short" puts "a star moving left ..." there; both are in the CSV
             (`name` and `short_caption` / `full_caption`).
+        subject_radius: (lo, hi) fraction of the frame side the subject's radius is drawn from.
         progress: show a tqdm bar.
     """
     if not isinstance(num, int) or isinstance(num, bool) or num < 1:
@@ -324,7 +331,8 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
     out.mkdir(parents=True, exist_ok=True)
     meta = {"generator": "train.synthetic", "version": 1, "complete": False, "num": num,
             "seed": seed, "split": split, "size": size, "num_frames": num_frames, "fmt": fmt,
-            "fps": fps, "crf": crf, "heldout_fraction": heldout_fraction, "caption": caption}
+            "fps": fps, "crf": crf, "heldout_fraction": heldout_fraction, "caption": caption,
+            "subject_radius": [float(v) for v in subject_radius]}
     # written first, so that a run that dies half-way can still be overwritten
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
 
@@ -336,7 +344,7 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
     for i in it:
         rng = np.random.default_rng([seed, i])
         ident = pool[int(rng.integers(len(pool)))]
-        clip = render_clip(rng, ident, size=size, num_frames=num_frames)
+        clip = render_clip(rng, ident, size=size, num_frames=num_frames, subject_radius=subject_radius)
         shape, pattern, colour = ident
         videoid = f"s{seed}_{i:06d}"
         folder = out / shape / videoid
