@@ -271,3 +271,15 @@ def test_videobooth_task_two_stages_on_synthetic_data(tmp_path):
     ema = ckpt.load_weights(s2.output_dir, "ema")
     k = next(k for k in ema if "to_v_exemplar" in k)
     assert torch.equal(dict(parts.backbone.named_parameters())[k[len("backbone."):]], ema[k])
+
+
+def test_copy_named_checks_names_and_shapes():
+    from train.checkpoint import copy_named
+
+    m = torch.nn.BatchNorm1d(3)
+    n = copy_named(m, {"weight": torch.full((3,), 2.0), "running_mean": torch.ones(3)}, "src.safetensors")
+    assert n == 2 and m.weight.eq(2).all() and m.running_mean.eq(1).all()
+    with pytest.raises(ValueError, match=r"src.safetensors has tensors this model does not: \['nope'\]"):
+        copy_named(m, {"nope": torch.ones(3)}, "src.safetensors")
+    with pytest.raises(ValueError, match=r"src.safetensors: bias has shape \(4,\), the model \(3,\)"):
+        copy_named(m, {"bias": torch.ones(4)}, "src.safetensors")

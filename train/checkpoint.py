@@ -237,6 +237,24 @@ def load_weights(ckpt: str | os.PathLike, which: str = "ema") -> Dict[str, torch
     return load_tensors(ckpt / TRAINABLE_FILE)
 
 
+def copy_named(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], what: str) -> int:
+    """Copy `tensors` into `module`'s parameters and buffers of the same names; `what` names the
+    source in the errors (a name the module does not have, a shape that differs). Returns how
+    many tensors were copied."""
+    own = dict(module.named_parameters())
+    own.update(dict(module.named_buffers()))
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise ValueError(f"{what} has tensors this model does not: {unknown[:5]}"
+                         + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+    with torch.no_grad():
+        for k, t in tensors.items():
+            if own[k].shape != t.shape:
+                raise ValueError(f"{what}: {k} has shape {tuple(t.shape)}, the model {tuple(own[k].shape)}")
+            own[k].copy_(t)
+    return len(tensors)
+
+
 # ---- RNG states --------------------------------------------------------------------------------
 def rng_state() -> dict:
     st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}

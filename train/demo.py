@@ -329,14 +329,7 @@ def load_trained_pipeline(cfg, run_dir: Path, which: str = "ema"):
 
     seed_all(cfg.seed)
     task = build_task(cfg)
-    weights = ckpt.load_weights(run_dir, which)
-    own = dict(task.named_parameters())
-    unknown = sorted(set(weights) - set(own))
-    if unknown:
-        raise ValueError(f"{run_dir}: weights the task does not have: {unknown[:5]}")
-    with torch.no_grad():
-        for k, t in weights.items():
-            own[k].copy_(t)
+    ckpt.copy_named(task, ckpt.load_weights(run_dir, which), f"{run_dir}")
     task.eval().requires_grad_(False)
     pipe = task.parts.pipeline()
     pipe.scheduler = inference_scheduler(cfg)

@@ -193,15 +193,7 @@ class Trainer:
         """Stage 2's start: the (EMA) weights of a stage-1 checkpoint, by name."""
         src = ckpt.resolve_checkpoint(path)
         weights = ckpt.load_weights(src, self.cfg.init_weights)
-        own = dict(self.task.named_parameters())
-        unknown = sorted(set(weights) - set(own))
-        if unknown:
-            raise ValueError(f"init_from: {src} has weights this task does not: {unknown[:5]}")
-        with torch.no_grad():
-            for k, t in weights.items():
-                if own[k].shape != t.shape:
-                    raise ValueError(f"init_from: {k} has shape {tuple(t.shape)}, the task {tuple(own[k].shape)}")
-                own[k].copy_(t)
+        ckpt.copy_named(self.task, weights, f"init_from: {src}")
         if self.main:
             log.info("initialised %d tensors from %s (%s)", len(weights), src, self.cfg.init_weights)
         self.init_source = str(src)

@@ -149,15 +149,9 @@ class VideoBoothTask(DiffusionTask):
     def _load_named(self, path: str) -> None:
         from safetensors.torch import load_file
 
-        state = load_file(path)
-        own = dict(self.named_parameters())
-        own.update(dict(self.named_buffers()))
-        unknown = sorted(set(state) - set(own))
-        if unknown:
-            raise ValueError(f"model.base_weights: {path} has tensors this task does not: {unknown[:5]}")
-        with torch.no_grad():
-            for k, t in state.items():
-                own[k].copy_(t)
+        from .checkpoint import copy_named
+
+        copy_named(self, load_file(path), f"model.base_weights: {path}")
 
     # ---- what trains -----------------------------------------------------------------------------
     def trainable_parameters(self, stage: int):
