@@ -32,6 +32,8 @@ def test_demo_quick_writes_gifs_and_table_and_is_reproducible(tmp_path):
     from PIL import Image
     with Image.open(gifs / "grid.gif") as im:
         assert im.n_frames == res["settings"]["frames"]
+    with Image.open(out / "loss.png") as im:
+        assert im.size[0] > 300
     # the trainer ran both stages; stage 2 started from stage 1
     state = json.loads(next((out / "runs" / "stage2" / "checkpoints").glob("step-*/state.json")).read_text())
     assert state["stage"] == 2 and state["init_from"]

@@ -28,7 +28,8 @@ What it does (docs/demo.md says more):
    encoders would give numbers that mean nothing, so the demo leaves them out by default.
 
 Outputs under --out: data/, vae/, runs/stage1, runs/stage2 (trainer run directories: loss
-logs, checkpoints, the exported adapter), metrics.md, metrics.json, per_video.json, gifs/.
+logs, checkpoints, the exported adapter), metrics.md, metrics.json, per_video.json, gifs/,
+loss.png (both stages' training loss).
 """
 from __future__ import annotations
 
@@ -523,6 +524,39 @@ def write_arm_gifs(folder: Path, videos: torch.Tensor, items: Sequence[EvalItem]
     return paths
 
 
+def plot_losses(runs: Dict[str, Path], path: Path, window: int = 50) -> Path:
+    """One PNG of the training loss of each run directory (its loss.jsonl), raw and as a moving
+    average over `window` steps, the stages one after the other on the step axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
+    offset = 0
+    for name, run in runs.items():
+        rows = [json.loads(line) for line in (Path(run) / "loss.jsonl").read_text().splitlines() if line.strip()]
+        if not rows:
+            raise ValueError(f"runs: {run}/loss.jsonl has no rows")
+        steps = np.array([r["step"] for r in rows], dtype=np.float64) + offset
+        loss = np.array([r["loss"] for r in rows], dtype=np.float64)
+        (line,) = ax.plot(steps, loss, alpha=0.25, lw=0.8)
+        w = max(1, min(window, len(loss)))
+        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], smooth, color=line.get_color(), lw=1.8, label=f"{name} (mean of {w})")
+        offset = steps[-1]
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("diffusion loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 # ================================================================================================
 # the whole demo
 # ================================================================================================
@@ -609,6 +643,8 @@ def run_demo(s: DemoSettings, out: Path, *, clip=None, dino=None, encoder_names:
                        torch.stack([it.image for it in items[:r]]), side=side, labels=labels)
     for arm, tag in ((ARM_IMAGE, "with_image"), (ARM_TEXT, "text_only")):
         files += write_arm_gifs(gifs / tag, vids[arm], items, arm, side=side, rows=r)
+    files.append(plot_losses({"stage 1": out / "runs" / "stage1", "stage 2": out / "runs" / "stage2"},
+                             out / "loss.png"))
     mark("gifs", t0)
 
     table = markdown_table(agg)
