@@ -70,3 +70,4 @@ def test_ablations_quick_two_arms(tmp_path):
     for key in ("both", "long_first"):
         assert f"| {res['arms'][key]['name']} |" in md
     assert "delta_last" in res["arms"]["long_first"] and "delta_last" not in res["arms"]["both"]
+    assert (out / "ablations.png").stat().st_size > 0 and "ablations.png" in md

@@ -21,7 +21,8 @@ Arms (ARMS below):
   fine-tuned briefly on 32-frame clips with each schedule, evaluated on 32-frame videos, with
   the identity of the last 8 frames as its own column (does identity survive far from frame 0?).
 
-Outputs under --out: ablations.md (one table), ablations.json, and each arm's run directory.
+Outputs under --out: ablations.md (one table), ablations.png (Δ per arm with its interval),
+ablations.json, and each arm's run directory.
 """
 from __future__ import annotations
 
@@ -190,6 +191,8 @@ def run_ablations(a: AblationSettings, out: Path) -> dict:
           f"{a.long_frames} frames). Δ = color_id(with image prompt) - color_id(text only), paired over "
           f"subjects (same initial noise), 95% bootstrap CI. Toy scale: read differences within the CIs as "
           f"no difference.", "", table, "", f"Total wall time {total:.0f} s."]
+    plot(results, [x.key for x in order if x.key in keys], out / "ablations.png")
+    md[-1:-1] = ["![ablations](ablations.png)", ""]
     (out / "ablations.md").write_text("\n".join(md) + "\n")
     return res
 
@@ -209,6 +212,44 @@ def markdown(results: Dict[str, dict], keys: Sequence[str]) -> str:
                      f"{r['color_id_text']:.3f} | {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | "
                      f"{r['color_top1_image']:.3f} | {last} | {r['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def plot(results: Dict[str, dict], keys: Sequence[str], path: Path) -> Path:
+    """A horizontal bar chart of each arm's Δ (color_id with image - text only) with its 95%
+    bootstrap interval, one colour per group; the long-clip arms also show Δ on the last 8 frames."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"paper": "tab:blue", "review": "tab:orange", "schedule": "tab:green"}
+    keys = list(keys)
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(keys) + 1.2), dpi=110)
+    for i, k in enumerate(keys):
+        r = results[k]
+        d = r["delta"]
+        y = len(keys) - 1 - i
+        err = [[d["mean"] - d["ci95"][0]], [d["ci95"][1] - d["mean"]]]
+        ax.barh(y, d["mean"], xerr=err, color=colours.get(r["group"], "grey"), alpha=0.85, capsize=3)
+        if "delta_last" in r:
+            dl = r["delta_last"]
+            ax.plot([dl["mean"]], [y], marker="D", color="black", ms=4,
+                    label="last 8 frames" if "last 8 frames" not in ax.get_legend_handles_labels()[1] else None)
+    ax.set_yticks(range(len(keys)))
+    ax.set_yticklabels([results[k]["name"] for k in reversed(keys)], fontsize=8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("Δ color_id, with image prompt - text only (95% bootstrap CI)")
+    ax.grid(axis="x", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.85) for g, c in colours.items()
+               if any(results[k]["group"] == g for k in keys)]
+    labels = [g for g in colours if any(results[k]["group"] == g for k in keys)]
+    h2, l2 = ax.get_legend_handles_labels()
+    ax.legend(handles + h2, labels + l2, fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
