@@ -145,18 +145,16 @@ def make_data(s: DemoSettings, root: Path) -> tuple[Path, Path]:
     for name, kw in sets.items():
         out = root / name
         meta = out / "meta.json"
-        want = dict(kw, size=s.data_size, num_frames=s.data_frames, caption="short", fmt="frames",
-                    subject_radius=[float(v) for v in s.subject_radius])
-        if meta.is_file():
-            m = json.loads(meta.read_text())
-            if m.get("complete") and all(m.get(k) == v for k, v in want.items()):
-                paths.append(out)
-                continue
         # PNG frames: decoding them is several times faster than decoding mp4 at this size, and the
         # data loader runs in the training process (num_workers 0 on 2 cores)
-        generate(out, kw["num"], kw["seed"], split=kw["split"], size=s.data_size, num_frames=s.data_frames,
-                 fmt="frames", caption="short", subject_radius=tuple(s.subject_radius), overwrite=True,
-                 progress=s.progress)
+        args = dict(kw, size=s.data_size, num_frames=s.data_frames, caption="short", fmt="frames",
+                    subject_radius=[float(v) for v in s.subject_radius])
+        if meta.is_file():   # the generator records its arguments in meta.json
+            m = json.loads(meta.read_text())
+            if m.get("complete") and all(m.get(k) == v for k, v in args.items()):
+                paths.append(out)
+                continue
+        generate(out, overwrite=True, progress=s.progress, **args)
         paths.append(out)
     return paths[0], paths[1]
 

@@ -112,7 +112,31 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 # --------------------------------------------------------------------------------------------
 # encoders
 # --------------------------------------------------------------------------------------------
-class ClipEncoder:
+class _ImageEncoder:
+    """What the image encoders share: preprocessing ([-1, 1] -> resize, centre crop, normalise),
+    batching, L2-normalised float32 outputs. Subclasses give `_image_features`."""
+
+    def __init__(self, model: torch.nn.Module, *, image_size: int, mean, std, batch_size: int):
+        self.model = model.eval()
+        self.image_size = int(image_size)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.batch_size = int(batch_size)
+
+    def _image_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> (N, D) unit vectors."""
+        dev = _model_device(self.model)
+        out = []
+        for chunk in images.split(self.batch_size):
+            x = _preprocess(chunk.to(dev), self.image_size, self.mean, self.std)
+            out.append(F.normalize(self._image_features(x).float(), dim=-1))
+        return torch.cat(out)
+
+
+class ClipEncoder(_ImageEncoder):
     """An open_clip model as image and text encoder. Outputs are L2-normalised float32.
 
     Args:
@@ -129,11 +153,8 @@ class ClipEncoder:
             raise TypeError("model: expected an open_clip model with encode_image/encode_text")
         if not callable(tokenizer):
             raise TypeError("tokenizer: expected a callable list[str] -> LongTensor")
-        self.model = model.eval()
+        super().__init__(model, image_size=image_size, mean=mean, std=std, batch_size=batch_size)
         self.tokenizer = tokenizer
-        self.image_size = int(image_size)
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.batch_size = int(batch_size)
 
     @classmethod
     def from_pretrained(cls, model_name: str = "ViT-B-32", pretrained: str = "openai",
@@ -150,15 +171,8 @@ class ClipEncoder:
         return cls(model, open_clip.get_tokenizer(model_name), image_size=size, mean=mean,
                    std=std, **kw)
 
-    @torch.inference_mode()
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> (N, D) unit vectors."""
-        dev = _model_device(self.model)
-        out = []
-        for chunk in images.split(self.batch_size):
-            x = _preprocess(chunk.to(dev), self.image_size, self.mean, self.std)
-            out.append(F.normalize(self.model.encode_image(x).float(), dim=-1))
-        return torch.cat(out)
+    def _image_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(x)
 
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
@@ -169,7 +183,7 @@ class ClipEncoder:
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
 
-class DinoEncoder:
+class DinoEncoder(_ImageEncoder):
     """A timm ViT (DINO) as image encoder: the pooled (CLS) feature, L2-normalised float32.
 
     Args:
@@ -181,10 +195,7 @@ class DinoEncoder:
                  std=IMAGENET_STD, batch_size: int = 64):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        self.model = model.eval()
-        self.image_size = int(image_size)
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.batch_size = int(batch_size)
+        super().__init__(model, image_size=image_size, mean=mean, std=std, batch_size=batch_size)
 
     @classmethod
     def from_pretrained(cls, name: str = "vit_small_patch16_224.dino",
@@ -200,18 +211,9 @@ class DinoEncoder:
         cfg = timm.data.resolve_model_data_config(model)
         return cls(model, image_size=cfg["input_size"][-1], mean=cfg["mean"], std=cfg["std"], **kw)
 
-    @torch.inference_mode()
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> (N, D) unit vectors."""
-        dev = _model_device(self.model)
-        out = []
-        for chunk in images.split(self.batch_size):
-            x = _preprocess(chunk.to(dev), self.image_size, self.mean, self.std)
-            feats = self.model(x)
-            if feats.ndim == 3:  # a model that returns tokens: take the CLS token
-                feats = feats[:, 0]
-            out.append(F.normalize(feats.float(), dim=-1))
-        return torch.cat(out)
+    def _image_features(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.model(x)
+        return feats[:, 0] if feats.ndim == 3 else feats  # a model that returns tokens: its CLS token
 
 
 def tiny_clip_encoder(seed: int = 0, image_size: int = 32, embed_dim: int = 32,
