@@ -45,12 +45,22 @@ def _temporal_hook(block, args, kwargs, output):
     return block.vb_temporal(output, st.num_frames)
 
 
-def _skip_in_image_branch(module, args, kwargs, output):
-    """Forward hook of a motion module of a U-Net with its own temporal modules (AnimateDiff):
-    identity in the image branch (2D only, as the paper's image branch)."""
-    if module.vb_context.in_image_branch:
-        return args[0] if args else kwargs["hidden_states"]
-    return output
+_SKIPPING_CLASSES = {}
+
+
+def _skipping_class(cls):
+    """A subclass of a motion-module class whose forward returns its input inside the
+    context's image branch (the paper's image branch is 2D only) and is the original otherwise.
+    Swapping the class keeps the module's parameters, names and state_dict as they were."""
+    if cls not in _SKIPPING_CLASSES:
+        def forward(self, hidden_states, *args, **kwargs):
+            if self.vb_context.in_image_branch:
+                return hidden_states
+            return cls.forward(self, hidden_states, *args, **kwargs)
+
+        _SKIPPING_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__,
+                                                             "__qualname__": f"skipping.{cls.__name__}"})
+    return _SKIPPING_CLASSES[cls]
 
 
 # Names of the modules that hold a video model's own temporal attention: AnimateDiff's motion
@@ -177,9 +187,10 @@ def install_videobooth(unet: nn.Module, *, schedule: ScheduleSpec = "videobooth"
         # Motion modules are called without cross_attention_kwargs: the image branch reaches
         # them through the context's switch.
         for name, module in unet.named_modules():
-            if name.rsplit(".", 1)[-1].isdigit() and ".motion_modules." in f".{name}":
-                module.vb_context = ctx
-                module.register_forward_hook(_skip_in_image_branch, with_kwargs=True)
+            if name.endswith("motion_modules") and isinstance(module, nn.ModuleList):
+                for mm in module:
+                    mm.vb_context = ctx
+                    mm.__class__ = _skipping_class(type(mm))
     unet.vb_context = ctx
     return ctx
 
