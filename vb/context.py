@@ -32,6 +32,8 @@ class VideoBoothContext:
             layout at every level (pooled image-token bank).
         inject: whether the video pass reads ``image_states`` (the fine path is on).
         image_states: attn1 name -> (B, M, C) hidden states recorded by the image branch.
+        record: in a video pass, attn1 layers record frame 0's input as ``image_states`` (the
+            official code's image branch: the image latent as an F-frame clip, frame 0 read).
     """
 
     def __init__(self):
@@ -40,6 +42,7 @@ class VideoBoothContext:
         self.grid: Optional[Tuple[int, int]] = None
         self.inject = False
         self.image_states: Dict[str, torch.Tensor] = {}
+        self.record = False
 
     def __repr__(self):
         return (f"VideoBoothContext(mode={self.mode!r}, num_frames={self.num_frames}, grid={self.grid}, "
@@ -54,17 +57,25 @@ class VideoBoothContext:
         finally:
             self.mode, self.num_frames, self.inject, self.grid = "off", 1, False, None
             self.image_states = {}
+            self.record = False
 
     def start_image(self, grid: Tuple[int, int]) -> None:
         """Image branch: attn1 layers record their (B, M, C) input under their name."""
         self.mode, self.num_frames, self.grid, self.inject = "image", 1, tuple(grid), False
         self.image_states = {}
+        self.record = False
 
-    def start_video(self, num_frames: int, grid: Tuple[int, int], inject: bool) -> None:
-        """Video pass over F frames; ``inject`` says whether attn1 reads the recorded states."""
+    def start_video(self, num_frames: int, grid: Tuple[int, int], inject: bool, record: bool = False) -> None:
+        """Video pass over F frames; ``inject`` says whether attn1 reads the recorded states;
+        ``record`` makes attn1 record frame 0's input instead (an image branch run as a clip)."""
+        if inject and record:
+            raise ValueError("record: a video pass cannot both inject and record image states")
         if inject and not self.image_states:
             raise RuntimeError("inject=True but the image branch recorded nothing; run it first")
+        if record:
+            self.image_states = {}
         self.mode, self.num_frames, self.grid, self.inject = "video", int(num_frames), tuple(grid), bool(inject)
+        self.record = bool(record)
 
 
 def token_grid(num_tokens: int, grid: Optional[Tuple[int, int]]) -> Tuple[int, int]:
