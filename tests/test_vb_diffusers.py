@@ -194,3 +194,23 @@ def test_latte_install_touches_spatial_blocks_only():
     temporal = {k: p for k, p in procs.items() if k.startswith("temporal_transformer_blocks")}
     assert temporal and not any(isinstance(p, vb.processors._BaseProcessor) for p in temporal.values())
     assert not any(hasattr(m, "vb_temporal") for m in latte.modules())
+
+
+@pytest.mark.parametrize("clip_image", [False, True], ids=["image", "image-clip"])
+def test_gradient_checkpointing_with_the_official_preset(clip_image):
+    """Clip-level GroupNorms (inside checkpointed ResNets) and the watermark module read the
+    pass's state from the context: the checkpoint replays them with the forward's state."""
+    net = vb.VideoBoothUNet(randomize(tiny_unet(), seed=2), preset="official", watermark=(32, 64, 64))
+    randomize(net, seed=6, std=0.02)
+    kw = inputs(b=1, f=3, seed=9)
+    if clip_image:  # the official structure's image branch: the image latent as a 2-frame clip
+        kw["image_latents"] = torch.stack([kw["image_latents"], kw["image_latents"] * 0.5], dim=2)
+    loss, grads = _loss_and_grads(net, kw, True, 2, checkpointing=False)
+    loss_c, grads_c = _loss_and_grads(net, kw, True, 2, checkpointing=True)
+    torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=0)
+    assert grads.keys() == grads_c.keys()
+    for name, g in grads.items():
+        if g is None:
+            assert grads_c[name] is None, name
+            continue
+        torch.testing.assert_close(grads_c[name], g, rtol=1e-5, atol=1e-7, msg=name)

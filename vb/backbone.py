@@ -11,8 +11,8 @@ from .processors import (ScheduleSpec, VideoBoothAttnProcessor, VideoBoothTextAt
                          check_schedule_spec)
 
 # Parameter-name fragments of the weights VideoBooth adds to a backbone: the attention
-# processors' projections and banks, and the inflated U-Net's temporal layers.
-ADAPTER_KEY_PARTS = (".processor.", ".vb_temporal.")
+# processors' projections and banks, the inflated U-Net's temporal layers and its watermark module.
+ADAPTER_KEY_PARTS = (".processor.", ".vb_temporal.", "watermark.")
 
 
 def is_adapter_key(name: str) -> bool:
