@@ -35,12 +35,39 @@ class VideoBackboneMixin:
         check_backend(backend)
         for p in self.attn1_processors():
             p.backend = backend
+        self._update_config(attn_backend=backend)
+
+    def _update_config(self, **kwargs) -> None:
+        """Keep a ConfigMixin backbone's saved config in step with a runtime switch."""
+        if hasattr(self, "register_to_config") and hasattr(self, "config"):
+            self.register_to_config(**{k: v for k, v in kwargs.items() if k in self.config})
+
+    def set_image_scale(self, scale: float) -> None:
+        """Strength of the image prompt's fine path (like diffusers' ``set_ip_adapter_scale``):
+        every attn1 output becomes ``plain + scale * (injected - plain)``, where ``plain`` is the
+        pass without the image prompt. 1 (default) is the paper's model, 0 removes the fine path
+        (the coarse path's subject tokens are not affected). Any float; values above 1
+        extrapolate."""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+        self.image_scale = float(scale)
 
     def set_schedule(self, schedule: ScheduleSpec) -> None:
         """Switch every attn1 processor to another temporal schedule."""
         check_schedule_spec(schedule)
         for p in self.attn1_processors():
             p.set_schedule(schedule)
+        self.install_config["schedule"] = schedule if isinstance(schedule, str) else None
+        self._update_config(schedule=schedule if isinstance(schedule, str) else None)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' ``ModelMixin.save_pretrained`` (config + safetensors weights), refused when
+        the schedule is not a name: a hand-built ``kernels.Schedule`` or callable cannot be
+        written to the JSON config, and the reloaded model would run another schedule."""
+        if self.install_config.get("schedule") is None:
+            raise ValueError("schedule: save_pretrained needs a named schedule ('videobooth', 'first', 'self', "
+                             "'window:<k>', 'keyframes:<m>'); this backbone runs a hand-built Schedule or callable")
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     # -- adapter weights ------------------------------------------------------------------------
     def adapter_state_dict(self) -> Dict[str, torch.Tensor]:

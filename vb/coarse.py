@@ -40,7 +40,7 @@ def default_layers(num_blocks: int, num_layers: int = 5) -> Tuple[int, ...]:
     return tuple(picks)
 
 
-class VideoBoothImageEncoder(nn.Module):
+class VideoBoothImageEncoder(ModelMixin, ConfigMixin):
     """open_clip's image tower, returning the CLS and patch tokens of several blocks.
 
     Args:
@@ -50,14 +50,30 @@ class VideoBoothImageEncoder(nn.Module):
         layers: 0-based (negative allowed) indices of the transformer blocks whose outputs are
             taken; default :func:`default_layers` (5 blocks).
         mean, std: RGB normalisation; default the tower's preprocess config, else OpenAI CLIP's.
+        embed_dim, vision_cfg, quick_gelu: the open_clip configuration the tower was built from
+            (``open_clip.model._build_vision_tower(embed_dim, vision_cfg, quick_gelu)``); saved
+            by ``save_pretrained`` so that ``from_pretrained`` can rebuild the tower. Given
+            without ``visual``, the tower is built from them (random weights).
+            :meth:`from_open_clip` fills them in; a tower passed without them saves, but
+            ``from_pretrained`` cannot rebuild it.
 
-    The tower is frozen (``requires_grad=False``) and kept in eval mode by the pipeline; the
+    A diffusers ``ModelMixin``/``ConfigMixin``: ``save_pretrained``/``from_pretrained`` and a
+    pipeline's ``save_pretrained``/``from_pretrained`` keep it. The tower is frozen (``requires_grad=False``) and kept in eval mode by the pipeline; the
     mapper after it is what trains.
     """
 
-    def __init__(self, visual: nn.Module, layers: Optional[Sequence[int]] = None,
-                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+    def __init__(self, visual: Optional[nn.Module] = None, layers: Optional[Sequence[int]] = None,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None, *,
+                 embed_dim: Optional[int] = None, vision_cfg: Optional[dict] = None, quick_gelu: bool = False):
         super().__init__()
+        if visual is None:
+            if vision_cfg is None or embed_dim is None:
+                raise ValueError("vision_cfg: this image encoder was saved from a tower without its open_clip "
+                                 "configuration; build it with VideoBoothImageEncoder.from_open_clip(...) or pass "
+                                 "visual= (and embed_dim=, vision_cfg=) to save a loadable one")
+            from open_clip.model import _build_vision_tower
+
+            visual = _build_vision_tower(int(embed_dim), dict(vision_cfg), quick_gelu=bool(quick_gelu))
         if not isinstance(visual, nn.Module):
             raise TypeError(f"visual: expected an open_clip visual tower (nn.Module), got {type(visual).__name__}")
         self.visual = visual
@@ -70,17 +86,23 @@ class VideoBoothImageEncoder(nn.Module):
             if not isinstance(i, int) or not -n <= i < n:
                 raise ValueError(f"layers: expected block indices in [{-n}, {n - 1}], got {i!r}")
         self.layers = tuple(i % n for i in layers)
-        self._blocks = blocks
+        # Not registered as a submodule: they are the tower's own blocks (registered twice, the
+        # weights would be saved twice, which safetensors refuses).
+        self.__dict__["_blocks"] = blocks
         cfg = getattr(visual, "preprocess_cfg", None) or {}
         mean = mean or cfg.get("mean") or getattr(visual, "image_mean", None) or CLIP_MEAN
         std = std or cfg.get("std") or getattr(visual, "image_std", None) or CLIP_STD
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        # (named apart from the config's mean/std, which ConfigMixin would otherwise return)
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         size = getattr(visual, "image_size", None)
         if size is None and hasattr(visual, "trunk"):
             size = visual.trunk.patch_embed.img_size
         self.image_size = (size, size) if isinstance(size, int) else tuple(size)
         self.requires_grad_(False)
+        self.register_to_config(layers=list(self.layers), mean=[float(x) for x in mean], std=[float(x) for x in std],
+                                embed_dim=None if embed_dim is None else int(embed_dim),
+                                vision_cfg=None if vision_cfg is None else dict(vision_cfg), quick_gelu=bool(quick_gelu))
 
     @classmethod
     def from_open_clip(cls, model_name: str, pretrained: Optional[str] = None, layers=None, **kwargs):
@@ -91,7 +113,20 @@ class VideoBoothImageEncoder(nn.Module):
         model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
         visual = model.visual
         cfg = getattr(visual, "preprocess_cfg", None) or {}
-        return cls(visual, layers=layers, mean=cfg.get("mean"), std=cfg.get("std"))
+        model_cfg = open_clip.get_model_config(model_name) or {}
+        # OpenAI weights run QuickGELU whatever the name says: read it off the built tower.
+        quick = any(type(m).__name__ == "QuickGELU" for m in visual.modules())
+        return cls(visual, layers=layers, mean=cfg.get("mean"), std=cfg.get("std"),
+                   embed_dim=model_cfg.get("embed_dim"), vision_cfg=model_cfg.get("vision_cfg"), quick_gelu=quick)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' ``ModelMixin.save_pretrained``; refused for a tower whose open_clip
+        configuration is unknown (``from_pretrained`` could not rebuild it)."""
+        if self.config.vision_cfg is None:
+            raise ValueError("vision_cfg: this image encoder was built from a tower without its open_clip "
+                             "configuration; use VideoBoothImageEncoder.from_open_clip(...) or pass embed_dim= and "
+                             "vision_cfg= so that from_pretrained can rebuild it")
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -115,7 +150,7 @@ class VideoBoothImageEncoder(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> resized, normalised tower input."""
         x = F.interpolate(images.to(self.device, torch.float32), size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
-        x = (x.clamp(0, 1) - self.mean) / self.std
+        x = (x.clamp(0, 1) - self.pixel_mean) / self.pixel_std
         return x.to(self.dtype)
 
     def forward(self, images: torch.Tensor) -> ImageEncoderOutput:

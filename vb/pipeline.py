@@ -88,6 +88,26 @@ class VideoBoothPipeline(DiffusionPipeline):
                               mapper=mapper, backbone=backbone, scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "VideoBoothPipeline":
+        """diffusers' ``DiffusionPipeline.from_pretrained`` (every component, the backbone and the
+        image encoder included, comes back as saved by :meth:`save_pretrained`), then every
+        weight gets its own freshly allocated storage.
+
+        Why the copy: diffusers' low-memory loading leaves weights as views into one loaded
+        buffer, at offsets that are not 64-byte aligned; CPU matmul kernels then take another
+        path and results differ in the last bits (8.6e-6 on a tiny pipeline's latents). Owned,
+        aligned weights make a saved and reloaded pipeline generate the same bits.
+        """
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        with torch.no_grad():
+            for module in pipe.components.values():
+                if isinstance(module, torch.nn.Module):
+                    for t in list(module.parameters()) + list(module.buffers()):
+                        if t.device.type == "cpu" and t.data_ptr() % 64:
+                            t.data = t.data.clone()
+        return pipe
+
     # ---- adapter weights ------------------------------------------------------------------------
     def save_adapter(self, save_directory: str) -> str:
         """Save the mapper and every new backbone projection (safetensors, atomic write)."""

@@ -22,6 +22,8 @@ import re
 from typing import Optional
 
 import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .backbone import VideoBackboneMixin, batch_timesteps, check_backbone_inputs, check_tensor, expand_batch
@@ -256,6 +258,19 @@ class WatermarkModule(nn.Module):
         return self.zero_out(h)
 
 
+def _build_unet(unet_class: Optional[str], unet_config: Optional[dict]) -> nn.Module:
+    """A diffusers U-Net of class ``unet_class`` built from ``unet_config`` (random weights)."""
+    import diffusers
+
+    if unet_class is None or unet_config is None:
+        raise ValueError("unet: expected a diffusers U-Net, or unet_class and unet_config to build one")
+    cls = getattr(diffusers, str(unet_class), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(f"unet_class: expected a diffusers model class name (e.g. 'UNet2DConditionModel'), "
+                         f"got {unet_class!r}")
+    return cls.from_config(dict(unet_config))
+
+
 def install_videobooth(unet: nn.Module, *, schedule: ScheduleSpec = "videobooth", attn_backend: str = "reference",
                        image_bank=None, learn_query: bool = False, temporal: Optional[bool] = None,
                        freeze_base: bool = True, temporal_positions: bool = True,
@@ -349,11 +364,18 @@ def install_videobooth(unet: nn.Module, *, schedule: ScheduleSpec = "videobooth"
     return ctx
 
 
-class VideoBoothUNet(VideoBackboneMixin, nn.Module):
-    """A 2D SD U-Net inflated to video, with the VideoBooth processors installed.
+class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
+    """A 2D SD U-Net inflated to video (or AnimateDiff's ``UNetMotionModel``), with the
+    VideoBooth processors installed.
+
+    A diffusers ``ModelMixin``/``ConfigMixin``: ``save_pretrained`` writes the whole backbone
+    (the U-Net's weights, the new projections, temporal layers, watermark module) and a config
+    that rebuilds it (the U-Net's class and config, the install options); ``from_pretrained``
+    gives back the same model, bit for bit.
 
     Args:
-        unet: a diffusers ``UNet2DConditionModel`` (pretrained or random), modified in place.
+        unet: a diffusers ``UNet2DConditionModel`` (pretrained or random) or ``UNetMotionModel``,
+            modified in place. None: built (random weights) from ``unet_class``/``unet_config``.
         schedule, attn_backend, image_bank, learn_query, temporal, freeze_base: as
             :func:`install_videobooth`.
         preset: architecture preset, ``"research"`` (default: this project's variant) or
@@ -366,16 +388,26 @@ class VideoBoothUNet(VideoBackboneMixin, nn.Module):
             or 3 widths: the official watermark sub-U-Net (:class:`WatermarkModule`), added before
             ``conv_norm_out`` in video passes.
         Options left None take the preset's value.
+        arch: the resolved architecture options as a dict (what the saved config holds); when
+            given it replaces ``preset`` and the four options above.
+        unet_class, unet_config: the diffusers class name and config of ``unet`` (what the saved
+            config holds), used when ``unet`` is None.
     """
 
-    def __init__(self, unet: nn.Module, *, schedule: ScheduleSpec = "videobooth", attn_backend: str = "reference",
+    def __init__(self, unet: Optional[nn.Module] = None, *, schedule: ScheduleSpec = "videobooth", attn_backend: str = "reference",
                  image_bank=None, learn_query: bool = False, temporal: Optional[bool] = None,
                  freeze_base: bool = True, preset: Optional[str] = None, clip_groupnorm: Optional[bool] = None,
                  temporal_positions: Optional[bool] = None, temporal_in_image: Optional[bool] = None,
-                 watermark=None):
+                 watermark=None, arch: Optional[dict] = None, unet_class: Optional[str] = None,
+                 unet_config: Optional[dict] = None):
         super().__init__()
-        arch = resolve_arch(preset, clip_groupnorm=clip_groupnorm, temporal_positions=temporal_positions,
-                            temporal_in_image=temporal_in_image, watermark=watermark)
+        if arch is not None:
+            arch = resolve_arch(None, **arch)
+        else:
+            arch = resolve_arch(preset, clip_groupnorm=clip_groupnorm, temporal_positions=temporal_positions,
+                                temporal_in_image=temporal_in_image, watermark=watermark)
+        if unet is None:
+            unet = _build_unet(unet_class, unet_config)
         self.unet = unet
         self.context = install_videobooth(unet, schedule=schedule, attn_backend=attn_backend, image_bank=image_bank,
                                           learn_query=learn_query, temporal=temporal, freeze_base=freeze_base,
@@ -405,6 +437,14 @@ class VideoBoothUNet(VideoBackboneMixin, nn.Module):
                                "arch": {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()}}
         if self.motion:
             self.install_config["motion"] = True
+        # The saved config: what from_pretrained needs to rebuild this model. (No key may share a
+        # name with a submodule: ModelMixin would answer the attribute from the config.)
+        self.register_to_config(
+            unet_class=type(unet).__name__,
+            unet_config={k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
+            schedule=schedule if isinstance(schedule, str) else None, attn_backend=attn_backend,
+            image_bank=parse_image_bank(image_bank), learn_query=bool(learn_query), temporal=has_temporal,
+            freeze_base=bool(freeze_base), arch=self.install_config["arch"])
 
     # -- watermark module: the time embedding is kept from the U-Net's own forward --------------
     def _keep_temb(self, _module, _args, out):
