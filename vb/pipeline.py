@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
@@ -26,6 +26,35 @@ from .coarse import _as_list, encode_prompt
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 UNCOND_IMAGES = ("none", "grey")
+
+
+def _check_embeds(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims ({'(B, L, D_text)' if ndim == 3 else '(B, D_text)'}), "
+                         f"got shape {tuple(t.shape)}")
+
+
+def _expand(name: str, t: torch.Tensor, batch: int) -> torch.Tensor:
+    """(1, ...) or (batch, ...) -> (batch, ...)."""
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    raise ValueError(f"{name}: expected batch 1 or {batch}, got shape {tuple(t.shape)}")
+
+
+def _opt(t, name: str, ndim: int, batch: int, device):
+    if t is None:
+        return None
+    _check_embeds(name, t, ndim)
+    return _expand(name, t.to(device), batch)
+
+
+def _repeat_each(n: int):
+    """x (B, ...) -> (B * n, ...), each row n times in a row (None stays None)."""
+    return lambda x: None if x is None else x.repeat_interleave(n, dim=0)
 
 
 @dataclass
@@ -80,7 +109,10 @@ class VideoBoothPipeline(DiffusionPipeline):
         scheduler: any diffusers noise scheduler (DDIM, DDPM, Euler, ...).
     """
 
-    model_cpu_offload_seq = "text_encoder->image_encoder->mapper->backbone->vae"
+    # The order __call__ runs them in: image prompt -> CLIP -> mapper (their tokens go into the
+    # prompt) -> text encoder -> VAE (the image prompt's latent) -> backbone (then the VAE decodes).
+    model_cpu_offload_seq = "image_encoder->mapper->text_encoder->vae->backbone"
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(self, vae, text_encoder, tokenizer, image_encoder, mapper, backbone, scheduler):
         super().__init__()
@@ -180,15 +212,23 @@ class VideoBoothPipeline(DiffusionPipeline):
 
     # ---- generation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt: Union[str, List[str]], subject_word: Union[str, List[str]], image_prompt,
-                 num_frames: int = 16, height: Optional[int] = None, width: Optional[int] = None,
+    def __call__(self, prompt: Union[str, List[str], None] = None, subject_word: Union[str, List[str], None] = None,
+                 image_prompt=None, num_frames: int = 16, height: Optional[int] = None, width: Optional[int] = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, uncond_image: str = "none",
                  generator: Optional[torch.Generator] = None, latents: Optional[torch.Tensor] = None,
-                 output_type: str = "pil", return_dict: bool = True):
-        """Generate B videos of ``num_frames`` frames.
+                 output_type: str = "pil", return_dict: bool = True, *,
+                 negative_prompt: Union[str, List[str], None] = None, num_videos_per_prompt: int = 1,
+                 eta: float = 0.0, prompt_embeds: Optional[torch.Tensor] = None,
+                 pooled_prompt_embeds: Optional[torch.Tensor] = None,
+                 negative_prompt_embeds: Optional[torch.Tensor] = None,
+                 negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
+                 image_prompt_scale: Optional[float] = None,
+                 callback_on_step_end: Optional[Callable] = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)):
+        """Generate B * ``num_videos_per_prompt`` videos of ``num_frames`` frames.
 
         Args:
-            prompt: B prompts, each containing its ``subject_word``.
+            prompt: B prompts, each containing its ``subject_word`` (or ``prompt_embeds``).
             subject_word: the word the image prompt replaces (one, or one per prompt).
             image_prompt: the subject segmented on white: a PIL image, an (H, W, 3) array, a
                 (3, H, W) or (B, 3, H, W) tensor in [0, 1], or a list of those (one per prompt).
@@ -199,27 +239,81 @@ class VideoBoothPipeline(DiffusionPipeline):
             uncond_image: ``"none"`` (unconditional pass without any injection, as the paper)
                 or ``"grey"`` (unconditional pass with a grey image prompt).
             generator: torch.Generator for the initial and image-branch noise.
-            latents: optional (B, C, F, h, w) initial noise.
+            latents: optional (B * num_videos_per_prompt, C, F, h, w) initial noise.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            negative_prompt: text of the unconditional pass (one, or one per prompt) instead of
+                the empty prompt; the image branch keeps the empty prompt (the paper's).
+            num_videos_per_prompt: videos per prompt (each with its own noise).
+            eta: DDIM's eta (passed to schedulers whose ``step`` takes it, ignored by others).
+            prompt_embeds: (B, L, D_text) text-encoder output to use instead of encoding
+                ``prompt`` (the coarse path is then the caller's: nothing is injected into it);
+                the DiT also needs ``pooled_prompt_embeds`` (B, D_text).
+            negative_prompt_embeds, negative_pooled_prompt_embeds: the same for the
+                unconditional pass.
+            image_prompt_scale: strength of the image prompt's fine path for this call (see
+                :meth:`set_image_prompt_scale`); None keeps the backbone's.
+            callback_on_step_end: ``f(pipe, step, timestep, callback_kwargs) -> dict`` called
+                after every step with the tensors named in ``callback_on_step_end_tensor_inputs``
+                (``"latents"``); a returned ``"latents"`` replaces them. Set
+                ``pipe._interrupt = True`` inside it to stop early.
 
         Returns:
             :class:`VideoBoothPipelineOutput` (or a tuple ``(frames,)`` when not ``return_dict``).
         """
-        prompts = _as_list("prompt", prompt)
-        words = _as_list("subject_word", subject_word, len(prompts))
         height = self.default_size() if height is None else height
         width = self.default_size() if width is None else width
         self._check_inputs(num_frames, height, width, num_inference_steps, guidance_scale, uncond_image, output_type)
-        b = len(prompts)
+        n = num_videos_per_prompt
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"num_videos_per_prompt: expected an int >= 1, got {n!r}")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
+            raise ValueError(f"eta: expected a float >= 0, got {eta!r}")
+        tensor_inputs = list(getattr(callback_on_step_end, "tensor_inputs", None) or callback_on_step_end_tensor_inputs)
+        bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: expected names from {self._callback_tensor_inputs}, "
+                             f"got {bad}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"callback_on_step_end: expected a callable, got {type(callback_on_step_end).__name__}")
+        needs_pooled = getattr(self.backbone, "install_config", {}).get("backbone") == "dit"
         device = self._execution_device
         dtype = next(self.backbone.parameters()).dtype
         do_cfg = guidance_scale > 1.0
+        self._interrupt = False
 
         # Coarse path: image tokens replace the subject word; attn2 reads the result.
+        if prompt_embeds is None:
+            prompts = _as_list("prompt", prompt)
+            words = _as_list("subject_word", subject_word, len(prompts))
+            b = len(prompts)
+        else:
+            _check_embeds("prompt_embeds", prompt_embeds, 3)
+            b = prompt_embeds.shape[0]
+            if prompt is not None:
+                raise ValueError("prompt: give either prompt or prompt_embeds, not both")
+            if needs_pooled and pooled_prompt_embeds is None:
+                raise ValueError("pooled_prompt_embeds: the DiT backbone needs it with prompt_embeds")
         images = self.prepare_image(image_prompt, b, height, width)
         subject_tokens, image_embeds = self.encode_images(images)
-        text, pooled = encode_prompt(self.text_encoder, self.tokenizer, prompts, words, subject_tokens)
+        if prompt_embeds is None:
+            text, pooled = encode_prompt(self.text_encoder, self.tokenizer, prompts, words, subject_tokens)
+        else:
+            text, pooled = prompt_embeds.to(device), _opt(pooled_prompt_embeds, "pooled_prompt_embeds", 2, b, device)
         null_text, null_pooled = encode_prompt(self.text_encoder, self.tokenizer, [""])
+        if negative_prompt_embeds is not None:
+            _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3)
+            neg_text = _expand("negative_prompt_embeds", negative_prompt_embeds.to(device), b)
+            neg_pooled = _opt(negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds", 2, b, device)
+            if needs_pooled and neg_pooled is None:
+                raise ValueError("negative_pooled_prompt_embeds: the DiT backbone needs it with negative_prompt_embeds")
+        elif negative_prompt is not None:
+            negs = _as_list("negative_prompt", negative_prompt)
+            if len(negs) not in (1, b):
+                raise ValueError(f"negative_prompt: expected 1 or {b} prompts (one per prompt), got {len(negs)}")
+            neg_text, neg_pooled = encode_prompt(self.text_encoder, self.tokenizer, negs)
+            neg_text, neg_pooled = _expand("negative_prompt", neg_text, b), _expand("negative_prompt", neg_pooled, b)
+        else:
+            neg_text, neg_pooled = null_text.expand(b, -1, -1), null_pooled.expand(b, -1)
         null_text, null_pooled = null_text.expand(b, -1, -1), null_pooled.expand(b, -1)
         # Fine path: the image prompt's latent, noised anew at every step with one fixed draw.
         image_latents = self.encode_vae(images)
@@ -227,6 +321,13 @@ class VideoBoothPipeline(DiffusionPipeline):
             grey = torch.full_like(images, 0.5)
             _, grey_embeds = self.encode_images(grey)
             grey_latents = self.encode_vae(grey)
+        if n > 1:  # every per-prompt tensor, prompt-major (prompt 0's videos first)
+            rep = _repeat_each(n)
+            text, pooled, image_embeds, image_latents = rep(text), rep(pooled), rep(image_embeds), rep(image_latents)
+            neg_text, neg_pooled, null_text, null_pooled = rep(neg_text), rep(neg_pooled), rep(null_text), rep(null_pooled)
+            if do_cfg and uncond_image == "grey":
+                grey_embeds, grey_latents = rep(grey_embeds), rep(grey_latents)
+            b = b * n
 
         lat_h, lat_w = height // self.vae_scale_factor, width // self.vae_scale_factor
         shape = (b, self.backbone.in_channels, num_frames, lat_h, lat_w)
@@ -237,42 +338,56 @@ class VideoBoothPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
         image_noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=dtype)
+        step_params = inspect.signature(self.scheduler.step).parameters
         step_kwargs = {}
-        if "generator" in inspect.signature(self.scheduler.step).parameters:
+        if "generator" in step_params:
             step_kwargs["generator"] = generator
+        if "eta" in step_params:
+            step_kwargs["eta"] = float(eta)
 
         def cast(*ts):
             return [None if t is None else t.to(dtype) for t in ts]
 
-        timesteps = self.scheduler.timesteps
-        with self.progress_bar(total=len(timesteps)) as progress:
-            for t in timesteps:
-                x_in = self.scheduler.scale_model_input(latents, t)
-                tb = t.reshape(1).repeat(b).to(device)
+        prev_scale = getattr(self.backbone, "image_scale", 1.0)
+        if image_prompt_scale is not None:
+            self.backbone.set_image_scale(image_prompt_scale)
+        try:
+            timesteps = self.scheduler.timesteps
+            with self.progress_bar(total=len(timesteps)) as progress:
+                for i, t in enumerate(timesteps):
+                    if self._interrupt:
+                        break
+                    x_in = self.scheduler.scale_model_input(latents, t)
+                    tb = t.reshape(1).repeat(b).to(device)
 
-                def noised(lat):
-                    return self.scheduler.scale_model_input(
-                        self.scheduler.add_noise(lat.to(dtype), image_noise, tb), t)
+                    def noised(lat):
+                        return self.scheduler.scale_model_input(
+                            self.scheduler.add_noise(lat.to(dtype), image_noise, tb), t)
 
-                img_t = noised(image_latents)
-                cond_args = cast(text, pooled, image_embeds, img_t, null_text, null_pooled)
-                if not do_cfg:
-                    pred = self._predict(x_in, t, *cond_args)
-                elif uncond_image == "none":
-                    pred_c = self._predict(x_in, t, *cond_args)
-                    pred_u = self._predict(x_in, t, *cast(null_text, null_pooled, None, None, None, None))
-                    pred = pred_u + guidance_scale * (pred_c - pred_u)
-                else:
-                    # One batched call: [uncond (null prompt, grey image); cond].
-                    both = [torch.cat(pair) for pair in zip(
-                        cast(null_text, null_pooled, grey_embeds, noised(grey_latents), null_text, null_pooled),
-                        cond_args)]
-                    pred_u, pred_c = self._predict(torch.cat([x_in, x_in]), t, *both).chunk(2)
-                    pred = pred_u + guidance_scale * (pred_c - pred_u)
-                if pred.shape[1] == 2 * latents.shape[1]:  # learned variance: keep the mean part
-                    pred = pred[:, : latents.shape[1]]
-                latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
-                progress.update()
+                    img_t = noised(image_latents)
+                    cond_args = cast(text, pooled, image_embeds, img_t, null_text, null_pooled)
+                    if not do_cfg:
+                        pred = self._predict(x_in, t, *cond_args)
+                    elif uncond_image == "none":
+                        pred_c = self._predict(x_in, t, *cond_args)
+                        pred_u = self._predict(x_in, t, *cast(neg_text, neg_pooled, None, None, None, None))
+                        pred = pred_u + guidance_scale * (pred_c - pred_u)
+                    else:
+                        # One batched call: [uncond (negative prompt, grey image); cond].
+                        both = [None if u is None else torch.cat([u, c]) for u, c in zip(
+                            cast(neg_text, neg_pooled, grey_embeds, noised(grey_latents), null_text, null_pooled),
+                            cond_args)]
+                        pred_u, pred_c = self._predict(torch.cat([x_in, x_in]), t, *both).chunk(2)
+                        pred = pred_u + guidance_scale * (pred_c - pred_u)
+                    if pred.shape[1] == 2 * latents.shape[1]:  # learned variance: keep the mean part
+                        pred = pred[:, : latents.shape[1]]
+                    latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+                    if callback_on_step_end is not None:
+                        out = callback_on_step_end(self, i, t, {k: locals()[k] for k in tensor_inputs}) or {}
+                        latents = out.pop("latents", latents)
+                    progress.update()
+        finally:
+            self.backbone.image_scale = prev_scale
 
         if output_type == "latent":
             frames = latents
