@@ -30,6 +30,45 @@ class VideoBackboneMixin:
     def attn2_processors(self) -> List[VideoBoothTextAttnProcessor]:
         return [m for m in self.modules() if isinstance(m, VideoBoothTextAttnProcessor)]
 
+    def _vb_attention_modules(self):
+        from diffusers.models.attention_processor import Attention
+
+        for m in self.modules():
+            if isinstance(m, Attention):
+                yield m
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
+        """diffusers' xformers switch without losing the VideoBooth processors: an ``Attention``
+        with a VideoBooth processor keeps it and the switch applies to the processor it falls
+        back to (context ``off``); every other ``Attention`` switches as usual."""
+        from .processors import _BaseProcessor
+
+        for attn in list(self._vb_attention_modules()):
+            proc = attn.processor
+            attn.set_use_memory_efficient_attention_xformers(valid, attention_op)  # raises without xformers
+            if isinstance(proc, _BaseProcessor):
+                proc.__dict__["base_processor"] = attn.processor
+                attn.set_processor(proc)
+
+    def set_default_attn_processor(self) -> None:
+        """diffusers' ``set_default_attn_processor`` for the processors the VideoBooth ones fall
+        back to, and for every other ``Attention``; the VideoBooth processors stay."""
+        from diffusers.models.attention_processor import AttnProcessor
+
+        from .processors import _BaseProcessor
+
+        for attn in self._vb_attention_modules():
+            if isinstance(attn.processor, _BaseProcessor):
+                attn.processor.__dict__["base_processor"] = AttnProcessor()
+            else:
+                attn.set_processor(AttnProcessor())
+
+    def set_attention_slice(self, slice_size) -> None:
+        """Refused (see ``VideoBoothPipeline.enable_attention_slicing``); None is accepted."""
+        if slice_size is not None:
+            raise NotImplementedError("set_attention_slice: the VideoBooth processors do not slice; use "
+                                      "set_attn_backend('triton') (or 'sdpa'/'flex') for memory-efficient attention")
+
     def set_attn_backend(self, backend: str) -> None:
         """Switch every attn1 processor to another ``kernels`` backend (nothing else changes)."""
         check_backend(backend)

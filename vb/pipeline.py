@@ -140,6 +140,47 @@ class VideoBoothPipeline(DiffusionPipeline):
                             t.data = t.data.clone()
         return pipe
 
+    # ---- diffusers' switches ---------------------------------------------------------------------
+    def set_image_prompt_scale(self, scale: float) -> None:
+        """Strength of the image prompt's fine path (diffusers' ``set_ip_adapter_scale``):
+        1 = the trained model, 0 = no fine path (the coarse path's subject tokens stay). See
+        ``backbone.set_image_scale``."""
+        self.backbone.set_image_scale(scale)
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
+        """What ``enable_/disable_xformers_memory_efficient_attention`` call. diffusers' version
+        sets a new processor on every ``Attention``, which would strip the VideoBooth processors;
+        here the backbone keeps them (its cross-frame attention runs on ``attn_backend``:
+        ``backbone.set_attn_backend("triton")`` is the memory-efficient choice) and the switch
+        goes to the processors they fall back to outside a VideoBooth pass and to every other
+        attention (temporal layers, motion modules, the VAE). Without xformers (or a GPU),
+        enabling raises diffusers' error."""
+        def recurse(module):
+            if module is self.backbone:
+                module.set_use_memory_efficient_attention_xformers(valid, attention_op)
+                return
+            if hasattr(module, "set_use_memory_efficient_attention_xformers"):
+                module.set_use_memory_efficient_attention_xformers(valid, attention_op)
+            for child in module.children():
+                recurse(child)
+
+        for module in self.components.values():
+            if isinstance(module, torch.nn.Module):
+                recurse(module)
+
+    def enable_attention_slicing(self, slice_size="auto") -> None:
+        """Refused: diffusers' sliced processor would replace the VideoBooth processors (and
+        with them the fine path). The cross-frame attention's memory is the backend's:
+        ``backbone.set_attn_backend("triton")`` never materialises the attention scores
+        (``"sdpa"``/``"flex"`` are memory-efficient too); ``enable_vae_slicing()`` bounds the VAE.
+        ``disable_attention_slicing()`` (slice_size None) is accepted and changes nothing."""
+        if slice_size is None:
+            return
+        raise NotImplementedError(
+            "enable_attention_slicing: VideoBoothPipeline does not slice attention (a sliced processor would "
+            "replace the VideoBooth processors); choose a memory-efficient backend instead: "
+            "pipe.backbone.set_attn_backend('triton') (or 'sdpa'/'flex'), and pipe.enable_vae_slicing() for the VAE")
+
     # ---- adapter weights ------------------------------------------------------------------------
     def save_adapter(self, save_directory: str) -> str:
         """Save the mapper and every new backbone projection (safetensors, atomic write)."""
@@ -383,7 +424,8 @@ class VideoBoothPipeline(DiffusionPipeline):
                         pred = pred[:, : latents.shape[1]]
                     latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
                     if callback_on_step_end is not None:
-                        out = callback_on_step_end(self, i, t, {k: locals()[k] for k in tensor_inputs}) or {}
+                        avail = {"latents": latents}
+                        out = callback_on_step_end(self, i, t, {k: avail[k] for k in tensor_inputs}) or {}
                         latents = out.pop("latents", latents)
                     progress.update()
         finally:

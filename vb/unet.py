@@ -316,9 +316,12 @@ def install_videobooth(unet: nn.Module, *, schedule: ScheduleSpec = "videobooth"
     check_schedule_spec(schedule)
     check_backend(attn_backend)
     parse_image_bank(image_bank)
+    ctx = VideoBoothContext()
+    # What uninstall_videobooth needs to give the model back as it was.
+    ctx.requires_grad = {n: p.requires_grad for n, p in unet.named_parameters()}
+    ctx.hooks = []
     if freeze_base:
         unet.requires_grad_(False)
-    ctx = VideoBoothContext()
     own_temporal = temporal_module_names(unet)
     if temporal is None:
         temporal = not own_temporal
@@ -351,7 +354,7 @@ def install_videobooth(unet: nn.Module, *, schedule: ScheduleSpec = "videobooth"
                 t.context = ctx
                 t.in_image = bool(temporal_in_image)
                 module.vb_temporal = t.to(device=ref.device, dtype=ref.dtype)
-                module.register_forward_hook(_temporal_hook, with_kwargs=True)
+                ctx.hooks.append(module.register_forward_hook(_temporal_hook, with_kwargs=True))
     if is_motion_unet(unet):
         # Motion modules are called without cross_attention_kwargs: the image branch reaches
         # them through the context's switch.
@@ -362,6 +365,44 @@ def install_videobooth(unet: nn.Module, *, schedule: ScheduleSpec = "videobooth"
                     mm.__class__ = _skipping_class(type(mm))
     unet.vb_context = ctx
     return ctx
+
+
+def uninstall_videobooth(unet: nn.Module) -> nn.Module:
+    """Undo :func:`install_videobooth` (and the architecture options of :class:`VideoBoothUNet`)
+    in place: every attention gets back the processor it had, the temporal layers, hooks,
+    motion-module switches and clip-level GroupNorms go, ``requires_grad`` flags are restored.
+    The model's state_dict and outputs are then those from before the install (the weights
+    VideoBooth added are dropped; save them first with ``save_adapter``/``save_pretrained``).
+
+    Returns:
+        ``unet``.
+    """
+    from .processors import _BaseProcessor
+
+    ctx = getattr(unet, "vb_context", None)
+    if ctx is None:
+        raise ValueError("unet: VideoBooth is not installed on this model")
+    for h in getattr(ctx, "hooks", []):
+        h.remove()
+    for module in list(unet.modules()):
+        proc = getattr(module, "processor", None)
+        if isinstance(proc, _BaseProcessor) and hasattr(module, "set_processor"):
+            module.set_processor(proc.base_processor)
+        if "vb_temporal" in getattr(module, "_modules", {}):
+            del module.vb_temporal
+        if type(module) in _SKIPPING_CLASSES.values():
+            module.__class__ = type(module).__mro__[1]
+            del module.vb_context
+        for name, child in list(module.named_children()):
+            if isinstance(child, ClipGroupNorm):  # the official preset's
+                norm = nn.GroupNorm(child.num_groups, child.num_channels, eps=child.eps, affine=child.affine)
+                if child.affine:
+                    norm.weight, norm.bias = child.weight, child.bias
+                setattr(module, name, norm)
+    for n, p in unet.named_parameters():
+        p.requires_grad_(ctx.requires_grad.get(n, p.requires_grad))
+    del unet.vb_context
+    return unet
 
 
 class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
@@ -423,8 +464,8 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
                 layers_per_block=cfg.layers_per_block if isinstance(cfg.layers_per_block, int) else cfg.layers_per_block[0],
                 norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
                 downsample_padding=cfg.downsample_padding).to(device=unet.device, dtype=unet.dtype)
-            unet.time_embedding.register_forward_hook(self._keep_temb)
-            unet.conv_norm_out.register_forward_pre_hook(self._add_watermark)
+            self.context.hooks += [unet.time_embedding.register_forward_hook(self._keep_temb),
+                                   unet.conv_norm_out.register_forward_pre_hook(self._add_watermark)]
         if arch["clip_groupnorm"]:
             _use_clip_groupnorm(unet, self.context, [unet] + ([self.watermark] if self.watermark is not None else []))
         # What an adapter file needs to rebuild the same set of weights.
@@ -457,6 +498,14 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
         x = args[0]
         temb, self._temb = self._temb, None
         return (x + self.watermark(x, temb.to(x.dtype)),)
+
+    def uninstall(self) -> nn.Module:
+        """Give back the model this backbone was built on, as it was before (see
+        :func:`uninstall_videobooth`); this backbone is unusable afterwards."""
+        unet = uninstall_videobooth(self.unet)
+        self.watermark = None
+        del self.unet
+        return unet
 
     def enable_gradient_checkpointing(self) -> None:
         """diffusers' gradient checkpointing of the U-Net (its resnets and transformer blocks,
