@@ -27,6 +27,22 @@ from .coarse import _as_list, encode_prompt
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 UNCOND_IMAGES = ("none", "grey")
 
+# The official VideoBooth sampling (docs/official.md).
+OFFICIAL_NULL_PROMPT = "None"  # the official code's null text is this literal word
+OFFICIAL_PLACEHOLDER = "sdksd"  # the official sample script puts this word in place of the subject
+OFFICIAL_DEFAULTS = dict(height=256, width=256, num_frames=16, num_inference_steps=250, guidance_scale=4.0, fps=8)
+
+
+def official_prompt(prompt: str, subject_word: str) -> str:
+    """The official sample script's prompt: lower-cased, every occurrence of the subject word
+    (as a substring) replaced by the placeholder ``sdksd``."""
+    if not isinstance(prompt, str) or not isinstance(subject_word, str) or not subject_word.strip():
+        raise TypeError("prompt, subject_word: expected a str and a non-empty str")
+    low, word = prompt.lower(), subject_word.lower()
+    if word not in low:
+        raise ValueError(f"subject_word: {subject_word!r} does not occur in prompt {prompt!r}")
+    return low.replace(word, OFFICIAL_PLACEHOLDER)
+
 
 @dataclass
 class VideoBoothPipelineOutput(BaseOutput):
@@ -271,6 +287,90 @@ class VideoBoothPipeline(DiffusionPipeline):
             return (frames,)
         return VideoBoothPipelineOutput(frames=frames)
 
+    # ---- the official VideoBooth sampling ---------------------------------------------------------
+    @classmethod
+    def from_official(cls, unet_state_dict, mapper_state_dict, *, vae, text_encoder, tokenizer, image_encoder=None,
+                      unet_config=None, attn_backend: str = "auto") -> "VideoBoothPipeline":
+        """A pipeline of the released VideoBooth weights (:func:`vb.load_official`): the official
+        backbone and mapper, :func:`official_scheduler`, and the official image encoder
+        (:meth:`vb.VideoBoothImageEncoder.official`; pass a transformers ``CLIPVisionModel`` or a
+        ready :class:`vb.VideoBoothImageEncoder`, default open_clip ``ViT-L-14-quickgelu``).
+        vae: ``stabilityai/sd-vae-ft-ema``; text_encoder / tokenizer: ``openai/clip-vit-large-patch14``.
+        Generate with :meth:`official_sample`."""
+        from .coarse import VideoBoothImageEncoder
+        from .official import load_official
+
+        backbone, mapper = load_official(unet_state_dict, mapper_state_dict, unet_config, attn_backend=attn_backend)
+        if not isinstance(image_encoder, VideoBoothImageEncoder):
+            image_encoder = VideoBoothImageEncoder.official(image_encoder)
+        return cls(vae, text_encoder, tokenizer, image_encoder, mapper, backbone, official_scheduler())
+
+    def official_text(self, prompts, subject_words, subject_tokens: Optional[torch.Tensor] = None):
+        """Prompt embeddings as the official code builds them: the subject word becomes the
+        placeholder ``sdksd`` (:func:`official_prompt`), whose tokens the ``subject_tokens``
+        (B, K, D_text) replace; without ``subject_tokens`` the placeholder prompt itself (the
+        "before" embedding of the official text regulariser). Returns (B, L, D_text)."""
+        prompts = _as_list("prompt", prompts)
+        words = _as_list("subject_word", subject_words, len(prompts))
+        placed = [official_prompt(p, w) for p, w in zip(prompts, words)]
+        if subject_tokens is None:
+            return encode_prompt(self.text_encoder, self.tokenizer, placed)[0]
+        return encode_prompt(self.text_encoder, self.tokenizer, placed, [OFFICIAL_PLACEHOLDER] * len(placed),
+                             subject_tokens)[0]
+
+    @torch.no_grad()
+    def official_sample(self, prompt: str, subject_word: str, image, mask=None, box=None, *,
+                        num_frames: int = OFFICIAL_DEFAULTS["num_frames"],
+                        num_inference_steps: int = OFFICIAL_DEFAULTS["num_inference_steps"],
+                        guidance_scale: float = OFFICIAL_DEFAULTS["guidance_scale"], image_frames: int = 0,
+                        height: int = OFFICIAL_DEFAULTS["height"], generator: Optional[torch.Generator] = None, output_type: str = "pil",
+                        return_dict: bool = True):
+        """Generate one video the way the official sample script does (docs/official.md).
+
+        Args:
+            prompt, subject_word: e.g. ``"panda in the tiny pond"``, ``"panda"``.
+            image, mask, box: the image prompt, its subject mask and box (:func:`vb.coarse.official_preprocess`).
+            num_frames, num_inference_steps, guidance_scale: official defaults 16, 250, 4.0.
+            height: video height = width in pixels (official 256: its preprocessing's VAE size).
+            image_frames: 0: one image-branch frame per step (ours, F times cheaper); F: the
+                official structure (F copies of the image latent, each with its own noise).
+            generator: for the initial noise, the VAE sample and every step's draws.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+        """
+        from .coarse import official_preprocess
+
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
+        self._check_inputs(num_frames, height, height, num_inference_steps, guidance_scale, "none", output_type)
+        device = self._execution_device
+        dtype = next(self.backbone.parameters()).dtype
+        clip_image, vae_image = official_preprocess(image, mask, box, vae_size=height)
+        side = height // self.vae_scale_factor
+        latents = randn_tensor((1, self.backbone.in_channels, num_frames, side, side), generator=generator,
+                               device=device, dtype=dtype)
+        tokens = self.mapper(self.image_encoder(clip_image[None].to(device)).layer_tokens)
+        text = self.official_text([prompt], [subject_word], tokens)
+        null = encode_prompt(self.text_encoder, self.tokenizer, [OFFICIAL_NULL_PROMPT])[0]
+        x = vae_image[None].to(device=device, dtype=self.vae.dtype)
+        image_latent = self.vae.encode(x).latent_dist.sample(generator) * self.vae.config.scaling_factor
+        sched = official_scheduler(num_inference_steps)
+        with self.progress_bar(total=num_inference_steps) as bar:
+            latents = official_denoise(self.backbone, sched, latents, text.to(dtype), null.to(dtype),
+                                       image_latent.to(dtype), guidance_scale=guidance_scale,
+                                       image_frames=image_frames, generator=generator, progress=bar.update)
+        if output_type == "latent":
+            frames = latents
+        else:
+            video = self.decode_latents(latents)
+            if output_type == "pt":
+                frames = video
+            else:
+                arr = video.permute(0, 1, 3, 4, 2).cpu().float().numpy()
+                frames = arr if output_type == "np" else [
+                    [PIL.Image.fromarray((f * 255).round().astype(np.uint8)) for f in vid] for vid in arr]
+        self.maybe_free_model_hooks()
+        return VideoBoothPipelineOutput(frames=frames) if return_dict else (frames,)
+
     def _predict(self, x, t, text, pooled, image_embeds, image_latents, null_text, null_pooled):
         return self.backbone(x, t, text, pooled_text_embeds=pooled, image_embeds=image_embeds,
                              image_latents=image_latents, null_encoder_hidden_states=null_text,
@@ -278,11 +378,6 @@ class VideoBoothPipeline(DiffusionPipeline):
 
 
 # ---- official sampling (the released VideoBooth code's loop; docs/official.md) ----------------------
-OFFICIAL_NULL_PROMPT = "None"  # the official code's null text is this literal word
-OFFICIAL_PLACEHOLDER = "sdksd"  # the official sample script puts this word in place of the subject
-OFFICIAL_DEFAULTS = dict(height=256, width=256, num_frames=16, num_inference_steps=250, guidance_scale=4.0, fps=8)
-
-
 def official_scheduler(num_inference_steps: int = 250):
     """The official sampler as a diffusers scheduler: ADM linear betas 1e-4..0.02 over 1000 steps,
     DDPM with the "fixed_large" variance, no clipping, ``num_inference_steps`` respaced steps
