@@ -189,13 +189,16 @@ class VideoBoothImageEncoder(nn.Module):
 
 
 def _is_hf_vision(visual) -> bool:
-    return hasattr(visual, "vision_model") and hasattr(getattr(visual, "config", None), "image_size")
+    """A transformers CLIP vision tower (``CLIPVisionModel``: its layers sit under
+    ``vision_model.encoder`` in transformers 4, directly under ``encoder`` in 5)."""
+    inner = getattr(visual, "vision_model", visual)
+    return hasattr(getattr(visual, "config", None), "image_size") and hasattr(getattr(inner, "encoder", None), "layers")
 
 
 def _tower_blocks(visual):
     """(blocks, batch_first, number of prefix tokens, has a class token) of a visual tower."""
     if _is_hf_vision(visual):
-        return visual.vision_model.encoder.layers, True, 1, True
+        return getattr(visual, "vision_model", visual).encoder.layers, True, 1, True
     if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks"):
         # open_clip < 2.24 ran its resblocks on LND; newer versions say so with batch_first.
         batch_first = bool(getattr(visual.transformer, "batch_first", False))
