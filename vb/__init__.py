@@ -10,6 +10,7 @@ from .coarse import (ImageEncoderOutput, VideoBoothImageEncoder, VideoBoothMappe
                      inject_subject_ids, word_token_ids)
 from .context import VideoBoothContext, VideoBoothState
 from .dit import VideoDiT
+from .official import load_official
 from .pipeline import VideoBoothPipeline, VideoBoothPipelineOutput
 from .processors import (LearnedTokenBank, PooledTokenBank, VideoBoothAttnProcessor, VideoBoothTextAttnProcessor,
                          resolve_schedule, without_image)
@@ -21,6 +22,6 @@ __all__ = [
     "VideoBoothContext", "VideoBoothImageEncoder", "VideoBoothState", "VideoBoothMapper", "VideoBoothPipeline",
     "VideoBoothPipelineOutput", "VideoBoothTextAttnProcessor", "VideoBoothUNet", "VideoDiT",
     "build_tiny_videobooth", "clip_tokenizer", "encode_prompt", "find_subject_span", "inject_subject_ids",
-    "install_videobooth", "load_adapter", "resolve_schedule", "save_adapter", "uninstall_videobooth", "without_image",
-    "word_token_ids",
+    "install_videobooth", "load_adapter", "load_official", "resolve_schedule", "save_adapter", "uninstall_videobooth",
+    "without_image", "word_token_ids",
 ]

@@ -464,10 +464,11 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
                 layers_per_block=cfg.layers_per_block if isinstance(cfg.layers_per_block, int) else cfg.layers_per_block[0],
                 norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
                 downsample_padding=cfg.downsample_padding).to(device=unet.device, dtype=unet.dtype)
-            self.context.hooks += [unet.time_embedding.register_forward_hook(self._keep_temb),
-                                   unet.conv_norm_out.register_forward_pre_hook(self._add_watermark)]
         if arch["clip_groupnorm"]:
             _use_clip_groupnorm(unet, self.context, [unet] + ([self.watermark] if self.watermark is not None else []))
+        if self.watermark is not None:  # after the GroupNorm swap: the hook goes on the final conv_norm_out
+            self.context.hooks += [unet.time_embedding.register_forward_hook(self._keep_temb),
+                                   unet.conv_norm_out.register_forward_pre_hook(self._add_watermark)]
         # What an adapter file needs to rebuild the same set of weights.
         self.motion = is_motion_unet(unet)
         self.image_scale = 1.0
