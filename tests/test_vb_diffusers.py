@@ -18,7 +18,8 @@ def _loss_and_grads(net, kw, image, stage, checkpointing):
     net = copy.deepcopy(net)
     net.requires_grad_(False)
     params = dict(net.named_parameters())
-    trained = {id(p) for p in net.stage_parameters(stage, include_temporal=stage == 2)}
+    temporal = stage == 2 and not net.install_config.get("motion")  # (motion modules stay frozen)
+    trained = {id(p) for p in net.stage_parameters(stage, include_temporal=temporal)}
     for p in params.values():
         p.requires_grad_(id(p) in trained)
     if checkpointing:
@@ -214,3 +215,23 @@ def test_gradient_checkpointing_with_the_official_preset(clip_image):
             assert grads_c[name] is None, name
             continue
         torch.testing.assert_close(grads_c[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_from_motion_adapter_builds_the_animatediff_base():
+    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
+                            motion_norm_num_groups=8, motion_max_seq_length=8, use_motion_mid_block=False)
+    randomize(adapter, seed=3)
+    unet = randomize(tiny_unet(), seed=2)
+    net = vb.VideoBoothUNet.from_motion_adapter(copy.deepcopy(unet), adapter, schedule="self")
+    ref_model = UNetMotionModel.from_unet2d(unet, adapter)
+    x, text = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, 10, text), ref_model(x, 10, encoder_hidden_states=text.repeat(3, 1, 1)).sample,
+                                   rtol=1e-5, atol=1e-5)
+    assert net.install_config["motion"] and not any(p.requires_grad for n, p in net.named_parameters()
+                                                    if "motion_modules" in n)
+    assert list(net.stage_parameters(2))  # the VideoBooth projections train
+    with pytest.raises(ValueError, match="include_temporal"):
+        list(net.stage_parameters(2, include_temporal=True))
+    with pytest.raises(TypeError, match="motion_adapter"):
+        vb.VideoBoothUNet.from_motion_adapter(tiny_unet(), tiny_unet())

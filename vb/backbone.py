@@ -151,6 +151,10 @@ class VideoBackboneMixin:
                 if id(p) not in seen:
                     seen.add(id(p))
                     yield p
+        if include_temporal and self.install_config.get("motion"):
+            raise ValueError("include_temporal: this backbone's temporal layers are AnimateDiff's pretrained motion "
+                             "modules, which VideoBooth keeps frozen and does not save in its adapter; to fine-tune "
+                             "them, make them trainable yourself and save the whole backbone with save_pretrained")
         if include_temporal:
             for name, p in self.named_parameters():
                 if ".vb_temporal." in name and id(p) not in seen:

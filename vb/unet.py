@@ -500,6 +500,29 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
         temb, self._temb = self._temb, None
         return (x + self.watermark(x, temb.to(x.dtype)),)
 
+    @classmethod
+    def from_motion_adapter(cls, unet: nn.Module, motion_adapter: nn.Module, **kwargs) -> "VideoBoothUNet":
+        """VideoBooth on a pretrained text-to-video base: AnimateDiff's motion modules.
+
+        ``UNetMotionModel.from_unet2d(unet, motion_adapter)`` (the SD U-Net's weights and the
+        adapter's motion modules, as diffusers' ``AnimateDiffPipeline`` builds it), then the
+        VideoBooth processors on its spatial attn1/attn2 only; the motion modules keep their
+        processors, stay frozen and are skipped by the image branch, and no extra temporal
+        layers are added (the motion modules are the temporal layers).
+
+        Args:
+            unet: a ``UNet2DConditionModel`` (e.g. SD-1.5's ``unet`` subfolder).
+            motion_adapter: a diffusers ``MotionAdapter`` (e.g. ``MotionAdapter.from_pretrained(
+                "guoyww/animatediff-motion-adapter-v1-5-2")``) whose ``block_out_channels`` match.
+            kwargs: as the constructor (schedule, attn_backend, image_bank, ...).
+        """
+        from diffusers import MotionAdapter, UNetMotionModel
+
+        if not isinstance(motion_adapter, MotionAdapter):
+            raise TypeError(f"motion_adapter: expected a diffusers MotionAdapter, got {type(motion_adapter).__name__}")
+        motion = UNetMotionModel.from_unet2d(unet, motion_adapter)
+        return cls(motion.to(device=unet.device, dtype=unet.dtype), **kwargs)
+
     def uninstall(self) -> nn.Module:
         """Give back the model this backbone was built on, as it was before (see
         :func:`uninstall_videobooth`); this backbone is unusable afterwards."""
