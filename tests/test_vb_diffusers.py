@@ -235,3 +235,15 @@ def test_from_motion_adapter_builds_the_animatediff_base():
         list(net.stage_parameters(2, include_temporal=True))
     with pytest.raises(TypeError, match="motion_adapter"):
         vb.VideoBoothUNet.from_motion_adapter(tiny_unet(), tiny_unet())
+
+
+@pytest.mark.slow
+def test_torch_compile_sees_each_pass_state():
+    """torch.compile (aot_eager, CPU) of a backbone: the per-pass state is an argument, so the
+    compiled model with and without the image prompt equals eager (about 10 s: marked slow)."""
+    net = randomize(vb.build_tiny_videobooth("dit").backbone, seed=1)
+    kw = inputs(f=3)
+    compiled = torch.compile(net, backend="aot_eager")
+    with torch.no_grad():
+        for image in (True, False):
+            torch.testing.assert_close(run(compiled, kw, image=image), run(net, kw, image=image), rtol=1e-6, atol=1e-6)

@@ -220,7 +220,10 @@ def _heads(attn, proj_out: torch.Tensor):
 class VideoBoothAttnProcessor(_BaseProcessor):
     """Cross-frame attention with image-prompt injection for an attn1 ``Attention``.
 
-    Video pass (``context.mode == "video"``), hidden states (B*F, N, C):
+    The pass comes from the call's ``vb_state`` (a :class:`vb.VideoBoothState`, passed through
+    ``cross_attention_kwargs``), else from the context's active state.
+
+    Video pass (state mode ``"video"``), hidden states (B*F, N, C):
         q = to_q(x) (or the learned ``to_q_new`` when the image is injected, the ablation),
         k = to_k_new(x), v = to_v_new(x), all viewed as (B, F, N, H, D) without a transpose;
         with an image prompt: k_img = to_k_exemplar(bank(x_img)), v_img = to_v_exemplar(...)
