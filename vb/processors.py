@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import re
-from functools import lru_cache
 from typing import Callable, Optional, Union
 
 import torch
@@ -90,10 +89,13 @@ def without_image(schedule: Schedule) -> Schedule:
     return Schedule(schedule.refs, keyframes=(), image_everywhere=False, name=schedule.name + "-noimg")
 
 
-@lru_cache(maxsize=1)
+# One frame reading itself, nothing refreshed: ordinary self-attention through the same op.
+# (A module constant, not an lru_cache: torch.compile traces through cache wrappers.)
+_SELF_ATTENTION = Schedule([[0]], keyframes=(), name="self")
+
+
 def _self_attention_schedule() -> Schedule:
-    # One frame reading itself, nothing refreshed: ordinary self-attention through the same op.
-    return Schedule([[0]], keyframes=(), name="self")
+    return _SELF_ATTENTION
 
 
 # ---- compact image-token banks ---------------------------------------------------------------
