@@ -99,7 +99,7 @@ def load_adapter(path: str, mapper, backbone, strict: bool = True) -> None:
         raise FileNotFoundError(f"path: no adapter weights at {weights!r}")
     cfg = read_adapter_config(path)
     saved, own = cfg.get("backbone", {}), backbone.install_config
-    for key in ("backbone", "image_bank", "learn_query", "temporal"):
+    for key in ("backbone", "image_bank", "learn_query", "temporal", "arch"):
         if strict and key in saved and saved[key] != own.get(key):
             raise ValueError(f"path: adapter saved with {key}={saved[key]!r}, but this backbone has "
                              f"{key}={own.get(key)!r}")
