@@ -210,6 +210,8 @@ class VideoDiT(VideoBackboneMixin, ModelMixin, ConfigMixin):
         gh, gw = h // p, w // p
         t = batch_timesteps(timestep, b, sample.device)
         # One state per pass, handed to every spatial block (vb/context.py says why).
+        if self.image_scale == 0.0:  # strength 0: the fine path contributes nothing; skip its branch
+            image_latents = None
         image_states = None
         if image_latents is not None:
             if null_pooled_text_embeds is None:

@@ -615,6 +615,8 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
         # (vb/context.py says why).
         ctx = self.context
         self._checkpoint_with_context()
+        if self.image_scale == 0.0:  # strength 0: the fine path contributes nothing; skip its branch
+            image_latents = None
         image_states = None
         try:
             if image_latents is not None:
