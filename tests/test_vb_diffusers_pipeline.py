@@ -302,3 +302,21 @@ def test_uninstall_a_motion_unet():
         back = vb.VideoBoothUNet(motion).uninstall()
         assert torch.equal(back(x, 10, encoder_hidden_states=text).sample, ref)
     assert {n: type(m) for n, m in back.named_modules()} == cls
+
+
+@pytest.mark.parametrize("kind", ["official", "motion"])
+def test_backbone_save_and_from_pretrained_round_trip(tmp_path, kind):
+    if kind == "official":
+        net = vb.VideoBoothUNet(randomize(tiny_unet(), seed=2), preset="official", watermark=(32, 64, 64),
+                                image_bank="pool:2", schedule="keyframes:2")
+    else:
+        from test_vb_diffusers import tiny_motion_unet
+
+        net = vb.VideoBoothUNet(tiny_motion_unet(), schedule="first")
+    randomize(net, seed=4, std=0.02)
+    net.save_pretrained(tmp_path)
+    back = vb.VideoBoothUNet.from_pretrained(tmp_path)
+    assert type(back.unet) is type(net.unet) and back.install_config == net.install_config
+    kw = inputs(f=3)
+    with torch.no_grad():
+        assert torch.equal(run(back, kw), run(net, kw))

@@ -22,6 +22,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapter import load_adapter, save_adapter
+from .backbone import own_aligned_storage
 from .coarse import _as_list, encode_prompt
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -148,12 +149,9 @@ class VideoBoothPipeline(DiffusionPipeline):
         aligned weights make a saved and reloaded pipeline generate the same bits.
         """
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        with torch.no_grad():
-            for module in pipe.components.values():
-                if isinstance(module, torch.nn.Module):
-                    for t in list(module.parameters()) + list(module.buffers()):
-                        if t.device.type == "cpu" and t.data_ptr() % 64:
-                            t.data = t.data.clone()
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                own_aligned_storage(module)
         return pipe
 
     # ---- diffusers' switches ---------------------------------------------------------------------
