@@ -320,3 +320,13 @@ def test_backbone_save_and_from_pretrained_round_trip(tmp_path, kind):
     kw = inputs(f=3)
     with torch.no_grad():
         assert torch.equal(run(back, kw), run(net, kw))
+
+
+def test_image_encoder_round_trip(tmp_path):
+    enc = vb.build_tiny_videobooth("unet").image_encoder
+    enc.save_pretrained(tmp_path)
+    back = vb.VideoBoothImageEncoder.from_pretrained(tmp_path)
+    x = torch.rand(2, 3, 32, 32, generator=torch.manual_seed(0))
+    a, b = enc(x), back(x)
+    assert back.layers == enc.layers and torch.equal(a.layer_tokens, b.layer_tokens)
+    assert torch.equal(a.image_embeds, b.image_embeds)

@@ -133,6 +133,14 @@ class VideoBoothImageEncoder(ModelMixin, ConfigMixin):
         return cls(visual, layers=layers, mean=cfg.get("mean"), std=cfg.get("std"),
                    embed_dim=model_cfg.get("embed_dim"), vision_cfg=model_cfg.get("vision_cfg"), quick_gelu=quick)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``ModelMixin.from_pretrained``, then every weight in its own aligned
+        storage (see ``vb.backbone.own_aligned_storage``: bit-exact reloads on CPU)."""
+        from .backbone import own_aligned_storage
+
+        return own_aligned_storage(super().from_pretrained(pretrained_model_name_or_path, **kwargs))
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' ``ModelMixin.save_pretrained``; refused for a tower whose open_clip
         configuration is unknown (``from_pretrained`` could not rebuild it)."""
