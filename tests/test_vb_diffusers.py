@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from diffusers import MotionAdapter, UNetMotionModel
 
 import vb
 from vb.unet import temporal_module_names
@@ -226,8 +226,8 @@ def test_from_motion_adapter_builds_the_animatediff_base():
     ref_model = UNetMotionModel.from_unet2d(unet, adapter)
     x, text = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 77, 32)
     with torch.no_grad():
-        torch.testing.assert_close(net(x, 10, text), ref_model(x, 10, encoder_hidden_states=text.repeat(3, 1, 1)).sample,
-                                   rtol=1e-5, atol=1e-5)
+        ref = ref_model(x, 10, encoder_hidden_states=text.repeat(3, 1, 1)).sample
+        torch.testing.assert_close(net(x, 10, text), ref, rtol=1e-5, atol=1e-5)
     assert net.install_config["motion"] and not any(p.requires_grad for n, p in net.named_parameters()
                                                     if "motion_modules" in n)
     assert list(net.stage_parameters(2))  # the VideoBooth projections train

@@ -330,3 +330,18 @@ def test_image_encoder_round_trip(tmp_path):
     a, b = enc(x), back(x)
     assert back.layers == enc.layers and torch.equal(a.layer_tokens, b.layer_tokens)
     assert torch.equal(a.image_embeds, b.image_embeds)
+
+
+def test_image_encoder_with_a_transformers_tower_round_trips(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                             num_attention_heads=2, image_size=32, patch_size=8))
+    enc = vb.VideoBoothImageEncoder(tower, layers=(2, 0), resize_mode="bilinear", antialias=False)
+    enc.save_pretrained(tmp_path)
+    back = vb.VideoBoothImageEncoder.from_pretrained(tmp_path)
+    x = torch.rand(1, 3, 40, 40, generator=torch.manual_seed(1))
+    a, b = enc(x), back(x)
+    assert isinstance(back.visual, CLIPVisionModel) and back.layers == (2, 0) and back.resize_mode == "bilinear"
+    assert torch.equal(a.layer_tokens, b.layer_tokens) and torch.equal(a.image_embeds, b.image_embeds)

@@ -55,7 +55,8 @@ class VideoBoothImageEncoder(ModelMixin, ConfigMixin):
         embed_dim, vision_cfg, quick_gelu: the open_clip configuration the tower was built from
             (``open_clip.model._build_vision_tower(embed_dim, vision_cfg, quick_gelu)``); saved
             by ``save_pretrained`` so that ``from_pretrained`` can rebuild the tower. Given
-            without ``visual``, the tower is built from them (random weights).
+            without ``visual``, the tower is built from them (random weights). A transformers
+            ``CLIPVisionModel`` tower records its own config instead (``hf_vision_config``).
             :meth:`from_open_clip` fills them in; a tower passed without them saves, but
             ``from_pretrained`` cannot rebuild it.
         resize_mode, antialias: how images are resized to the tower's input size (the official
@@ -65,18 +66,24 @@ class VideoBoothImageEncoder(ModelMixin, ConfigMixin):
     block i's output is its ``hidden_states[i + 1]``, ``image_embeds`` its ``pooler_output``.
 
     A diffusers ``ModelMixin``/``ConfigMixin``: ``save_pretrained``/``from_pretrained`` and a
-    pipeline's ``save_pretrained``/``from_pretrained`` keep it. The tower is frozen (``requires_grad=False``) and kept in eval mode by the pipeline; the
+    pipeline's ``save_pretrained``/``from_pretrained`` keep it. The tower is frozen
+    (``requires_grad=False``) and kept in eval mode by the pipeline; the
     mapper after it is what trains.
     """
 
     def __init__(self, visual: Optional[nn.Module] = None, layers: Optional[Sequence[int]] = None,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                  resize_mode: str = "bicubic", antialias: bool = True, *,
-                 embed_dim: Optional[int] = None, vision_cfg: Optional[dict] = None, quick_gelu: bool = False):
+                 embed_dim: Optional[int] = None, vision_cfg: Optional[dict] = None, quick_gelu: bool = False,
+                 hf_vision_config: Optional[dict] = None):
         super().__init__()
         if resize_mode not in ("bicubic", "bilinear"):
             raise ValueError(f"resize_mode: expected 'bicubic' or 'bilinear', got {resize_mode!r}")
         self.resize_mode, self.antialias = resize_mode, bool(antialias)
+        if visual is None and hf_vision_config is not None:
+            from transformers import CLIPVisionConfig, CLIPVisionModel
+
+            visual = CLIPVisionModel(CLIPVisionConfig.from_dict(dict(hf_vision_config)))
         if visual is None:
             if vision_cfg is None or embed_dim is None:
                 raise ValueError("vision_cfg: this image encoder was saved from a tower without its open_clip "
@@ -116,7 +123,8 @@ class VideoBoothImageEncoder(ModelMixin, ConfigMixin):
         self.register_to_config(layers=list(self.layers), mean=[float(x) for x in mean], std=[float(x) for x in std],
                                 resize_mode=resize_mode, antialias=bool(antialias),
                                 embed_dim=None if embed_dim is None else int(embed_dim),
-                                vision_cfg=None if vision_cfg is None else dict(vision_cfg), quick_gelu=bool(quick_gelu))
+                                vision_cfg=None if vision_cfg is None else dict(vision_cfg), quick_gelu=bool(quick_gelu),
+                                hf_vision_config=(visual.config.to_dict() if _is_hf_vision(visual) else None))
 
     @classmethod
     def from_open_clip(cls, model_name: str, pretrained: Optional[str] = None, layers=None, **kwargs):
@@ -144,7 +152,7 @@ class VideoBoothImageEncoder(ModelMixin, ConfigMixin):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' ``ModelMixin.save_pretrained``; refused for a tower whose open_clip
         configuration is unknown (``from_pretrained`` could not rebuild it)."""
-        if self.config.vision_cfg is None:
+        if self.config.vision_cfg is None and self.config.hf_vision_config is None:
             raise ValueError("vision_cfg: this image encoder was built from a tower without its open_clip "
                              "configuration; use VideoBoothImageEncoder.from_open_clip(...) or pass embed_dim= and "
                              "vision_cfg= so that from_pretrained can rebuild it")

@@ -379,7 +379,8 @@ class VideoBoothPipeline(DiffusionPipeline):
         if n > 1:  # every per-prompt tensor, prompt-major (prompt 0's videos first)
             rep = _repeat_each(n)
             text, pooled, image_embeds, image_latents = rep(text), rep(pooled), rep(image_embeds), rep(image_latents)
-            neg_text, neg_pooled, null_text, null_pooled = rep(neg_text), rep(neg_pooled), rep(null_text), rep(null_pooled)
+            neg_text, neg_pooled = rep(neg_text), rep(neg_pooled)
+            null_text, null_pooled = rep(null_text), rep(null_pooled)
             if do_cfg and uncond_image == "grey":
                 grey_embeds, grey_latents = rep(grey_embeds), rep(grey_latents)
             b = b * n

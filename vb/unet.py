@@ -651,7 +651,8 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
             text_f = text.repeat_interleave(f, 0)
             with ctx.activate(st):
                 if self.motion:  # UNetMotionModel folds the frames itself, timestep per clip
-                    return self.unet(sample, t, encoder_hidden_states=text_f, cross_attention_kwargs=state_kwargs(st)).sample
+                    return self.unet(sample, t, encoder_hidden_states=text_f,
+                                     cross_attention_kwargs=state_kwargs(st)).sample
                 frames = sample.transpose(1, 2).reshape(b * f, c, h, w)
                 out = self.unet(frames, t.repeat_interleave(f), encoder_hidden_states=text_f,
                                 cross_attention_kwargs=state_kwargs(st)).sample
