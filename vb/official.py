@@ -383,7 +383,7 @@ def _cmd_sample(args) -> None:
     frames = pipe.official_sample(args.prompt, args.word, image, mask, args.box, num_frames=args.frames,
                                   num_inference_steps=args.steps, guidance_scale=args.guidance,
                                   image_frames=args.frames if args.official_image_branch else 0,
-                                  generator=gen).frames[0]
+                                  height=args.height, generator=gen).frames[0]
     if args.out.lower().endswith(".gif"):
         export_to_gif(frames, args.out, fps=OFFICIAL_DEFAULTS["fps"])
     else:
@@ -419,6 +419,7 @@ def main(argv=None) -> None:
     q.add_argument("--word", required=True, help="the subject word the image prompt replaces")
     q.add_argument("--out", default="videobooth.gif", help=".gif or .mp4")
     q.add_argument("--frames", type=int, default=16)
+    q.add_argument("--height", type=int, default=256, help="video height = width in pixels")
     q.add_argument("--steps", type=int, default=250)
     q.add_argument("--guidance", type=float, default=4.0)
     q.add_argument("--seed", type=int, default=10)
