@@ -26,7 +26,8 @@ import torch
 from bench.measure import full_grid
 
 
-def build(frames: int, size: int, *, widths=(320, 640), sd14: bool = False, seed: int = 0):
+def build(frames: int, size: int, *, widths=(320, 640), sd14: bool = False, seed: int = 0, device="cpu",
+          dtype=torch.float32):
     """(backbone, inputs) of the official architecture with random weights (zero-initialised
     outputs made random so every path counts)."""
     from diffusers import UNet2DConditionModel
@@ -52,7 +53,8 @@ def build(frames: int, size: int, *, widths=(320, 640), sd14: bool = False, seed
     inputs = dict(x=torch.randn(1, 4, frames, size, size, generator=g), t=torch.tensor([500]),
                   text=torch.randn(1, 77, d, generator=g), null=torch.randn(1, 77, d, generator=g),
                   image=torch.randn(1, 4, size, size, generator=g))
-    return bb, inputs
+    inputs = {k: v.to(device) if k == "t" else v.to(device, dtype) for k, v in inputs.items()}
+    return bb.to(device, dtype), inputs
 
 
 @torch.no_grad()
@@ -102,20 +104,30 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=16, help="latent height = width")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sd14", action="store_true", help="the full SD-1.4 U-Net shape (slow on CPU)")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     args = ap.parse_args(argv)
-    bb, inputs = build(args.frames, args.size, sd14=args.sd14)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    bb, inputs = build(args.frames, args.size, sd14=args.sd14, device=device, dtype=dtype)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     times, outs = {}, {}
     for structure in ("original", "ours"):
-        outs[structure] = cfg_step(bb, inputs, structure)  # warm-up
+        outs[structure] = cfg_step(bb, inputs, structure)  # warm-up (and Triton compiles)
         runs = []
         for _ in range(args.rounds):
+            sync()
             t0 = time.perf_counter()
             cfg_step(bb, inputs, structure)
+            sync()
             runs.append(time.perf_counter() - t0)
         times[structure] = statistics.median(runs)
     print(f"F={args.frames} latent {args.size}x{args.size} threads={torch.get_num_threads()} "
-          f"device={'cuda' if torch.cuda.is_available() else 'cpu'} "
-          f"torch {torch.__version__}")
+          f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} dtype={args.dtype} "
+          f"sd14={args.sd14} torch {torch.__version__}")
     for s in ("original", "ours"):
         print(f"{s:9s} median {times[s] * 1e3:9.1f} ms over {args.rounds} rounds")
     print(f"ratio original / ours = {times['original'] / times['ours']:.2f}x; "

@@ -398,3 +398,43 @@ def test_official_sample_runs_and_is_seeded():
     tokens = torch.randn(1, 3, 32)
     before, after = pipe.official_text(["a dog"], ["dog"]), pipe.official_text(["a dog"], ["dog"], tokens)
     assert before.shape == after.shape == (1, 77, 32) and rel(after, before) > 1e-3
+
+
+def test_sample_command_end_to_end_on_tiny_local_models(official_sd, tmp_path):
+    """``python -m vb.official sample`` with every component a tiny local folder (no download)."""
+    import json
+
+    from diffusers import AutoencoderKL
+    from transformers import CLIPConfig, CLIPModel
+
+    from vb.official import main
+
+    unet_sd, mapper_sd = official_sd
+    torch.save({"ema_unet": unet_sd}, tmp_path / "unet.pt")
+    torch.save({"ema": mapper_sd}, tmp_path / "mapper.pt")
+    (tmp_path / "sd14" / "unet").mkdir(parents=True)
+    (tmp_path / "sd14" / "unet" / "config.json").write_text(json.dumps(TINY))
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=8, sample_size=16).save_pretrained(tmp_path / "vae")
+    cfg = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      max_position_embeddings=77, vocab_size=49408),
+                     vision_config=dict(hidden_size=24, intermediate_size=32, num_hidden_layers=24,
+                                        num_attention_heads=2, image_size=32, patch_size=16), projection_dim=8)
+    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    vb.clip_tokenizer().save_pretrained(tmp_path / "clip")
+    img = (np.random.RandomState(0).rand(30, 20, 3) * 255).astype(np.uint8)
+    import PIL.Image
+    PIL.Image.fromarray(img).save(tmp_path / "img.png")
+    mask = np.zeros((30, 20), np.uint8)
+    mask[4:25, 3:15] = 255
+    PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "out.gif"
+    main(["sample", "--unet", str(tmp_path / "unet.pt"), "--mapper", str(tmp_path / "mapper.pt"),
+          "--sd14", str(tmp_path / "sd14"), "--vae", str(tmp_path / "vae"), "--clip", str(tmp_path / "clip"),
+          "--image", str(tmp_path / "img.png"), "--mask", str(tmp_path / "mask.png"), "--prompt", "A dog in a pond",
+          "--word", "dog", "--out", str(out), "--frames", "2", "--height", "16", "--steps", "2",
+          "--attn-backend", "reference"])
+    frames = PIL.Image.open(out)
+    assert frames.size == (16, 16) and frames.n_frames == 2
