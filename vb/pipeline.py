@@ -186,14 +186,14 @@ class VideoBoothPipeline(DiffusionPipeline):
         """Refused: diffusers' sliced processor would replace the VideoBooth processors (and
         with them the fine path). The cross-frame attention's memory is the backend's:
         ``backbone.set_attn_backend("triton")`` never materialises the attention scores
-        (``"sdpa"``/``"flex"`` are memory-efficient too); ``enable_vae_slicing()`` bounds the VAE.
+        (``"sdpa"``/``"flex"`` are memory-efficient too); ``pipe.vae.enable_slicing()`` bounds the VAE.
         ``disable_attention_slicing()`` (slice_size None) is accepted and changes nothing."""
         if slice_size is None:
             return
         raise NotImplementedError(
             "enable_attention_slicing: VideoBoothPipeline does not slice attention (a sliced processor would "
             "replace the VideoBooth processors); choose a memory-efficient backend instead: "
-            "pipe.backbone.set_attn_backend('triton') (or 'sdpa'/'flex'), and pipe.enable_vae_slicing() for the VAE")
+            "pipe.backbone.set_attn_backend('triton') (or 'sdpa'/'flex'), and pipe.vae.enable_slicing() for the VAE")
 
     # ---- adapter weights ------------------------------------------------------------------------
     def save_adapter(self, save_directory: str) -> str:
