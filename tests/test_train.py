@@ -265,8 +265,9 @@ def test_videobooth_task_two_stages_on_synthetic_data(tmp_path):
     assert set(w1) < names and any("attn1.processor.to_k_exemplar" in k for k in names)
     out2 = tr2.train()
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in out2["history"])
-    # the exported adapter loads into a fresh pipeline
-    parts = vb.build_tiny_videobooth("unet")
+    # the exported adapter loads into a fresh pipeline with the schedule it was trained with
+    # (load_adapter refuses another schedule)
+    parts = vb.build_tiny_videobooth("unet", schedule="window:2")
     parts.pipeline().load_adapter(out2["export"])
     ema = ckpt.load_weights(s2.output_dir, "ema")
     k = next(k for k in ema if "to_v_exemplar" in k)
