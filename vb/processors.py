@@ -292,7 +292,7 @@ class VideoBoothAttnProcessor(_BaseProcessor):
             raise ValueError(f"{self.name}: hidden_states batch {bf} is not a multiple of num_frames={f}")
         b = bf // f
         if ctx.record:
-            ctx.image_states[self.name] = x.view(b, f, n, -1)[:, 0]
+            ctx.image_states[self.name] = x.reshape(b, f, n, -1)[:, 0]
         x_img = ctx.image_states.get(self.name) if ctx.inject else None
         if ctx.inject and x_img is None:
             raise RuntimeError(f"{self.name}: the image branch recorded no hidden states for this layer")
