@@ -108,6 +108,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    # fp32 means fp32: cuDNN's convolutions default to TF32 on Ampere+, which alone moves the two
+    # structures (different batch sizes, different accumulation) apart by ~1e-3.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     bb, inputs = build(args.frames, args.size, sd14=args.sd14, device=device, dtype=dtype)
 
     def sync():

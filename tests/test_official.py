@@ -169,6 +169,11 @@ def test_temporal_attention_without_positions_is_plain_attention_over_frames():
     lit = seq + t.attn.to_out[0](att.transpose(1, 2).reshape(b * n, f, c))
     assert rel(out, lit.view(b, n, f, c).transpose(1, 2).reshape(b * f, n, c)) < 1e-6
     assert rel(TemporalAttention(8, 2, 4, positions=True).to(torch.float32)(x, f), x) < 1e-6  # zero-init: identity
+    # One frame (the official image stream, F identical frames): softmax over one key is 1, so
+    # the layer is x + to_out(to_v(LayerNorm(x))).
+    one = torch.randn(4, n, c)
+    lit1 = one + t.attn.to_out[0](t.attn.to_v(F.layer_norm(one, (c,), t.norm.weight, t.norm.bias)))
+    assert rel(t(one, 1), lit1) < 1e-6
 
 
 def _tiny_backbone(preset, **kw):
@@ -395,6 +400,9 @@ def test_official_sample_runs_and_is_seeded():
     a = pipe.official_sample("A dog in the pond", "dog", img, generator=torch.manual_seed(0), **kw).frames
     b = pipe.official_sample("A dog in the pond", "dog", img, generator=torch.manual_seed(0), **kw).frames
     assert a.shape == (1, 2, 16, 16, 3) and np.array_equal(a, b) and np.isfinite(a).all()
+    one = pipe.official_sample("A dog in the pond", "dog", img, generator=torch.manual_seed(0), image_frames=0,
+                               **kw).frames
+    assert one.shape == a.shape and np.isfinite(one).all()
     tokens = torch.randn(1, 3, 32)
     before, after = pipe.official_text(["a dog"], ["dog"]), pipe.official_text(["a dog"], ["dog"], tokens)
     assert before.shape == after.shape == (1, 77, 32) and rel(after, before) > 1e-3

@@ -382,7 +382,7 @@ def _cmd_sample(args) -> None:
     gen = torch.Generator(device).manual_seed(args.seed)
     frames = pipe.official_sample(args.prompt, args.word, image, mask, args.box, num_frames=args.frames,
                                   num_inference_steps=args.steps, guidance_scale=args.guidance,
-                                  image_frames=args.frames if args.official_image_branch else 0,
+                                  image_frames=0 if args.one_frame_image_branch else args.frames,
                                   height=args.height, generator=gen).frames[0]
     if args.out.lower().endswith(".gif"):
         export_to_gif(frames, args.out, fps=OFFICIAL_DEFAULTS["fps"])
@@ -426,8 +426,9 @@ def main(argv=None) -> None:
     q.add_argument("--attn-backend", default="auto")
     q.add_argument("--device", default=None)
     q.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    q.add_argument("--official-image-branch", action="store_true",
-                   help="run the image branch on F copies with their own noise, as the official code")
+    q.add_argument("--one-frame-image-branch", action="store_true",
+                   help="run the image branch once per step instead of on F copies with their own noise "
+                        "(cheaper; not the official code's sample)")
     q.set_defaults(func=_cmd_sample)
     args = ap.parse_args(argv)
     args.func(args)

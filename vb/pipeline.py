@@ -498,7 +498,8 @@ class VideoBoothPipeline(DiffusionPipeline):
     def official_sample(self, prompt: str, subject_word: str, image, mask=None, box=None, *,
                         num_frames: int = OFFICIAL_DEFAULTS["num_frames"],
                         num_inference_steps: int = OFFICIAL_DEFAULTS["num_inference_steps"],
-                        guidance_scale: float = OFFICIAL_DEFAULTS["guidance_scale"], image_frames: int = 0,
+                        guidance_scale: float = OFFICIAL_DEFAULTS["guidance_scale"],
+                        image_frames: Optional[int] = None,
                         height: int = OFFICIAL_DEFAULTS["height"], generator: Optional[torch.Generator] = None, output_type: str = "pil",
                         return_dict: bool = True):
         """Generate one video the way the official sample script does (docs/official.md).
@@ -508,8 +509,10 @@ class VideoBoothPipeline(DiffusionPipeline):
             image, mask, box: the image prompt, its subject mask and box (:func:`vb.coarse.official_preprocess`).
             num_frames, num_inference_steps, guidance_scale: official defaults 16, 250, 4.0.
             height: video height = width in pixels (official 256: its preprocessing's VAE size).
-            image_frames: 0: one image-branch frame per step (ours, F times cheaper); F: the
-                official structure (F copies of the image latent, each with its own noise).
+            image_frames: None (default): the official structure, ``num_frames`` copies of the
+                image latent, each with its own noise (what the official code computes); 0: one
+                image-branch frame per step (the image branch costs 1/F of that; the sample moves
+                away from the official one, docs/official.md).
             generator: for the initial noise, the VAE sample and every step's draws.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
         """
@@ -520,6 +523,7 @@ class VideoBoothPipeline(DiffusionPipeline):
         self._check_inputs(num_frames, height, height, num_inference_steps, guidance_scale, "none", output_type)
         device = self._execution_device
         dtype = next(self.backbone.parameters()).dtype
+        image_frames = num_frames if image_frames is None else int(image_frames)
         clip_image, vae_image = official_preprocess(image, mask, box, vae_size=height)
         side = height // self.vae_scale_factor
         latents = randn_tensor((1, self.backbone.in_channels, num_frames, side, side), generator=generator,

@@ -308,7 +308,7 @@ class VideoBoothAttnProcessor(_BaseProcessor):
             raise ValueError(f"{self.name}: hidden_states batch {bf} is not a multiple of num_frames={f}")
         b = bf // f
         if st.record:  # (setdefault: a checkpoint's recompute keeps the forward's tensor)
-            st.image_states.setdefault(self.name, x.view(b, f, n, -1)[:, 0])
+            st.image_states.setdefault(self.name, x.reshape(b, f, n, -1)[:, 0])
         x_img = st.image_states.get(self.name) if st.inject else None
         if st.inject and x_img is None:
             raise RuntimeError(f"{self.name}: the image branch recorded no hidden states for this layer")
