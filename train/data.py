@@ -530,6 +530,9 @@ class VideoBoothDataset(torch.utils.data.Dataset):
         train: True: random frame offset, random subject among several, prompt augmentation.
             False: frames from 0, the highest-logit subject, no augmentation (evaluation).
         prompt_augment: the image prompt's augmentation (used when train); None: default.
+        vae_prompt_augment: when given (and train), items also hold ``image_vae``: the same
+            crop with its own, independent augmentation draw (the official code augments the
+            CLIP branch and the VAE branch separately); None: no ``image_vae``.
         seed: base seed of the per-item generators.
         max_skips: how many bad items in a row one `__getitem__` may pass over before it
             raises RuntimeError (a dataset that is mostly broken should fail loudly).
@@ -554,6 +557,7 @@ class VideoBoothDataset(torch.utils.data.Dataset):
         image_size: int = 224,
         train: bool = True,
         prompt_augment: PromptAugment | None = None,
+        vae_prompt_augment: PromptAugment | None = None,
         seed: int = 0,
         max_skips: int = 64,
         strict: bool = False,
@@ -580,6 +584,10 @@ class VideoBoothDataset(torch.utils.data.Dataset):
         self.image_size = image_size
         self.train = bool(train)
         self.prompt_augment = prompt_augment or PromptAugment()
+        if vae_prompt_augment is not None and not isinstance(vae_prompt_augment, PromptAugment):
+            raise TypeError(f"vae_prompt_augment: expected PromptAugment or None, "
+                            f"got {type(vae_prompt_augment).__name__}")
+        self.vae_prompt_augment = vae_prompt_augment
         self.seed = int(seed)
         self.epoch = 0
         self.max_skips = max_skips
@@ -618,11 +626,18 @@ class VideoBoothDataset(torch.utils.data.Dataset):
         except SampleError as e:
             e.path = e.path or str(rec.folder / "mask.json")
             raise
+        image_vae = None
         if self.train:
-            image = augment_image_prompt(image, rng, self.prompt_augment)
+            crop = image
+            image = augment_image_prompt(crop, rng, self.prompt_augment)
+            if self.vae_prompt_augment is not None:  # drawn after the CLIP branch's: those stay as without it
+                image_vae = augment_image_prompt(crop, rng, self.vae_prompt_augment)
         video = center_crop_resize(clip, self.size)
-        return {"video": video, "image": image, "caption": rec.caption, "subject": subj["label"],
+        item = {"video": video, "image": image, "caption": rec.caption, "subject": subj["label"],
                 "video_id": rec.videoid, "category": rec.category}
+        if image_vae is not None:
+            item["image_vae"] = image_vae
+        return item
 
     def _record_bad(self, index: int, err: SampleError) -> None:
         self.stats.skipped[err.reason] += 1
