@@ -255,7 +255,7 @@ def test_videobooth_task_two_stages_on_synthetic_data(tmp_path):
     data = tmp_path / "syn"
     generate(data, 6, seed=0, size=32, num_frames=4, fmt="frames", progress=False)
     base = dict(task="videobooth", device="cpu", seed=0, batch_size=2, max_steps=2, checkpoint_every=2,
-                progress=False, lr=1e-3, cond_dropout=0.5,
+                progress=False, lr=1e-3, cond_dropout=0.5, validation_steps=2,
                 data={"root": str(data), "num_frames": 4, "size": 16, "image_size": 32})
     s1 = TrainConfig.from_dict(dict(base, output_dir=str(tmp_path / "s1")))
     out1 = Trainer(s1).train()
@@ -270,6 +270,15 @@ def test_videobooth_task_two_stages_on_synthetic_data(tmp_path):
     assert set(w1) < names and any("attn1.processor.to_k_exemplar" in k for k in names)
     out2 = tr2.train()
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in out2["history"])
+    # validation at the checkpoint: GIFs, and the metric and videos in tensorboard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert sorted(p.name for p in (Path(s2.output_dir) / "validation" / "step-00000002").iterdir()) == \
+        ["0.gif", "1.gif"]
+    ev = EventAccumulator(str(next((Path(s2.output_dir) / "logs").rglob("events.out.tfevents.*")).parent))
+    ev.Reload()
+    assert {"validation/color_id", "loss", "lr", "grad_norm"} <= set(ev.Tags()["scalars"])
+    assert len(ev.Tags()["images"]) == 2  # one strip of frames per validation video
     # the exported adapter loads into a fresh pipeline
     parts = vb.build_tiny_videobooth("unet")
     parts.pipeline().load_adapter(out2["export"])

@@ -411,8 +411,12 @@ class Trainer:
                 self.step += 1
                 rec.update(step=self.step, time_s=round(time.perf_counter() - t0, 4))
                 history.append(rec)
-                if self.main and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
-                    self._write_log(rec)
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    if self.main:
+                        self._write_log(rec)
+                    if self.trackers:  # accelerate logs on the main process only
+                        acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"},
+                                step=self.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
                 self._maybe_fault("exit_after_step", self.step)
@@ -479,9 +483,9 @@ class Trainer:
         for name in self.trackers:
             tracker = acc.get_tracker(name, unwrap=True)
             for key, frames in videos.items():  # frames: (F, H, W, 3) uint8
-                if name == "tensorboard":
-                    v = torch.as_tensor(frames).permute(0, 3, 1, 2)[None]  # (1, F, 3, H, W)
-                    tracker.add_video(f"validation/{key}", v, global_step=self.step, fps=4)
+                if name == "tensorboard":  # the frames side by side (add_video needs moviepy)
+                    strip = np.concatenate(list(np.asarray(frames)), axis=1)  # (H, F*W, 3)
+                    tracker.add_image(f"validation/{key}", strip, global_step=self.step, dataformats="HWC")
                 elif name == "wandb":
                     import wandb
                     tracker.log({f"validation/{key}": wandb.Video(np.asarray(frames).transpose(0, 3, 1, 2), fps=4)},
