@@ -215,3 +215,9 @@ def test_independent_vae_branch_augmentation(syn_data):
     # random draws: the two branches differ
     rand = VideoBoothDataset(syn_data, vae_prompt_augment=PromptAugment(translate=(0.1, 0.1)), **kw)[1]
     assert not torch.allclose(rand["image"], rand["image_vae"])
+
+
+def test_dataloader_workers_give_the_same_losses(tmp_path):
+    a = Trainer(toy_cfg(tmp_path, "w0", max_steps=2, checkpoint_every=2)).train()
+    b = Trainer(toy_cfg(tmp_path, "w2", max_steps=2, checkpoint_every=2, num_workers=2)).train()
+    assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]

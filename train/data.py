@@ -241,23 +241,51 @@ def choose_frame_indices(total: int, num_frames: int, stride: int, u: float | No
     raise SampleError("too_short", None, f"{total} frames, need at least {num_frames}")
 
 
-def _decode_av(path: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int, bool]:
-    """Decode `path` from the start up to max(wanted). Returns (frames kept, frames decoded,
-    whether the end of the stream was reached)."""
+# A wanted frame this many frames past the decoder's position is reached by seeking (to the
+# keyframe at or before it) instead of decoding every frame in between.
+SEEK_GAP = 24
+
+
+def _decode_av(path: Path, wanted: set[int], seek: bool = True) -> tuple[dict[int, np.ndarray], int, bool]:
+    """Decode the frames `wanted` of `path`. Returns (frames kept, frames up to the last one
+    decoded, whether the end of the stream was reached).
+
+    With `seek` (and a stream whose frame rate and time base are known), a wanted frame more
+    than SEEK_GAP frames ahead is reached with a seek to the keyframe at or before it, and frame
+    numbers come from timestamps (round((pts - start) * time_base * rate), exact for constant
+    frame rates); the clip's frames are then the same as decoding from the start. Otherwise the
+    stream is decoded from the start and frames are counted (variable frame rates)."""
     import av  # imported here: only video files need it
 
     keep: dict[int, np.ndarray] = {}
-    last = max(wanted)
-    n = 0
+    targets = sorted(wanted)
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        for frame in container.decode(stream):
-            if n in wanted:
-                keep[n] = frame.to_ndarray(format="rgb24")
-            n += 1
-            if n > last:
-                return keep, n, False
-    return keep, n, True
+        rate, tb = stream.average_rate, stream.time_base
+        start = stream.start_time or 0
+        timed = seek and bool(rate) and bool(tb)
+        pos = 0  # the frame number the decoder yields next (when decoding on from the start)
+        frames = container.decode(stream)
+        for t in targets:
+            if t in keep:
+                continue
+            if timed and t - pos > SEEK_GAP:
+                container.seek(start + int(t / (rate * tb)), stream=stream, backward=True, any_frame=False)
+                frames = container.decode(stream)
+                pos = -1  # unknown until the first frame after the seek
+            for frame in frames:
+                if timed and frame.pts is not None:
+                    n = int(round(float((frame.pts - start) * tb * rate)))
+                else:
+                    n = max(pos, 0)
+                if n in wanted:
+                    keep[n] = frame.to_ndarray(format="rgb24")
+                pos = n + 1
+                if n >= t:
+                    break
+            else:
+                return keep, max(pos, 0), True
+    return keep, pos, False
 
 
 def _stream_frame_count(path: Path) -> int:
@@ -297,7 +325,7 @@ def read_frames(source: Path | list[Path], num_frames: int, stride: int = 1,
         total = _stream_frame_count(path)
         if total <= 0:
             # the container does not say: count by decoding (rare; small files)
-            _, total, _ = _decode_av(path, {1 << 62})
+            _, total, _ = _decode_av(path, {1 << 62}, seek=False)
         idx = choose_frame_indices(total, num_frames, stride, u)
         keep, n, ended = _decode_av(path, {0, *idx})
         if ended and n > 0:
