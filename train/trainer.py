@@ -213,6 +213,14 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.rank, self.world = acc.process_index, acc.num_processes
         self.main = acc.is_main_process
+        # FSDP shards the parameters themselves: accelerate saves and loads the model, the
+        # trainable weights are gathered for trainable.safetensors, and there is no EMA
+        # (EMAModel keeps full copies). Written for GPUs; accelerate refuses FSDP on CPU, so it is
+        # not exercised by the CPU tests (docs/train.md).
+        self.fsdp = str(acc.distributed_type) in ("FSDP", "DistributedType.FSDP")
+        if self.fsdp and cfg.ema_decay > 0:
+            raise ValueError("ema_decay: diffusers' EMAModel keeps a full copy of the trained weights on every "
+                             "process, which FSDP's sharding avoids; set ema_decay: 0 with FSDP, or train with DDP")
         self.ckpt_root = self.out / ckpt.CKPT_DIR
         self._fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
         self._stop = False
@@ -296,14 +304,20 @@ class Trainer:
 
     # -- accelerate's state hooks: trainable weights and EMA by name, not the whole model --------
     def _save_hook(self, models, weights, output_dir) -> None:
+        trained = dict(self.named_params)
+        if self.fsdp:  # every process takes part in the gather; the main one gets the full tensors
+            full = self.accelerator.get_state_dict(self.model)
+            trained = {k: full[k] for k in trained} if self.main else {}
         if self.main:
             meta = {"step": self.step, "stage": self.cfg.stage, "task": self.cfg.task}
-            ckpt.save_tensors(dict(self.named_params), Path(output_dir) / ckpt.TRAINABLE_FILE, meta)
+            ckpt.save_tensors(trained, Path(output_dir) / ckpt.TRAINABLE_FILE, meta)
             if self.ema is not None:
                 ckpt.save_tensors(self.ema_state_dict(), Path(output_dir) / ckpt.EMA_FILE, meta)
         weights.clear()  # accelerate would write the whole task (frozen weights too)
 
     def _load_hook(self, models, input_dir) -> None:
+        if self.fsdp:
+            return  # accelerate has loaded the (sharded) model itself
         path = Path(input_dir)
         weights = ckpt.load_tensors(path / ckpt.TRAINABLE_FILE)
         names = {k for k, _ in self.named_params}
