@@ -14,7 +14,7 @@ import torch
 
 from train import checkpoint as ckpt
 from train.config import TrainConfig, config_from_args, load_config, normalize_schedule
-from train.tasks import build_task
+from train.registry import build_task
 from train.trainer import FAULT_ENV, FAULT_EXIT_CODE, EpochBatchSampler, Trainer
 
 from tests.toy_task import TASK as TOY, ToyVideoTask

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from train.config import NOISE_DEFAULTS, TrainConfig, load_config
-from train.tasks import build_task, resolve_noise_config
+from train.registry import build_task
+from train.tasks import resolve_noise_config
 from train.trainer import Trainer, build_optimizer
 
 from tests.toy_task import TASK as TOY

@@ -44,7 +44,7 @@ from typing import Optional, Sequence
 import torch
 
 from .evaluation import (ARM_IMAGE, ARM_REAL, ARM_TEXT, ARM_VAE, COLUMNS, chance_color_top1,  # noqa: F401
-                         encoder_metrics, generate_videos, identity_scores, inference_scheduler,
+                         encoder_metrics, generate_videos, identity_scores,
                          load_trained_pipeline, markdown_table, paired_difference, plot_losses, summarize,
                          vae_roundtrip, write_arm_gifs, write_grid)
 from .experiment import (DemoSettings, EvalItem, make_data, make_eval_items, pretrain_vae,  # noqa: F401

@@ -18,19 +18,12 @@ if TYPE_CHECKING:  # annotations only
 # ================================================================================================
 # a trained run as a pipeline
 # ================================================================================================
-def inference_scheduler(noise_config: dict):
-    """A DDIM scheduler with a training run's noise schedule and prediction type (a
-    ``DiffusionTask.noise_config``: DDPMScheduler keyword arguments)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(**noise_config, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-
-
 def load_trained_pipeline(cfg, run_dir: Path, which: str = "ema"):
     """A `VideoBoothPipeline` over the task of `cfg` (its tiny components + the VAE of
     model.base_weights) with every trained weight of `run_dir` (EMA by default), in eval mode."""
     from . import checkpoint as ckpt
-    from .tasks import build_task
+    from .registry import build_task
+    from .tasks import inference_scheduler
     from .trainer import seed_all
 
     seed_all(cfg.seed)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger("train.demo")
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "configs"
@@ -246,7 +246,9 @@ def stage_config(s: DemoSettings, stage: int, *, data_root: Path, output_dir: Pa
              "attn_backend": s.attn_backend, "backbone": s.backbone, "schedule": s.schedule,
              "progress": s.progress, "data.root": str(data_root), "data.num_frames": s.frames,
              "data.frame_stride": s.frame_stride, "data.size": s.size, "data.image_size": s.image_size,
-             "model.base_weights": str(vae_file), "init_from": str(init_from) if init_from else None}
+             "model.base_weights": str(vae_file), "init_from": str(init_from) if init_from else None,
+             # the trainer's validation at the checkpoint: as many steps as the demo's generation
+             "validation_steps": s.inference_steps, "validation_guidance": s.guidance_scale}
     items.update(s.extra)
     items.update(overrides or {})
     cfg = load_config(CONFIG_DIR / f"demo_stage{stage}.yaml")

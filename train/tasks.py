@@ -35,14 +35,11 @@ loss. Its contract:
 
 :class:`DiffusionTask` implements ``forward`` for epsilon- (or v-) prediction diffusion with
 condition dropout and a diffusers ``DDPMScheduler``; a subclass supplies ``latents``,
-``drop_conditions`` and ``predict``. The registered task is ``videobooth`` (the real model,
-``vb``, on the VideoBooth data layout, ``train.data``); any ``"package.module:factory"`` works too
-(the tests train a small VideoBooth-shaped toy task, ``tests/toy_task.py``, that way).
+``drop_conditions`` and ``predict``. Tasks are built by name in :mod:`train.registry`.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -213,6 +210,14 @@ class DiffusionTask(TrainTask):
         return out
 
 
+def inference_scheduler(noise_config: dict):
+    """A DDIM scheduler for sampling a model trained with ``noise_config`` (a
+    ``DiffusionTask.noise_config``: DDPMScheduler keyword arguments)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**noise_config, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
 def resolve_noise_config(cfg: TrainConfig, pretrained: Optional[dict] = None) -> dict:
     """``DDPMScheduler`` keyword arguments for ``NOISE_KEYS``: the config's value, else the
     pretrained scheduler's, else ``NOISE_DEFAULTS`` (DiffusionTask docstring). ``pretrained``:
@@ -227,41 +232,3 @@ def resolve_noise_config(cfg: TrainConfig, pretrained: Optional[dict] = None) ->
                              f"true to train with {mine!r}")
         out[key] = mine if mine is not None else theirs if theirs is not None else NOISE_DEFAULTS[key]
     return out
-
-
-# ================================================================================================
-# registry
-# ================================================================================================
-# Names -> "module:factory": imported when used (the VideoBooth task pulls in vb and diffusers'
-# models), and this module never imports a task module (which imports this one).
-TASKS: Dict[str, Union[str, Callable[[TrainConfig], TrainTask]]] = {
-    "videobooth": "train.videobooth_task:VideoBoothTask"}
-
-
-def register_task(name: str, factory: Union[str, Callable[[TrainConfig], TrainTask]]) -> None:
-    """Register a task factory (or its ``"package.module:factory"`` path) under ``name``."""
-    TASKS[name] = factory
-
-
-def _import_factory(spec: str):
-    mod, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(mod), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"task: cannot import {spec!r} ({e})") from e
-
-
-def build_task(cfg: TrainConfig) -> TrainTask:
-    """The task ``cfg.task`` names: a registered name or ``"package.module:factory"``."""
-    name = cfg.task
-    if name in TASKS:
-        factory = TASKS[name]
-        factory = _import_factory(factory) if isinstance(factory, str) else factory
-    elif ":" in name:
-        factory = _import_factory(name)
-    else:
-        raise ValueError(f"task: expected one of {sorted(TASKS)} or 'package.module:factory', got {name!r}")
-    task = factory(cfg)
-    if not isinstance(task, TrainTask):
-        raise TypeError(f"task: {name!r} built a {type(task).__name__}, expected a train.tasks.TrainTask")
-    return task

@@ -43,7 +43,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .tasks import TrainTask, build_task
+from .registry import build_task
+from .tasks import TrainTask
 
 log = logging.getLogger(__name__)
 

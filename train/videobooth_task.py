@@ -354,7 +354,7 @@ class VideoBoothTask(DiffusionTask):
         from diffusers.utils import export_to_gif
         from PIL import Image
 
-        from .evaluation import inference_scheduler
+        from .tasks import inference_scheduler
         from .metrics import color_identity
 
         items = self._validation_items(self.cfg.validation_samples)
