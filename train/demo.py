@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", help="open_clip model for CLIP-I/CLIP-T, e.g. ViT-B-32 (needs its weights)")
     p.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag (default openai)")
     p.add_argument("--dino", help="timm DINO model for DINO-I, e.g. vit_small_patch16_224.dino (needs weights)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the float rounding, so the table's digits, depends on "
+                        "the thread count, and one thread is also the fastest on a shared CPU)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="more trainer config overrides for both stages (model.fine_path=true, ...)")
@@ -229,6 +232,9 @@ def settings_from_args(args) -> DemoSettings:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if args.threads < 1:
+        raise SystemExit(f"--threads: expected an int >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     s = settings_from_args(args)
     clip, dino = load_encoders(args)
     names = {"clip": f"{args.clip}/{args.clip_pretrained}" if args.clip else None, "dino": args.dino}
