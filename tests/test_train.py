@@ -44,11 +44,11 @@ def test_config_yaml_overrides_and_flags(tmp_path):
     cfg = load_config(p, ["lr=3e-4", "model.heads=2", "data.num_items=8", "adam_betas=[0.8,0.9]"],
                       schedule="window2", stage=None)
     assert cfg.lr == 3e-4 and cfg.model == {"channels": 16, "heads": 2} and cfg.data == {"num_items": 8}
-    assert cfg.adam_betas == (0.8, 0.9) and cfg.schedule == "window2" and cfg.stage == 1
+    assert cfg.adam_betas == (0.8, 0.9) and cfg.schedule == "window:2" and cfg.stage == 1
     cfg2, args = config_from_args(["--config", str(p), "max_steps=7", "--attn-backend", "sdpa",
                                    "--schedule", "keyframes4", "--stage", "2", "--no-progress"])
     assert (cfg2.max_steps, cfg2.attn_backend, cfg2.schedule, cfg2.stage, cfg2.progress) == \
-        (7, "sdpa", "keyframes4", 2, False)
+        (7, "sdpa", "keyframes:4", 2, False)
     assert TrainConfig.from_dict(cfg2.to_dict()) == cfg2
     for bad in ({"lr": 0}, {"stage": 3}, {"schedule": "window"}, {"attn_backend": "cuda"}, {"cond_dropout": 2}):
         with pytest.raises(ValueError, match=next(iter(bad))):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -37,13 +38,15 @@ def _attn_backends() -> tuple:
 
 
 def normalize_schedule(name: str) -> str:
-    """A schedule name checked by ``vb``'s parser (the one parser: ``vb.processors``), returned
-    as given: videobooth, first, window<k> / window:<k>, keyframes<m> / keyframes:<m>, +img."""
+    """A schedule name checked by ``vb``'s parser (the one parser: ``vb.processors``), in the
+    canonical spelling: ``window2`` -> ``window:2``, ``keyframes4`` -> ``keyframes:4`` (vb's
+    adapter files record the name, and a pipeline compares it when loading one)."""
     from vb.processors import check_schedule_spec
 
     if not isinstance(name, str):
         raise TypeError(f"schedule: expected a name, got {type(name).__name__}")
-    return check_schedule_spec(name.strip())
+    name = check_schedule_spec(name.strip())
+    return re.sub(r"^([a-z]+)(\d)", r"\1:\2", name)
 
 
 @dataclass
