@@ -222,3 +222,21 @@ def test_dataloader_workers_give_the_same_losses(tmp_path):
     a = Trainer(toy_cfg(tmp_path, "w0", max_steps=2, checkpoint_every=2)).train()
     b = Trainer(toy_cfg(tmp_path, "w2", max_steps=2, checkpoint_every=2, num_workers=2)).train()
     assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+
+
+def test_resume_with_gradient_accumulation_is_exact(tmp_path):
+    """accelerate's accumulation counter and the data position survive a stop mid-epoch."""
+    ref = Trainer(toy_cfg(tmp_path, "ref", max_steps=4, grad_accum=2, checkpoint_every=10)).train()
+    cfg = toy_cfg(tmp_path, "stopped", max_steps=4, grad_accum=2, checkpoint_every=10)
+    tr = Trainer(cfg)
+    tr._stop_agreed = lambda: tr.step == 1  # 2 of the epoch's 5 batches read
+    assert tr.train()["status"] == "stopped"
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    resumed = Trainer(cfg)
+    assert (resumed.step, resumed.epoch, resumed.batch_in_epoch) == (1, 0, 2)
+    out = resumed.train()
+    assert [r["loss"] for r in out["history"]] == [r["loss"] for r in ref["history"][1:]]
+    assert [(r["epoch"], r["batch_in_epoch"]) for r in out["history"]] == \
+        [(r["epoch"], r["batch_in_epoch"]) for r in ref["history"][1:]]
