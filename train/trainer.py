@@ -480,8 +480,12 @@ class Trainer:
         if self.main:
             out = self.out / "validation" / ckpt.step_dir_name(self.step)
             was_training = self.task.training
-            with self.ema_weights(), torch.no_grad():
-                result = self.task.validate(out, self.step, progress=self.cfg.progress)
+            try:
+                with self.ema_weights(), torch.no_grad():
+                    result = self.task.validate(out, self.step, progress=self.cfg.progress)
+            except Exception:  # a failed sample must not end a long run; the checkpoint is written
+                log.exception("validation at step %d failed; training continues", self.step)
+                result = None
             if was_training:
                 self.task.set_train_mode(self.cfg.stage)
             if result and self.trackers:
