@@ -260,8 +260,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--steps1", type=int)
     p.add_argument("--steps2", type=int)
     p.add_argument("--long-steps", type=int, dest="long_steps")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as the demo's)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        raise SystemExit(f"--threads: expected an int >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     kw = {k: getattr(args, k) for k in ("steps1", "steps2") if getattr(args, k) is not None}
     if args.no_progress:
