@@ -240,3 +240,22 @@ def test_resume_with_gradient_accumulation_is_exact(tmp_path):
     assert [r["loss"] for r in out["history"]] == [r["loss"] for r in ref["history"][1:]]
     assert [(r["epoch"], r["batch_in_epoch"]) for r in out["history"]] == \
         [(r["epoch"], r["batch_in_epoch"]) for r in ref["history"][1:]]
+
+
+def test_validation_with_given_prompts_and_image_files(syn_data, tmp_path):
+    from PIL import Image
+
+    img = __import__("numpy").full((40, 40, 3), 255, "uint8")
+    img[10:30, 10:30] = (200, 30, 30)
+    Image.fromarray(img).save(tmp_path / "red.png")
+    prompts = [{"caption": "a square moving left", "subject": "square", "image": str(tmp_path / "red.png")}]
+    cfg = TrainConfig(task="videobooth", device="cpu", seed=0, validation_prompts=prompts, validation_steps=2,
+                      data={"root": str(syn_data), "num_frames": 3, "size": 16, "image_size": 32})
+    task = build_task(cfg)
+    res = task.validate(tmp_path / "val", step=7)
+    assert list(res["videos"]) == ["0_square"] and res["videos"]["0_square"].shape == (3, 16, 16, 3)
+    assert 0.0 <= res["metrics"]["color_id"] <= 1.0 and (tmp_path / "val" / "0.gif").is_file()
+    with pytest.raises(ValueError, match="validation_prompts"):
+        TrainConfig(task="videobooth", validation_prompts=[{"caption": "a"}])
+    with pytest.raises(FileNotFoundError, match="validation_prompts: no image file"):
+        build_task(cfg.replace(validation_prompts=[dict(prompts[0], image="nope.png")])).validate(tmp_path, 1)

@@ -113,6 +113,7 @@ class TrainConfig:
     log_format: str = "both"
     report_to: Sequence[str] = ("tensorboard",)   # accelerate trackers: tensorboard, wandb, ...; [] none
     validation_samples: int = 2       # image prompts (training items 0..n-1) sampled at every checkpoint
+    validation_prompts: list = field(default_factory=list)  # or these: [{caption, subject, image: path}]
     validation_steps: int = 25        # denoising steps of the validation samples
     validation_guidance: float = 4.0  # their classifier-free guidance (the official sampler's)
     progress: bool = True
@@ -177,6 +178,10 @@ class TrainConfig:
         for key in ("mapper_l1", "text_drift_l1"):
             v = getattr(self, key)
             need(isinstance(v, (int, float)) and v >= 0, key, "expected a loss weight >= 0")
+        need(isinstance(self.validation_prompts, list) and all(
+            isinstance(v, dict) and set(v) == {"caption", "subject", "image"} and all(isinstance(x, str) for x in v.values())
+            for v in self.validation_prompts), "validation_prompts",
+            "expected a list of {caption, subject, image} mappings (strings; image: a file of the subject on white)")
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to == "none" else [self.report_to]
         self.report_to = list(self.report_to or [])

@@ -474,7 +474,7 @@ class Trainer:
     def validate(self) -> Optional[dict]:
         """Validation samples of the current (EMA) weights: the task's ``validate`` (main process
         only; videos under ``output_dir/validation/step-N``, metrics and videos to the trackers)."""
-        if self.cfg.validation_samples <= 0:
+        if self.cfg.validation_samples <= 0 and not self.cfg.validation_prompts:
             return None
         result = None
         if self.main:

@@ -336,13 +336,29 @@ class VideoBoothTask(DiffusionTask):
                              f"enable_gradient_checkpointing()")
         fn()
 
-    def _validation_items(self, n: int) -> List[dict]:
-        """Training items 0..n-1 as the evaluation loader gives them (no augmentation, frames
-        from 0): the fixed prompts and image prompts of every validation."""
-        if getattr(self, "_val_items", None) is None or len(self._val_items) != n:
-            ds = self.build_dataset()
-            ds.train = False
-            self._val_items = [ds[i] for i in range(min(n, len(ds)))]
+    def _validation_items(self) -> List[dict]:
+        """The fixed prompts and image prompts of every validation: ``validation_prompts`` (image
+        files, resized to ``data.image_size``) or else training items 0..validation_samples-1 as
+        the evaluation loader gives them (no augmentation)."""
+        if getattr(self, "_val_items", None) is None:
+            if self.cfg.validation_prompts:
+                from PIL import Image
+
+                size = int(self.cfg.data.get("image_size", 32))
+                items = []
+                for v in self.cfg.validation_prompts:
+                    if not Path(v["image"]).is_file():
+                        raise FileNotFoundError(f"validation_prompts: no image file {v['image']!r}")
+                    with Image.open(v["image"]) as im:
+                        img = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
+                    items.append({"caption": v["caption"], "subject": v["subject"],
+                                  "image": torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1})
+            else:
+                ds = self.build_dataset()
+                ds.train = False
+                items = [{k: ds[i][k] for k in ("caption", "subject", "image")}
+                         for i in range(min(self.cfg.validation_samples, len(ds)))]
+            self._val_items = items
         return self._val_items
 
     @torch.no_grad()
@@ -357,13 +373,15 @@ class VideoBoothTask(DiffusionTask):
         from .tasks import inference_scheduler
         from .metrics import color_identity
 
-        items = self._validation_items(self.cfg.validation_samples)
+        items = self._validation_items()
         if not items:
             return None
         pipe = self.parts.pipeline()
         pipe.scheduler = inference_scheduler(self.noise_config)
         pipe.set_progress_bar_config(disable=not progress, desc=f"validation (step {step})", leave=False)
-        f, _, h, w = items[0]["video"].shape
+        f = int(self.cfg.data.get("num_frames", 4))
+        size = self.cfg.data.get("size", 16)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
         images = torch.stack([(it["image"] + 1) / 2 for it in items]).clamp(0, 1)
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         frames = pipe([it["caption"] for it in items], [it["subject"] for it in items], image_prompt=images,
