@@ -246,7 +246,8 @@ def choose_frame_indices(total: int, num_frames: int, stride: int, u: float | No
 SEEK_GAP = 24
 
 
-def _decode_av(path: Path, wanted: set[int], seek: bool = True) -> tuple[dict[int, np.ndarray], int, bool]:
+def _decode_av(path: Path, wanted: set[int], seek: bool = True,
+               container=None) -> tuple[dict[int, np.ndarray], int, bool]:
     """Decode the frames `wanted` of `path`. Returns (frames kept, frames up to the last one
     decoded, whether the end of the stream was reached).
 
@@ -254,12 +255,13 @@ def _decode_av(path: Path, wanted: set[int], seek: bool = True) -> tuple[dict[in
     than SEEK_GAP frames ahead is reached with a seek to the keyframe at or before it, and frame
     numbers come from timestamps (round((pts - start) * time_base * rate), exact for constant
     frame rates); the clip's frames are then the same as decoding from the start. Otherwise the
-    stream is decoded from the start and frames are counted (variable frame rates)."""
+    stream is decoded from the start and frames are counted (variable frame rates).
+    `container`: an already open, not yet decoded PyAV container of `path` (it is closed here)."""
     import av  # imported here: only video files need it
 
     keep: dict[int, np.ndarray] = {}
     targets = sorted(wanted)
-    with av.open(str(path)) as container:
+    with (container if container is not None else av.open(str(path))) as container:
         stream = container.streams.video[0]
         rate, tb = stream.average_rate, stream.time_base
         start = stream.start_time or 0
@@ -288,13 +290,15 @@ def _decode_av(path: Path, wanted: set[int], seek: bool = True) -> tuple[dict[in
     return keep, pos, False
 
 
-def _stream_frame_count(path: Path) -> int:
+def _open_counted(path: Path):
+    """(open PyAV container, the frame count its header gives, 0 when it does not say)."""
     import av
 
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise SampleError("bad_video", path, "no video stream")
-        return int(container.streams.video[0].frames or 0)
+    container = av.open(str(path))
+    if not container.streams.video:
+        container.close()
+        raise SampleError("bad_video", path, "no video stream")
+    return container, int(container.streams.video[0].frames or 0)
 
 
 def read_frames(source: Path | list[Path], num_frames: int, stride: int = 1,
@@ -322,12 +326,18 @@ def read_frames(source: Path | list[Path], num_frames: int, stride: int = 1,
 
     path = source
     try:
-        total = _stream_frame_count(path)
+        container, total = _open_counted(path)  # one open for the count and the decode
         if total <= 0:
             # the container does not say: count by decoding (rare; small files)
-            _, total, _ = _decode_av(path, {1 << 62}, seek=False)
-        idx = choose_frame_indices(total, num_frames, stride, u)
-        keep, n, ended = _decode_av(path, {0, *idx})
+            _, total, _ = _decode_av(path, {1 << 62}, seek=False, container=container)
+            container = None
+        try:
+            idx = choose_frame_indices(total, num_frames, stride, u)
+        except SampleError:
+            if container is not None:
+                container.close()
+            raise
+        keep, n, ended = _decode_av(path, {0, *idx}, container=container)
         if ended and n > 0:
             # the header over-counted: pick again over the frames that really exist
             idx = choose_frame_indices(n, num_frames, stride, u)
