@@ -259,3 +259,16 @@ def test_validation_with_given_prompts_and_image_files(syn_data, tmp_path):
         TrainConfig(task="videobooth", validation_prompts=[{"caption": "a"}])
     with pytest.raises(FileNotFoundError, match="validation_prompts: no image file"):
         build_task(cfg.replace(validation_prompts=[dict(prompts[0], image="nope.png")])).validate(tmp_path, 1)
+
+
+def test_videobooth_task_trains_and_validates_in_bf16(syn_data, tmp_path):
+    cfg = TrainConfig(task="videobooth", device="cpu", seed=0, stage=2, batch_size=2, max_steps=1, checkpoint_every=1,
+                      progress=False, mixed_precision="bf16", report_to=[], validation_steps=2,
+                      output_dir=str(tmp_path / "run"), mapper_l1=0.01, text_drift_l1=0.01,
+                      data={"root": str(syn_data), "num_frames": 4, "size": 16, "image_size": 32})
+    tr = Trainer(cfg)
+    assert {p.dtype for p in tr.task.text_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in tr.params} == {torch.float32}
+    out = tr.train()
+    assert torch.isfinite(torch.tensor(out["history"][0]["loss"]))
+    assert sorted(p.name for p in (tmp_path / "run" / "validation" / "step-00000001").iterdir()) == ["0.gif", "1.gif"]

@@ -191,7 +191,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, task: Optional[TrainTask] = None):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, ProjectConfiguration
+        from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, GradientAccumulationPlugin,
+                                      ProjectConfiguration)
 
         self.cfg = cfg.validate()
         self.out = Path(cfg.output_dir)
@@ -218,7 +219,7 @@ class Trainer:
         # trainable weights are gathered for trainable.safetensors, and there is no EMA
         # (EMAModel keeps full copies). Written for GPUs; accelerate refuses FSDP on CPU, so it is
         # not exercised by the CPU tests (docs/train.md).
-        self.fsdp = str(acc.distributed_type) in ("FSDP", "DistributedType.FSDP")
+        self.fsdp = acc.distributed_type == DistributedType.FSDP
         if self.fsdp and cfg.ema_decay > 0:
             raise ValueError("ema_decay: diffusers' EMAModel keeps a full copy of the trained weights on every "
                              "process, which FSDP's sharding avoids; set ema_decay: 0 with FSDP, or train with DDP")
@@ -481,7 +482,8 @@ class Trainer:
             out = self.out / "validation" / ckpt.step_dir_name(self.step)
             was_training = self.task.training
             try:
-                with self.ema_weights(), torch.no_grad():
+                # autocast as in training: with mixed precision the frozen weights are fp16/bf16
+                with self.ema_weights(), torch.no_grad(), self.accelerator.autocast():
                     result = self.task.validate(out, self.step, progress=self.cfg.progress)
             except Exception:  # a failed sample must not end a long run; the checkpoint is written
                 log.exception("validation at step %d failed; training continues", self.step)
