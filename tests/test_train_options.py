@@ -272,3 +272,43 @@ def test_videobooth_task_trains_and_validates_in_bf16(syn_data, tmp_path):
     out = tr.train()
     assert torch.isfinite(torch.tensor(out["history"][0]["loss"]))
     assert sorted(p.name for p in (tmp_path / "run" / "validation" / "step-00000001").iterdir()) == ["0.gif", "1.gif"]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes(syn_data):
+    """VideoBooth task, stage 2: the same loss and gradients with the backbone's activations
+    recomputed in the backward, and the recompute really happens (a ResNet block runs twice)."""
+    import vb
+
+    if not hasattr(vb.build_tiny_videobooth("unet").backbone, "enable_gradient_checkpointing"):
+        pytest.skip("the VideoBoothUNet backbone has no enable_gradient_checkpointing() (issue12's ModelMixin backbone)")
+    cfg = TrainConfig(task="videobooth", device="cpu", seed=0, stage=2, cond_dropout=0.0,
+                      data={"root": str(syn_data), "num_frames": 4, "size": 16, "image_size": 32})
+
+    def run(checkpointing):
+        torch.manual_seed(0)
+        task = build_task(cfg)
+        named = task.named_trainable_parameters(2)
+        task.requires_grad_(False)
+        for _, p in named:
+            p.requires_grad_(True)
+        if checkpointing:
+            task.enable_gradient_checkpointing()
+        task.set_train_mode(2)
+        # the last ResNet block: after trainable layers, so the backward goes through it
+        block = [m for m in task.backbone.modules() if type(m).__name__ == "ResnetBlock2D"][-1]
+        calls = []
+        # a pre-hook: the recompute stops once it has the saved tensors (early stop), before
+        # the forward hooks would run
+        block.register_forward_pre_hook(lambda *a: calls.append(1))
+        batch = task.collate([task.build_dataset()[i] for i in range(2)])
+        out = task(batch, torch.Generator().manual_seed(1))
+        forward_calls = len(calls)
+        out["loss"].backward()
+        return out["loss"].detach(), {k: p.grad.clone() for k, p in named}, forward_calls, len(calls)
+
+    loss0, g0, f0, b0 = run(False)
+    loss1, g1, f1, b1 = run(True)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
+    assert (f0, b0) == (f1, f1) and b1 > f1  # recomputed in the backward only when checkpointing
