@@ -312,3 +312,20 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes(syn_data
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7, msg=k)
     assert (f0, b0) == (f1, f1) and b1 > f1  # recomputed in the backward only when checkpointing
+
+
+def test_a_checkpoint_of_the_previous_trainer_is_refused_for_resume_but_its_weights_load(tmp_path):
+    import json
+
+    from train import checkpoint as ckpt
+
+    cfg = toy_cfg(tmp_path, max_steps=2, checkpoint_every=2)
+    Trainer(cfg).train()
+    state_file = ckpt.latest_checkpoint(cfg.output_dir) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["format"] = 1  # as the hand-written trainer wrote it (optimizer.pt, rng/)
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="format-1 checkpoint .* init_from"):
+        Trainer(cfg.replace(max_steps=4))
+    tr = Trainer(toy_cfg(tmp_path, "next", init_from=cfg.output_dir))
+    assert tr.init_source.endswith("step-00000002")
