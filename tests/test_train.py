@@ -279,8 +279,9 @@ def test_videobooth_task_two_stages_on_synthetic_data(tmp_path):
     ev.Reload()
     assert {"validation/color_id", "loss", "lr", "grad_norm"} <= set(ev.Tags()["scalars"])
     assert len(ev.Tags()["images"]) == 2  # one strip of frames per validation video
-    # the exported adapter loads into a fresh pipeline
-    parts = vb.build_tiny_videobooth("unet")
+    # the exported adapter loads into a fresh pipeline with the schedule it was trained with
+    # (load_adapter refuses another schedule)
+    parts = vb.build_tiny_videobooth("unet", schedule="window:2")
     parts.pipeline().load_adapter(out2["export"])
     ema = ckpt.load_weights(s2.output_dir, "ema")
     k = next(k for k in ema if "to_v_exemplar" in k)

@@ -188,9 +188,9 @@ class PlainSparseCausal:
     def __init__(self, to_k, to_v, context):
         self.to_k, self.to_v, self.context = to_k, to_v, context
 
-    def __call__(self, attn, x, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        assert self.context.mode == "video"
-        f = self.context.num_frames
+    def __call__(self, attn, x, encoder_hidden_states=None, attention_mask=None, temb=None, vb_state=None):
+        assert vb_state.mode == "video"
+        f = vb_state.num_frames
         bf, n, _ = x.shape
         b, h = bf // f, attn.heads
         q, k, v = attn.to_q(x), self.to_k(x), self.to_v(x)

@@ -8,18 +8,20 @@
 from .adapter import load_adapter, save_adapter
 from .coarse import (ImageEncoderOutput, VideoBoothImageEncoder, VideoBoothMapper, encode_prompt, find_subject_span,
                      inject_subject_ids, word_token_ids)
-from .context import VideoBoothContext
+from .context import VideoBoothContext, VideoBoothState
 from .dit import VideoDiT
+from .official import load_official
 from .pipeline import VideoBoothPipeline, VideoBoothPipelineOutput
 from .processors import (LearnedTokenBank, PooledTokenBank, VideoBoothAttnProcessor, VideoBoothTextAttnProcessor,
                          resolve_schedule, without_image)
 from .tiny import VideoBoothComponents, build_tiny_videobooth, clip_tokenizer
-from .unet import VideoBoothUNet, install_videobooth
+from .unet import VideoBoothUNet, install_videobooth, uninstall_videobooth
 
 __all__ = [
     "ImageEncoderOutput", "LearnedTokenBank", "PooledTokenBank", "VideoBoothAttnProcessor", "VideoBoothComponents",
-    "VideoBoothContext", "VideoBoothImageEncoder", "VideoBoothMapper", "VideoBoothPipeline",
+    "VideoBoothContext", "VideoBoothImageEncoder", "VideoBoothState", "VideoBoothMapper", "VideoBoothPipeline",
     "VideoBoothPipelineOutput", "VideoBoothTextAttnProcessor", "VideoBoothUNet", "VideoDiT",
     "build_tiny_videobooth", "clip_tokenizer", "encode_prompt", "find_subject_span", "inject_subject_ids",
-    "install_videobooth", "load_adapter", "resolve_schedule", "save_adapter", "without_image", "word_token_ids",
+    "install_videobooth", "load_adapter", "load_official", "resolve_schedule", "save_adapter", "uninstall_videobooth",
+    "without_image", "word_token_ids",
 ]

@@ -99,10 +99,16 @@ def load_adapter(path: str, mapper, backbone, strict: bool = True) -> None:
         raise FileNotFoundError(f"path: no adapter weights at {weights!r}")
     cfg = read_adapter_config(path)
     saved, own = cfg.get("backbone", {}), backbone.install_config
-    for key in ("backbone", "image_bank", "learn_query", "temporal"):
-        if strict and key in saved and saved[key] != own.get(key):
+    # The schedule is part of what was trained (which frames each frame's K/V come from); a
+    # schedule saved as None was a hand-built Schedule or callable, which JSON cannot say.
+    for key in ("backbone", "image_bank", "learn_query", "temporal", "schedule", "arch", "motion"):
+        if not strict or key not in saved or (key == "schedule" and (saved[key] is None or own.get(key) is None)):
+            continue
+        if saved[key] != own.get(key, False if key == "motion" else None):
+            hint = (" (set the backbone's schedule first: backbone.set_schedule(...), or load with strict=False)"
+                    if key == "schedule" else "")
             raise ValueError(f"path: adapter saved with {key}={saved[key]!r}, but this backbone has "
-                             f"{key}={own.get(key)!r}")
+                             f"{key}={own.get(key)!r}{hint}")
     state = load_file(weights, device="cpu")
     mapper_state = {k[len("mapper."):]: v for k, v in state.items() if k.startswith("mapper.")}
     backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}

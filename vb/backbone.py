@@ -11,12 +11,25 @@ from .processors import (ScheduleSpec, VideoBoothAttnProcessor, VideoBoothTextAt
                          check_schedule_spec)
 
 # Parameter-name fragments of the weights VideoBooth adds to a backbone: the attention
-# processors' projections and banks, and the inflated U-Net's temporal layers.
-ADAPTER_KEY_PARTS = (".processor.", ".vb_temporal.")
+# processors' projections and banks, the inflated U-Net's temporal layers and its watermark module.
+ADAPTER_KEY_PARTS = (".processor.", ".vb_temporal.", "watermark.")
 
 
 def is_adapter_key(name: str) -> bool:
     return any(p in name for p in ADAPTER_KEY_PARTS)
+
+
+def own_aligned_storage(module: nn.Module) -> nn.Module:
+    """Give every CPU parameter and buffer of ``module`` that is not 64-byte aligned its own
+    storage. diffusers' low-memory ``from_pretrained`` leaves weights as views into one loaded
+    buffer at unaligned offsets; CPU matmul kernels then take another path and results differ in
+    the last bits (8.6e-6 on a tiny pipeline's latents), so a reloaded model would not
+    reproduce the saved one bit for bit. Returns ``module``."""
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.device.type == "cpu" and t.data_ptr() % 64:
+                t.data = t.data.clone()
+    return module
 
 
 class VideoBackboneMixin:
@@ -30,17 +43,89 @@ class VideoBackboneMixin:
     def attn2_processors(self) -> List[VideoBoothTextAttnProcessor]:
         return [m for m in self.modules() if isinstance(m, VideoBoothTextAttnProcessor)]
 
+    def _vb_attention_modules(self):
+        from diffusers.models.attention_processor import Attention
+
+        for m in self.modules():
+            if isinstance(m, Attention):
+                yield m
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
+        """diffusers' xformers switch without losing the VideoBooth processors: an ``Attention``
+        with a VideoBooth processor keeps it and the switch applies to the processor it falls
+        back to (context ``off``); every other ``Attention`` switches as usual."""
+        from .processors import _BaseProcessor
+
+        for attn in list(self._vb_attention_modules()):
+            proc = attn.processor
+            attn.set_use_memory_efficient_attention_xformers(valid, attention_op)  # raises without xformers
+            if isinstance(proc, _BaseProcessor):
+                proc.__dict__["base_processor"] = attn.processor
+                attn.set_processor(proc)
+
+    def set_default_attn_processor(self) -> None:
+        """diffusers' ``set_default_attn_processor`` for the processors the VideoBooth ones fall
+        back to, and for every other ``Attention``; the VideoBooth processors stay."""
+        from diffusers.models.attention_processor import AttnProcessor
+
+        from .processors import _BaseProcessor
+
+        for attn in self._vb_attention_modules():
+            if isinstance(attn.processor, _BaseProcessor):
+                attn.processor.__dict__["base_processor"] = AttnProcessor()
+            else:
+                attn.set_processor(AttnProcessor())
+
+    def set_attention_slice(self, slice_size) -> None:
+        """Refused (see ``VideoBoothPipeline.enable_attention_slicing``); None is accepted."""
+        if slice_size is not None:
+            raise NotImplementedError("set_attention_slice: the VideoBooth processors do not slice; use "
+                                      "set_attn_backend('triton') (or 'sdpa'/'flex') for memory-efficient attention")
+
     def set_attn_backend(self, backend: str) -> None:
         """Switch every attn1 processor to another ``kernels`` backend (nothing else changes)."""
         check_backend(backend)
         for p in self.attn1_processors():
             p.backend = backend
+        self._update_config(attn_backend=backend)
+
+    def _update_config(self, **kwargs) -> None:
+        """Keep a ConfigMixin backbone's saved config in step with a runtime switch."""
+        if hasattr(self, "register_to_config") and hasattr(self, "config"):
+            self.register_to_config(**{k: v for k, v in kwargs.items() if k in self.config})
+
+    def set_image_scale(self, scale: float) -> None:
+        """Strength of the image prompt's fine path (like diffusers' ``set_ip_adapter_scale``):
+        every attn1 output becomes ``plain + scale * (injected - plain)``, where ``plain`` is the
+        pass without the image prompt. 1 (default) is the paper's model, 0 removes the fine path
+        (the coarse path's subject tokens are not affected). Any float; values above 1
+        extrapolate."""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+        self.image_scale = float(scale)
 
     def set_schedule(self, schedule: ScheduleSpec) -> None:
         """Switch every attn1 processor to another temporal schedule."""
         check_schedule_spec(schedule)
         for p in self.attn1_processors():
             p.set_schedule(schedule)
+        self.install_config["schedule"] = schedule if isinstance(schedule, str) else None
+        self._update_config(schedule=schedule if isinstance(schedule, str) else None)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``ModelMixin.from_pretrained``, then :func:`own_aligned_storage` (the
+        reloaded backbone computes the same bits as the saved one)."""
+        return own_aligned_storage(super().from_pretrained(pretrained_model_name_or_path, **kwargs))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' ``ModelMixin.save_pretrained`` (config + safetensors weights), refused when
+        the schedule is not a name: a hand-built ``kernels.Schedule`` or callable cannot be
+        written to the JSON config, and the reloaded model would run another schedule."""
+        if self.install_config.get("schedule") is None:
+            raise ValueError("schedule: save_pretrained needs a named schedule ('videobooth', 'first', 'self', "
+                             "'window:<k>', 'keyframes:<m>'); this backbone runs a hand-built Schedule or callable")
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     # -- adapter weights ------------------------------------------------------------------------
     def adapter_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -85,6 +170,10 @@ class VideoBackboneMixin:
                 if id(p) not in seen:
                     seen.add(id(p))
                     yield p
+        if include_temporal and self.install_config.get("motion"):
+            raise ValueError("include_temporal: this backbone's temporal layers are AnimateDiff's pretrained motion "
+                             "modules, which VideoBooth keeps frozen and does not save in its adapter; to fine-tune "
+                             "them, make them trainable yourself and save the whole backbone with save_pretrained")
         if include_temporal:
             for name, p in self.named_parameters():
                 if ".vb_temporal." in name and id(p) not in seen:

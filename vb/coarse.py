@@ -21,6 +21,8 @@ from diffusers.models.modeling_utils import ModelMixin
 # OpenAI CLIP's normalisation, the default of open_clip models without a preprocess config.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The official VideoBooth mapper's CLIP ViT-L/14 blocks, in its order: last, then 4, 8, 12, 16.
+OFFICIAL_CLIP_LAYERS = (23, 3, 7, 11, 15)
 
 
 # ---- image encoder -----------------------------------------------------------------------------
@@ -40,7 +42,7 @@ def default_layers(num_blocks: int, num_layers: int = 5) -> Tuple[int, ...]:
     return tuple(picks)
 
 
-class VideoBoothImageEncoder(nn.Module):
+class VideoBoothImageEncoder(ModelMixin, ConfigMixin):
     """open_clip's image tower, returning the CLS and patch tokens of several blocks.
 
     Args:
@@ -50,14 +52,46 @@ class VideoBoothImageEncoder(nn.Module):
         layers: 0-based (negative allowed) indices of the transformer blocks whose outputs are
             taken; default :func:`default_layers` (5 blocks).
         mean, std: RGB normalisation; default the tower's preprocess config, else OpenAI CLIP's.
+        embed_dim, vision_cfg, quick_gelu: the open_clip configuration the tower was built from
+            (``open_clip.model._build_vision_tower(embed_dim, vision_cfg, quick_gelu)``); saved
+            by ``save_pretrained`` so that ``from_pretrained`` can rebuild the tower. Given
+            without ``visual``, the tower is built from them (random weights). A transformers
+            ``CLIPVisionModel`` tower records its own config instead (``hf_vision_config``).
+            :meth:`from_open_clip` fills them in; a tower passed without them saves, but
+            ``from_pretrained`` cannot rebuild it.
+        resize_mode, antialias: how images are resized to the tower's input size (the official
+            VideoBooth code: ``"bilinear"`` without antialiasing).
 
-    The tower is frozen (``requires_grad=False``) and kept in eval mode by the pipeline; the
+    ``visual`` may also be a transformers ``CLIPVisionModel`` (the official code's encoder):
+    block i's output is its ``hidden_states[i + 1]``, ``image_embeds`` its ``pooler_output``.
+
+    A diffusers ``ModelMixin``/``ConfigMixin``: ``save_pretrained``/``from_pretrained`` and a
+    pipeline's ``save_pretrained``/``from_pretrained`` keep it. The tower is frozen
+    (``requires_grad=False``) and kept in eval mode by the pipeline; the
     mapper after it is what trains.
     """
 
-    def __init__(self, visual: nn.Module, layers: Optional[Sequence[int]] = None,
-                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+    def __init__(self, visual: Optional[nn.Module] = None, layers: Optional[Sequence[int]] = None,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                 resize_mode: str = "bicubic", antialias: bool = True, *,
+                 embed_dim: Optional[int] = None, vision_cfg: Optional[dict] = None, quick_gelu: bool = False,
+                 hf_vision_config: Optional[dict] = None):
         super().__init__()
+        if resize_mode not in ("bicubic", "bilinear"):
+            raise ValueError(f"resize_mode: expected 'bicubic' or 'bilinear', got {resize_mode!r}")
+        self.resize_mode, self.antialias = resize_mode, bool(antialias)
+        if visual is None and hf_vision_config is not None:
+            from transformers import CLIPVisionConfig, CLIPVisionModel
+
+            visual = CLIPVisionModel(CLIPVisionConfig.from_dict(dict(hf_vision_config)))
+        if visual is None:
+            if vision_cfg is None or embed_dim is None:
+                raise ValueError("vision_cfg: this image encoder was saved from a tower without its open_clip "
+                                 "configuration; build it with VideoBoothImageEncoder.from_open_clip(...) or pass "
+                                 "visual= (and embed_dim=, vision_cfg=) to save a loadable one")
+            from open_clip.model import _build_vision_tower
+
+            visual = _build_vision_tower(int(embed_dim), dict(vision_cfg), quick_gelu=bool(quick_gelu))
         if not isinstance(visual, nn.Module):
             raise TypeError(f"visual: expected an open_clip visual tower (nn.Module), got {type(visual).__name__}")
         self.visual = visual
@@ -70,17 +104,27 @@ class VideoBoothImageEncoder(nn.Module):
             if not isinstance(i, int) or not -n <= i < n:
                 raise ValueError(f"layers: expected block indices in [{-n}, {n - 1}], got {i!r}")
         self.layers = tuple(i % n for i in layers)
-        self._blocks = blocks
+        # Not registered as a submodule: they are the tower's own blocks (registered twice, the
+        # weights would be saved twice, which safetensors refuses).
+        self.__dict__["_blocks"] = blocks
         cfg = getattr(visual, "preprocess_cfg", None) or {}
         mean = mean or cfg.get("mean") or getattr(visual, "image_mean", None) or CLIP_MEAN
         std = std or cfg.get("std") or getattr(visual, "image_std", None) or CLIP_STD
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        # (named apart from the config's mean/std, which ConfigMixin would otherwise return)
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         size = getattr(visual, "image_size", None)
+        if size is None and _is_hf_vision(visual):
+            size = visual.config.image_size
         if size is None and hasattr(visual, "trunk"):
             size = visual.trunk.patch_embed.img_size
         self.image_size = (size, size) if isinstance(size, int) else tuple(size)
         self.requires_grad_(False)
+        self.register_to_config(layers=list(self.layers), mean=[float(x) for x in mean], std=[float(x) for x in std],
+                                resize_mode=resize_mode, antialias=bool(antialias),
+                                embed_dim=None if embed_dim is None else int(embed_dim),
+                                vision_cfg=None if vision_cfg is None else dict(vision_cfg), quick_gelu=bool(quick_gelu),
+                                hf_vision_config=(visual.config.to_dict() if _is_hf_vision(visual) else None))
 
     @classmethod
     def from_open_clip(cls, model_name: str, pretrained: Optional[str] = None, layers=None, **kwargs):
@@ -91,7 +135,52 @@ class VideoBoothImageEncoder(nn.Module):
         model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
         visual = model.visual
         cfg = getattr(visual, "preprocess_cfg", None) or {}
-        return cls(visual, layers=layers, mean=cfg.get("mean"), std=cfg.get("std"))
+        model_cfg = open_clip.get_model_config(model_name) or {}
+        # OpenAI weights run QuickGELU whatever the name says: read it off the built tower.
+        quick = any(type(m).__name__ == "QuickGELU" for m in visual.modules())
+        return cls(visual, layers=layers, mean=cfg.get("mean"), std=cfg.get("std"),
+                   embed_dim=model_cfg.get("embed_dim"), vision_cfg=model_cfg.get("vision_cfg"), quick_gelu=quick)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``ModelMixin.from_pretrained``, then every weight in its own aligned
+        storage (see ``vb.backbone.own_aligned_storage``: bit-exact reloads on CPU)."""
+        from .backbone import own_aligned_storage
+
+        return own_aligned_storage(super().from_pretrained(pretrained_model_name_or_path, **kwargs))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' ``ModelMixin.save_pretrained``; refused for a tower whose open_clip
+        configuration is unknown (``from_pretrained`` could not rebuild it)."""
+        if self.config.vision_cfg is None and self.config.hf_vision_config is None:
+            raise ValueError("vision_cfg: this image encoder was built from a tower without its open_clip "
+                             "configuration; use VideoBoothImageEncoder.from_open_clip(...) or pass embed_dim= and "
+                             "vision_cfg= so that from_pretrained can rebuild it")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def official(cls, visual: Optional[nn.Module] = None, pretrained: Optional[str] = "openai", **kwargs):
+        """The official VideoBooth image encoder: CLIP ViT-L/14 with QuickGELU, blocks
+        (23, 3, 7, 11, 15) in that order (its ``[last_hidden_state, hidden_states[4], [8], [12],
+        [16]]``, no post-LayerNorm), bilinear resize without antialiasing.
+
+        Args:
+            visual: a transformers ``CLIPVisionModel`` (e.g. ``openai/clip-vit-large-patch14``,
+                as the official code loads it) or an open_clip tower; None builds open_clip's
+                ``ViT-L-14-quickgelu`` with ``pretrained`` (``kwargs`` go to ``create_model``).
+                (open_clip's plain ``ViT-L-14`` has GELU, not the QuickGELU the weights were
+                trained with.)
+        """
+        cfg = {}
+        if visual is None:
+            import open_clip
+
+            visual = open_clip.create_model("ViT-L-14-quickgelu", pretrained=pretrained, **kwargs).visual
+            model_cfg = open_clip.get_model_config("ViT-L-14-quickgelu") or {}
+            # what save_pretrained/from_pretrained need to rebuild the tower
+            cfg = dict(embed_dim=model_cfg.get("embed_dim"), vision_cfg=model_cfg.get("vision_cfg"), quick_gelu=True)
+        return cls(visual, layers=OFFICIAL_CLIP_LAYERS, mean=CLIP_MEAN, std=CLIP_STD, resize_mode="bilinear",
+                   antialias=False, **cfg)
 
     @property
     def device(self) -> torch.device:
@@ -114,8 +203,9 @@ class VideoBoothImageEncoder(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> resized, normalised tower input."""
-        x = F.interpolate(images.to(self.device, torch.float32), size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
-        x = (x.clamp(0, 1) - self.mean) / self.std
+        x = F.interpolate(images.to(self.device, torch.float32), size=self.image_size, mode=self.resize_mode,
+                          align_corners=False, antialias=self.antialias)
+        x = (x.clamp(0, 1) - self.pixel_mean) / self.pixel_std
         return x.to(self.dtype)
 
     def forward(self, images: torch.Tensor) -> ImageEncoderOutput:
@@ -137,6 +227,8 @@ class VideoBoothImageEncoder(nn.Module):
         finally:
             for h in handles:
                 h.remove()
+        if hasattr(pooled, "pooler_output"):  # transformers CLIPVisionModel
+            pooled = pooled.pooler_output
         if isinstance(pooled, tuple):  # output_tokens=True towers
             pooled = pooled[0]
         tokens = []
@@ -152,8 +244,17 @@ class VideoBoothImageEncoder(nn.Module):
         return ImageEncoderOutput(torch.stack(tokens, dim=1), pooled)
 
 
+def _is_hf_vision(visual) -> bool:
+    """A transformers CLIP vision tower (``CLIPVisionModel``: its layers sit under
+    ``vision_model.encoder`` in transformers 4, directly under ``encoder`` in 5)."""
+    inner = getattr(visual, "vision_model", visual)
+    return hasattr(getattr(visual, "config", None), "image_size") and hasattr(getattr(inner, "encoder", None), "layers")
+
+
 def _tower_blocks(visual):
     """(blocks, batch_first, number of prefix tokens, has a class token) of a visual tower."""
+    if _is_hf_vision(visual):
+        return getattr(visual, "vision_model", visual).encoder.layers, True, 1, True
     if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks"):
         # open_clip < 2.24 ran its resblocks on LND; newer versions say so with batch_first.
         batch_first = bool(getattr(visual.transformer, "batch_first", False))
@@ -169,6 +270,8 @@ def _tower_blocks(visual):
 
 
 def _tower_width(visual) -> int:
+    if _is_hf_vision(visual):
+        return int(visual.config.hidden_size)
     if hasattr(visual, "transformer") and hasattr(visual.transformer, "width"):
         return int(visual.transformer.width)
     if hasattr(visual, "trunk"):
@@ -384,3 +487,65 @@ def encode_prompt(text_encoder, tokenizer, prompts: Union[str, List[str]],
     if pooled is None:
         pooled = out.text_embeds
     return out.last_hidden_state, pooled
+
+
+# ---- the official image-prompt preprocessing -----------------------------------------------------------
+def _resize_uint8(img: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, size, size) uint8: bilinear, no antialiasing, rounded (what
+    torchvision 0.15's ``Resize`` does to a uint8 tensor, as the official code calls it)."""
+    x = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return x[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def official_preprocess(image, mask=None, box=None, clip_size: int = 224,
+                        vae_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The official sample script's image prompt: pixels outside the mask turn white, the image
+    is cropped to the subject's box, padded to a white square (the short side centred, the
+    extra pixel at the bottom/right), then resized bilinearly without antialiasing.
+
+    Args:
+        image: a PIL image or an (H, W, 3) uint8 array (RGB).
+        mask: optional PIL image or (H, W) / (H, W, 3) array; where it is 0 the image turns white.
+        box: optional (x1, y1, x2, y2) pixel box (floats are truncated as the official code does);
+            default the mask's bounding box, else the whole image.
+        clip_size, vae_size: output sizes of the two branches.
+
+    Returns:
+        (clip_image (3, clip_size, clip_size) float32 in [0, 1], vae_image (3, vae_size, vae_size)
+        float32 in [-1, 1]); both come from the padded uint8 square.
+    """
+    import numpy as np
+    import PIL.Image
+
+    arr = np.asarray(image.convert("RGB")) if isinstance(image, PIL.Image.Image) else np.asarray(image)
+    if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"image: expected a PIL image or an (H, W, 3) uint8 array, got {arr.dtype} {arr.shape}")
+    arr = arr.copy()
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.shape[:2] != arr.shape[:2]:
+            raise ValueError(f"mask: expected spatial shape {arr.shape[:2]}, got {m.shape}")
+        arr[m == 0] = 255
+        if box is None:
+            on = m != 0 if m.ndim == 2 else (m != 0).any(-1)
+            ys, xs = np.nonzero(on)
+            if len(ys) == 0:
+                raise ValueError("mask: is empty (no subject pixel)")
+            box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    if box is not None:
+        if len(box) != 4:
+            raise ValueError(f"box: expected (x1, y1, x2, y2), got {box!r}")
+        x1, y1, x2, y2 = (int(v) for v in box)
+        arr = arr[y1:y2, x1:x2]
+        if arr.size == 0:
+            raise ValueError(f"box: {box!r} selects no pixel of the image")
+    img = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    h, w = img.shape[1:]
+    if h != w:
+        diff = abs(w - h)
+        a, b = diff // 2, diff - diff // 2
+        pad = (0, 0, a, b) if h < w else (a, b, 0, 0)  # (left, right, top, bottom)
+        img = F.pad(img, pad, value=255)
+    clip_image = _resize_uint8(img, clip_size).float() / 255.0
+    vae_image = _resize_uint8(img, vae_size).float() / 127.5 - 1
+    return clip_image, vae_image

@@ -23,7 +23,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 
 from .backbone import VideoBackboneMixin, batch_timesteps, check_backbone_inputs, check_tensor, expand_batch
-from .context import VideoBoothContext
+from .context import VideoBoothContext, VideoBoothState, state_kwargs
 from .processors import VideoBoothAttnProcessor, check_backend, check_schedule_spec, parse_image_bank
 from .temporal import sinusoidal_positions
 
@@ -68,10 +68,13 @@ class DiTBlock(nn.Module):
     def attn(self) -> Attention:
         return self.attn1 if self.spatial else self.attn_temp
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x: (B', L, D) tokens; cond: (B', D_cond) per sequence. Returns (B', L, D)."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, state: Optional[VideoBoothState] = None) -> torch.Tensor:
+        """x: (B', L, D) tokens; cond: (B', D_cond) per sequence; state: the pass's
+        :class:`vb.VideoBoothState` for a spatial block's processor. Returns (B', L, D)."""
         s1, c1, g1, s2, c2, g2 = self.ada(cond)[:, None].chunk(6, dim=-1)
-        x = x + g1 * self.attn(_modulate(self.norm1(x), s1, c1))
+        h = _modulate(self.norm1(x), s1, c1)
+        a = self.attn1(h, **state_kwargs(state)) if self.spatial and state is not None else self.attn(h)
+        x = x + g1 * a
         return x + g2 * self.mlp(_modulate(self.norm2(x), s2, c2))
 
 
@@ -92,7 +95,7 @@ class VideoDiT(VideoBackboneMixin, ModelMixin, ConfigMixin):
         sample_size: default latent height/width (the pipeline's default video size).
     """
 
-    _supports_gradient_checkpointing = False
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(self, in_channels: int = 4, out_channels: Optional[int] = None, patch_size: int = 2,
@@ -126,6 +129,8 @@ class VideoDiT(VideoBackboneMixin, ModelMixin, ConfigMixin):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
+        self.gradient_checkpointing = False  # diffusers' enable_gradient_checkpointing() sets it
+        self.image_scale = 1.0
         # The same processor as the U-Net's attn1, on every spatial block.
         self.context = VideoBoothContext()
         for i, blk in enumerate(self.spatial_blocks):
@@ -165,6 +170,13 @@ class VideoDiT(VideoBackboneMixin, ModelMixin, ConfigMixin):
             c = c + self.image_embed(image_embeds.to(dtype))
         return c
 
+    def _block(self, blk: DiTBlock, x, cond, state):
+        """One block, checkpointed when gradient checkpointing is on (the state is an argument,
+        so the recompute sees the forward's)."""
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(blk, x, cond, state)
+        return blk(x, cond, state)
+
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states=None, *,
                 pooled_text_embeds: torch.Tensor = None, image_embeds: Optional[torch.Tensor] = None,
                 image_latents: Optional[torch.Tensor] = None,
@@ -197,34 +209,37 @@ class VideoDiT(VideoBackboneMixin, ModelMixin, ConfigMixin):
         p = self.patch_size
         gh, gw = h // p, w // p
         t = batch_timesteps(timestep, b, sample.device)
-        ctx = self.context
-        with ctx.forward_pass():
-            if image_latents is not None:
-                if null_pooled_text_embeds is None:
-                    raise ValueError("null_pooled_text_embeds: required with image_latents (the image "
-                                     "branch runs with the null prompt)")
-                null = expand_batch("null_pooled_text_embeds", null_pooled_text_embeds, b)
-                ctx.start_image((gh, gw))
-                xi = self._patchify(image_latents.to(dtype))
-                ci = self._cond(t, null, None, dtype)
-                for blk in self.spatial_blocks:  # spatial only: never a temporal block
-                    xi = blk(xi, ci)
-            ctx.start_video(f, (gh, gw), inject=image_latents is not None)
-            cond = self._cond(t, pooled, image_embeds, dtype)  # (B, D)
-            x = self._patchify(sample.transpose(1, 2).reshape(b * f, c, h, w).to(dtype))  # (B*F, N, D)
-            n, d = x.shape[1:]
-            cond_frames = cond.repeat_interleave(f, 0)
-            cond_tokens = cond.repeat_interleave(n, 0)
-            tpos = sinusoidal_positions(f, d, x.device, x.dtype)
-            for i, (sb, tb) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
-                x = sb(x, cond_frames)
-                x = x.view(b, f, n, d).transpose(1, 2).reshape(b * n, f, d)
-                if i == 0:  # Latte adds the temporal position code once, before the first temporal block
-                    x = x + tpos
-                x = tb(x, cond_tokens)
-                x = x.view(b, n, f, d).transpose(1, 2).reshape(b * f, n, d)
-            shift, scale = self.final_ada(cond_frames)[:, None].chunk(2, dim=-1)
-            x = self.final_proj(_modulate(self.final_norm(x), shift, scale))  # (B*F, N, p*p*C_out)
+        # One state per pass, handed to every spatial block (vb/context.py says why).
+        if self.image_scale == 0.0:  # strength 0: the fine path contributes nothing; skip its branch
+            image_latents = None
+        image_states = None
+        if image_latents is not None:
+            if null_pooled_text_embeds is None:
+                raise ValueError("null_pooled_text_embeds: required with image_latents (the image "
+                                 "branch runs with the null prompt)")
+            null = expand_batch("null_pooled_text_embeds", null_pooled_text_embeds, b)
+            image_states = {}
+            st_img = VideoBoothState.image((gh, gw), image_states)
+            xi = self._patchify(image_latents.to(dtype))
+            ci = self._cond(t, null, None, dtype)
+            for blk in self.spatial_blocks:  # spatial only: never a temporal block
+                xi = self._block(blk, xi, ci, st_img)
+        st = VideoBoothState.video(f, (gh, gw), image_states, self.image_scale)
+        cond = self._cond(t, pooled, image_embeds, dtype)  # (B, D)
+        x = self._patchify(sample.transpose(1, 2).reshape(b * f, c, h, w).to(dtype))  # (B*F, N, D)
+        n, d = x.shape[1:]
+        cond_frames = cond.repeat_interleave(f, 0)
+        cond_tokens = cond.repeat_interleave(n, 0)
+        tpos = sinusoidal_positions(f, d, x.device, x.dtype)
+        for i, (sb, tb) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
+            x = self._block(sb, x, cond_frames, st)
+            x = x.view(b, f, n, d).transpose(1, 2).reshape(b * n, f, d)
+            if i == 0:  # Latte adds the temporal position code once, before the first temporal block
+                x = x + tpos
+            x = self._block(tb, x, cond_tokens, None)
+            x = x.view(b, n, f, d).transpose(1, 2).reshape(b * f, n, d)
+        shift, scale = self.final_ada(cond_frames)[:, None].chunk(2, dim=-1)
+        x = self.final_proj(_modulate(self.final_norm(x), shift, scale))  # (B*F, N, p*p*C_out)
         co = self.out_channels
         x = x.view(b, f, gh, gw, p, p, co).permute(0, 6, 1, 2, 4, 3, 5)
         return x.reshape(b, co, f, h, w)

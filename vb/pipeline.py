@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
@@ -22,10 +22,56 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapter import load_adapter, save_adapter
+from .backbone import own_aligned_storage
 from .coarse import _as_list, encode_prompt
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 UNCOND_IMAGES = ("none", "grey")
+
+# The official VideoBooth sampling (docs/official.md).
+OFFICIAL_NULL_PROMPT = "None"  # the official code's null text is this literal word
+OFFICIAL_PLACEHOLDER = "sdksd"  # the official sample script puts this word in place of the subject
+OFFICIAL_DEFAULTS = dict(height=256, width=256, num_frames=16, num_inference_steps=250, guidance_scale=4.0, fps=8)
+
+
+def official_prompt(prompt: str, subject_word: str) -> str:
+    """The official sample script's prompt: lower-cased, every occurrence of the subject word
+    (as a substring) replaced by the placeholder ``sdksd``."""
+    if not isinstance(prompt, str) or not isinstance(subject_word, str) or not subject_word.strip():
+        raise TypeError("prompt, subject_word: expected a str and a non-empty str")
+    low, word = prompt.lower(), subject_word.lower()
+    if word not in low:
+        raise ValueError(f"subject_word: {subject_word!r} does not occur in prompt {prompt!r}")
+    return low.replace(word, OFFICIAL_PLACEHOLDER)
+
+
+def _check_embeds(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims ({'(B, L, D_text)' if ndim == 3 else '(B, D_text)'}), "
+                         f"got shape {tuple(t.shape)}")
+
+
+def _expand(name: str, t: torch.Tensor, batch: int) -> torch.Tensor:
+    """(1, ...) or (batch, ...) -> (batch, ...)."""
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    raise ValueError(f"{name}: expected batch 1 or {batch}, got shape {tuple(t.shape)}")
+
+
+def _opt(t, name: str, ndim: int, batch: int, device):
+    if t is None:
+        return None
+    _check_embeds(name, t, ndim)
+    return _expand(name, t.to(device), batch)
+
+
+def _repeat_each(n: int):
+    """x (B, ...) -> (B * n, ...), each row n times in a row (None stays None)."""
+    return lambda x: None if x is None else x.repeat_interleave(n, dim=0)
 
 
 @dataclass
@@ -80,13 +126,74 @@ class VideoBoothPipeline(DiffusionPipeline):
         scheduler: any diffusers noise scheduler (DDIM, DDPM, Euler, ...).
     """
 
-    model_cpu_offload_seq = "text_encoder->image_encoder->mapper->backbone->vae"
+    # The order __call__ runs them in: image prompt -> CLIP -> mapper (their tokens go into the
+    # prompt) -> text encoder -> VAE (the image prompt's latent) -> backbone (then the VAE decodes).
+    model_cpu_offload_seq = "image_encoder->mapper->text_encoder->vae->backbone"
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(self, vae, text_encoder, tokenizer, image_encoder, mapper, backbone, scheduler):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, image_encoder=image_encoder,
                               mapper=mapper, backbone=backbone, scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "VideoBoothPipeline":
+        """diffusers' ``DiffusionPipeline.from_pretrained`` (every component, the backbone and the
+        image encoder included, comes back as saved by :meth:`save_pretrained`), then every
+        weight gets its own freshly allocated storage.
+
+        Why the copy: diffusers' low-memory loading leaves weights as views into one loaded
+        buffer, at offsets that are not 64-byte aligned; CPU matmul kernels then take another
+        path and results differ in the last bits (8.6e-6 on a tiny pipeline's latents). Owned,
+        aligned weights make a saved and reloaded pipeline generate the same bits.
+        """
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                own_aligned_storage(module)
+        return pipe
+
+    # ---- diffusers' switches ---------------------------------------------------------------------
+    def set_image_prompt_scale(self, scale: float) -> None:
+        """Strength of the image prompt's fine path (diffusers' ``set_ip_adapter_scale``):
+        1 = the trained model, 0 = no fine path (the coarse path's subject tokens stay). See
+        ``backbone.set_image_scale``."""
+        self.backbone.set_image_scale(scale)
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
+        """What ``enable_/disable_xformers_memory_efficient_attention`` call. diffusers' version
+        sets a new processor on every ``Attention``, which would strip the VideoBooth processors;
+        here the backbone keeps them (its cross-frame attention runs on ``attn_backend``:
+        ``backbone.set_attn_backend("triton")`` is the memory-efficient choice) and the switch
+        goes to the processors they fall back to outside a VideoBooth pass and to every other
+        attention (temporal layers, motion modules, the VAE). Without xformers (or a GPU),
+        enabling raises diffusers' error."""
+        def recurse(module):
+            if module is self.backbone:
+                module.set_use_memory_efficient_attention_xformers(valid, attention_op)
+                return
+            if hasattr(module, "set_use_memory_efficient_attention_xformers"):
+                module.set_use_memory_efficient_attention_xformers(valid, attention_op)
+            for child in module.children():
+                recurse(child)
+
+        for module in self.components.values():
+            if isinstance(module, torch.nn.Module):
+                recurse(module)
+
+    def enable_attention_slicing(self, slice_size="auto") -> None:
+        """Refused: diffusers' sliced processor would replace the VideoBooth processors (and
+        with them the fine path). The cross-frame attention's memory is the backend's:
+        ``backbone.set_attn_backend("triton")`` never materialises the attention scores
+        (``"sdpa"``/``"flex"`` are memory-efficient too); ``pipe.vae.enable_slicing()`` bounds the VAE.
+        ``disable_attention_slicing()`` (slice_size None) is accepted and changes nothing."""
+        if slice_size is None:
+            return
+        raise NotImplementedError(
+            "enable_attention_slicing: VideoBoothPipeline does not slice attention (a sliced processor would "
+            "replace the VideoBooth processors); choose a memory-efficient backend instead: "
+            "pipe.backbone.set_attn_backend('triton') (or 'sdpa'/'flex'), and pipe.vae.enable_slicing() for the VAE")
 
     # ---- adapter weights ------------------------------------------------------------------------
     def save_adapter(self, save_directory: str) -> str:
@@ -160,15 +267,23 @@ class VideoBoothPipeline(DiffusionPipeline):
 
     # ---- generation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt: Union[str, List[str]], subject_word: Union[str, List[str]], image_prompt,
-                 num_frames: int = 16, height: Optional[int] = None, width: Optional[int] = None,
+    def __call__(self, prompt: Union[str, List[str], None] = None, subject_word: Union[str, List[str], None] = None,
+                 image_prompt=None, num_frames: int = 16, height: Optional[int] = None, width: Optional[int] = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, uncond_image: str = "none",
                  generator: Optional[torch.Generator] = None, latents: Optional[torch.Tensor] = None,
-                 output_type: str = "pil", return_dict: bool = True):
-        """Generate B videos of ``num_frames`` frames.
+                 output_type: str = "pil", return_dict: bool = True, *,
+                 negative_prompt: Union[str, List[str], None] = None, num_videos_per_prompt: int = 1,
+                 eta: float = 0.0, prompt_embeds: Optional[torch.Tensor] = None,
+                 pooled_prompt_embeds: Optional[torch.Tensor] = None,
+                 negative_prompt_embeds: Optional[torch.Tensor] = None,
+                 negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
+                 image_prompt_scale: Optional[float] = None,
+                 callback_on_step_end: Optional[Callable] = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)):
+        """Generate B * ``num_videos_per_prompt`` videos of ``num_frames`` frames.
 
         Args:
-            prompt: B prompts, each containing its ``subject_word``.
+            prompt: B prompts, each containing its ``subject_word`` (or ``prompt_embeds``).
             subject_word: the word the image prompt replaces (one, or one per prompt).
             image_prompt: the subject segmented on white: a PIL image, an (H, W, 3) array, a
                 (3, H, W) or (B, 3, H, W) tensor in [0, 1], or a list of those (one per prompt).
@@ -179,27 +294,81 @@ class VideoBoothPipeline(DiffusionPipeline):
             uncond_image: ``"none"`` (unconditional pass without any injection, as the paper)
                 or ``"grey"`` (unconditional pass with a grey image prompt).
             generator: torch.Generator for the initial and image-branch noise.
-            latents: optional (B, C, F, h, w) initial noise.
+            latents: optional (B * num_videos_per_prompt, C, F, h, w) initial noise.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            negative_prompt: text of the unconditional pass (one, or one per prompt) instead of
+                the empty prompt; the image branch keeps the empty prompt (the paper's).
+            num_videos_per_prompt: videos per prompt (each with its own noise).
+            eta: DDIM's eta (passed to schedulers whose ``step`` takes it, ignored by others).
+            prompt_embeds: (B, L, D_text) text-encoder output to use instead of encoding
+                ``prompt`` (the coarse path is then the caller's: nothing is injected into it);
+                the DiT also needs ``pooled_prompt_embeds`` (B, D_text).
+            negative_prompt_embeds, negative_pooled_prompt_embeds: the same for the
+                unconditional pass.
+            image_prompt_scale: strength of the image prompt's fine path for this call (see
+                :meth:`set_image_prompt_scale`); None keeps the backbone's.
+            callback_on_step_end: ``f(pipe, step, timestep, callback_kwargs) -> dict`` called
+                after every step with the tensors named in ``callback_on_step_end_tensor_inputs``
+                (``"latents"``); a returned ``"latents"`` replaces them. Set
+                ``pipe._interrupt = True`` inside it to stop early.
 
         Returns:
             :class:`VideoBoothPipelineOutput` (or a tuple ``(frames,)`` when not ``return_dict``).
         """
-        prompts = _as_list("prompt", prompt)
-        words = _as_list("subject_word", subject_word, len(prompts))
         height = self.default_size() if height is None else height
         width = self.default_size() if width is None else width
         self._check_inputs(num_frames, height, width, num_inference_steps, guidance_scale, uncond_image, output_type)
-        b = len(prompts)
+        n = num_videos_per_prompt
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"num_videos_per_prompt: expected an int >= 1, got {n!r}")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
+            raise ValueError(f"eta: expected a float >= 0, got {eta!r}")
+        tensor_inputs = list(getattr(callback_on_step_end, "tensor_inputs", None) or callback_on_step_end_tensor_inputs)
+        bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: expected names from {self._callback_tensor_inputs}, "
+                             f"got {bad}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"callback_on_step_end: expected a callable, got {type(callback_on_step_end).__name__}")
+        needs_pooled = getattr(self.backbone, "install_config", {}).get("backbone") == "dit"
         device = self._execution_device
         dtype = next(self.backbone.parameters()).dtype
         do_cfg = guidance_scale > 1.0
+        self._interrupt = False
 
         # Coarse path: image tokens replace the subject word; attn2 reads the result.
+        if prompt_embeds is None:
+            prompts = _as_list("prompt", prompt)
+            words = _as_list("subject_word", subject_word, len(prompts))
+            b = len(prompts)
+        else:
+            _check_embeds("prompt_embeds", prompt_embeds, 3)
+            b = prompt_embeds.shape[0]
+            if prompt is not None:
+                raise ValueError("prompt: give either prompt or prompt_embeds, not both")
+            if needs_pooled and pooled_prompt_embeds is None:
+                raise ValueError("pooled_prompt_embeds: the DiT backbone needs it with prompt_embeds")
         images = self.prepare_image(image_prompt, b, height, width)
         subject_tokens, image_embeds = self.encode_images(images)
-        text, pooled = encode_prompt(self.text_encoder, self.tokenizer, prompts, words, subject_tokens)
+        if prompt_embeds is None:
+            text, pooled = encode_prompt(self.text_encoder, self.tokenizer, prompts, words, subject_tokens)
+        else:
+            text, pooled = prompt_embeds.to(device), _opt(pooled_prompt_embeds, "pooled_prompt_embeds", 2, b, device)
         null_text, null_pooled = encode_prompt(self.text_encoder, self.tokenizer, [""])
+        if negative_prompt_embeds is not None:
+            _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3)
+            neg_text = _expand("negative_prompt_embeds", negative_prompt_embeds.to(device), b)
+            neg_pooled = _opt(negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds", 2, b, device)
+            if needs_pooled and neg_pooled is None:
+                raise ValueError("negative_pooled_prompt_embeds: the DiT backbone needs it with negative_prompt_embeds")
+        elif negative_prompt is not None:
+            negs = _as_list("negative_prompt", negative_prompt)
+            if len(negs) not in (1, b):
+                raise ValueError(f"negative_prompt: expected 1 or {b} prompts (one per prompt), got {len(negs)}")
+            neg_text, neg_pooled = encode_prompt(self.text_encoder, self.tokenizer, negs)
+            neg_text, neg_pooled = _expand("negative_prompt", neg_text, b), _expand("negative_prompt", neg_pooled, b)
+        else:
+            neg_text, neg_pooled = null_text.expand(b, -1, -1), null_pooled.expand(b, -1)
         null_text, null_pooled = null_text.expand(b, -1, -1), null_pooled.expand(b, -1)
         # Fine path: the image prompt's latent, noised anew at every step with one fixed draw.
         image_latents = self.encode_vae(images)
@@ -207,6 +376,14 @@ class VideoBoothPipeline(DiffusionPipeline):
             grey = torch.full_like(images, 0.5)
             _, grey_embeds = self.encode_images(grey)
             grey_latents = self.encode_vae(grey)
+        if n > 1:  # every per-prompt tensor, prompt-major (prompt 0's videos first)
+            rep = _repeat_each(n)
+            text, pooled, image_embeds, image_latents = rep(text), rep(pooled), rep(image_embeds), rep(image_latents)
+            neg_text, neg_pooled = rep(neg_text), rep(neg_pooled)
+            null_text, null_pooled = rep(null_text), rep(null_pooled)
+            if do_cfg and uncond_image == "grey":
+                grey_embeds, grey_latents = rep(grey_embeds), rep(grey_latents)
+            b = b * n
 
         lat_h, lat_w = height // self.vae_scale_factor, width // self.vae_scale_factor
         shape = (b, self.backbone.in_channels, num_frames, lat_h, lat_w)
@@ -217,42 +394,57 @@ class VideoBoothPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
         image_noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=dtype)
+        step_params = inspect.signature(self.scheduler.step).parameters
         step_kwargs = {}
-        if "generator" in inspect.signature(self.scheduler.step).parameters:
+        if "generator" in step_params:
             step_kwargs["generator"] = generator
+        if "eta" in step_params:
+            step_kwargs["eta"] = float(eta)
 
         def cast(*ts):
             return [None if t is None else t.to(dtype) for t in ts]
 
-        timesteps = self.scheduler.timesteps
-        with self.progress_bar(total=len(timesteps)) as progress:
-            for t in timesteps:
-                x_in = self.scheduler.scale_model_input(latents, t)
-                tb = t.reshape(1).repeat(b).to(device)
+        prev_scale = getattr(self.backbone, "image_scale", 1.0)
+        if image_prompt_scale is not None:
+            self.backbone.set_image_scale(image_prompt_scale)
+        try:
+            timesteps = self.scheduler.timesteps
+            with self.progress_bar(total=len(timesteps)) as progress:
+                for i, t in enumerate(timesteps):
+                    if self._interrupt:
+                        break
+                    x_in = self.scheduler.scale_model_input(latents, t)
+                    tb = t.reshape(1).repeat(b).to(device)
 
-                def noised(lat):
-                    return self.scheduler.scale_model_input(
-                        self.scheduler.add_noise(lat.to(dtype), image_noise, tb), t)
+                    def noised(lat):
+                        return self.scheduler.scale_model_input(
+                            self.scheduler.add_noise(lat.to(dtype), image_noise, tb), t)
 
-                img_t = noised(image_latents)
-                cond_args = cast(text, pooled, image_embeds, img_t, null_text, null_pooled)
-                if not do_cfg:
-                    pred = self._predict(x_in, t, *cond_args)
-                elif uncond_image == "none":
-                    pred_c = self._predict(x_in, t, *cond_args)
-                    pred_u = self._predict(x_in, t, *cast(null_text, null_pooled, None, None, None, None))
-                    pred = pred_u + guidance_scale * (pred_c - pred_u)
-                else:
-                    # One batched call: [uncond (null prompt, grey image); cond].
-                    both = [torch.cat(pair) for pair in zip(
-                        cast(null_text, null_pooled, grey_embeds, noised(grey_latents), null_text, null_pooled),
-                        cond_args)]
-                    pred_u, pred_c = self._predict(torch.cat([x_in, x_in]), t, *both).chunk(2)
-                    pred = pred_u + guidance_scale * (pred_c - pred_u)
-                if pred.shape[1] == 2 * latents.shape[1]:  # learned variance: keep the mean part
-                    pred = pred[:, : latents.shape[1]]
-                latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
-                progress.update()
+                    img_t = noised(image_latents)
+                    cond_args = cast(text, pooled, image_embeds, img_t, null_text, null_pooled)
+                    if not do_cfg:
+                        pred = self._predict(x_in, t, *cond_args)
+                    elif uncond_image == "none":
+                        pred_c = self._predict(x_in, t, *cond_args)
+                        pred_u = self._predict(x_in, t, *cast(neg_text, neg_pooled, None, None, None, None))
+                        pred = pred_u + guidance_scale * (pred_c - pred_u)
+                    else:
+                        # One batched call: [uncond (negative prompt, grey image); cond].
+                        both = [None if u is None else torch.cat([u, c]) for u, c in zip(
+                            cast(neg_text, neg_pooled, grey_embeds, noised(grey_latents), null_text, null_pooled),
+                            cond_args)]
+                        pred_u, pred_c = self._predict(torch.cat([x_in, x_in]), t, *both).chunk(2)
+                        pred = pred_u + guidance_scale * (pred_c - pred_u)
+                    if pred.shape[1] == 2 * latents.shape[1]:  # learned variance: keep the mean part
+                        pred = pred[:, : latents.shape[1]]
+                    latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+                    if callback_on_step_end is not None:
+                        avail = {"latents": latents}
+                        out = callback_on_step_end(self, i, t, {k: avail[k] for k in tensor_inputs}) or {}
+                        latents = out.pop("latents", latents)
+                    progress.update()
+        finally:
+            self.backbone.image_scale = prev_scale
 
         if output_type == "latent":
             frames = latents
@@ -271,7 +463,212 @@ class VideoBoothPipeline(DiffusionPipeline):
             return (frames,)
         return VideoBoothPipelineOutput(frames=frames)
 
+    # ---- the official VideoBooth sampling ---------------------------------------------------------
+    @classmethod
+    def from_official(cls, unet_state_dict, mapper_state_dict, *, vae, text_encoder, tokenizer, image_encoder=None,
+                      unet_config=None, attn_backend: str = "auto") -> "VideoBoothPipeline":
+        """A pipeline of the released VideoBooth weights (:func:`vb.load_official`): the official
+        backbone and mapper, :func:`official_scheduler`, and the official image encoder
+        (:meth:`vb.VideoBoothImageEncoder.official`; pass a transformers ``CLIPVisionModel`` or a
+        ready :class:`vb.VideoBoothImageEncoder`, default open_clip ``ViT-L-14-quickgelu``).
+        vae: ``stabilityai/sd-vae-ft-ema``; text_encoder / tokenizer: ``openai/clip-vit-large-patch14``.
+        Generate with :meth:`official_sample`."""
+        from .coarse import VideoBoothImageEncoder
+        from .official import load_official
+
+        backbone, mapper = load_official(unet_state_dict, mapper_state_dict, unet_config, attn_backend=attn_backend)
+        if not isinstance(image_encoder, VideoBoothImageEncoder):
+            image_encoder = VideoBoothImageEncoder.official(image_encoder)
+        return cls(vae, text_encoder, tokenizer, image_encoder, mapper, backbone, official_scheduler())
+
+    def official_text(self, prompts, subject_words, subject_tokens: Optional[torch.Tensor] = None):
+        """Prompt embeddings as the official code builds them: the subject word becomes the
+        placeholder ``sdksd`` (:func:`official_prompt`), whose tokens the ``subject_tokens``
+        (B, K, D_text) replace; without ``subject_tokens`` the placeholder prompt itself (the
+        "before" embedding of the official text regulariser). Returns (B, L, D_text)."""
+        prompts = _as_list("prompt", prompts)
+        words = _as_list("subject_word", subject_words, len(prompts))
+        placed = [official_prompt(p, w) for p, w in zip(prompts, words)]
+        if subject_tokens is None:
+            return encode_prompt(self.text_encoder, self.tokenizer, placed)[0]
+        return encode_prompt(self.text_encoder, self.tokenizer, placed, [OFFICIAL_PLACEHOLDER] * len(placed),
+                             subject_tokens)[0]
+
+    @torch.no_grad()
+    def official_sample(self, prompt: str, subject_word: str, image, mask=None, box=None, *,
+                        num_frames: int = OFFICIAL_DEFAULTS["num_frames"],
+                        num_inference_steps: int = OFFICIAL_DEFAULTS["num_inference_steps"],
+                        guidance_scale: float = OFFICIAL_DEFAULTS["guidance_scale"], image_frames: int = 0,
+                        height: int = OFFICIAL_DEFAULTS["height"], generator: Optional[torch.Generator] = None, output_type: str = "pil",
+                        return_dict: bool = True):
+        """Generate one video the way the official sample script does (docs/official.md).
+
+        Args:
+            prompt, subject_word: e.g. ``"panda in the tiny pond"``, ``"panda"``.
+            image, mask, box: the image prompt, its subject mask and box (:func:`vb.coarse.official_preprocess`).
+            num_frames, num_inference_steps, guidance_scale: official defaults 16, 250, 4.0.
+            height: video height = width in pixels (official 256: its preprocessing's VAE size).
+            image_frames: 0: one image-branch frame per step (ours, F times cheaper); F: the
+                official structure (F copies of the image latent, each with its own noise).
+            generator: for the initial noise, the VAE sample and every step's draws.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+        """
+        from .coarse import official_preprocess
+
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
+        self._check_inputs(num_frames, height, height, num_inference_steps, guidance_scale, "none", output_type)
+        device = self._execution_device
+        dtype = next(self.backbone.parameters()).dtype
+        clip_image, vae_image = official_preprocess(image, mask, box, vae_size=height)
+        side = height // self.vae_scale_factor
+        latents = randn_tensor((1, self.backbone.in_channels, num_frames, side, side), generator=generator,
+                               device=device, dtype=dtype)
+        tokens = self.mapper(self.image_encoder(clip_image[None].to(device)).layer_tokens)
+        text = self.official_text([prompt], [subject_word], tokens)
+        null = encode_prompt(self.text_encoder, self.tokenizer, [OFFICIAL_NULL_PROMPT])[0]
+        x = vae_image[None].to(device=device, dtype=self.vae.dtype)
+        image_latent = self.vae.encode(x).latent_dist.sample(generator) * self.vae.config.scaling_factor
+        sched = official_scheduler(num_inference_steps)
+        with self.progress_bar(total=num_inference_steps) as bar:
+            latents = official_denoise(self.backbone, sched, latents, text.to(dtype), null.to(dtype),
+                                       image_latent.to(dtype), guidance_scale=guidance_scale,
+                                       image_frames=image_frames, generator=generator, progress=bar.update)
+        if output_type == "latent":
+            frames = latents
+        else:
+            video = self.decode_latents(latents)
+            if output_type == "pt":
+                frames = video
+            else:
+                arr = video.permute(0, 1, 3, 4, 2).cpu().float().numpy()
+                frames = arr if output_type == "np" else [
+                    [PIL.Image.fromarray((f * 255).round().astype(np.uint8)) for f in vid] for vid in arr]
+        self.maybe_free_model_hooks()
+        return VideoBoothPipelineOutput(frames=frames) if return_dict else (frames,)
+
     def _predict(self, x, t, text, pooled, image_embeds, image_latents, null_text, null_pooled):
         return self.backbone(x, t, text, pooled_text_embeds=pooled, image_embeds=image_embeds,
                              image_latents=image_latents, null_encoder_hidden_states=null_text,
                              null_pooled_text_embeds=null_pooled)
+
+
+# ---- official sampling (the released VideoBooth code's loop; docs/official.md) ----------------------
+def official_scheduler(num_inference_steps: int = 250):
+    """The official sampler as a diffusers scheduler: ADM linear betas 1e-4..0.02 over 1000 steps,
+    DDPM with the "fixed_large" variance, no clipping, ``num_inference_steps`` respaced steps
+    (linspace spacing gives the official ``space_timesteps`` set). ``alphas_cumprod`` is
+    recomputed in float64 as the official code keeps it (float32 drifts 3.8e-3 over 250 steps).
+    """
+    from diffusers import DDPMScheduler
+
+    if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps: expected an int >= 1, got {num_inference_steps!r}")
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                          variance_type="fixed_large", clip_sample=False, timestep_spacing="linspace")
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    sched.betas = betas
+    sched.alphas = 1.0 - betas
+    sched.alphas_cumprod = torch.cumprod(sched.alphas, dim=0)
+    sched.set_timesteps(num_inference_steps)
+    return sched
+
+
+def ddpm_step(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+              noise: Optional[torch.Tensor]) -> torch.Tensor:
+    """One epsilon-prediction DDPM step of a diffusers ``DDPMScheduler`` ("fixed_large" or
+    "fixed_small" variance, no clipping) with the variance noise given: what
+    ``scheduler.step(...).prev_sample`` computes, with ``noise`` instead of its own draw (the
+    official loop draws it with ``torch.randn_like``; the parity check replays those draws).
+
+    Args:
+        model_output: (B, C, F, H, W) predicted noise; sample: x_t, same shape.
+        timestep: the current (training-scale) timestep, one of ``scheduler.timesteps``.
+        noise: standard normal tensor shaped like ``sample``; unused (may be None) at t = 0.
+    Returns:
+        x_{t-1}, dtype of ``sample``.
+    """
+    t = int(timestep)
+    prev_t = int(scheduler.previous_timestep(t))
+    acp = scheduler.alphas_cumprod
+    a_t = acp[t]
+    a_prev = acp[prev_t] if prev_t >= 0 else torch.tensor(1.0, dtype=acp.dtype)
+    beta_t = 1 - a_t / a_prev
+    x0 = (sample - (1 - a_t) ** 0.5 * model_output) / a_t ** 0.5
+    mean = (a_prev ** 0.5 * beta_t / (1 - a_t)) * x0 + ((1 - beta_t) ** 0.5 * (1 - a_prev) / (1 - a_t)) * sample
+    if t == 0:
+        return mean.to(sample.dtype)
+    if noise is None or noise.shape != sample.shape:
+        raise ValueError(f"noise: expected a tensor of shape {tuple(sample.shape)} for t={t}")
+    var = beta_t if scheduler.config.variance_type == "fixed_large" else (1 - a_prev) / (1 - a_t) * beta_t
+    return (mean + var ** 0.5 * noise).to(sample.dtype)
+
+
+def official_guidance(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float,
+                      guided_channels: Optional[int] = 3) -> torch.Tensor:
+    """Classifier-free guidance as the official code applies it: on latent channels
+    [0, guided_channels) only; the other channels take the conditional output.
+    cond, uncond: (B, C, F, H, W). guided_channels None guides every channel."""
+    if cond.shape != uncond.shape:
+        raise ValueError(f"uncond: expected shape {tuple(cond.shape)}, got {tuple(uncond.shape)}")
+    k = cond.shape[1] if guided_channels is None else int(guided_channels)
+    if not 0 <= k <= cond.shape[1]:
+        raise ValueError(f"guided_channels: expected 0..{cond.shape[1]} or None, got {guided_channels!r}")
+    guided = uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k])
+    return torch.cat([guided, cond[:, k:]], dim=1)
+
+
+def official_denoise(backbone, scheduler, latents: torch.Tensor, text: torch.Tensor, null_text: torch.Tensor,
+                     image_latent: Optional[torch.Tensor], *, guidance_scale: float = 4.0,
+                     guided_channels: Optional[int] = 3, image_frames: int = 0,
+                     generator: Optional[torch.Generator] = None, randn=None, progress=None) -> torch.Tensor:
+    """The official sampling loop on latents (ADM ``p_sample_loop`` with its CFG function).
+
+    At every step t: the image latent gets a fresh noise draw at the same t; the conditional pass
+    has the prompt and the image branch (null text), the unconditional pass the null text and no
+    image; guidance on ``guided_channels`` channels (:func:`official_guidance`); a DDPM step
+    (:func:`ddpm_step`) with the scheduler's "fixed_large" variance.
+
+    Args:
+        backbone: a :class:`vb.VideoBoothUNet` (or anything with its call).
+        scheduler: :func:`official_scheduler` (timesteps already set).
+        latents: (B, C, F, h, w) initial noise x_T.
+        text: (B, L, D) prompt embedding with the subject injected; null_text: (1 or B, L, D).
+        image_latent: (B, C, h, w) the image prompt's scaled VAE latent, or None (no image).
+        image_frames: 0: one image-branch frame per sample (ours; noise (B, C, h, w)); F > 0: the
+            official structure, F copies each with its own noise (B, C, F, h, w), F times the
+            image-branch work (the official code uses F = num_frames).
+        generator: for the noise draws (image noise first, then the step noise, per step).
+        randn: optional callable ``shape -> tensor`` replacing the generator's draws, in that
+            order (the parity check replays the official draws through it).
+        progress: optional callable run after every step.
+    Returns:
+        (B, C, F, h, w) denoised latents x_0.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if randn is None:
+        def randn(shape):
+            return randn_tensor(shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    b = latents.shape[0]
+    for t in scheduler.timesteps:
+        tb = t.reshape(1).repeat(b).to(latents.device)
+        img_t = None
+        if image_latent is not None:
+            lat = image_latent if image_frames == 0 else image_latent[:, :, None].repeat(1, 1, image_frames, 1, 1)
+            noise = randn(tuple(lat.shape)).to(lat.dtype)
+            if image_frames == 0:
+                img_t = scheduler.add_noise(lat, noise, tb)
+            else:  # add_noise broadcasts over dim 1..: fold the frames into the batch
+                fl = lat.transpose(1, 2).reshape(b * image_frames, *lat.shape[1:2], *lat.shape[3:])
+                fn = noise.transpose(1, 2).reshape(fl.shape)
+                img_t = scheduler.add_noise(fl, fn, tb.repeat_interleave(image_frames)).view(
+                    b, image_frames, *lat.shape[1:2], *lat.shape[3:]).transpose(1, 2)
+        cond = backbone(latents, tb, text, image_latents=img_t, null_encoder_hidden_states=null_text)
+        uncond = backbone(latents, tb, null_text.expand(b, -1, -1))
+        eps = official_guidance(cond, uncond, guidance_scale, guided_channels)
+        step_noise = randn(tuple(latents.shape)) if int(t) > 0 else None
+        latents = ddpm_step(scheduler, eps, t, latents, step_noise)
+        if progress is not None:
+            progress()
+    return latents

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import re
-from functools import lru_cache
 from typing import Callable, Optional, Union
 
 import torch
@@ -26,10 +25,10 @@ from torch import nn
 
 from kernels import BACKENDS, Schedule, videobooth_attention
 
-from .context import VideoBoothContext, token_grid
+from .context import VideoBoothContext, VideoBoothState, token_grid
 
 ScheduleSpec = Union[str, Schedule, Callable[[int], Schedule]]
-_NAMED = re.compile(r"^(videobooth|first|window|keyframes)(?::?(\d+))?(\+img)?$")
+_NAMED = re.compile(r"^(videobooth|first|self|window|keyframes)(?::?(\d+))?(\+img)?$")
 
 
 # ---- schedules -----------------------------------------------------------------------------
@@ -42,7 +41,7 @@ def check_schedule_spec(spec: ScheduleSpec) -> ScheduleSpec:
                         f"got {type(spec).__name__}")
     m = _NAMED.match(spec)
     if m is None or (m.group(1) in ("window", "keyframes")) != (m.group(2) is not None):
-        raise ValueError(f"schedule: expected 'videobooth', 'first', 'window:<k>' or 'keyframes:<m>' "
+        raise ValueError(f"schedule: expected 'videobooth', 'first', 'self', 'window:<k>' or 'keyframes:<m>' "
                          f"(optionally with '+img'), got {spec!r}")
     return spec
 
@@ -50,9 +49,14 @@ def check_schedule_spec(spec: ScheduleSpec) -> ScheduleSpec:
 def resolve_schedule(spec: ScheduleSpec, num_frames: int) -> Schedule:
     """The :class:`kernels.Schedule` of ``num_frames`` frames that ``spec`` names.
 
-    ``spec`` is a name (``"videobooth"``, ``"first"``, ``"window:4"``, ``"keyframes:8"``, any of
-    them with ``"+img"`` for image tokens in every frame's keys), a ``Schedule`` (its F must be
-    ``num_frames``) or a callable ``F -> Schedule``.
+    ``spec`` is a name (``"videobooth"``, ``"first"``, ``"self"``, ``"window:4"``,
+    ``"keyframes:8"``, any of them with ``"+img"`` for image tokens in every frame's keys), a
+    ``Schedule`` (its F must be ``num_frames``) or a callable ``F -> Schedule``.
+
+    ``"self"`` is not one of the paper's: every frame reads only itself (keyframe 0 is still
+    refreshed from the image prompt). Without an image prompt it is plain per-frame
+    self-attention, so a freshly installed model computes exactly what the model it was
+    installed on computes, for any number of frames.
     """
     if isinstance(spec, Schedule):
         if spec.num_frames != num_frames:
@@ -70,6 +74,8 @@ def resolve_schedule(spec: ScheduleSpec, num_frames: int) -> Schedule:
         out = Schedule.videobooth(num_frames)
     elif kind == "first":
         out = Schedule.first(num_frames)
+    elif kind == "self":
+        out = Schedule([[f] for f in range(num_frames)], keyframes=(0,), name="self")
     elif kind == "window":
         out = Schedule.window(num_frames, int(arg))
     else:
@@ -83,10 +89,13 @@ def without_image(schedule: Schedule) -> Schedule:
     return Schedule(schedule.refs, keyframes=(), image_everywhere=False, name=schedule.name + "-noimg")
 
 
-@lru_cache(maxsize=1)
+# One frame reading itself, nothing refreshed: ordinary self-attention through the same op.
+# (A module constant, not an lru_cache: torch.compile traces through cache wrappers.)
+_SELF_ATTENTION = Schedule([[0]], keyframes=(), name="self")
+
+
 def _self_attention_schedule() -> Schedule:
-    # One frame reading itself, nothing refreshed: ordinary self-attention through the same op.
-    return Schedule([[0]], keyframes=(), name="self")
+    return _SELF_ATTENTION
 
 
 # ---- compact image-token banks ---------------------------------------------------------------
@@ -213,7 +222,10 @@ def _heads(attn, proj_out: torch.Tensor):
 class VideoBoothAttnProcessor(_BaseProcessor):
     """Cross-frame attention with image-prompt injection for an attn1 ``Attention``.
 
-    Video pass (``context.mode == "video"``), hidden states (B*F, N, C):
+    The pass comes from the call's ``vb_state`` (a :class:`vb.VideoBoothState`, passed through
+    ``cross_attention_kwargs``), else from the context's active state.
+
+    Video pass (state mode ``"video"``), hidden states (B*F, N, C):
         q = to_q(x) (or the learned ``to_q_new`` when the image is injected, the ablation),
         k = to_k_new(x), v = to_v_new(x), all viewed as (B, F, N, H, D) without a transpose;
         with an image prompt: k_img = to_k_exemplar(bank(x_img)), v_img = to_v_exemplar(...)
@@ -265,9 +277,11 @@ class VideoBoothAttnProcessor(_BaseProcessor):
         return self._schedules[key]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        ctx = self.context
-        if ctx.mode == "off":
+                 vb_state: Optional[VideoBoothState] = None, *args, **kwargs):
+        """diffusers' processor call; ``vb_state`` (from ``cross_attention_kwargs``) says which
+        pass this is. Without it the context's fallback state applies (``off`` by default)."""
+        st = self.context.state(vb_state)
+        if st.mode == "off":
             return self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError(f"{self.name}: the cross-frame processor takes neither encoder_hidden_states "
@@ -275,8 +289,10 @@ class VideoBoothAttnProcessor(_BaseProcessor):
         residual = hidden_states
         x, shape4 = self._pre(attn, hidden_states, temb)
 
-        if ctx.mode == "image":
-            ctx.image_states[self.name] = x
+        if st.mode == "image":
+            # setdefault: a gradient checkpoint's recompute of this block must not replace the
+            # tensor the video pass already read (it holds the forward's autograd graph).
+            st.image_states.setdefault(self.name, x)
             q, k, v = attn.to_q(x), self.to_k_new(x), self.to_v_new(x)
             h, d = _heads(attn, q)
             b, n = x.shape[:2]
@@ -287,13 +303,28 @@ class VideoBoothAttnProcessor(_BaseProcessor):
             return self._post(attn, out.reshape(b, n, h * d), residual, shape4)
 
         bf, n, _ = x.shape
-        f = ctx.num_frames
+        f = st.num_frames
         if bf % f != 0:
             raise ValueError(f"{self.name}: hidden_states batch {bf} is not a multiple of num_frames={f}")
         b = bf // f
-        x_img = ctx.image_states.get(self.name) if ctx.inject else None
-        if ctx.inject and x_img is None:
+        if st.record:  # (setdefault: a checkpoint's recompute keeps the forward's tensor)
+            st.image_states.setdefault(self.name, x.view(b, f, n, -1)[:, 0])
+        x_img = st.image_states.get(self.name) if st.inject else None
+        if st.inject and x_img is None:
             raise RuntimeError(f"{self.name}: the image branch recorded no hidden states for this layer")
+        scale = st.image_scale
+        if x_img is not None and scale == 0.0:
+            x_img = None  # strength 0: exactly the pass without an image prompt
+        out = self._video_attention(attn, x, x_img, b, f, st.grid)
+        if x_img is not None and scale != 1.0:
+            # Strength s blends the outputs with and without injection: s = 1 is the paper's.
+            plain = self._video_attention(attn, x, None, b, f, st.grid)
+            out = plain + scale * (out - plain)
+        return self._post(attn, out, residual, shape4)
+
+    def _video_attention(self, attn, x, x_img, b, f, grid):
+        """(B*F, N, C) frames [+ (B, M0, C) image states] -> (B*F, N, C) attention output."""
+        bf, n, _ = x.shape
         to_q = self.to_q_new if (x_img is not None and self.to_q_new is not None) else attn.to_q
         q, k, v = to_q(x), self.to_k_new(x), self.to_v_new(x)
         h, d = _heads(attn, q)
@@ -305,7 +336,7 @@ class VideoBoothAttnProcessor(_BaseProcessor):
             if x_img.shape[0] != b:
                 raise ValueError(f"{self.name}: image branch batch {x_img.shape[0]} != video batch {b}")
             if self.image_bank is not None:
-                x_img = self.image_bank(x_img, ctx.grid)
+                x_img = self.image_bank(x_img, grid)
             m = x_img.shape[1]
             k_img = self.to_k_exemplar(x_img).view(b, m, h, d)
             v_img = self.to_v_exemplar(x_img).view(b, m, h, d)
@@ -313,7 +344,7 @@ class VideoBoothAttnProcessor(_BaseProcessor):
                 k_img = attn.norm_k(k_img)
         out = videobooth_attention(q, k, v, k_img, v_img, schedule=self.schedule_for(f, x_img is not None),
                                    scale=attn.scale, backend=self.backend)
-        return self._post(attn, out.reshape(bf, n, h * d), residual, shape4)
+        return out.reshape(bf, n, h * d)
 
     @staticmethod
     def _qk_norm(attn, q, k):
@@ -341,8 +372,8 @@ class VideoBoothTextAttnProcessor(_BaseProcessor):
         self.to_v_new = copy_linear(attn.to_v)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        if self.context.mode == "off":
+                 vb_state: Optional[VideoBoothState] = None, *args, **kwargs):
+        if self.context.state(vb_state).mode == "off":
             return self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if encoder_hidden_states is None:
             raise ValueError(f"{self.name}: encoder_hidden_states is required for text cross-attention")

@@ -2,8 +2,9 @@
 
 Each spatial position attends over the frames of its clip. The output projection starts at
 zero, so a freshly inflated U-Net computes exactly what the 2D model computed frame by frame;
-training on video moves it. A sinusoidal frame-position code is added to the normalised input
-(as AnimateDiff's motion modules do) so the layer can tell frame order apart.
+training on video moves it. By default a sinusoidal frame-position code is added to the
+normalised input (as AnimateDiff's motion modules do) so the layer can tell frame order apart; the
+released VideoBooth model has none (``positions=False``, the ``"official"`` preset).
 """
 from __future__ import annotations
 
@@ -30,10 +31,13 @@ class TemporalAttention(nn.Module):
     Args:
         dim: channels C of the block it follows.
         heads, dim_head: attention shape (those of the block's attn1).
+        positions: add the sinusoidal frame-position code (the research preset); the official
+            VideoBooth ``attn_temp`` has none.
     """
 
-    def __init__(self, dim: int, heads: int, dim_head: int):
+    def __init__(self, dim: int, heads: int, dim_head: int, positions: bool = True):
         super().__init__()
+        self.positions = bool(positions)
         from diffusers.models.attention_processor import Attention
 
         self.norm = nn.LayerNorm(dim)
@@ -48,6 +52,8 @@ class TemporalAttention(nn.Module):
             raise ValueError(f"x: batch {bf} is not a multiple of num_frames={num_frames}")
         b = bf // num_frames
         seq = x.view(b, num_frames, n, c).transpose(1, 2).reshape(b * n, num_frames, c)
-        h = self.norm(seq) + sinusoidal_positions(num_frames, c, seq.device, seq.dtype)
+        h = self.norm(seq)
+        if self.positions:
+            h = h + sinusoidal_positions(num_frames, c, seq.device, seq.dtype)
         seq = seq + self.attn(h)
         return seq.view(b, n, num_frames, c).transpose(1, 2).reshape(bf, n, c)

@@ -109,11 +109,11 @@ def build_tiny_videobooth(backbone: str = "unet", attn_backend: str = "reference
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=49408, hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-        clip = open_clip.CLIP(embed_dim=width,
-                              vision_cfg=dict(image_size=32, patch_size=8, width=width, layers=4, head_width=16),
+        vision_cfg = dict(image_size=32, patch_size=8, width=width, layers=4, head_width=16)
+        clip = open_clip.CLIP(embed_dim=width, vision_cfg=vision_cfg,
                               text_cfg=dict(context_length=77, vocab_size=64, width=16, heads=1, layers=1))
         layers = tuple(clip_layers) if clip_layers is not None else default_layers(4, 3)
-        image_encoder = VideoBoothImageEncoder(clip.visual, layers=layers)
+        image_encoder = VideoBoothImageEncoder(clip.visual, layers=layers, embed_dim=width, vision_cfg=vision_cfg)
         mapper = VideoBoothMapper(input_dim=image_encoder.hidden_size, output_dim=width, num_layers=len(layers),
                                   hidden_dim=width)
         vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,

@@ -10,39 +10,282 @@ Frame-wise 2D layers run on (B*F, C, H, W); attn1 processors view their input as
 and attend across frames; a zero-initialised :class:`vb.temporal.TemporalAttention` follows
 every ``BasicTransformerBlock`` (where Tune-A-Video's ``attn_temp`` sits), attached with a
 forward hook so the U-Net's own parameter names stay those of the pretrained checkpoint.
+
+Two architecture presets (:data:`ARCH_PRESETS`): ``"research"`` (this project's variant, the
+default) and ``"official"`` (the released VideoBooth model, Vchitect/VideoBooth; docs/official.md):
+clip-level ResNet GroupNorms, temporal layers without a position code that also run on the image
+branch, and the watermark sub-U-Net before ``conv_norm_out``.
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .backbone import VideoBackboneMixin, batch_timesteps, check_backbone_inputs, check_tensor, expand_batch
-from .context import VideoBoothContext
+from .context import STATE_KWARG, VideoBoothContext, VideoBoothState, state_kwargs
 from .processors import (ScheduleSpec, VideoBoothAttnProcessor, VideoBoothTextAttnProcessor, check_backend,
                          check_schedule_spec, parse_image_bank)
 from .temporal import TemporalAttention
 
 
-def _temporal_hook(block, args, output):
-    """Forward hook of a BasicTransformerBlock: temporal attention after it, video passes only
-    (the image branch never enters a temporal layer)."""
+def _block_state(block, args, kwargs) -> VideoBoothState:
+    """The VideoBoothState of a BasicTransformerBlock call: in its ``cross_attention_kwargs``,
+    passed by keyword (plain forward) or positionally (diffusers' gradient checkpointing)."""
+    cak = kwargs.get("cross_attention_kwargs")
+    if cak is None and len(args) > 5:  # forward(hidden, mask, enc, enc_mask, timestep, cross_attention_kwargs, ...)
+        cak = args[5]
+    return block.vb_temporal.context.state((cak or {}).get(STATE_KWARG))
+
+
+def _temporal_hook(block, args, kwargs, output):
+    """Forward hook of a BasicTransformerBlock: temporal attention after it, in video passes, and
+    in the image branch (as one frame) when ``in_image`` is set (the official model runs its image
+    stream through every layer; over F identical frames that equals one frame). The state comes
+    from the block's own arguments, so a checkpoint's recompute of the block does the same."""
     temporal = block.vb_temporal
-    ctx = temporal.context
-    if ctx.mode != "video":
-        return output
-    return temporal(output, ctx.num_frames)
+    st = _block_state(block, args, kwargs)
+    if st.mode == "video":
+        return temporal(output, st.num_frames)
+    if st.mode == "image" and temporal.in_image:
+        return temporal(output, 1)
+    return output
+
+
+_SKIPPING_CLASSES = {}
+
+
+def _skipping_class(cls):
+    """A subclass of a motion-module class whose forward returns its input inside the
+    context's image branch (the paper's image branch is 2D only) and is the original otherwise.
+    Swapping the class keeps the module's parameters, names and state_dict as they were."""
+    if cls not in _SKIPPING_CLASSES:
+        def forward(self, hidden_states, *args, **kwargs):
+            if self.vb_context.in_image_branch:
+                return hidden_states
+            return cls.forward(self, hidden_states, *args, **kwargs)
+
+        _SKIPPING_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__,
+                                                             "__qualname__": f"skipping.{cls.__name__}"})
+    return _SKIPPING_CLASSES[cls]
+
+
+# Names of the modules that hold a video model's own temporal attention: AnimateDiff's motion
+# modules, UNet3D's temp_attentions / transformer_in, Latte's temporal_transformer_blocks, ours.
+_TEMPORAL_NAME = re.compile(r"(temporal|motion_module|temp_attention|transformer_in$|attn_temp|vb_temporal)")
+
+
+def temporal_module_names(model: nn.Module) -> set:
+    """Qualified names of the modules of ``model`` that are temporal (attend across frames):
+    diffusers' ``TransformerTemporalModel`` and ``AnimateDiffTransformer3D`` instances and any
+    module whose own name says temporal/motion (see ``_TEMPORAL_NAME``)."""
+    classes = []
+    try:
+        from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+        classes.append(TransformerTemporalModel)
+    except ImportError:  # pragma: no cover (older diffusers)
+        pass
+    try:
+        from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+        classes.append(AnimateDiffTransformer3D)
+    except ImportError:  # pragma: no cover
+        pass
+    out = set()
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if isinstance(module, tuple(classes)) or _TEMPORAL_NAME.search(name.rsplit(".", 1)[-1]):
+            out.add(name)
+    return out
+
+
+def _inside(name: str, prefixes: set) -> bool:
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts) + 1))
+
+
+def is_motion_unet(unet: nn.Module) -> bool:
+    """Whether ``unet`` is a diffusers ``UNetMotionModel`` (AnimateDiff): it takes (B, C, F, H, W)
+    and brings pretrained temporal (motion) modules."""
+    try:
+        from diffusers import UNetMotionModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(unet, UNetMotionModel)
+
+
+# Architecture options of the two presets. "research": this project's variant (frame-level
+# GroupNorm, sinusoidal frame positions, temporal layers skipped by the image branch, no
+# watermark module). "official": the released VideoBooth U-Net (docs/official.md).
+ARCH_PRESETS = {
+    "research": dict(clip_groupnorm=False, temporal_positions=True, temporal_in_image=False, watermark=None),
+    "official": dict(clip_groupnorm=True, temporal_positions=False, temporal_in_image=True,
+                     watermark=(320, 640, 640)),
+}
+_ARCH_KEYS = tuple(ARCH_PRESETS["research"])
+
+
+def resolve_arch(preset: Optional[str], **overrides) -> dict:
+    """The architecture options of ``preset`` (``"research"`` or ``"official"``, None = research)
+    with every non-None override applied."""
+    name = "research" if preset is None else preset
+    if name not in ARCH_PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(ARCH_PRESETS)} or None, got {preset!r}")
+    out = dict(ARCH_PRESETS[name])
+    for k, v in overrides.items():
+        if k not in out:
+            raise TypeError(f"unknown architecture option {k!r}; expected one of {_ARCH_KEYS}")
+        if v is not None:
+            out[k] = v
+    wm = out["watermark"]
+    if wm is False:
+        out["watermark"] = None
+    elif wm is not None:
+        if wm is True:
+            wm = ARCH_PRESETS["official"]["watermark"]
+        wm = tuple(wm)
+        if len(wm) != 3 or not all(isinstance(c, int) and c > 0 for c in wm):
+            raise ValueError(f"watermark: expected None, True or 3 positive channel counts, got {out['watermark']!r}")
+        out["watermark"] = wm
+    return out
+
+
+class ClipGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics cover the whole clip, as ``nn.GroupNorm`` applied to a
+    (B, C, F, H, W) tensor does in the official model's ResnetBlock3D and ``conv_norm_out``.
+
+    Input is frame-major (B*F, C, H, W) as everywhere in the inflated U-Net; F comes from the
+    shared context (1 outside a video pass). Equal to ``group_norm`` of the clip viewed as
+    (B, C, F*H, W). Same parameters (and state-dict keys) as the GroupNorm it replaces.
+    """
+
+    def __init__(self, norm: nn.GroupNorm, context: VideoBoothContext):
+        super().__init__(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine)
+        if norm.affine:
+            self.weight, self.bias = norm.weight, norm.bias
+        self.__dict__["context"] = context  # not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.context.num_frames if self.context.mode == "video" else 1
+        if f == 1 or x.dim() != 4:
+            return super().forward(x)
+        bf, c, h, w = x.shape
+        clip = x.view(bf // f, f, c, h, w).transpose(1, 2).reshape(bf // f, c, f * h, w)
+        out = super().forward(clip)
+        return out.view(bf // f, c, f, h, w).transpose(1, 2).reshape(bf, c, h, w)
+
+
+def _use_clip_groupnorm(unet: nn.Module, context: VideoBoothContext, modules) -> int:
+    """Replace the ResNet GroupNorms (norm1, norm2) of ``modules`` and ``unet.conv_norm_out`` by
+    :class:`ClipGroupNorm`; the attention blocks' GroupNorm stays per frame (as in the official
+    Transformer3DModel). Returns the number replaced."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    n = 0
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, ResnetBlock2D):
+                for attr in ("norm1", "norm2"):
+                    norm = getattr(m, attr)
+                    if type(norm) is nn.GroupNorm:
+                        setattr(m, attr, ClipGroupNorm(norm, context))
+                        n += 1
+    if type(getattr(unet, "conv_norm_out", None)) is nn.GroupNorm:
+        unet.conv_norm_out = ClipGroupNorm(unet.conv_norm_out, context)
+        n += 1
+    return n
+
+
+class WatermarkModule(nn.Module):
+    """The official model's watermark sub-U-Net: 3 down blocks and 3 up blocks of ResNets (no
+    attention) on the main U-Net's last up-block output, ending in a zero-initialised 1x1 conv
+    whose output is added to that output before ``conv_norm_out``.
+
+    Args:
+        in_channels: the U-Net's ``block_out_channels[0]``.
+        channels: the three blocks' widths (the official code hard-codes (320, 640, 640); its
+            first entry must equal ``in_channels``).
+        temb_channels, layers_per_block, norm_num_groups, norm_eps, downsample_padding: those of
+            the U-Net (its config).
+    """
+
+    def __init__(self, in_channels: int, channels=(320, 640, 640), *, temb_channels: int, layers_per_block: int,
+                 norm_num_groups: int, norm_eps: float, downsample_padding: int = 1):
+        super().__init__()
+        from diffusers.models.unets.unet_2d_blocks import DownBlock2D, UpBlock2D
+
+        channels = tuple(channels)
+        if channels[0] != in_channels:
+            raise ValueError(f"watermark: the first width must equal block_out_channels[0]={in_channels}, "
+                             f"got {channels}")
+        common = dict(temb_channels=temb_channels, resnet_eps=norm_eps, resnet_act_fn="silu",
+                      resnet_groups=norm_num_groups)
+        self.down_blocks = nn.ModuleList()
+        out_ch = channels[0]
+        for i, ch in enumerate(channels):
+            in_ch, out_ch = out_ch, ch
+            self.down_blocks.append(DownBlock2D(in_channels=in_ch, out_channels=out_ch, num_layers=layers_per_block,
+                                                add_downsample=i < len(channels) - 1,
+                                                downsample_padding=downsample_padding, **common))
+        rev = list(reversed(channels))
+        self.up_blocks = nn.ModuleList()
+        out_ch = rev[0]
+        for i in range(len(rev)):
+            prev, out_ch = out_ch, rev[i]
+            in_ch = rev[min(i + 1, len(rev) - 1)]
+            self.up_blocks.append(UpBlock2D(in_channels=in_ch, prev_output_channel=prev, out_channels=out_ch,
+                                            num_layers=layers_per_block + 1, add_upsample=i < len(rev) - 1, **common))
+        self.zero_out = nn.Conv2d(channels[0], channels[0], kernel_size=1)
+        nn.init.zeros_(self.zero_out.weight)
+        nn.init.zeros_(self.zero_out.bias)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """x: (B*F, C0, H, W), temb: (B*F, T) -> the (B*F, C0, H, W) term added to x."""
+        res = (x,)
+        h = x
+        for block in self.down_blocks:
+            h, r = block(hidden_states=h, temb=temb)
+            res += r
+        for i, block in enumerate(self.up_blocks):
+            skips = res[-len(block.resnets):]
+            res = res[:-len(block.resnets)]
+            size = res[-1].shape[2:] if res else None  # the next skip's size (odd sizes round trip)
+            h = block(hidden_states=h, res_hidden_states_tuple=skips, temb=temb, upsample_size=size)
+        return self.zero_out(h)
+
+
+def _build_unet(unet_class: Optional[str], unet_config: Optional[dict]) -> nn.Module:
+    """A diffusers U-Net of class ``unet_class`` built from ``unet_config`` (random weights)."""
+    import diffusers
+
+    if unet_class is None or unet_config is None:
+        raise ValueError("unet: expected a diffusers U-Net, or unet_class and unet_config to build one")
+    cls = getattr(diffusers, str(unet_class), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(f"unet_class: expected a diffusers model class name (e.g. 'UNet2DConditionModel'), "
+                         f"got {unet_class!r}")
+    return cls.from_config(dict(unet_config))
 
 
 def install_videobooth(unet: nn.Module, *, schedule: ScheduleSpec = "videobooth", attn_backend: str = "reference",
-                       image_bank=None, learn_query: bool = False, temporal: bool = True,
-                       freeze_base: bool = True) -> VideoBoothContext:
-    """Install the VideoBooth processors on every attn1/attn2 of a diffusers model, in place.
+                       image_bank=None, learn_query: bool = False, temporal: Optional[bool] = None,
+                       freeze_base: bool = True, temporal_positions: bool = True,
+                       temporal_in_image: bool = False) -> VideoBoothContext:
+    """Install the VideoBooth processors on every spatial attn1/attn2 of a diffusers model, in place.
 
-    Works on any model built from diffusers ``Attention`` modules named ``attn1`` (self-attention)
-    and ``attn2`` (text cross-attention), e.g. a pretrained ``UNet2DConditionModel`` loaded with
-    ``from_pretrained``. New weights are created on the device and dtype of the layer they copy.
+    Works on models built from diffusers ``Attention`` modules named ``attn1`` (self-attention)
+    and ``attn2`` (text cross-attention): a ``UNet2DConditionModel`` (pretrained or not), and
+    video models with temporal transformer blocks of their own, such as AnimateDiff's
+    ``UNetMotionModel`` (``UNetMotionModel.from_unet2d(unet, MotionAdapter...)``) or Latte. Only
+    *spatial* attention gets a processor: attention inside a temporal module (see
+    :func:`temporal_module_names`: motion modules, ``TransformerTemporalModel``, Latte's
+    ``temporal_transformer_blocks``) keeps the processor it had, and such a model gets no
+    extra temporal layers by default. New weights are created on the device and dtype of the
+    layer they copy.
 
     Args:
         unet: the model, modified in place.
@@ -51,9 +294,13 @@ def install_videobooth(unet: nn.Module, *, schedule: ScheduleSpec = "videobooth"
         attn_backend: ``kernels.videobooth_attention`` backend of every attn1.
         image_bank: None (all image tokens), ``"pool:<f>"`` or ``"learned:<M>"``.
         learn_query: add a trainable ``to_q_new`` per attn1 (the ablation of a learned query).
-        temporal: add a zero-initialised temporal attention after every ``BasicTransformerBlock``.
+        temporal: add a zero-initialised temporal attention after every spatial
+            ``BasicTransformerBlock``; default (None): only when the model has no temporal
+            modules of its own.
         freeze_base: set ``requires_grad=False`` on every parameter the model had before
             (``to_q``/``to_out`` included); the new ones are trainable.
+        temporal_positions: the temporal layers add a sinusoidal frame-position code.
+        temporal_in_image: the image branch also runs the temporal layers (on one frame).
 
     Returns:
         The :class:`VideoBoothContext` shared by all installed processors and temporal layers;
@@ -69,12 +316,18 @@ def install_videobooth(unet: nn.Module, *, schedule: ScheduleSpec = "videobooth"
     check_schedule_spec(schedule)
     check_backend(attn_backend)
     parse_image_bank(image_bank)
+    ctx = VideoBoothContext()
+    # What uninstall_videobooth needs to give the model back as it was.
+    ctx.requires_grad = {n: p.requires_grad for n, p in unet.named_parameters()}
+    ctx.hooks = []
     if freeze_base:
         unet.requires_grad_(False)
-    ctx = VideoBoothContext()
+    own_temporal = temporal_module_names(unet)
+    if temporal is None:
+        temporal = not own_temporal
     n_attn1 = 0
     for name, module in list(unet.named_modules()):
-        if not isinstance(module, Attention):
+        if not isinstance(module, Attention) or _inside(name, own_temporal):
             continue
         leaf = name.rsplit(".", 1)[-1]
         ref = module.to_q.weight
@@ -91,37 +344,213 @@ def install_videobooth(unet: nn.Module, *, schedule: ScheduleSpec = "videobooth"
     if n_attn1 == 0:
         raise ValueError("unet: found no diffusers Attention module named 'attn1'; nothing to install")
     if temporal:
-        for module in unet.modules():
-            if isinstance(module, BasicTransformerBlock) and isinstance(getattr(module, "attn1", None), Attention):
+        for name, module in list(unet.named_modules()):
+            if (isinstance(module, BasicTransformerBlock) and isinstance(getattr(module, "attn1", None), Attention)
+                    and not _inside(name, own_temporal)):
                 a = module.attn1
                 ref = a.to_q.weight
-                t = TemporalAttention(a.to_q.in_features, a.heads, a.to_q.out_features // a.heads)
+                t = TemporalAttention(a.to_q.in_features, a.heads, a.to_q.out_features // a.heads,
+                                      positions=temporal_positions)
                 t.context = ctx
+                t.in_image = bool(temporal_in_image)
                 module.vb_temporal = t.to(device=ref.device, dtype=ref.dtype)
-                module.register_forward_hook(_temporal_hook)
+                ctx.hooks.append(module.register_forward_hook(_temporal_hook, with_kwargs=True))
+    if is_motion_unet(unet):
+        # Motion modules are called without cross_attention_kwargs: the image branch reaches
+        # them through the context's switch.
+        for name, module in unet.named_modules():
+            if name.endswith("motion_modules") and isinstance(module, nn.ModuleList):
+                for mm in module:
+                    mm.vb_context = ctx
+                    mm.__class__ = _skipping_class(type(mm))
     unet.vb_context = ctx
     return ctx
 
 
-class VideoBoothUNet(VideoBackboneMixin, nn.Module):
-    """A 2D SD U-Net inflated to video, with the VideoBooth processors installed.
+def uninstall_videobooth(unet: nn.Module) -> nn.Module:
+    """Undo :func:`install_videobooth` (and the architecture options of :class:`VideoBoothUNet`)
+    in place: every attention gets back the processor it had, the temporal layers, hooks,
+    motion-module switches and clip-level GroupNorms go, ``requires_grad`` flags are restored.
+    The model's state_dict and outputs are then those from before the install (the weights
+    VideoBooth added are dropped; save them first with ``save_adapter``/``save_pretrained``).
+
+    Returns:
+        ``unet``.
+    """
+    from .processors import _BaseProcessor
+
+    ctx = getattr(unet, "vb_context", None)
+    if ctx is None:
+        raise ValueError("unet: VideoBooth is not installed on this model")
+    for h in getattr(ctx, "hooks", []):
+        h.remove()
+    for module in list(unet.modules()):
+        proc = getattr(module, "processor", None)
+        if isinstance(proc, _BaseProcessor) and hasattr(module, "set_processor"):
+            module.set_processor(proc.base_processor)
+        if "vb_temporal" in getattr(module, "_modules", {}):
+            del module.vb_temporal
+        if type(module) in _SKIPPING_CLASSES.values():
+            module.__class__ = type(module).__mro__[1]
+            del module.vb_context
+        for name, child in list(module.named_children()):
+            if isinstance(child, ClipGroupNorm):  # the official preset's
+                norm = nn.GroupNorm(child.num_groups, child.num_channels, eps=child.eps, affine=child.affine)
+                if child.affine:
+                    norm.weight, norm.bias = child.weight, child.bias
+                setattr(module, name, norm)
+    for n, p in unet.named_parameters():
+        p.requires_grad_(ctx.requires_grad.get(n, p.requires_grad))
+    del unet.vb_context
+    return unet
+
+
+class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
+    """A 2D SD U-Net inflated to video (or AnimateDiff's ``UNetMotionModel``), with the
+    VideoBooth processors installed.
+
+    A diffusers ``ModelMixin``/``ConfigMixin``: ``save_pretrained`` writes the whole backbone
+    (the U-Net's weights, the new projections, temporal layers, watermark module) and a config
+    that rebuilds it (the U-Net's class and config, the install options); ``from_pretrained``
+    gives back the same model, bit for bit.
 
     Args:
-        unet: a diffusers ``UNet2DConditionModel`` (pretrained or random), modified in place.
+        unet: a diffusers ``UNet2DConditionModel`` (pretrained or random) or ``UNetMotionModel``,
+            modified in place. None: built (random weights) from ``unet_class``/``unet_config``.
         schedule, attn_backend, image_bank, learn_query, temporal, freeze_base: as
             :func:`install_videobooth`.
+        preset: architecture preset, ``"research"`` (default: this project's variant) or
+            ``"official"`` (the released VideoBooth model; :func:`vb.load_official` builds it).
+        clip_groupnorm: ResNet GroupNorms and ``conv_norm_out`` normalise over the whole clip
+            (B, C, F*H, W) instead of per frame (:class:`ClipGroupNorm`).
+        temporal_positions: the temporal layers add a sinusoidal frame-position code.
+        temporal_in_image: the image branch also runs the temporal layers (on one frame).
+        watermark: None/False (no watermark module), True (the official widths (320, 640, 640))
+            or 3 widths: the official watermark sub-U-Net (:class:`WatermarkModule`), added before
+            ``conv_norm_out`` in video passes.
+        Options left None take the preset's value.
+        arch: the resolved architecture options as a dict (what the saved config holds); when
+            given it replaces ``preset`` and the four options above.
+        unet_class, unet_config: the diffusers class name and config of ``unet`` (what the saved
+            config holds), used when ``unet`` is None.
     """
 
-    def __init__(self, unet: nn.Module, *, schedule: ScheduleSpec = "videobooth", attn_backend: str = "reference",
-                 image_bank=None, learn_query: bool = False, temporal: bool = True, freeze_base: bool = True):
+    def __init__(self, unet: Optional[nn.Module] = None, *, schedule: ScheduleSpec = "videobooth", attn_backend: str = "reference",
+                 image_bank=None, learn_query: bool = False, temporal: Optional[bool] = None,
+                 freeze_base: bool = True, preset: Optional[str] = None, clip_groupnorm: Optional[bool] = None,
+                 temporal_positions: Optional[bool] = None, temporal_in_image: Optional[bool] = None,
+                 watermark=None, arch: Optional[dict] = None, unet_class: Optional[str] = None,
+                 unet_config: Optional[dict] = None):
         super().__init__()
+        if arch is not None:
+            arch = resolve_arch(None, **arch)
+        else:
+            arch = resolve_arch(preset, clip_groupnorm=clip_groupnorm, temporal_positions=temporal_positions,
+                                temporal_in_image=temporal_in_image, watermark=watermark)
+        if unet is None:
+            unet = _build_unet(unet_class, unet_config)
         self.unet = unet
         self.context = install_videobooth(unet, schedule=schedule, attn_backend=attn_backend, image_bank=image_bank,
-                                          learn_query=learn_query, temporal=temporal, freeze_base=freeze_base)
+                                          learn_query=learn_query, temporal=temporal, freeze_base=freeze_base,
+                                          temporal_positions=arch["temporal_positions"],
+                                          temporal_in_image=arch["temporal_in_image"])
+        self.arch = arch
+        self.watermark = None
+        self._temb = None
+        if arch["watermark"] is not None:
+            cfg = unet.config
+            self.watermark = WatermarkModule(
+                cfg.block_out_channels[0], arch["watermark"], temb_channels=unet.time_embedding.linear_2.out_features,
+                layers_per_block=cfg.layers_per_block if isinstance(cfg.layers_per_block, int) else cfg.layers_per_block[0],
+                norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
+                downsample_padding=cfg.downsample_padding).to(device=unet.device, dtype=unet.dtype)
+        if arch["clip_groupnorm"]:
+            _use_clip_groupnorm(unet, self.context, [unet] + ([self.watermark] if self.watermark is not None else []))
+        if self.watermark is not None:  # after the GroupNorm swap: the hook goes on the final conv_norm_out
+            self.context.hooks += [unet.time_embedding.register_forward_hook(self._keep_temb),
+                                   unet.conv_norm_out.register_forward_pre_hook(self._add_watermark)]
         # What an adapter file needs to rebuild the same set of weights.
+        self.motion = is_motion_unet(unet)
+        self.image_scale = 1.0
+        has_temporal = any(hasattr(m, "vb_temporal") for m in unet.modules())
         self.install_config = {"backbone": "unet", "image_bank": parse_image_bank(image_bank),
-                               "learn_query": bool(learn_query), "temporal": bool(temporal),
-                               "schedule": schedule if isinstance(schedule, str) else None}
+                               "learn_query": bool(learn_query), "temporal": has_temporal,
+                               "schedule": schedule if isinstance(schedule, str) else None,
+                               "arch": {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.items()}}
+        if self.motion:
+            self.install_config["motion"] = True
+        # The saved config: what from_pretrained needs to rebuild this model. (No key may share a
+        # name with a submodule: ModelMixin would answer the attribute from the config.)
+        self.register_to_config(
+            unet_class=type(unet).__name__,
+            unet_config={k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
+            schedule=schedule if isinstance(schedule, str) else None, attn_backend=attn_backend,
+            image_bank=parse_image_bank(image_bank), learn_query=bool(learn_query), temporal=has_temporal,
+            freeze_base=bool(freeze_base), arch=self.install_config["arch"])
+
+    # -- watermark module: the time embedding is kept from the U-Net's own forward --------------
+    def _keep_temb(self, _module, _args, out):
+        self._temb = out
+
+    def _add_watermark(self, _module, args):
+        ctx = self.context
+        if ctx.mode != "video" or ctx.record:  # its output is read in (non-recording) video passes only
+            return None
+        x = args[0]
+        temb, self._temb = self._temb, None
+        return (x + self.watermark(x, temb.to(x.dtype)),)
+
+    @classmethod
+    def from_motion_adapter(cls, unet: nn.Module, motion_adapter: nn.Module, **kwargs) -> "VideoBoothUNet":
+        """VideoBooth on a pretrained text-to-video base: AnimateDiff's motion modules.
+
+        ``UNetMotionModel.from_unet2d(unet, motion_adapter)`` (the SD U-Net's weights and the
+        adapter's motion modules, as diffusers' ``AnimateDiffPipeline`` builds it), then the
+        VideoBooth processors on its spatial attn1/attn2 only; the motion modules keep their
+        processors, stay frozen and are skipped by the image branch, and no extra temporal
+        layers are added (the motion modules are the temporal layers).
+
+        Args:
+            unet: a ``UNet2DConditionModel`` (e.g. SD-1.5's ``unet`` subfolder).
+            motion_adapter: a diffusers ``MotionAdapter`` (e.g. ``MotionAdapter.from_pretrained(
+                "guoyww/animatediff-motion-adapter-v1-5-2")``) whose ``block_out_channels`` match.
+            kwargs: as the constructor (schedule, attn_backend, image_bank, ...).
+        """
+        from diffusers import MotionAdapter, UNetMotionModel
+
+        if not isinstance(motion_adapter, MotionAdapter):
+            raise TypeError(f"motion_adapter: expected a diffusers MotionAdapter, got {type(motion_adapter).__name__}")
+        motion = UNetMotionModel.from_unet2d(unet, motion_adapter)
+        return cls(motion.to(device=unet.device, dtype=unet.dtype), **kwargs)
+
+    def uninstall(self) -> nn.Module:
+        """Give back the model this backbone was built on, as it was before (see
+        :func:`uninstall_videobooth`); this backbone is unusable afterwards."""
+        unet = uninstall_videobooth(self.unet)
+        self.watermark = None
+        del self.unet
+        return unet
+
+    def enable_gradient_checkpointing(self) -> None:
+        """diffusers' gradient checkpointing of the U-Net (its resnets and transformer blocks,
+        the VideoBooth processors and temporal layers inside them are recomputed in backward);
+        the loss and every gradient stay those of the plain forward."""
+        self.unet.enable_gradient_checkpointing(self.context.checkpoint)
+
+    def _checkpoint_with_context(self) -> None:
+        # A user may have called unet.enable_gradient_checkpointing() directly: the layers that
+        # read the active state (clip-level GroupNorm, watermark) need the context's checkpoint.
+        fn = self.context.checkpoint
+        for m in self.unet.modules():
+            if getattr(m, "gradient_checkpointing", False) and getattr(m, "_gradient_checkpointing_func", None) != fn:
+                m._gradient_checkpointing_func = fn
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.unet.disable_gradient_checkpointing()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.unet, "is_gradient_checkpointing", False))
 
     @property
     def in_channels(self) -> int:
@@ -161,7 +590,9 @@ class VideoBoothUNet(VideoBackboneMixin, nn.Module):
             encoder_hidden_states: (B, L, D_text) prompt embedding (subject tokens injected by
                 the coarse path, or a plain/null prompt).
             image_latents: (B, C, H, W) the image prompt's VAE latent noised to ``timestep``, or
-                None for no fine-path injection (the unconditional pass of the paper).
+                None for no fine-path injection (the unconditional pass of the paper), or
+                (B, C, F_img, H, W): the official code's structure, the image latent as a clip
+                (e.g. F copies, each noised with its own draw), frame 0 read by the video pass.
             null_encoder_hidden_states: (B or 1, L, D_text) null-prompt embedding of the image
                 branch; required with ``image_latents``.
             pooled_text_embeds, image_embeds, null_pooled_text_embeds: DiT conditioning;
@@ -170,23 +601,61 @@ class VideoBoothUNet(VideoBackboneMixin, nn.Module):
         Returns:
             (B, C_out, F, H, W) model output, dtype of the U-Net.
         """
-        check_backbone_inputs(sample, image_latents, self.in_channels, self.latent_multiple)
+        image5 = image_latents is not None and isinstance(image_latents, torch.Tensor) and image_latents.dim() == 5
+        check_backbone_inputs(sample, None if image5 else image_latents, self.in_channels, self.latent_multiple)
         b, c, f, h, w = sample.shape
+        if image5 and (image_latents.shape[0] != b or tuple(image_latents.shape[1:2] + image_latents.shape[3:]) != (c, h, w)):
+            raise ValueError(f"image_latents: expected shape ({b}, {c}, H, W) or ({b}, {c}, F_img, {h}, {w}), "
+                             f"got {tuple(image_latents.shape)}")
         check_tensor("encoder_hidden_states", encoder_hidden_states, 3, "(B, L, D_text)")
         text = expand_batch("encoder_hidden_states", encoder_hidden_states, b)
         t = batch_timesteps(timestep, b, sample.device)
+        # One state per pass: carried by cross_attention_kwargs to the processors and temporal
+        # layers, and active on the context for the layers diffusers calls without them
+        # (vb/context.py says why).
         ctx = self.context
-        with ctx.forward_pass():
+        self._checkpoint_with_context()
+        if self.image_scale == 0.0:  # strength 0: the fine path contributes nothing; skip its branch
+            image_latents = None
+        image_states = None
+        try:
             if image_latents is not None:
                 if null_encoder_hidden_states is None:
                     raise ValueError("null_encoder_hidden_states: required with image_latents (the image "
                                      "branch runs with the null prompt)")
                 null = expand_batch("null_encoder_hidden_states", null_encoder_hidden_states, b)
-                # Image branch: once per sample (B images, not B*F), 2D only; the attn1
-                # processors record their inputs. Its own prediction is not needed.
-                ctx.start_image((h, w))
-                self.unet(image_latents, t, encoder_hidden_states=null)
-            ctx.start_video(f, (h, w), inject=image_latents is not None)
-            frames = sample.transpose(1, 2).reshape(b * f, c, h, w)
-            out = self.unet(frames, t.repeat_interleave(f), encoder_hidden_states=text.repeat_interleave(f, 0)).sample
+                image_states = {}
+                if image5:
+                    if self.motion:
+                        raise ValueError("image_latents: a (B, C, F_img, H, W) image clip is for an inflated 2D "
+                                         "U-Net; give a UNetMotionModel backbone (B, C, H, W)")
+                    # The official structure: the image latent as an F_img-frame clip through every
+                    # layer (clip-level norms, temporal layers, sparse-causal attn1 without image);
+                    # the video pass reads frame 0's attn1 inputs. F_img times the work of the
+                    # one-frame branch below; equal to it when the F_img frames are identical.
+                    fi = image_latents.shape[2]
+                    st = VideoBoothState.recording(fi, (h, w), image_states)
+                    frames = image_latents.transpose(1, 2).reshape(b * fi, c, h, w)
+                    with ctx.activate(st):
+                        self.unet(frames, t.repeat_interleave(fi), encoder_hidden_states=null.repeat_interleave(fi, 0),
+                                  cross_attention_kwargs=state_kwargs(st))
+                else:
+                    # Image branch: once per sample (B images, not B*F), 2D only (a motion U-Net's
+                    # motion modules are skipped); the attn1 processors record their inputs. Its
+                    # own prediction is not needed.
+                    st = VideoBoothState.image((h, w), image_states)
+                    with ctx.activate(st, image_branch=self.motion):
+                        self.unet(image_latents[:, :, None] if self.motion else image_latents, t,
+                                  encoder_hidden_states=null, cross_attention_kwargs=state_kwargs(st))
+            st = VideoBoothState.video(f, (h, w), image_states, self.image_scale)
+            text_f = text.repeat_interleave(f, 0)
+            with ctx.activate(st):
+                if self.motion:  # UNetMotionModel folds the frames itself, timestep per clip
+                    return self.unet(sample, t, encoder_hidden_states=text_f,
+                                     cross_attention_kwargs=state_kwargs(st)).sample
+                frames = sample.transpose(1, 2).reshape(b * f, c, h, w)
+                out = self.unet(frames, t.repeat_interleave(f), encoder_hidden_states=text_f,
+                                cross_attention_kwargs=state_kwargs(st)).sample
+        finally:
+            self._temb = None
         return out.view(b, f, -1, h, w).transpose(1, 2)
