@@ -367,3 +367,41 @@ def test_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "wrote 3 clips" in r.stdout
     assert len(list(out.rglob("video.mp4"))) == 3
+
+
+# ---- seekable decoding -----------------------------------------------------------------------
+def _write_gop_video(path, n=90, gop=8, size=32, fps=8):
+    """An mp4 (libx264, a keyframe every `gop` frames) whose frame i is flat grey level 2i."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        st = c.add_stream("libx264", rate=fps)
+        st.width = st.height = size
+        st.pix_fmt = "yuv420p"
+        st.codec_context.gop_size = gop
+        st.codec_context.options = {"crf": "10", "keyint_min": str(gop), "sc_threshold": "0"}
+        for i in range(n):
+            img = np.full((size, size, 3), 2 * i, np.uint8)
+            for p in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in st.encode():
+            c.mux(p)
+
+
+def test_seeking_decoder_reads_the_same_frames_as_decoding_from_the_start(tmp_path):
+    pytest.importorskip("av")
+    from train.data import SEEK_GAP, _decode_av
+
+    path = tmp_path / "gop.mp4"
+    _write_gop_video(path)
+    wanted = {0, 50, 54, 58, 62, 89}
+    assert max(wanted) - 0 > SEEK_GAP  # the seek path is taken
+    seek, n1, end1 = _decode_av(path, wanted, seek=True)
+    full, n2, end2 = _decode_av(path, wanted, seek=False)
+    assert sorted(seek) == sorted(full) == sorted(wanted) and (n1, end1) == (n2, end2) == (90, False)
+    for i in wanted:
+        assert np.array_equal(seek[i], full[i]), i
+        assert abs(int(full[i].mean()) - 2 * i) <= 2  # frame i really is frame i
+    # past the end: the frames that exist, and the end reached
+    keep, n, ended = _decode_av(path, {10, 200}, seek=True)
+    assert sorted(keep) == [10] and ended

@@ -14,14 +14,16 @@ import torch
 
 from train import checkpoint as ckpt
 from train.config import TrainConfig, config_from_args, load_config, normalize_schedule
-from train.tasks import ToyVideoTask, build_task
-from train.trainer import FAULT_ENV, FAULT_EXIT_CODE, ResumableBatchSampler, Trainer
+from train.registry import build_task
+from train.trainer import FAULT_ENV, FAULT_EXIT_CODE, EpochBatchSampler, Trainer
+
+from tests.toy_task import TASK as TOY, ToyVideoTask
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def toy_cfg(tmp_path, name="run", **kw) -> TrainConfig:
-    d = dict(task="toy", device="cpu", output_dir=str(tmp_path / name), seed=3, max_steps=6, batch_size=4,
+    d = dict(task=TOY, device="cpu", output_dir=str(tmp_path / name), seed=3, max_steps=6, batch_size=4,
              checkpoint_every=2, keep_checkpoints=0, progress=False, lr=1e-3, lr_scheduler="cosine",
              lr_warmup_steps=2, ema_decay=0.9, cond_dropout=0.25,
              model={"channels": 16, "heads": 1, "frames": 3, "tokens": 8, "image_tokens": 4, "classes": 3},
@@ -38,7 +40,7 @@ def losses(path) -> list[tuple[int, float, float]]:
 # ---- config ----------------------------------------------------------------------------------
 def test_config_yaml_overrides_and_flags(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("task: toy\nlr: 1.0e-4\nmodel: {channels: 16}\n")
+    p.write_text(f"task: {TOY}\nlr: 1.0e-4\nmodel: {{channels: 16}}\n")
     cfg = load_config(p, ["lr=3e-4", "model.heads=2", "data.num_items=8", "adam_betas=[0.8,0.9]"],
                       schedule="window2", stage=None)
     assert cfg.lr == 3e-4 and cfg.model == {"channels": 16, "heads": 2} and cfg.data == {"num_items": 8}
@@ -70,8 +72,8 @@ def test_few_steps_finite_with_checkpoint_files_and_logs(tmp_path):
     names = [p.name for p in ckpt.list_checkpoints(run)]
     assert names == ["step-00000003"]  # keep_checkpoints=1 pruned step 2
     c = run / "checkpoints" / "step-00000003"
-    for f in ("trainable.safetensors", "ema.safetensors", "optimizer.pt", "scheduler.pt", "rng/rank-0.pt",
-              "config.yaml", "state.json"):
+    for f in ("trainable.safetensors", "ema.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl",
+              "random_states_0.pkl", "config.yaml", "state.json"):
         assert (c / f).is_file(), f
     state = ckpt.load_state(c)
     assert (state["step"], state["epoch"], state["batch_in_epoch"], state["stage"]) == (3, 1, 1, 1)
@@ -85,6 +87,8 @@ def test_few_steps_finite_with_checkpoint_files_and_logs(tmp_path):
     assert any(not torch.equal(ema[k], trained[k].detach()) for k in ema)
     assert [s for s, _, _ in losses(run)] == [1, 2, 3]
     assert (run / "loss.csv").read_text().splitlines()[0].startswith("step,epoch,batch_in_epoch,loss,lr")
+    assert not list(c.glob("model*.safetensors"))  # frozen weights are not checkpointed
+    assert list((run / "logs").rglob("events.out.tfevents.*"))  # the default tracker: tensorboard
     assert json.loads((run / "replicas" / "rank-0.json").read_text())["step"] == 3
 
 
@@ -123,17 +127,18 @@ def test_condition_dropout_rates_and_null_conditions(tmp_path):
 
 
 # ---- data order ------------------------------------------------------------------------------------
-def test_sampler_shards_epochs_and_resumes_mid_epoch():
-    a, b = (ResumableBatchSampler(23, 3, rank=r, world_size=2, seed=5) for r in (0, 1))
-    ea, eb = list(a), list(b)
-    assert len(ea) == len(eb) == a.batches_per_epoch == 3
-    flat = sum(ea, []) + sum(eb, [])
-    assert len(set(flat)) == 18 and all(len(x) == 3 for x in ea + eb)
-    a.set_position(1, 0)
-    assert list(a) != ea  # a new permutation every epoch
-    full = list(a)
-    a.set_position(1, 2)
-    assert list(a) == full[2:]
+def test_sampler_epochs_and_accelerate_shards():
+    from accelerate.data_loader import BatchSamplerShard
+
+    s = EpochBatchSampler(23, 3, world_size=2, seed=5)
+    assert s.batches_per_epoch == 3 and len(s) == 6
+    e0 = list(s)
+    assert len(set(sum(e0, []))) == 18 and all(len(b) == 3 for b in e0)
+    s.set_epoch(1)
+    assert list(s) != e0  # a new permutation every epoch
+    s.set_epoch(0)
+    shards = [list(BatchSamplerShard(s, num_processes=2, process_index=r)) for r in (0, 1)]
+    assert shards[0] == e0[0::2] and shards[1] == e0[1::2]  # each process its own batches
 
 
 # ---- exact resume -----------------------------------------------------------------------------------
@@ -169,7 +174,7 @@ def test_kill_mid_checkpoint_then_resume_gives_identical_losses(tmp_path):
     assert proc.returncode == FAULT_EXIT_CODE, proc.stderr[-3000:]
     run = Path(cfg.output_dir)
     partial = run / "checkpoints" / ".tmp-step-00000004"
-    assert partial.is_dir() and (partial / "optimizer.pt").is_file() and not (partial / "state.json").exists()
+    assert partial.is_dir() and (partial / "optimizer.bin").is_file() and not (partial / "state.json").exists()
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000002"]
     assert [s for s, _, _ in losses(run)] == [1, 2, 3, 4]
 
@@ -250,7 +255,7 @@ def test_videobooth_task_two_stages_on_synthetic_data(tmp_path):
     data = tmp_path / "syn"
     generate(data, 6, seed=0, size=32, num_frames=4, fmt="frames", progress=False)
     base = dict(task="videobooth", device="cpu", seed=0, batch_size=2, max_steps=2, checkpoint_every=2,
-                progress=False, lr=1e-3, cond_dropout=0.5,
+                progress=False, lr=1e-3, cond_dropout=0.5, validation_steps=2,
                 data={"root": str(data), "num_frames": 4, "size": 16, "image_size": 32})
     s1 = TrainConfig.from_dict(dict(base, output_dir=str(tmp_path / "s1")))
     out1 = Trainer(s1).train()
@@ -265,6 +270,15 @@ def test_videobooth_task_two_stages_on_synthetic_data(tmp_path):
     assert set(w1) < names and any("attn1.processor.to_k_exemplar" in k for k in names)
     out2 = tr2.train()
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in out2["history"])
+    # validation at the checkpoint: GIFs, and the metric and videos in tensorboard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert sorted(p.name for p in (Path(s2.output_dir) / "validation" / "step-00000002").iterdir()) == \
+        ["0.gif", "1.gif"]
+    ev = EventAccumulator(str(next((Path(s2.output_dir) / "logs").rglob("events.out.tfevents.*")).parent))
+    ev.Reload()
+    assert {"validation/color_id", "loss", "lr", "grad_norm"} <= set(ev.Tags()["scalars"])
+    assert len(ev.Tags()["images"]) == 2  # one strip of frames per validation video
     # the exported adapter loads into a fresh pipeline with the schedule it was trained with
     # (load_adapter refuses another schedule)
     parts = vb.build_tiny_videobooth("unet", schedule="window:2")

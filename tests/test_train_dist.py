@@ -37,7 +37,7 @@ def _launcher() -> list[str]:
 
 def test_two_cpu_processes_keep_replicas_identical(tmp_path):
     cfg = TrainConfig.from_dict(dict(
-        task="toy", device="cpu", output_dir=str(tmp_path / "run"), seed=1, max_steps=3, batch_size=2,
+        task="tests.toy_task:ToyVideoTask", device="cpu", output_dir=str(tmp_path / "run"), seed=1, max_steps=3, batch_size=2,
         grad_accum=2, checkpoint_every=2, keep_checkpoints=0, progress=False, lr=1e-3, ema_decay=0.9,
         cond_dropout=0.25, model={"channels": 16, "heads": 1, "frames": 3, "tokens": 8, "image_tokens": 4,
                                   "classes": 3}, data={"num_items": 16}))
@@ -64,6 +64,6 @@ def test_two_cpu_processes_keep_replicas_identical(tmp_path):
         assert a != b and abs(r["loss"] - (a + b) / 2) < 1e-6
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000002", "step-00000003"]
     last = ckpt.latest_checkpoint(run)
-    assert (last / "rng" / "rank-0.pt").is_file() and (last / "rng" / "rank-1.pt").is_file()
+    assert (last / "random_states_0.pkl").is_file() and (last / "random_states_1.pkl").is_file()
     state = ckpt.load_state(last)
     assert state["world_size"] == 2 and (state["epoch"], state["batch_in_epoch"]) == (1, 2)

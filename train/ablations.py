@@ -1,7 +1,6 @@
 """Toy-scale ablations of VideoBooth (the paper's and the review's) on the CPU demo's setup.
 
     python -m train.ablations --out ablations_out          # about 30 minutes on 2 idle CPU cores
-    python -m train.demo --ablations --out ablations_out   # the same
     python -m train.ablations --out /tmp/a --quick --arms both,coarse   # a smoke run
 
 Every arm is a short training run of the tiny VideoBooth of `train.demo` (same synthetic data,
@@ -38,7 +37,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from . import demo as D
+from . import evaluation as E
+from . import experiment as X
 
 log = logging.getLogger("train.ablations")
 
@@ -73,7 +73,7 @@ ARMS: List[Arm] = [
 
 @dataclass
 class AblationSettings:
-    demo: D.DemoSettings
+    demo: X.DemoSettings
     long_frames: int = 32        # frames of the long clips (training and generation)
     long_steps: int = 60         # fine-tuning steps per schedule on long clips
     long_batch: int = 2
@@ -85,29 +85,29 @@ class AblationSettings:
     def default(cls, **demo_kw) -> "AblationSettings":
         kw = dict(steps1=600, steps2=600, data_frames=32)
         kw.update(demo_kw)
-        return cls(D.DemoSettings(**kw))
+        return cls(X.DemoSettings(**kw))
 
     @classmethod
     def quick(cls, arms: Sequence[str] = ("both", "coarse"), **demo_kw) -> "AblationSettings":
         kw = dict(data_frames=8)
         kw.update(demo_kw)
-        return cls(D.DemoSettings.quick(**kw), long_frames=8, long_steps=1, long_batch=1, long_subjects=2,
+        return cls(X.DemoSettings.quick(**kw), long_frames=8, long_steps=1, long_batch=1, long_subjects=2,
                    long_inference_steps=2, arms=tuple(arms))
 
 
-def _scores(pipe, items, s: D.DemoSettings, frames: int, last: Optional[int] = None) -> dict:
-    vi = D.generate_videos(pipe, items, s, image=True, seed=s.seed, num_frames=frames)
-    vt = D.generate_videos(pipe, items, s, image=False, seed=s.seed, num_frames=frames)
-    ri, rt = D.identity_scores(vi, items), D.identity_scores(vt, items)
+def _scores(pipe, items, s: X.DemoSettings, frames: int, last: Optional[int] = None) -> dict:
+    vi = E.generate_videos(pipe, items, s, image=True, seed=s.seed, num_frames=frames)
+    vt = E.generate_videos(pipe, items, s, image=False, seed=s.seed, num_frames=frames)
+    ri, rt = E.identity_scores(vi, items), E.identity_scores(vt, items)
     out = {"color_id_image": float(np.mean([r["color_id"] for r in ri])),
            "color_id_text": float(np.mean([r["color_id"] for r in rt])),
            "color_top1_image": float(np.mean([r["color_top1"] for r in ri])),
-           "delta": D.paired_difference(ri, rt)}
+           "delta": E.paired_difference(ri, rt)}
     if last:
         sl = slice(frames - last, frames)
-        li, lt = D.identity_scores(vi, items, sl), D.identity_scores(vt, items, sl)
+        li, lt = E.identity_scores(vi, items, sl), E.identity_scores(vt, items, sl)
         out["color_id_image_last"] = float(np.mean([r["color_id"] for r in li]))
-        out["delta_last"] = D.paired_difference(li, lt)
+        out["delta_last"] = E.paired_difference(li, lt)
     return out
 
 
@@ -122,12 +122,12 @@ def run_ablations(a: AblationSettings, out: Path) -> dict:
         raise ValueError(f"arms: unknown {sorted(unknown)}; known: {[x.key for x in ARMS]}")
     if s.data_frames < a.long_frames and any(x.schedule for x in ARMS if x.key in keys):
         s = dataclasses.replace(s, data_frames=a.long_frames)
-    train_root, held_root = D.make_data(s, out / "data")
-    items = D.make_eval_items(s, held_root)
+    train_root, held_root = X.make_data(s, out / "data")
+    items = X.make_eval_items(s, held_root)
     long_s = dataclasses.replace(s, frames=a.long_frames, frame_stride=1, inference_steps=a.long_inference_steps,
                                  batch_size=a.long_batch)
     vae_file = out / "vae" / "vae.safetensors"
-    vae_stats = D.pretrain_vae(s, train_root, vae_file)
+    vae_stats = X.pretrain_vae(s, train_root, vae_file)
     runs = out / "runs"
     results: Dict[str, dict] = {}
     long_items = None
@@ -135,8 +135,8 @@ def run_ablations(a: AblationSettings, out: Path) -> dict:
     def stage1_of(arm: Arm) -> Path:
         d = runs / ("stage1" if arm.shares_stage1 else f"{arm.key}-stage1")
         if not (d / "checkpoints").is_dir():
-            cfg = D.stage_config(s, 1, data_root=train_root, output_dir=d, vae_file=vae_file, overrides=arm.stage1)
-            summ = D.run_stage(cfg)
+            cfg = X.stage_config(s, 1, data_root=train_root, output_dir=d, vae_file=vae_file, overrides=arm.stage1)
+            summ = X.run_stage(cfg)
             results.setdefault("_stage1", {})[d.name] = {"seconds": summ["seconds"], "loss_last": summ["loss_last"]}
         return d
 
@@ -150,26 +150,26 @@ def run_ablations(a: AblationSettings, out: Path) -> dict:
             d = runs / arm.key
             over = dict(arm.stage2, **{"data.num_frames": a.long_frames, "data.frame_stride": 1,
                                        "schedule": arm.schedule, "lr_warmup_steps": 0})
-            cfg = D.stage_config(dataclasses.replace(long_s, steps2=a.long_steps), 2, data_root=train_root,
+            cfg = X.stage_config(dataclasses.replace(long_s, steps2=a.long_steps), 2, data_root=train_root,
                                  output_dir=d, vae_file=vae_file, init_from=base, overrides=over)
-            summ = D.run_stage(cfg)
+            summ = X.run_stage(cfg)
             if long_items is None:
-                long_items = D.make_eval_items(long_s, held_root)[:a.long_subjects]
-            pipe = D.load_trained_pipeline(cfg, d)
+                long_items = X.make_eval_items(long_s, held_root)[:a.long_subjects]
+            pipe = E.load_trained_pipeline(cfg, d)
             sc = _scores(pipe, long_items, long_s, a.long_frames, last=8)
             steps = f"{s.steps1} + {s.steps2} (4 fr) + {a.long_steps} ({a.long_frames} fr)"
         else:
             if arm.one_stage:
-                cfg = D.stage_config(dataclasses.replace(s, steps2=s.steps1 + s.steps2), 2, data_root=train_root,
+                cfg = X.stage_config(dataclasses.replace(s, steps2=s.steps1 + s.steps2), 2, data_root=train_root,
                                      output_dir=runs / f"{arm.key}-stage2", vae_file=vae_file, overrides=arm.stage2)
                 steps = f"{s.steps1 + s.steps2} (stage 2 only)"
             else:
                 s1 = stage1_of(arm)
-                cfg = D.stage_config(s, 2, data_root=train_root, output_dir=runs / f"{arm.key}-stage2",
+                cfg = X.stage_config(s, 2, data_root=train_root, output_dir=runs / f"{arm.key}-stage2",
                                      vae_file=vae_file, init_from=s1, overrides=arm.stage2)
                 steps = f"{s.steps1} + {s.steps2}"
-            summ = D.run_stage(cfg)
-            pipe = D.load_trained_pipeline(cfg, Path(cfg.output_dir))
+            summ = X.run_stage(cfg)
+            pipe = E.load_trained_pipeline(cfg, Path(cfg.output_dir))
             sc = _scores(pipe, items, s, s.frames)
         sc.update(name=arm.name, group=arm.group, steps=steps, loss_last=summ["loss_last"],
                   seconds=round(time.perf_counter() - t0, 1),
@@ -260,8 +260,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--steps1", type=int)
     p.add_argument("--steps2", type=int)
     p.add_argument("--long-steps", type=int, dest="long_steps")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as the demo's)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        raise SystemExit(f"--threads: expected an int >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     kw = {k: getattr(args, k) for k in ("steps1", "steps2") if getattr(args, k) is not None}
     if args.no_progress:

@@ -5,14 +5,16 @@ Layout of a run directory::
     output_dir/
       config.yaml                 the resolved config of the latest start
       loss.jsonl, loss.csv        one row per logged optimizer step
+      logs/                       tracker output (tensorboard events, ...)
+      validation/step-N/          validation samples of each checkpoint (GIFs)
       checkpoints/
         step-00000500/            one complete checkpoint (never a partial one, see below)
           trainable.safetensors   trainable parameters, by name in the task (fp32 as trained)
           ema.safetensors         EMA of the trainable parameters (absent when ema_decay = 0)
-          optimizer.pt            AdamW state (torch.save)
-          scheduler.pt            LR scheduler state (torch.save)
-          scaler.pt               fp16 grad scaler state (only with mixed_precision=fp16)
-          rng/rank-<r>.pt         RNG states of each process: python, numpy, torch, cuda
+          optimizer.bin           optimizer state        } accelerator.save_state
+          custom_checkpoint_0.pkl LR scheduler state     } (register_for_checkpointing)
+          scaler.pt               fp16 grad scaler state } (only with mixed_precision=fp16)
+          random_states_<r>.pkl   RNG states of process r: python, numpy, torch, cuda
           config.yaml             the config that wrote it
           state.json              step, stage, data position, world size, versions; written last
         .tmp-step-00000600/       a checkpoint being written (ignored and removed on resume)
@@ -32,13 +34,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ CKPT_DIR = "checkpoints"
 STATE_FILE = "state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 EMA_FILE = "ema.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: accelerate's save_state layout (1: the hand-written one)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -179,7 +179,7 @@ def begin(ckpt_root: str | os.PathLike, step: int) -> Path:
     tmp = root / f".tmp-{step_dir_name(step)}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    (tmp / "rng").mkdir(parents=True)
+    tmp.mkdir(parents=True)
     return tmp
 
 
@@ -253,41 +253,6 @@ def copy_named(module: torch.nn.Module, tensors: Dict[str, torch.Tensor], what: 
                 raise ValueError(f"{what}: {k} has shape {tuple(t.shape)}, the model {tuple(own[k].shape)}")
             own[k].copy_(t)
     return len(tensors)
-
-
-# ---- RNG states --------------------------------------------------------------------------------
-def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        states = st["cuda"]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
-        else:
-            log.warning("checkpoint has CUDA RNG states of %d devices, this machine has %d; not restored",
-                        len(states), torch.cuda.device_count())
-
-
-def save_rng(tmp: str | os.PathLike, rank: int) -> None:
-    path = Path(tmp) / "rng" / f"rank-{rank}.pt"
-    torch.save(rng_state(), path)
-    fsync_file(path)
-
-
-def load_rng(ckpt: str | os.PathLike, rank: int) -> bool:
-    path = Path(ckpt) / "rng" / f"rank-{rank}.pt"
-    if not path.is_file():
-        return False
-    set_rng_state(torch.load(path, weights_only=False))
-    return True
 
 
 def tensor_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:

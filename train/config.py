@@ -19,26 +19,34 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-ATTN_BACKENDS = ("reference", "sdpa", "flex", "triton", "auto")
 BACKBONES = ("unet", "dit")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DROPOUT_MODES = ("joint", "independent")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LOG_FORMATS = ("jsonl", "csv", "both")
-_SCHEDULE = re.compile(r"^(videobooth|first|window|keyframes)(?::?(\d+))?(\+img)?$")
+OPTIMIZERS = ("adamw", "adamw8bit")
+# the noise-schedule keys that default to the pretrained model's scheduler (None in the config)
+NOISE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+NOISE_DEFAULTS = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                  "beta_end": 0.012, "prediction_type": "epsilon"}  # SD-1.x's, for models without one
+
+
+def _attn_backends() -> tuple:
+    from kernels import BACKENDS  # the one list of backends
+
+    return tuple(BACKENDS)
 
 
 def normalize_schedule(name: str) -> str:
-    """Canonical schedule name: ``window2`` / ``window:2`` -> ``window:2``, ``keyframes4`` ->
-    ``keyframes:4``, ``videobooth``/``first`` unchanged, an optional ``+img`` suffix kept."""
+    """A schedule name checked by ``vb``'s parser (the one parser: ``vb.processors``), in the
+    canonical spelling: ``window2`` -> ``window:2``, ``keyframes4`` -> ``keyframes:4`` (vb's
+    adapter files record the name, and a pipeline compares it when loading one)."""
+    from vb.processors import check_schedule_spec
+
     if not isinstance(name, str):
         raise TypeError(f"schedule: expected a name, got {type(name).__name__}")
-    m = _SCHEDULE.match(name.strip())
-    if m is None or (m.group(1) in ("window", "keyframes")) != (m.group(2) is not None) or m.group(2) == "0":
-        raise ValueError(f"schedule: expected videobooth, first, window<k> (window:<k>) or keyframes<m> "
-                         f"(keyframes:<m>), k, m >= 1, optionally with +img; got {name!r}")
-    kind, arg, img = m.groups()
-    return kind + (f":{int(arg)}" if arg else "") + (img or "")
+    name = check_schedule_spec(name.strip())
+    return re.sub(r"^([a-z]+)(\d)", r"\1:\2", name)
 
 
 @dataclass
@@ -66,8 +74,12 @@ class TrainConfig:
     num_workers: int = 0
     mixed_precision: str = "no"
     device: str = "auto"              # "auto" (accelerate's choice) or "cpu"
+    cast_frozen: bool = True          # mixed precision: frozen weights in fp16/bf16 (diffusers examples)
+    allow_tf32: bool = False          # TF32 matmuls / convolutions on Ampere+ GPUs
+    gradient_checkpointing: bool = False   # recompute the backbone's activations in the backward
 
     # optimisation
+    optimizer: str = "adamw"          # "adamw" or "adamw8bit" (bitsandbytes)
     lr: float = 1e-5
     weight_decay: float = 1e-2
     adam_betas: Sequence[float] = (0.9, 0.999)
@@ -82,17 +94,28 @@ class TrainConfig:
     # diffusion
     cond_dropout: float = 0.1         # null text + grey image with this probability
     cond_dropout_mode: str = "joint"  # "joint": both together; "independent": each on its own
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "scaled_linear"
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    prediction_type: str = "epsilon"
+    # None: the pretrained model's scheduler (components=pretrained), else NOISE_DEFAULTS (SD-1.x);
+    # a value that differs from the pretrained scheduler's is an error unless noise_override
+    num_train_timesteps: Optional[int] = None
+    beta_schedule: Optional[str] = None
+    beta_start: Optional[float] = None
+    beta_end: Optional[float] = None
+    prediction_type: Optional[str] = None
+    noise_override: bool = False
+    # extra loss terms (the official VideoBooth objective: 0.01 and 0.01)
+    mapper_l1: float = 0.0            # weight of mean |mapper output| (the injected subject tokens)
+    text_drift_l1: float = 0.0        # weight of mean |injected - plain caption text embedding|
 
     # checkpoints and logs
     checkpoint_every: int = 500
     keep_checkpoints: int = 3         # 0: keep all
     log_every: int = 1
     log_format: str = "both"
+    report_to: Sequence[str] = ("tensorboard",)   # accelerate trackers: tensorboard, wandb, ...; [] none
+    validation_samples: int = 2       # image prompts (training items 0..n-1) sampled at every checkpoint
+    validation_prompts: list = field(default_factory=list)  # or these: [{caption, subject, image: path}]
+    validation_steps: int = 25        # denoising steps of the validation samples
+    validation_guidance: float = 4.0  # their classifier-free guidance (the official sampler's)
     progress: bool = True
     find_unused_parameters: bool = False
 
@@ -117,16 +140,16 @@ class TrainConfig:
         need(self.stage in (1, 2), "stage", "expected 1 or 2")
         need(self.init_weights in ("ema", "params"), "init_weights", "expected 'ema' or 'params'")
         need(self.backbone in BACKBONES, "backbone", f"expected one of {BACKBONES}")
-        need(self.attn_backend in ATTN_BACKENDS, "attn_backend", f"expected one of {ATTN_BACKENDS}")
+        need(self.attn_backend in _attn_backends(), "attn_backend", f"expected one of {_attn_backends()}")
         self.schedule = normalize_schedule(self.schedule)
         need(isinstance(self.model, dict), "model", "expected a mapping")
         need(isinstance(self.data, dict), "data", "expected a mapping")
         need(isinstance(self.resume, str) and self.resume, "resume", "expected 'auto', 'never' or a path")
         for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "log_every",
-                    "num_train_timesteps", "ema_update_every"):
+                    "ema_update_every", "validation_steps"):
             v = getattr(self, key)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, key, "expected an int >= 1")
-        for key in ("num_workers", "lr_warmup_steps", "keep_checkpoints", "seed"):
+        for key in ("num_workers", "lr_warmup_steps", "keep_checkpoints", "seed", "validation_samples"):
             v = getattr(self, key)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, "expected an int >= 0")
         need(self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"expected one of {MIXED_PRECISION}")
@@ -146,7 +169,22 @@ class TrainConfig:
         need(isinstance(self.cond_dropout, (int, float)) and 0 <= self.cond_dropout <= 1, "cond_dropout",
              "expected a probability in [0, 1]")
         need(self.cond_dropout_mode in DROPOUT_MODES, "cond_dropout_mode", f"expected one of {DROPOUT_MODES}")
-        need(self.prediction_type in PREDICTION_TYPES, "prediction_type", f"expected one of {PREDICTION_TYPES}")
+        need(self.prediction_type is None or self.prediction_type in PREDICTION_TYPES, "prediction_type",
+             f"expected one of {PREDICTION_TYPES} or null (the pretrained scheduler's)")
+        need(self.num_train_timesteps is None or (isinstance(self.num_train_timesteps, int)
+                                                  and self.num_train_timesteps >= 1),
+             "num_train_timesteps", "expected an int >= 1 or null")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"expected one of {OPTIMIZERS}")
+        for key in ("mapper_l1", "text_drift_l1"):
+            v = getattr(self, key)
+            need(isinstance(v, (int, float)) and v >= 0, key, "expected a loss weight >= 0")
+        need(isinstance(self.validation_prompts, list) and all(
+            isinstance(v, dict) and set(v) == {"caption", "subject", "image"} and all(isinstance(x, str) for x in v.values())
+            for v in self.validation_prompts), "validation_prompts",
+            "expected a list of {caption, subject, image} mappings (strings; image: a file of the subject on white)")
+        if isinstance(self.report_to, str):
+            self.report_to = [] if self.report_to == "none" else [self.report_to]
+        self.report_to = list(self.report_to or [])
         need(self.log_format in LOG_FORMATS, "log_format", f"expected one of {LOG_FORMATS}")
         if self.init_from is not None and self.stage == 1:
             pass  # allowed: fine-tune a stage-1 run further
@@ -156,6 +194,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["adam_betas"] = list(self.adam_betas)
+        d["report_to"] = list(self.report_to)
         return d
 
     def to_yaml(self) -> str:
@@ -230,7 +269,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, choices=(1, 2))
     p.add_argument("--init-from", dest="init_from",
                    help="stage-1 checkpoint (or run dir: its latest checkpoint) that stage 2 starts from")
-    p.add_argument("--attn-backend", dest="attn_backend", choices=ATTN_BACKENDS)
+    p.add_argument("--attn-backend", dest="attn_backend", choices=_attn_backends())
     p.add_argument("--backbone", choices=BACKBONES)
     p.add_argument("--schedule", help="videobooth, first, window<k>, keyframes<m> (optionally +img)")
     p.add_argument("--output-dir", dest="output_dir")

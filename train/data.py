@@ -241,32 +241,64 @@ def choose_frame_indices(total: int, num_frames: int, stride: int, u: float | No
     raise SampleError("too_short", None, f"{total} frames, need at least {num_frames}")
 
 
-def _decode_av(path: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int, bool]:
-    """Decode `path` from the start up to max(wanted). Returns (frames kept, frames decoded,
-    whether the end of the stream was reached)."""
+# A wanted frame this many frames past the decoder's position is reached by seeking (to the
+# keyframe at or before it) instead of decoding every frame in between.
+SEEK_GAP = 24
+
+
+def _decode_av(path: Path, wanted: set[int], seek: bool = True,
+               container=None) -> tuple[dict[int, np.ndarray], int, bool]:
+    """Decode the frames `wanted` of `path`. Returns (frames kept, frames up to the last one
+    decoded, whether the end of the stream was reached).
+
+    With `seek` (and a stream whose frame rate and time base are known), a wanted frame more
+    than SEEK_GAP frames ahead is reached with a seek to the keyframe at or before it, and frame
+    numbers come from timestamps (round((pts - start) * time_base * rate), exact for constant
+    frame rates); the clip's frames are then the same as decoding from the start. Otherwise the
+    stream is decoded from the start and frames are counted (variable frame rates).
+    `container`: an already open, not yet decoded PyAV container of `path` (it is closed here)."""
     import av  # imported here: only video files need it
 
     keep: dict[int, np.ndarray] = {}
-    last = max(wanted)
-    n = 0
-    with av.open(str(path)) as container:
+    targets = sorted(wanted)
+    with (container if container is not None else av.open(str(path))) as container:
         stream = container.streams.video[0]
-        for frame in container.decode(stream):
-            if n in wanted:
-                keep[n] = frame.to_ndarray(format="rgb24")
-            n += 1
-            if n > last:
-                return keep, n, False
-    return keep, n, True
+        rate, tb = stream.average_rate, stream.time_base
+        start = stream.start_time or 0
+        timed = seek and bool(rate) and bool(tb)
+        pos = 0  # the frame number the decoder yields next (when decoding on from the start)
+        frames = container.decode(stream)
+        for t in targets:
+            if t in keep:
+                continue
+            if timed and t - pos > SEEK_GAP:
+                container.seek(start + int(t / (rate * tb)), stream=stream, backward=True, any_frame=False)
+                frames = container.decode(stream)
+                pos = -1  # unknown until the first frame after the seek
+            for frame in frames:
+                if timed and frame.pts is not None:
+                    n = int(round(float((frame.pts - start) * tb * rate)))
+                else:
+                    n = max(pos, 0)
+                if n in wanted:
+                    keep[n] = frame.to_ndarray(format="rgb24")
+                pos = n + 1
+                if n >= t:
+                    break
+            else:
+                return keep, max(pos, 0), True
+    return keep, pos, False
 
 
-def _stream_frame_count(path: Path) -> int:
+def _open_counted(path: Path):
+    """(open PyAV container, the frame count its header gives, 0 when it does not say)."""
     import av
 
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise SampleError("bad_video", path, "no video stream")
-        return int(container.streams.video[0].frames or 0)
+    container = av.open(str(path))
+    if not container.streams.video:
+        container.close()
+        raise SampleError("bad_video", path, "no video stream")
+    return container, int(container.streams.video[0].frames or 0)
 
 
 def read_frames(source: Path | list[Path], num_frames: int, stride: int = 1,
@@ -294,12 +326,18 @@ def read_frames(source: Path | list[Path], num_frames: int, stride: int = 1,
 
     path = source
     try:
-        total = _stream_frame_count(path)
+        container, total = _open_counted(path)  # one open for the count and the decode
         if total <= 0:
             # the container does not say: count by decoding (rare; small files)
-            _, total, _ = _decode_av(path, {1 << 62})
-        idx = choose_frame_indices(total, num_frames, stride, u)
-        keep, n, ended = _decode_av(path, {0, *idx})
+            _, total, _ = _decode_av(path, {1 << 62}, seek=False, container=container)
+            container = None
+        try:
+            idx = choose_frame_indices(total, num_frames, stride, u)
+        except SampleError:
+            if container is not None:
+                container.close()
+            raise
+        keep, n, ended = _decode_av(path, {0, *idx}, container=container)
         if ended and n > 0:
             # the header over-counted: pick again over the frames that really exist
             idx = choose_frame_indices(n, num_frames, stride, u)
@@ -530,6 +568,9 @@ class VideoBoothDataset(torch.utils.data.Dataset):
         train: True: random frame offset, random subject among several, prompt augmentation.
             False: frames from 0, the highest-logit subject, no augmentation (evaluation).
         prompt_augment: the image prompt's augmentation (used when train); None: default.
+        vae_prompt_augment: when given (and train), items also hold ``image_vae``: the same
+            crop with its own, independent augmentation draw (the official code augments the
+            CLIP branch and the VAE branch separately); None: no ``image_vae``.
         seed: base seed of the per-item generators.
         max_skips: how many bad items in a row one `__getitem__` may pass over before it
             raises RuntimeError (a dataset that is mostly broken should fail loudly).
@@ -554,6 +595,7 @@ class VideoBoothDataset(torch.utils.data.Dataset):
         image_size: int = 224,
         train: bool = True,
         prompt_augment: PromptAugment | None = None,
+        vae_prompt_augment: PromptAugment | None = None,
         seed: int = 0,
         max_skips: int = 64,
         strict: bool = False,
@@ -580,6 +622,10 @@ class VideoBoothDataset(torch.utils.data.Dataset):
         self.image_size = image_size
         self.train = bool(train)
         self.prompt_augment = prompt_augment or PromptAugment()
+        if vae_prompt_augment is not None and not isinstance(vae_prompt_augment, PromptAugment):
+            raise TypeError(f"vae_prompt_augment: expected PromptAugment or None, "
+                            f"got {type(vae_prompt_augment).__name__}")
+        self.vae_prompt_augment = vae_prompt_augment
         self.seed = int(seed)
         self.epoch = 0
         self.max_skips = max_skips
@@ -618,11 +664,18 @@ class VideoBoothDataset(torch.utils.data.Dataset):
         except SampleError as e:
             e.path = e.path or str(rec.folder / "mask.json")
             raise
+        image_vae = None
         if self.train:
-            image = augment_image_prompt(image, rng, self.prompt_augment)
+            crop = image
+            image = augment_image_prompt(crop, rng, self.prompt_augment)
+            if self.vae_prompt_augment is not None:  # drawn after the CLIP branch's: those stay as without it
+                image_vae = augment_image_prompt(crop, rng, self.vae_prompt_augment)
         video = center_crop_resize(clip, self.size)
-        return {"video": video, "image": image, "caption": rec.caption, "subject": subj["label"],
+        item = {"video": video, "image": image, "caption": rec.caption, "subject": subj["label"],
                 "video_id": rec.videoid, "category": rec.category}
+        if image_vae is not None:
+            item["image_vae"] = image_vae
+        return item
 
     def _record_bad(self, index: int, err: SampleError) -> None:
         self.stats.skipped[err.reason] += 1

@@ -27,25 +27,25 @@ loss. Its contract:
 ``export(directory)``
     optional: write the final (EMA) weights in the model's own format (the VideoBooth task
     writes a ``vb`` adapter that ``VideoBoothPipeline.load_adapter`` reads).
+``validate(directory, step, progress)``
+    optional: sample validation videos with the current (EMA) weights at a checkpoint; returns
+    ``{"metrics": {name: float}, "videos": {name: (F, H, W, 3) uint8}}`` or None.
+``enable_gradient_checkpointing()``
+    optional: recompute activations in the backward (``gradient_checkpointing: true``).
 
 :class:`DiffusionTask` implements ``forward`` for epsilon- (or v-) prediction diffusion with
 condition dropout and a diffusers ``DDPMScheduler``; a subclass supplies ``latents``,
-``drop_conditions`` and ``predict``. Two tasks are registered: ``toy`` (a small VideoBooth-
-shaped denoiser on synthetic token videos, through the real ``kernels`` attention op: it runs in
-seconds on a CPU and is what the tests train) and ``videobooth`` (the real model, ``vb``, on the
-VideoBooth data layout, ``train.data``).
+``drop_conditions`` and ``predict``. Tasks are built by name in :mod:`train.registry`.
 """
 from __future__ import annotations
 
-import importlib
-import math
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig, normalize_schedule
+from .config import NOISE_DEFAULTS, NOISE_KEYS, TrainConfig
 
 
 # ================================================================================================
@@ -74,6 +74,13 @@ class TrainTask(nn.Module):
         """Optional: write the trained weights in the model's own format (called once at the end,
         main process only, with the EMA weights in place). Returns a path or None."""
         return None
+
+    def validate(self, directory, step: int, progress: bool = False) -> Optional[dict]:
+        """Optional: validation samples at a checkpoint (module docstring). Default: none."""
+        return None
+
+    def enable_gradient_checkpointing(self) -> None:
+        raise ValueError(f"gradient_checkpointing: the {type(self).__name__} task does not support it")
 
     def set_train_mode(self, stage: int) -> None:
         """Train mode for modules holding trainable parameters, eval for the rest."""
@@ -120,16 +127,24 @@ class DiffusionTask(TrainTask):
     forward: drop masks (B,) from ``generator`` (``cond_dropout``, ``cond_dropout_mode``), the
     batch with dropped conditions (``drop_conditions``), clean latents x0 (``latents``, no
     gradient), t ~ U{0..T-1}, eps ~ N(0, I), x_t = add_noise(x0, eps, t) (DDPMScheduler),
-    prediction (``predict``), loss = MSE(prediction, eps) (or v for ``v_prediction``), in fp32.
+    prediction (``predict``), loss = MSE(prediction, eps) (or v for ``v_prediction``), in fp32,
+    plus ``sum(weight * value)`` of the regularisers ``predict`` reports in ``self.regularizers``
+    (the VideoBooth task: ``mapper_l1``, ``text_drift_l1``), each also logged.
+
+    The noise schedule and prediction type (``NOISE_KEYS``) come from ``pretrained_scheduler``
+    (the pretrained model's scheduler config, when the task has one) unless the config sets
+    them; a set value that differs from the pretrained one is an error naming both, unless
+    ``noise_override: true``. Without a pretrained scheduler, unset keys take ``NOISE_DEFAULTS``.
     """
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, pretrained_scheduler: Optional[dict] = None):
         super().__init__(cfg)
         from diffusers import DDPMScheduler
 
-        self.noise_scheduler = DDPMScheduler(
-            num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-            beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type=cfg.prediction_type)
+        self.noise_config = resolve_noise_config(cfg, pretrained_scheduler)
+        self.noise_scheduler = DDPMScheduler(**self.noise_config)
+        self.prediction_type = self.noise_config["prediction_type"]
+        self.regularizers: Dict[str, torch.Tensor] = {}
 
     # -- to implement ------------------------------------------------------------------------
     def latents(self, batch, generator: torch.Generator) -> torch.Tensor:
@@ -176,237 +191,44 @@ class DiffusionTask(TrainTask):
         noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=torch.float32)
         noise = noise.to(device=dev, dtype=x0.dtype)
         noisy = self.add_noise(x0, noise, t)
+        self.regularizers = {}
         pred = self.predict(noisy, t, batch, generator)
-        if self.cfg.prediction_type == "epsilon":
+        if self.prediction_type == "epsilon":
             target = noise
         else:
             target = self.noise_scheduler.get_velocity(x0, noise, t)
-        loss = F.mse_loss(pred.float(), target.float())
-        return {"loss": loss, "dropped_text": drop_text.float().mean(), "dropped_image": drop_image.float().mean()}
+        mse = F.mse_loss(pred.float(), target.float())
+        out = {"loss": mse, "dropped_text": drop_text.float().mean(), "dropped_image": drop_image.float().mean()}
+        if self.regularizers:
+            out["loss_mse"] = mse.detach()
+            loss = mse
+            for name, value in sorted(self.regularizers.items()):
+                loss = loss + float(getattr(self.cfg, name)) * value.float()
+                out[name] = value.detach()
+            out["loss"] = loss
+        self.regularizers = {}
+        return out
 
 
-# ================================================================================================
-# schedules
-# ================================================================================================
-def make_schedule(name: str, num_frames: int):
-    """A ``kernels.Schedule`` from a config name (``videobooth``, ``first``, ``window:<k>``,
-    ``keyframes:<m>``, optional ``+img``)."""
-    from kernels import Schedule
+def inference_scheduler(noise_config: dict):
+    """A DDIM scheduler for sampling a model trained with ``noise_config`` (a
+    ``DiffusionTask.noise_config``: DDPMScheduler keyword arguments)."""
+    from diffusers import DDIMScheduler
 
-    name = normalize_schedule(name)
-    img = name.endswith("+img")
-    base = name[:-4] if img else name
-    kind, _, arg = base.partition(":")
-    if kind == "videobooth":
-        s = Schedule.videobooth(num_frames)
-    elif kind == "first":
-        s = Schedule.first(num_frames)
-    elif kind == "window":
-        s = Schedule.window(num_frames, int(arg))
-    else:
-        s = Schedule.keyframes(num_frames, int(arg))
-    return s.with_image_everywhere() if img else s
+    return DDIMScheduler(**noise_config, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-# ================================================================================================
-# the toy task: VideoBooth's structure on synthetic token videos
-# ================================================================================================
-class ToyVideoDataset(torch.utils.data.Dataset):
-    """Synthetic "videos" of tokens: item i shows subject ``i % num_classes`` (a fixed random
-    token pattern per class) sliding over F frames on a noisy background; its image prompt is
-    the subject's pattern; its caption is the class id. Deterministic in (seed, index); no files.
-
-    Item: {"video": (F, N, C), "image": (M, C), "label": int64, "index": int64}.
-    """
-
-    def __init__(self, num_items: int = 64, num_frames: int = 4, tokens: int = 16, image_tokens: int = 8,
-                 channels: int = 32, num_classes: int = 4, seed: int = 0):
-        self.n, self.f, self.tokens, self.m, self.c, self.k = num_items, num_frames, tokens, image_tokens, channels, num_classes
-        g = torch.Generator().manual_seed(10_000 + seed)
-        self.patterns = torch.randn(num_classes, image_tokens, channels, generator=g)
-        self.seed = seed
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        c = i % self.k
-        pat = self.patterns[c]
-        video = 0.3 * torch.randn(self.f, self.tokens, self.c, generator=g)
-        start = int(torch.randint(0, self.tokens, (1,), generator=g))
-        for f in range(self.f):
-            for j in range(self.m):
-                video[f, (start + f + j) % self.tokens] += pat[j]
-        image = pat + 0.05 * torch.randn(self.m, self.c, generator=g)
-        return {"video": video, "image": image, "label": torch.tensor(c), "index": torch.tensor(i)}
-
-
-class _Attn(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(dim, dim, bias=False)
-        self.to_v = nn.Linear(dim, dim, bias=False)
-        self.to_out = nn.Linear(dim, dim)
-
-
-class ToyVideoTask(DiffusionTask):
-    """A small denoiser with VideoBooth's trainable pieces (stage 1: the mapper and attn2's new
-    K/V; stage 2: adds attn1's ``to_k_new``, ``to_v_new``, ``to_k_exemplar``, ``to_v_exemplar``)
-    and its attn1 running through ``kernels.videobooth_attention`` with ``cfg.attn_backend`` and
-    ``cfg.schedule``. Everything else (text embedding, time embedding, q/out projections, in/out
-    layers) is a frozen random "pretrained" network. ``cfg.backbone`` is ignored.
-
-    cfg.model: channels (32), heads (2), frames (4), tokens (16), image_tokens (8), classes (4).
-    cfg.data: num_items (64), seed (0).
-    """
-
-    def __init__(self, cfg: TrainConfig):
-        super().__init__(cfg)
-        m = dict(cfg.model)
-        unknown = sorted(set(m) - {"channels", "heads", "frames", "tokens", "image_tokens", "classes"})
-        if unknown:
-            raise ValueError(f"model: unknown keys for the toy task: {unknown}")
-        self.c = c = int(m.get("channels", 32))
-        self.h = int(m.get("heads", 2))
-        self.frames = int(m.get("frames", 4))
-        self.tokens = int(m.get("tokens", 16))
-        self.image_tokens = int(m.get("image_tokens", 8))
-        self.classes = int(m.get("classes", 4))
-        if c % self.h or (c // self.h) % 8:
-            raise ValueError(f"model.channels / model.heads must be a multiple of 8, got {c}/{self.h}")
-        self.schedule = make_schedule(cfg.schedule, self.frames)
-        self.backend = cfg.attn_backend
-        # frozen "pretrained" parts
-        self.text_embed = nn.Embedding(self.classes + 1, c)  # last row: the null prompt
-        self.time_mlp = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))
-        self.pos = nn.Parameter(torch.randn(self.tokens, c) * 0.1)
-        self.proj_in = nn.Linear(c, c)
-        self.norm1 = nn.LayerNorm(c)
-        self.norm2 = nn.LayerNorm(c)
-        self.norm3 = nn.LayerNorm(c)
-        self.ff = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
-        self.proj_out = nn.Linear(c, c)
-        self.attn1 = _Attn(c, self.h)
-        self.attn2 = _Attn(c, self.h)
-        # VideoBooth's new weights, initialised as copies of the pretrained K/V
-        self.mapper = nn.Sequential(nn.Linear(c, c), nn.GELU(), nn.Linear(c, c))
-        self.attn2_to_k_new = nn.Linear(c, c, bias=False)
-        self.attn2_to_v_new = nn.Linear(c, c, bias=False)
-        self.attn1_to_k_new = nn.Linear(c, c, bias=False)
-        self.attn1_to_v_new = nn.Linear(c, c, bias=False)
-        self.attn1_to_k_exemplar = nn.Linear(c, c, bias=False)
-        self.attn1_to_v_exemplar = nn.Linear(c, c, bias=False)
-        with torch.no_grad():
-            for new, old in ((self.attn2_to_k_new, self.attn2.to_k), (self.attn2_to_v_new, self.attn2.to_v),
-                             (self.attn1_to_k_new, self.attn1.to_k), (self.attn1_to_v_new, self.attn1.to_v),
-                             (self.attn1_to_k_exemplar, self.attn1.to_k),
-                             (self.attn1_to_v_exemplar, self.attn1.to_v)):
-                new.weight.copy_(old.weight)
-
-    def trainable_parameters(self, stage: int):
-        mods = [self.mapper, self.attn2_to_k_new, self.attn2_to_v_new]
-        if stage == 2:
-            mods += [self.attn1_to_k_new, self.attn1_to_v_new, self.attn1_to_k_exemplar, self.attn1_to_v_exemplar]
-        return [p for mod in mods for p in mod.parameters()]
-
-    def build_dataset(self):
-        d = dict(self.cfg.data)
-        unknown = sorted(set(d) - {"num_items", "seed"})
-        if unknown:
-            raise ValueError(f"data: unknown keys for the toy task: {unknown}")
-        return ToyVideoDataset(num_items=int(d.get("num_items", 64)), num_frames=self.frames, tokens=self.tokens,
-                               image_tokens=self.image_tokens, channels=self.c, num_classes=self.classes,
-                               seed=int(d.get("seed", 0)))
-
-    def drop_conditions(self, batch, drop_text, drop_image):
-        batch = dict(batch)
-        dev = batch["label"].device
-        batch["label"] = torch.where(drop_text.to(dev), torch.full_like(batch["label"], self.classes), batch["label"])
-        img = batch["image"]
-        batch["image"] = torch.where(drop_image.to(img.device)[:, None, None], torch.zeros_like(img), img)  # grey
-        return batch
-
-    def latents(self, batch, generator):
-        return batch["video"]
-
-    def _time(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.c // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
-        ang = t.float()[:, None] * freqs[None]
-        return self.time_mlp(torch.cat([ang.sin(), ang.cos()], dim=-1))
-
-    def predict(self, noisy, timesteps, batch, generator):
-        from kernels import videobooth_attention
-
-        b, f, n, c = noisy.shape
-        h, d = self.h, c // self.h
-        temb = self._time(timesteps)  # (B, C)
-        x = self.proj_in(noisy) + self.pos + temb[:, None, None]
-        # image branch: the image prompt noised to the same t, through the same input layer
-        img = batch["image"]
-        img_noise = torch.randn(img.shape, generator=generator, device=generator.device).to(img)
-        x_img = self.proj_in(self.add_noise(img, img_noise, timesteps)) + temb[:, None]
-        # attn1: cross-frame attention with image-prompt injection (the fine path)
-        y = self.norm1(x)
-        yi = self.norm1(x_img)
-        q = self.attn1.to_q(y).view(b, f, n, h, d)
-        k = self.attn1_to_k_new(y).view(b, f, n, h, d)
-        v = self.attn1_to_v_new(y).view(b, f, n, h, d)
-        m = yi.shape[1]
-        k_img = self.attn1_to_k_exemplar(yi).view(b, m, h, d)
-        v_img = self.attn1_to_v_exemplar(yi).view(b, m, h, d)
-        a = videobooth_attention(q, k, v, k_img, v_img, schedule=self.schedule, backend=self.backend)
-        x = x + self.attn1.to_out(a.reshape(b, f, n, c))
-        # attn2: text cross-attention; the text is [class token, mapped image token] (the coarse path)
-        text = torch.stack([self.text_embed(batch["label"]), self.mapper(batch["image"].mean(1))], dim=1)
-        y = self.norm2(x).reshape(b, f * n, c)
-        q2 = self.attn2.to_q(y).view(b, f * n, h, d).transpose(1, 2)
-        k2 = self.attn2_to_k_new(text).view(b, -1, h, d).transpose(1, 2)
-        v2 = self.attn2_to_v_new(text).view(b, -1, h, d).transpose(1, 2)
-        a2 = F.scaled_dot_product_attention(q2, k2, v2).transpose(1, 2).reshape(b, f, n, c)
-        x = x + self.attn2.to_out(a2)
-        x = x + self.ff(self.norm3(x))
-        return self.proj_out(x)
-
-
-# ================================================================================================
-# registry
-# ================================================================================================
-TASKS: Dict[str, Callable[[TrainConfig], TrainTask]] = {"toy": ToyVideoTask}
-
-
-def _videobooth(cfg: TrainConfig) -> TrainTask:
-    from .videobooth_task import VideoBoothTask  # imports vb (diffusers models) only when used
-
-    return VideoBoothTask(cfg)
-
-
-TASKS["videobooth"] = _videobooth
-
-
-def register_task(name: str, factory: Callable[[TrainConfig], TrainTask]) -> None:
-    TASKS[name] = factory
-
-
-def build_task(cfg: TrainConfig) -> TrainTask:
-    """The task ``cfg.task`` names: a registered name or ``"package.module:factory"``."""
-    name = cfg.task
-    if name in TASKS:
-        factory = TASKS[name]
-    elif ":" in name:
-        mod, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"task: cannot import {name!r} ({e})") from e
-    else:
-        raise ValueError(f"task: expected one of {sorted(TASKS)} or 'package.module:factory', got {name!r}")
-    task = factory(cfg)
-    if not isinstance(task, TrainTask):
-        raise TypeError(f"task: {name!r} built a {type(task).__name__}, expected a train.tasks.TrainTask")
-    return task
+def resolve_noise_config(cfg: TrainConfig, pretrained: Optional[dict] = None) -> dict:
+    """``DDPMScheduler`` keyword arguments for ``NOISE_KEYS``: the config's value, else the
+    pretrained scheduler's, else ``NOISE_DEFAULTS`` (DiffusionTask docstring). ``pretrained``:
+    the pretrained scheduler's config (a mapping), or None."""
+    out = {}
+    for key in NOISE_KEYS:
+        mine = getattr(cfg, key)
+        theirs = None if pretrained is None else pretrained.get(key)
+        if mine is not None and theirs is not None and mine != theirs and not cfg.noise_override:
+            raise ValueError(f"{key}: the config says {mine!r}, the pretrained model's scheduler says {theirs!r}; "
+                             f"remove {key} from the config to train as the model was, or set noise_override: "
+                             f"true to train with {mine!r}")
+        out[key] = mine if mine is not None else theirs if theirs is not None else NOISE_DEFAULTS[key]
+    return out

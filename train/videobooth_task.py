@@ -42,8 +42,10 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -56,7 +58,7 @@ MODEL_KEYS = {"components", "seed", "image_bank", "learn_query", "temporal", "cl
               "fine_path", "train_temporal", "extra_trainable", "base_weights", "adapter",
               "pretrained_model_name_or_path", "clip_model", "clip_pretrained", "mapper_hidden", "revision"}
 DATA_KEYS = {"root", "categories", "video_root", "num_frames", "frame_stride", "size", "image_size",
-             "caption_column", "split", "prompt_augment", "max_skips"}
+             "caption_column", "split", "prompt_augment", "prompt_augment_vae", "max_skips"}
 
 
 def build_components(cfg: TrainConfig):
@@ -111,7 +113,6 @@ class VideoBoothTask(DiffusionTask):
     """VideoBooth's two training stages as a :class:`train.tasks.TrainTask` (module docstring)."""
 
     def __init__(self, cfg: TrainConfig, components=None):
-        super().__init__(cfg)
         m = cfg.model
         unknown = sorted(set(m) - MODEL_KEYS)
         if unknown:
@@ -120,6 +121,10 @@ class VideoBoothTask(DiffusionTask):
         if unknown:
             raise ValueError(f"data: unknown keys {unknown}; known: {sorted(DATA_KEYS)}")
         parts = components if components is not None else build_components(cfg)
+        # Only a pretrained model's scheduler says how that model was trained (the tiny random
+        # components' default scheduler says nothing).
+        pretrained = dict(parts.scheduler.config) if m.get("components", "tiny") == "pretrained" else None
+        super().__init__(cfg, pretrained_scheduler=pretrained)
         self.parts = parts
         # Submodules named as vb's adapter files name them ("mapper.*", "backbone.*").
         self.mapper = parts.mapper
@@ -194,6 +199,14 @@ class VideoBoothTask(DiffusionTask):
         for k in ("translate", "scale"):
             if k in aug:
                 aug[k] = tuple(aug[k])
+        vae_aug = None
+        if d.get("prompt_augment_vae") is not None:  # the official code's independent VAE-branch draw
+            vae_aug = {k: tuple(v) if k in ("translate", "scale") else v
+                       for k, v in dict(d["prompt_augment_vae"]).items()}
+            if "box_trim" in vae_aug:
+                raise ValueError("data.prompt_augment_vae.box_trim: the box is trimmed once, for both branches "
+                                 "(set it in data.prompt_augment)")
+            vae_aug = PromptAugment(**vae_aug)
         split = d.get("split")
         row_filter = (lambda r: r.get("split") == split) if split else None
         size = d.get("size", 16)
@@ -201,11 +214,12 @@ class VideoBoothTask(DiffusionTask):
             d["root"], d.get("categories"), video_root=d.get("video_root"), num_frames=int(d.get("num_frames", 4)),
             frame_stride=int(d.get("frame_stride", 1)), size=tuple(size) if isinstance(size, list) else size,
             image_size=int(d.get("image_size", 32)), train=True, prompt_augment=PromptAugment(**aug),
+            vae_prompt_augment=vae_aug,
             seed=self.cfg.seed, max_skips=int(d.get("max_skips", 64)), row_filter=row_filter,
             caption_column=d.get("caption_column"))
 
     def collate(self, items: List[dict]):
-        keep = ("video", "image", "caption", "subject", "index", "skipped")
+        keep = ("video", "image", "image_vae", "caption", "subject", "index", "skipped")
         return torch.utils.data.default_collate([{k: it[k] for k in keep if k in it} for it in items])
 
     # ---- the loss pieces -------------------------------------------------------------------------
@@ -215,16 +229,18 @@ class VideoBoothTask(DiffusionTask):
         img = batch["image"]
         grey = torch.zeros_like(img)  # 0 in [-1, 1] = 0.5 grey
         batch["image"] = torch.where(drop_image.to(img.device)[:, None, None, None], grey, img)
+        if "image_vae" in batch:
+            iv = batch["image_vae"]
+            batch["image_vae"] = torch.where(drop_image.to(iv.device)[:, None, None, None], torch.zeros_like(iv), iv)
         return batch
 
     def latents(self, batch, generator):
+        from vb.latents import encode_latents
+
         video = batch["video"]  # (B, F, 3, H, W) in [-1, 1]
         b, f, _, h, w = video.shape
-        dist = self.vae.encode(video.reshape(b * f, 3, h, w).to(self.vae.dtype)).latent_dist
-        lat = dist.sample(generator=generator)
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        lat = (lat - shift) * self.vae.config.scaling_factor
-        return lat.view(b, f, *lat.shape[1:]).transpose(1, 2).float()  # (B, C, F, h, w)
+        lat = encode_latents(self.vae, video.reshape(b * f, 3, h, w), generator, sample=True)
+        return lat.view(b, f, *lat.shape[1:]).transpose(1, 2)  # (B, C, F, h, w)
 
     def _null_prompt(self):
         if self._null is None:
@@ -262,11 +278,14 @@ class VideoBoothTask(DiffusionTask):
         span = torch.tensor(has_span, device=dev)
         self.no_span += int((~span).sum())
         keep = ~drop_text.to(dev)
-        if not all(has_span):
+        drift = self.cfg.text_drift_l1 > 0
+        if not all(has_span) or drift:
             with torch.no_grad():
                 plain_h, plain_p = vb.encode_prompt(self.text_encoder, self.tokenizer, captions)
             inj_h = torch.where(span[:, None, None], inj_h, plain_h)
             inj_p = torch.where(span[:, None], inj_p, plain_p)
+        if drift:  # the official objective: how far the injection moves the caption's embedding
+            self.regularizers["text_drift_l1"] = (inj_h.float() - plain_h.float()).abs().mean()
         return (torch.where(keep[:, None, None], inj_h, null_h.expand(b, -1, -1).to(inj_h.dtype)),
                 torch.where(keep[:, None], inj_p, null_p.expand(b, -1).to(inj_p.dtype)))
 
@@ -283,18 +302,21 @@ class VideoBoothTask(DiffusionTask):
         with torch.no_grad():
             enc = self.image_encoder(image01)
         subject_tokens = self.mapper(enc.layer_tokens) if self.coarse else None
+        if subject_tokens is not None and self.cfg.mapper_l1 > 0:  # the official objective
+            self.regularizers["mapper_l1"] = subject_tokens.float().abs().mean()
         text, pooled = self._prompts(list(batch["caption"]), list(batch["subject"]), batch["drop_text"],
                                      subject_tokens)
         null_h, null_p = self._null_prompt()
         image_latents = None
         if self.fine:
+            from vb.latents import encode_latents
+
             h, w = noisy.shape[-2:]
             size = (h * self.vae_scale, w * self.vae_scale)
-            img = F.interpolate(image.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
+            src = batch.get("image_vae", image)  # an independent augmentation when configured
+            img = F.interpolate(src.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
             with torch.no_grad():
-                lat = self.vae.encode(img.clamp(-1, 1).to(self.vae.dtype)).latent_dist.mode()
-                shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-                lat = ((lat - shift) * self.vae.config.scaling_factor).float()
+                lat = encode_latents(self.vae, img.clamp(-1, 1), sample=False)
             img_noise = torch.randn(lat.shape, generator=generator, device=generator.device).to(lat)
             image_latents = self.add_noise(lat, img_noise, timesteps)
         dtype = next(self.backbone.parameters()).dtype
@@ -304,6 +326,76 @@ class VideoBoothTask(DiffusionTask):
                              image_embeds=cast(image_embeds), image_latents=cast(image_latents),
                              null_encoder_hidden_states=cast(null_h.expand(b, -1, -1)),
                              null_pooled_text_embeds=cast(null_p.expand(b, -1)))
+
+    # ---- validation and memory -------------------------------------------------------------------
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the backbone's activations in the backward (diffusers' ModelMixin API)."""
+        fn = getattr(self.backbone, "enable_gradient_checkpointing", None)
+        if fn is None:
+            raise ValueError(f"gradient_checkpointing: the {type(self.backbone).__name__} backbone has no "
+                             f"enable_gradient_checkpointing()")
+        fn()
+
+    def _validation_items(self) -> List[dict]:
+        """The fixed prompts and image prompts of every validation: ``validation_prompts`` (image
+        files, resized to ``data.image_size``) or else training items 0..validation_samples-1 as
+        the evaluation loader gives them (no augmentation)."""
+        if getattr(self, "_val_items", None) is None:
+            if self.cfg.validation_prompts:
+                from PIL import Image
+
+                size = int(self.cfg.data.get("image_size", 32))
+                items = []
+                for v in self.cfg.validation_prompts:
+                    if not Path(v["image"]).is_file():
+                        raise FileNotFoundError(f"validation_prompts: no image file {v['image']!r}")
+                    with Image.open(v["image"]) as im:
+                        img = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
+                    items.append({"caption": v["caption"], "subject": v["subject"],
+                                  "image": torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1})
+            else:
+                ds = self.build_dataset()
+                ds.train = False
+                items = [{k: ds[i][k] for k in ("caption", "subject", "image")}
+                         for i in range(min(self.cfg.validation_samples, len(ds)))]
+            self._val_items = items
+        return self._val_items
+
+    @torch.no_grad()
+    def validate(self, directory, step: int, progress: bool = False) -> Optional[dict]:
+        """Sample ``validation_samples`` videos (DDIM, ``validation_steps`` steps, guidance
+        ``validation_guidance``, seeded with cfg.seed) of fixed training prompts with their image
+        prompts; write ``directory/<i>.gif``; return their colour identity against the image
+        prompt (``train.metrics.color_identity``) and the frames (uint8) for the trackers."""
+        from diffusers.utils import export_to_gif
+        from PIL import Image
+
+        from .tasks import inference_scheduler
+        from .metrics import color_identity
+
+        items = self._validation_items()
+        if not items:
+            return None
+        pipe = self.parts.pipeline()
+        pipe.scheduler = inference_scheduler(self.noise_config)
+        pipe.set_progress_bar_config(disable=not progress, desc=f"validation (step {step})", leave=False)
+        f = int(self.cfg.data.get("num_frames", 4))
+        size = self.cfg.data.get("size", 16)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        images = torch.stack([(it["image"] + 1) / 2 for it in items]).clamp(0, 1)
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        frames = pipe([it["caption"] for it in items], [it["subject"] for it in items], image_prompt=images,
+                      num_frames=f, height=h, width=w, num_inference_steps=self.cfg.validation_steps,
+                      guidance_scale=self.cfg.validation_guidance, generator=g, output_type="pt").frames
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        videos, scores = {}, []
+        for i, (it, v) in enumerate(zip(items, frames.float().cpu())):  # v: (F, 3, H, W) in [0, 1]
+            scores.append(color_identity(v * 2 - 1, it["image"].float().cpu()))
+            u8 = (v.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            videos[f"{i}_{it['subject']}"] = u8
+            export_to_gif([Image.fromarray(x) for x in u8], str(out / f"{i}.gif"), fps=4)
+        return {"metrics": {"color_id": float(np.mean(scores))}, "videos": videos, "directory": str(out)}
 
     # ---- after training ------------------------------------------------------------------------
     def export(self, directory) -> Optional[str]:

@@ -1,0 +1,45 @@
+"""Tasks by name: ``build_task(cfg)`` builds ``cfg.task``, a registered name (``videobooth``: the
+real model, ``vb``, on the VideoBooth data layout, ``train.data``) or any
+``"package.module:factory"`` (the tests train a small VideoBooth-shaped toy task,
+``tests.toy_task:ToyVideoTask``, that way). Its own module, so that the task base classes
+(:mod:`train.tasks`) never import a task that imports them."""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Dict, Union
+
+from .config import TrainConfig
+from .tasks import TrainTask
+
+# Names -> "module:factory": imported when used (the VideoBooth task pulls in vb and diffusers' models).
+TASKS: Dict[str, Union[str, Callable[[TrainConfig], TrainTask]]] = {
+    "videobooth": "train.videobooth_task:VideoBoothTask"}
+
+
+def register_task(name: str, factory: Union[str, Callable[[TrainConfig], TrainTask]]) -> None:
+    """Register a task factory (or its ``"package.module:factory"`` path) under ``name``."""
+    TASKS[name] = factory
+
+
+def _import_factory(spec: str):
+    mod, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"task: cannot import {spec!r} ({e})") from e
+
+
+def build_task(cfg: TrainConfig) -> TrainTask:
+    """The task ``cfg.task`` names: a registered name or ``"package.module:factory"``."""
+    name = cfg.task
+    if name in TASKS:
+        factory = TASKS[name]
+        factory = _import_factory(factory) if isinstance(factory, str) else factory
+    elif ":" in name:
+        factory = _import_factory(name)
+    else:
+        raise ValueError(f"task: expected one of {sorted(TASKS)} or 'package.module:factory', got {name!r}")
+    task = factory(cfg)
+    if not isinstance(task, TrainTask):
+        raise TypeError(f"task: {name!r} built a {type(task).__name__}, expected a train.tasks.TrainTask")
+    return task
