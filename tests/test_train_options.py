@@ -329,3 +329,42 @@ def test_a_checkpoint_of_the_previous_trainer_is_refused_for_resume_but_its_weig
         Trainer(cfg.replace(max_steps=4))
     tr = Trainer(toy_cfg(tmp_path, "next", init_from=cfg.output_dir))
     assert tr.init_source.endswith("step-00000002")
+
+
+# ---- a pretrained temporal base (AnimateDiff motion adapter) -------------------------------------
+def test_motion_adapter_config_builds_videobooth_on_the_motion_unet(tmp_path):
+    """model.motion_adapter: the adapter folder is loaded with from_pretrained and VideoBooth is
+    installed on UNetMotionModel (spatial attention only); the result equals diffusers' own
+    UNetMotionModel with the 'self' schedule and no image prompt."""
+    import copy
+
+    from diffusers import MotionAdapter, UNetMotionModel
+    from test_vb_model import randomize, tiny_unet
+
+    from train.videobooth_task import build_unet_backbone
+
+    adapter = randomize(MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1,
+                                      motion_num_attention_heads=2, motion_norm_num_groups=8,
+                                      motion_max_seq_length=8, use_motion_mid_block=False), seed=3)
+    adapter.save_pretrained(tmp_path / "adapter")
+    unet = randomize(tiny_unet(), seed=2)
+    cfg = TrainConfig(task="videobooth", device="cpu", schedule="self",
+                      model={"components": "pretrained", "motion_adapter": str(tmp_path / "adapter")})
+    net = build_unet_backbone(cfg, copy.deepcopy(unet))
+    assert net.install_config["motion"]
+    ref_model = UNetMotionModel.from_unet2d(unet, adapter)
+    x, text = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        ref = ref_model(x, 10, encoder_hidden_states=text.repeat(3, 1, 1)).sample
+        torch.testing.assert_close(net(x, 10, text), ref, rtol=1e-5, atol=1e-5)
+    for key, value in (("temporal", True), ("train_temporal", True)):
+        bad = cfg.replace(model={**cfg.model, key: value})
+        with pytest.raises(ValueError, match=f"model.{key}"):
+            build_unet_backbone(bad, copy.deepcopy(unet))
+
+
+def test_animatediff_config_parses():
+    from train.config import load_config
+
+    cfg = load_config("configs/animatediff_stage2.yaml")
+    assert cfg.model["motion_adapter"] and cfg.gradient_checkpointing and "temporal" not in cfg.model

@@ -33,6 +33,9 @@ cfg.model keys (defaults in brackets):
     adapter       a vb adapter (vb.save_adapter) loaded after building [None]
     pretrained_model_name_or_path, clip_model, clip_pretrained, mapper_hidden, revision:
                   for components=pretrained (an SD-1.x diffusers directory; open_clip tower)
+    motion_adapter, motion_adapter_revision: components=pretrained on AnimateDiff's pretrained
+                  motion modules (a diffusers MotionAdapter folder or hub id) instead of
+                  zero-initialised temporal layers; leave temporal unset [None]
 cfg.data keys: root (required), categories, video_root, num_frames [4], frame_stride [1],
     size [16], image_size [32], caption_column, split (keep CSV rows whose ``split`` column
     has this value), prompt_augment {hflip, degrees, translate, scale, box_trim} (box_trim
@@ -56,7 +59,8 @@ log = logging.getLogger(__name__)
 
 MODEL_KEYS = {"components", "seed", "image_bank", "learn_query", "temporal", "clip_layers", "coarse_path",
               "fine_path", "train_temporal", "extra_trainable", "base_weights", "adapter",
-              "pretrained_model_name_or_path", "clip_model", "clip_pretrained", "mapper_hidden", "revision"}
+              "pretrained_model_name_or_path", "clip_model", "clip_pretrained", "mapper_hidden", "revision",
+              "motion_adapter", "motion_adapter_revision"}
 DATA_KEYS = {"root", "categories", "video_root", "num_frames", "frame_stride", "size", "image_size",
              "caption_column", "split", "prompt_augment", "prompt_augment_vae", "max_skips"}
 
@@ -96,8 +100,7 @@ def _pretrained_components(cfg: TrainConfig, image_bank=None, learn_query=False)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev)
-    backbone = vb.VideoBoothUNet(unet, schedule=cfg.schedule, attn_backend=cfg.attn_backend, image_bank=image_bank,
-                                 learn_query=learn_query, temporal=bool(m.get("temporal", True)))
+    backbone = build_unet_backbone(cfg, unet, image_bank=image_bank, learn_query=learn_query)
     image_encoder = vb.VideoBoothImageEncoder.from_open_clip(m.get("clip_model", "ViT-L-14"),
                                                              pretrained=m.get("clip_pretrained", "openai"),
                                                              layers=m.get("clip_layers"))
@@ -107,6 +110,32 @@ def _pretrained_components(cfg: TrainConfig, image_bank=None, learn_query=False)
     for mod in (text_encoder, image_encoder, vae):
         mod.eval().requires_grad_(False)
     return vb.VideoBoothComponents(tokenizer, text_encoder, image_encoder, mapper, backbone, vae, scheduler)
+
+
+def build_unet_backbone(cfg: TrainConfig, unet, image_bank=None, learn_query=False):
+    """``vb.VideoBoothUNet`` on a pretrained ``UNet2DConditionModel``: inflated with zero-initialised
+    temporal layers (Tune-A-Video style, the paper's base), or, with ``model.motion_adapter`` (a
+    diffusers ``MotionAdapter`` folder or hub id, e.g. guoyww/animatediff-motion-adapter-v1-5-2),
+    on AnimateDiff's pretrained motion modules: VideoBooth on the spatial attention only, the
+    motion modules frozen (``vb.VideoBoothUNet.from_motion_adapter``)."""
+    import vb
+
+    m = cfg.model
+    kwargs = dict(schedule=cfg.schedule, attn_backend=cfg.attn_backend, image_bank=image_bank,
+                  learn_query=learn_query)
+    adapter_path = m.get("motion_adapter")
+    if not adapter_path:
+        return vb.VideoBoothUNet(unet, temporal=bool(m.get("temporal", True)), **kwargs)
+    if m.get("temporal") is not None:
+        raise ValueError("model.temporal: leave it unset with model.motion_adapter (the motion modules are "
+                         f"the temporal layers), got {m.get('temporal')!r}")
+    if m.get("train_temporal"):
+        raise ValueError("model.train_temporal: the motion adapter's modules stay frozen (they are not in the "
+                         "VideoBooth adapter file); set it to false")
+    from diffusers import MotionAdapter
+
+    adapter = MotionAdapter.from_pretrained(adapter_path, revision=m.get("motion_adapter_revision"))
+    return vb.VideoBoothUNet.from_motion_adapter(unet, adapter, **kwargs)
 
 
 class VideoBoothTask(DiffusionTask):
