@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .forward import _strides, block_config
+from .launch import launch
 from .primitives import LOG2E, dot_pair, load_pair, store_pair
 
 
@@ -231,8 +232,8 @@ def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq,
               *_strides(k_img, 3), *_strides(v_img, 3), *_strides(do, 4))
     u_ = u if u is not None else dummy
     ki_, vi_ = (k_img, v_img) if m else (dummy, dummy)
-    _bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h, rows)](
-        q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, delta, dq,
+    launch(
+        _bwd_dq_kernel, (triton.cdiv(n, cfg["BLOCK_M"]), b * h, rows), q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, delta, dq,
         tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
         *common, *_strides(dq, 4), *lse.stride()[:3],
         h, n, m, tables["n_src_max"], qk_scale, scale,
@@ -241,8 +242,8 @@ def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq,
     if n_targets == 0:
         return
     cfg = block_config(d, q.device, "dkv", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size())
-    _bwd_dkv_kernel[(triton.cdiv(max(n, m), cfg["BLOCK_N"]), b * h, n_targets)](
-        q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du if du is not None else dummy,
+    launch(
+        _bwd_dkv_kernel, (triton.cdiv(max(n, m), cfg["BLOCK_N"]), b * h, n_targets), q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du if du is not None else dummy,
         dk_img if m else dummy, dv_img if m else dummy,
         tables["row_qframe"], tables["tgt_frame"], tables["tgt_vslot"], tables["n_rd"],
         tables["rd_row"], tables["rd_logw"],

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch, tiles_for_cuda
 from .primitives import LN2, LOG2E, attend_source, load_pair, store_pair
 
 
@@ -125,7 +126,7 @@ def block_config(head_dim: int, device: torch.device, kernel: str = "fwd",
         if any(x < 16 or x & (x - 1) for x in (block_m, block_n)):
             raise ValueError(f"VB_BLOCK_M/VB_BLOCK_N: expected powers of two >= 16, got {block_m}, {block_n}")
         tiles = (block_m, block_n, 4, 1)
-    elif device.type != "cuda":  # interpreter: small tiles so odd N crosses several blocks
+    elif not tiles_for_cuda(device):  # interpreter: small tiles so odd N crosses several blocks
         tiles = (16, 16, 1, 1)
     else:
         bucket = 64 if width <= 64 else 128 if width <= 128 else 256
@@ -133,7 +134,7 @@ def block_config(head_dim: int, device: torch.device, kernel: str = "fwd",
         if kernel == "dq":
             tiles = (tiles[1], tiles[0], *tiles[2:])
     block_m, block_n, num_warps, num_stages = tiles
-    if device.type == "cuda" and not os.environ.get("VB_BLOCK_M"):
+    if tiles_for_cuda(device) and not os.environ.get("VB_BLOCK_M"):
         if n_queries is not None:
             block_m = min(block_m, max(16, triton.next_power_of_2(n_queries)))
         if n_keys is not None:
@@ -161,8 +162,8 @@ def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float
     assert lse.stride(-1) == 1, "the kernel writes the LSE with head stride 1"
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h, rows)
     dummy = q  # never dereferenced: HAS_IMG=False / no keyframe slot in the table
-    _fwd_kernel[grid](
-        q, k, v, u if u is not None else dummy, k_img if m else dummy, v_img if m else dummy, out, lse,
+    launch(
+        _fwd_kernel, grid, q, k, v, u if u is not None else dummy, k_img if m else dummy, v_img if m else dummy, out, lse,
         tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
         *_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(u, 4),
         *_strides(k_img, 3), *_strides(v_img, 3), *_strides(out, 4), *lse.stride()[:3],
