@@ -169,7 +169,9 @@ def inner_loops(lines: list[str]) -> list[list[str]]:
 @dataclasses.dataclass
 class KernelReport:
     """What one launch compiles to. ``loop_insts``: SASS instructions of the largest innermost MMA
-    loop; ``per64``: the same per 64 keys (fwd, dq) or 64 query rows (dkv) of the loop's tile."""
+    loop (one iteration, one warp); ``per64``: warp-instructions per 128 x 64 (query x key)
+    score tile divided by 8 (for the forward with 8 warps on 128 queries: SASS instructions per
+    64 keys, the issue's measure)."""
 
     kernel: str
     phase: int
@@ -204,12 +206,14 @@ def analyse(kernel, grid, args, kwargs, arch: int = 90, phase: int = 0) -> Kerne
     scalar16 = len(re.findall(r"\bld\.global(?:\.(?!v\d)[\w:]+)*\.[bu]16\b", ptx))
     loops = inner_loops(sass_lines(k.asm["cubin"])) if "cubin" in k.asm else []
     body = max(loops, key=len) if loops else []
-    step = kwargs["BLOCK_M"] if _KIND[kernel.__name__] == "dkv" else kwargs["BLOCK_N"]
+    # issue slots per 128 x 64 (query x key) tile, in units of 8 warps: the loop body runs on
+    # every warp, over BLOCK_M x BLOCK_N scores per iteration
+    norm = 128 * 64 / (kwargs["BLOCK_M"] * kwargs["BLOCK_N"]) * kwargs["num_warps"] / 8
     mix = Counter((t.split()[1] if t.startswith("@") else t.split()[0]).split(".")[0] for t in body)
     tiles = {key: kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if key in kwargs}
     return KernelReport(_KIND[kernel.__name__], phase, tuple(grid), tiles, regs, spill, k.metadata.shared,
                         mma, dict(shapes), cp_async, tma, scalar16, len(body),
-                        round(len(body) * 64 / step, 1), dict(mix.most_common(12)))
+                        round(len(body) * norm, 1), dict(mix.most_common(12)))
 
 
 def report(batch=2, frames=16, tokens=4096, heads=8, head_dim=40, image_tokens=None, dtype="fp16",

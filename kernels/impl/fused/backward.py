@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import _strides, block_config
+from .forward import _strides, block_config, stride_align
 from .launch import launch
 from .primitives import LOG2E, dot_pair, load_pair, store_pair
 
@@ -57,7 +57,7 @@ def _bwd_dq_kernel(
     stride_gb, stride_gf, stride_gn, stride_gh,
     stride_lb, stride_lf, stride_ln,
     H, N, M, S_MAX, qk_scale, scale,
-    HAS_IMG: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_IMG: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -68,11 +68,11 @@ def _bwd_dq_kernel(
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N
 
-    b_q0, b_q1 = load_pair(Q + i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh, o_m, stride_qn, N,
+    b_q0, b_q1 = load_pair(Q + i_b * stride_qb * ALIGN + i_qf * stride_qf * ALIGN + i_h * stride_qh * ALIGN, o_m, stride_qn * ALIGN, N,
                            HEAD_DIM, D0, D1, SPLIT)
-    o_o = i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh
-    b_do0, b_do1 = load_pair(DO + o_o, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
-    b_o0, b_o1 = load_pair(O + o_o, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
+    o_o = i_b * stride_ob * ALIGN + i_r64 * stride_of * ALIGN + i_h * stride_oh * ALIGN
+    b_do0, b_do1 = load_pair(DO + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
+    b_o0, b_o1 = load_pair(O + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
     b_delta = tl.sum(b_do0.to(tl.float32) * b_o0.to(tl.float32), 1)
     if SPLIT:
         b_delta += tl.sum(b_do1.to(tl.float32) * b_o1.to(tl.float32), 1)
@@ -90,27 +90,27 @@ def _bwd_dq_kernel(
         if tl.load(src_frame + o_tab) < 0:
             b_dq0, b_dq1 = _dq_source(
                 b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta,
-                KI + i_b * stride_kib + i_h * stride_kih, VI + i_b * stride_vib + i_h * stride_vih,
-                stride_kim, stride_vim, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
+                KI + i_b * stride_kib * ALIGN + i_h * stride_kih * ALIGN, VI + i_b * stride_vib * ALIGN + i_h * stride_vih * ALIGN,
+                stride_kim * ALIGN, stride_vim * ALIGN, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
             i_first = 1
     for i_s in range(i_first, tl.load(n_src + i_row)):
         i_src = tl.load(src_frame + o_tab + i_s).to(tl.int64)
         i_slot = tl.load(src_vslot + o_tab + i_s).to(tl.int64)
         bias = tl.load(src_logw + o_tab + i_s) * LOG2E
-        p_k = K + i_b * stride_kb + i_src * stride_kf + i_h * stride_kh
+        p_k = K + i_b * stride_kb * ALIGN + i_src * stride_kf * ALIGN + i_h * stride_kh * ALIGN
         if i_slot < 0:
             b_dq0, b_dq1 = _dq_source(
                 b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k,
-                V + i_b * stride_vb + i_src * stride_vf + i_h * stride_vh,
-                stride_kn, stride_vn, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
+                V + i_b * stride_vb * ALIGN + i_src * stride_vf * ALIGN + i_h * stride_vh * ALIGN,
+                stride_kn * ALIGN, stride_vn * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
         else:
             b_dq0, b_dq1 = _dq_source(
                 b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k,
-                U + i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh,
-                stride_kn, stride_un, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
+                U + i_b * stride_ub * ALIGN + i_slot * stride_uf * ALIGN + i_h * stride_uh * ALIGN,
+                stride_kn * ALIGN, stride_un * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
     # ACCUMULATE: phase 1 after phase 2, the keyframe's queries were read by both.
-    store_pair(DQ + i_b * stride_gb + i_qf * stride_gf + i_h * stride_gh, b_dq0 * scale, b_dq1 * scale,
-               o_m, stride_gn, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+    store_pair(DQ + i_b * stride_gb * ALIGN + i_qf * stride_gf * ALIGN + i_h * stride_gh * ALIGN, b_dq0 * scale, b_dq1 * scale,
+               o_m, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
 
 
 @triton.jit
@@ -165,7 +165,7 @@ def _bwd_dkv_kernel(
     stride_gub, stride_guf, stride_gun, stride_guh,
     stride_gib, stride_gim, stride_gih,
     H, N, M, RD_MAX, qk_scale, scale,
-    ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_n, i_bh, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -176,41 +176,41 @@ def _bwd_dkv_kernel(
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if i_src < 0:  # the image tokens: M keys
         if i_n * BLOCK_N < M:
-            b_k0, b_k1 = load_pair(KI + i_b * stride_kib + i_h * stride_kih, o_n, stride_kim, M,
+            b_k0, b_k1 = load_pair(KI + i_b * stride_kib * ALIGN + i_h * stride_kih * ALIGN, o_n, stride_kim * ALIGN, M,
                                    HEAD_DIM, D0, D1, SPLIT)
-            b_v0, b_v1 = load_pair(VI + i_b * stride_vib + i_h * stride_vih, o_n, stride_vim, M,
+            b_v0, b_v1 = load_pair(VI + i_b * stride_vib * ALIGN + i_h * stride_vih * ALIGN, o_n, stride_vim * ALIGN, M,
                                    HEAD_DIM, D0, D1, SPLIT)
             b_dk0, b_dk1, b_dv0, b_dv1 = _dkv_readers(
                 b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
-                rd_logw, stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
-                stride_oh, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
+                rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN, stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN,
+                stride_oh * ALIGN, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
                 HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N)
-            o_g = i_b * stride_gib + i_h * stride_gih
-            store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim, M, HEAD_DIM, D0, D1,
+            o_g = i_b * stride_gib * ALIGN + i_h * stride_gih * ALIGN
+            store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1,
                        SPLIT, ACCUMULATE)
-            store_pair(DVI + o_g, b_dv0, b_dv1, o_n, stride_gim, M, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+            store_pair(DVI + o_g, b_dv0, b_dv1, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
     elif i_n * BLOCK_N < N:  # a frame: N keys; values V, or U for a keyframe in phase 2
-        b_k0, b_k1 = load_pair(K + i_b * stride_kb + i_src * stride_kf + i_h * stride_kh, o_n, stride_kn,
+        b_k0, b_k1 = load_pair(K + i_b * stride_kb * ALIGN + i_src * stride_kf * ALIGN + i_h * stride_kh * ALIGN, o_n, stride_kn * ALIGN,
                                N, HEAD_DIM, D0, D1, SPLIT)
         if i_slot < 0:
-            b_v0, b_v1 = load_pair(V + i_b * stride_vb + i_src * stride_vf + i_h * stride_vh, o_n,
-                                   stride_vn, N, HEAD_DIM, D0, D1, SPLIT)
+            b_v0, b_v1 = load_pair(V + i_b * stride_vb * ALIGN + i_src * stride_vf * ALIGN + i_h * stride_vh * ALIGN, o_n,
+                                   stride_vn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
         else:
-            b_v0, b_v1 = load_pair(U + i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh, o_n,
-                                   stride_un, N, HEAD_DIM, D0, D1, SPLIT)
+            b_v0, b_v1 = load_pair(U + i_b * stride_ub * ALIGN + i_slot * stride_uf * ALIGN + i_h * stride_uh * ALIGN, o_n,
+                                   stride_un * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
         b_dk0, b_dk1, b_dv0, b_dv1 = _dkv_readers(
             b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
-            rd_logw, stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
-            stride_oh, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
+            rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN, stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN,
+            stride_oh * ALIGN, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
             HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N)
-        o_g = i_b * stride_gb + i_src * stride_gf + i_h * stride_gh
-        store_pair(DK + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn, N, HEAD_DIM, D0, D1, SPLIT,
+        o_g = i_b * stride_gb * ALIGN + i_src * stride_gf * ALIGN + i_h * stride_gh * ALIGN
+        store_pair(DK + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT,
                    ACCUMULATE)
         if i_slot < 0:
-            store_pair(DV + o_g, b_dv0, b_dv1, o_n, stride_gn, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+            store_pair(DV + o_g, b_dv0, b_dv1, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
         else:  # gradient of the refreshed values U: the dO of phase 1
-            store_pair(DU + i_b * stride_gub + i_slot * stride_guf + i_h * stride_guh, b_dv0, b_dv1, o_n,
-                       stride_gun, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+            store_pair(DU + i_b * stride_gub * ALIGN + i_slot * stride_guf * ALIGN + i_h * stride_guh * ALIGN, b_dv0, b_dv1, o_n,
+                       stride_gun * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
 
 
 def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq, dk, dv, du, dk_img, dv_img,
@@ -228,16 +228,17 @@ def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq,
     assert dlse is None or dlse.stride() == lse.stride()
     dummy = q
     qk_scale = scale * math.log2(math.e)
-    common = (*_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(u, 4),
-              *_strides(k_img, 3), *_strides(v_img, 3), *_strides(do, 4))
+    al = stride_align(q, k, v, u, k_img, v_img, do, out, dq, dk, dv, du, dk_img, dv_img)
+    common = (*_strides(q, 4, al), *_strides(k, 4, al), *_strides(v, 4, al), *_strides(u, 4, al),
+              *_strides(k_img, 3, al), *_strides(v_img, 3, al), *_strides(do, 4, al))
     u_ = u if u is not None else dummy
     ki_, vi_ = (k_img, v_img) if m else (dummy, dummy)
     launch(
         _bwd_dq_kernel, (triton.cdiv(n, cfg["BLOCK_M"]), b * h, rows), q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, delta, dq,
         tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
-        *common, *_strides(dq, 4), *lse.stride()[:3],
+        *common, *_strides(dq, 4, al), *lse.stride()[:3],
         h, n, m, tables["n_src_max"], qk_scale, scale,
-        HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, **cfg)
+        HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, **cfg)
     n_targets = tables["n_targets"]
     if n_targets == 0:
         return
@@ -247,6 +248,6 @@ def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq,
         dk_img if m else dummy, dv_img if m else dummy,
         tables["row_qframe"], tables["tgt_frame"], tables["tgt_vslot"], tables["n_rd"],
         tables["rd_row"], tables["rd_logw"],
-        *common, *lse.stride()[:3], *_strides(dk, 4), *_strides(du, 4), *_strides(dk_img, 3),
+        *common, *lse.stride()[:3], *_strides(dk, 4, al), *_strides(du, 4, al), *_strides(dk_img, 3, al),
         h, n, m, tables["n_rd_max"], qk_scale, scale,
-        ACCUMULATE=accumulate, HEAD_DIM=d, **cfg)
+        ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, **cfg)
