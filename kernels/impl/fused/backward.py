@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import _strides, block_config, stride_align
+from .forward import block_config, cdiv, launch_strides
 from .launch import launch
 from .primitives import LOG2E, dot_pair, load_pair, store_pair
 
@@ -221,22 +221,24 @@ def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq,
     strides of dk (frames) and dk_img (image)."""
     b, _, n, h, d = q.shape
     m = 0 if k_img is None else k_img.shape[1]
-    rows = tables["row_qframe"].numel()
+    rows = tables["n_rows"]
     cfg = block_config(d, q.device, "dq", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size())
     # the kernels read O with dO's strides and the LSE / Delta with head stride 1
     assert do.stride() == out.stride() and lse.stride(-1) == 1
     assert dlse is None or dlse.stride() == lse.stride()
     dummy = q
     qk_scale = scale * math.log2(math.e)
-    al = stride_align(q, k, v, u, k_img, v_img, do, out, dq, dk, dv, du, dk_img, dv_img)
-    common = (*_strides(q, 4, al), *_strides(k, 4, al), *_strides(v, 4, al), *_strides(u, 4, al),
-              *_strides(k_img, 3, al), *_strides(v_img, 3, al), *_strides(do, 4, al))
+    # One ALIGN for both launches: every data tensor of the phase must satisfy it.
+    al, strides = launch_strides((q, 4), (k, 4), (v, 4), (u, 4), (k_img, 3), (v_img, 3), (do, 4),
+                                 (dq, 4), (dk, 4), (du, 4), (dk_img, 3), (dv, 4), (dv_img, 3))
+    common, st_dq, st_g = strides[:26], strides[26:30], strides[30:41]
     u_ = u if u is not None else dummy
     ki_, vi_ = (k_img, v_img) if m else (dummy, dummy)
     launch(
-        _bwd_dq_kernel, (triton.cdiv(n, cfg["BLOCK_M"]), b * h, rows), q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, delta, dq,
+        _bwd_dq_kernel, (cdiv(n, cfg["BLOCK_M"]), b * h, rows),
+        q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, delta, dq,
         tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
-        *common, *_strides(dq, 4, al), *lse.stride()[:3],
+        *common, *st_dq, *lse.stride()[:3],
         h, n, m, tables["n_src_max"], qk_scale, scale,
         HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, **cfg)
     n_targets = tables["n_targets"]
@@ -244,10 +246,11 @@ def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq,
         return
     cfg = block_config(d, q.device, "dkv", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size())
     launch(
-        _bwd_dkv_kernel, (triton.cdiv(max(n, m), cfg["BLOCK_N"]), b * h, n_targets), q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du if du is not None else dummy,
+        _bwd_dkv_kernel, (cdiv(max(n, m), cfg["BLOCK_N"]), b * h, n_targets),
+        q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du if du is not None else dummy,
         dk_img if m else dummy, dv_img if m else dummy,
         tables["row_qframe"], tables["tgt_frame"], tables["tgt_vslot"], tables["n_rd"],
         tables["rd_row"], tables["rd_logw"],
-        *common, *lse.stride()[:3], *_strides(dk, 4, al), *_strides(du, 4, al), *_strides(dk_img, 3, al),
+        *common, *lse.stride()[:3], *st_g,
         h, n, m, tables["n_rd_max"], qk_scale, scale,
         ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, **cfg)

@@ -9,6 +9,7 @@ keyframe values U when r is a keyframe). Phase 1 writes only U (keyframes); phas
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -141,7 +142,21 @@ def tile_override(kernel: str):
 
 def block_config(head_dim: int, device: torch.device, kernel: str = "fwd",
                  n_queries: int | None = None, n_keys: int | None = None, elem_bytes: int = 2) -> dict:
-    """Launch constants of ``kernel`` ("fwd", "dq" or "dkv"): head-dim chunks (D0, D1, SPLIT;
+    """See :func:`_block_config`; cached per shape and tile environment (host time per call)."""
+    env = os.environ
+    return dict(_block_config(head_dim, tiles_for_cuda(device), kernel, n_queries, n_keys, elem_bytes,
+                              env.get("VB_TILES"), env.get("VB_BLOCK_M"), env.get("VB_BLOCK_N")))
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (``triton.cdiv`` costs a constexpr-function call on the host path)."""
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_config(head_dim: int, cuda: bool, kernel: str, n_queries, n_keys, elem_bytes: int,
+                  _env_tiles, _env_m, _env_n) -> tuple:
+    """Launch constants of ``kernel`` ("fwd", "dq" or "dkv") as (name, value) pairs: head-dim chunks (D0, D1, SPLIT;
     masked, never copied), tiles (BLOCK_M queries, BLOCK_N keys), warps, stages.
 
     On CUDA the tiles shrink to the sequence (the U-Net's 16- and 64-token levels would leave
@@ -159,13 +174,13 @@ def block_config(head_dim: int, device: torch.device, kernel: str = "fwd",
         if any(x < 16 or x & (x - 1) for x in (block_m, block_n)):
             raise ValueError(f"VB_BLOCK_M/VB_BLOCK_N: expected powers of two >= 16, got {block_m}, {block_n}")
         tiles = (block_m, block_n, 4, 1)
-    elif not tiles_for_cuda(device):  # interpreter: small tiles so odd N crosses several blocks
+    elif not cuda:  # interpreter: small tiles so odd N crosses several blocks
         tiles = (16, 16, 1, 1)
     else:
         bucket = next(b for b in (64, 128, 192, 256) if width <= b)
         tiles = _TILES[(kernel, 4 if elem_bytes >= 4 else 2, bucket)]
     block_m, block_n, num_warps, num_stages = tiles
-    if tiles_for_cuda(device) and not os.environ.get("VB_BLOCK_M") and not override:
+    if cuda and not os.environ.get("VB_BLOCK_M") and not override:
         if n_queries is not None:
             block_m = min(block_m, max(16, triton.next_power_of_2(n_queries)))
         if n_keys is not None:
@@ -173,28 +188,35 @@ def block_config(head_dim: int, device: torch.device, kernel: str = "fwd",
         if (block_m, block_n) != tiles[:2]:  # shrunk to a short sequence: no idle warps
             num_warps = min(num_warps, max(1, max(block_m, block_n) // 16))
     cfg.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-    return cfg
+    return tuple(cfg.items())
 
 
-def _strides(t: torch.Tensor | None, n: int, align: int = 1):
-    """The first ``n`` strides of ``t`` in units of ``align`` elements (zeros for None)."""
-    return tuple(s // align for s in t.stride()[:n]) if t is not None else (0,) * n
+_LOG2E = math.log2(math.e)
 
 
-def stride_align(*tensors: torch.Tensor | None) -> int:
-    """ALIGN of a launch: 16 bytes in elements when every stride but the last of every tensor is
-    a multiple of it (and below 2**31), else 1. The kernels take the strides divided by ALIGN and
-    multiply back by the constexpr, so the compiler knows each row starts on a 16-byte boundary:
-    vector loads and cp.async pipelining even where the head stride (D = 40, 72) is not a
-    multiple of 16, which is all Triton's own specialisation looks at. Pointers are
-    specialised on their 16-byte alignment by Triton itself."""
-    align = 16 // tensors[0].element_size()
-    for t in tensors:
-        if t is not None:
-            for s in t.stride()[:-1]:
-                if s % align or s >= 2 ** 31:
-                    return 1
-    return align
+def launch_strides(*specs) -> tuple[int, list]:
+    """(ALIGN, strides) of a launch. ``specs``: (tensor or None, n) pairs; ``strides`` is the
+    concatenation of each tensor's first n strides in units of ALIGN elements (zeros for None).
+
+    ALIGN is 16 bytes in elements when every stride but the last of every tensor is a multiple
+    of it (and below 2**31), else 1. The kernels multiply the strides back by the constexpr
+    ALIGN, so the compiler knows each row starts on a 16-byte boundary: vector loads and
+    cp.async pipelining even where the head stride (D = 40, 72) is not a multiple of 16, which
+    is all Triton's own launch specialisation looks at. Pointers are specialised on their
+    16-byte alignment by Triton itself."""
+    strides = [t.stride() if t is not None else None for t, _ in specs]
+    align = 16 // next(t for t, _ in specs if t is not None).element_size()
+    if any(s % align or s >= 2 ** 31 for st in strides if st is not None for s in st[:-1]):
+        align = 1
+    out = []
+    for st, (_, n) in zip(strides, specs):
+        if st is None:
+            out.extend((0,) * n)
+        elif align == 1:
+            out.extend(st[:n])
+        else:
+            out.extend(s // align for s in st[:n])
+    return align, out
 
 
 def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float) -> None:
@@ -204,19 +226,18 @@ def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float
     k_img, v_img: (B, M, H, D) or None; out: (B, rows, N, H, D); lse: (B, rows, N, H) float32.
     """
     b, _, n, h, d = q.shape
-    rows = tables["row_qframe"].numel()
+    rows = tables["n_rows"]
     m = 0 if k_img is None else k_img.shape[1]
     cfg = block_config(d, q.device, "fwd", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size())
     assert lse.stride(-1) == 1, "the kernel writes the LSE with head stride 1"
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h, rows)
+    grid = (cdiv(n, cfg["BLOCK_M"]), b * h, rows)
     dummy = q  # never dereferenced: HAS_IMG=False / no keyframe slot in the table
-    al = stride_align(q, k, v, u, k_img, v_img, out)
+    al, strides = launch_strides((q, 4), (k, 4), (v, 4), (u, 4), (k_img, 3), (v_img, 3), (out, 4))
     launch(
         _fwd_kernel, grid, q, k, v, u if u is not None else dummy, k_img if m else dummy,
         v_img if m else dummy, out, lse,
         tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
-        *_strides(q, 4, al), *_strides(k, 4, al), *_strides(v, 4, al), *_strides(u, 4, al),
-        *_strides(k_img, 3, al), *_strides(v_img, 3, al), *_strides(out, 4, al), *lse.stride()[:3],
-        h, n, m, tables["n_src_max"], scale * math.log2(math.e),
+        *strides, *lse.stride()[:3],
+        h, n, m, tables["n_src_max"], scale * _LOG2E,
         HAS_IMG=m > 0, HEAD_DIM=d, ALIGN=al, **cfg,
     )
