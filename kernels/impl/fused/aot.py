@@ -280,6 +280,7 @@ def main(argv=None) -> int:
     p.add_argument("--forward-only", action="store_true")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
     p.add_argument("--verbose", action="store_true", help="also print the inner loop's instruction mix")
+    p.add_argument("--json", default=None, help="also write every row (shape + report) to this JSON file")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter does not compile", file=sys.stderr)
@@ -301,7 +302,18 @@ def main(argv=None) -> int:
                             print("    mix:", r.loop_mix)
     if args.markdown:
         print(markdown(rows))
+    if args.json:
+        import json
+        meta = dict(arch=args.arch, tokens=args.tokens, batch=args.batch, frames=args.frames, heads=args.heads,
+                    image_tokens=args.image_tokens, triton=_version("triton"), torch=_version("torch"))
+        with open(args.json, "w") as fh:
+            json.dump([{**meta, **shape, **r.row()} for shape, r in rows], fh, indent=1)
     return 0
+
+
+def _version(mod: str) -> str:
+    import importlib
+    return importlib.import_module(mod).__version__
 
 
 if __name__ == "__main__":

@@ -185,8 +185,9 @@ def _block_config(head_dim: int, cuda: bool, kernel: str, n_queries, n_keys, ele
             block_m = min(block_m, max(16, triton.next_power_of_2(n_queries)))
         if n_keys is not None:
             block_n = min(block_n, max(16, triton.next_power_of_2(n_keys)))
-        if (block_m, block_n) != tiles[:2]:  # shrunk to a short sequence: no idle warps
-            num_warps = min(num_warps, max(1, max(block_m, block_n) // 16))
+        if (block_m, block_n) != tiles[:2]:  # shrunk to a short sequence: no idle warps, but
+            # 4x the warps where fewer would hold a (rows, > 64) fp32 accumulator and spill
+            num_warps = min(num_warps, max(1, max(block_m, block_n) // 16) * (4 if width > 64 else 1))
     cfg.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     return tuple(cfg.items())
 
