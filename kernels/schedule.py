@@ -203,6 +203,13 @@ class Schedule:
         """(phase 1, phase 2) plans. Phase 1 is empty when there are no keyframes."""
         return _plans(self.refs, self.keyframes, self.image_everywhere, has_image)
 
+    def frames_without_refs(self) -> tuple[int, ...]:
+        """Frames whose refs are all -1 (they have keys only if image tokens are prepended); cached."""
+        hit = self._fused.get("empty")
+        if hit is None:
+            hit = self._fused["empty"] = tuple(f for f, row in enumerate(self.refs) if all(r < 0 for r in row))
+        return hit
+
     def fused_tables(self, has_image: bool, device: torch.device) -> tuple:
         """(phase 1 tables or None, phase 2 tables) for the fused kernels on ``device``, built at
         the first call and kept on this schedule, so a call costs one dict lookup (no plan

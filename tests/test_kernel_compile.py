@@ -86,8 +86,8 @@ def test_unaligned_strides_fall_back_to_align_1():
 
     q = torch.empty(1, 2, 4, 3, 40, dtype=torch.float16)
     al, strides = launch_strides((q, 4), (None, 3))
-    assert al == 8 and strides == [s // 8 for s in q.stride()[:4]] + [0, 0, 0]
+    assert al == 8 and list(strides) == [s // 8 for s in q.stride()[:4]] + [0, 0, 0]
     odd = torch.empty(1, 2, 4, 3, 44, dtype=torch.float16)[..., :40]  # head stride 44: 88 bytes
     al, strides = launch_strides((q, 4), (odd, 4))
-    assert al == 1 and strides == list(q.stride()[:4]) + list(odd.stride()[:4])
+    assert al == 1 and list(strides) == list(q.stride()[:4]) + list(odd.stride()[:4])
     assert launch_strides((q.float(), 4))[0] == 4

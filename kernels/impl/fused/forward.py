@@ -195,7 +195,7 @@ def _block_config(head_dim: int, cuda: bool, kernel: str, n_queries, n_keys, ele
 _LOG2E = math.log2(math.e)
 
 
-def launch_strides(*specs) -> tuple[int, list]:
+def launch_strides(*specs) -> tuple[int, tuple]:
     """(ALIGN, strides) of a launch. ``specs``: (tensor or None, n) pairs; ``strides`` is the
     concatenation of each tensor's first n strides in units of ALIGN elements (zeros for None).
 
@@ -205,8 +205,22 @@ def launch_strides(*specs) -> tuple[int, list]:
     cp.async pipelining even where the head stride (D = 40, 72) is not a multiple of 16, which
     is all Triton's own launch specialisation looks at. Pointers are specialised on their
     16-byte alignment by Triton itself."""
-    strides = [t.stride() if t is not None else None for t, _ in specs]
-    align = 16 // next(t for t, _ in specs if t is not None).element_size()
+    strides = tuple(t.stride() if t is not None else None for t, _ in specs)
+    elem = specs[0][0].element_size()
+    key = (elem, strides, tuple(n for _, n in specs))
+    hit = _STRIDE_CACHE.get(key)
+    if hit is None:
+        if len(_STRIDE_CACHE) > 4096:
+            _STRIDE_CACHE.clear()
+        hit = _STRIDE_CACHE[key] = _launch_strides(elem, strides, specs)
+    return hit
+
+
+_STRIDE_CACHE: dict = {}
+
+
+def _launch_strides(elem: int, strides: tuple, specs) -> tuple[int, tuple]:
+    align = 16 // elem
     if any(s % align or s >= 2 ** 31 for st in strides if st is not None for s in st[:-1]):
         align = 1
     out = []
@@ -217,7 +231,7 @@ def launch_strides(*specs) -> tuple[int, list]:
             out.extend(st[:n])
         else:
             out.extend(s // align for s in st[:n])
-    return align, out
+    return align, tuple(out)
 
 
 def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float) -> None:
