@@ -196,7 +196,7 @@ def stage_e2e(out: Path, dry: bool) -> dict:
                 res[backend]["rel_err_vs_reference"] = float((first.float() - ref).norm() / ref.norm())
         except Exception as e:  # noqa: BLE001 - recorded, the other backends still run
             res[backend] = f"{type(e).__name__}: {str(e)[:200]}"
-        del net
+        net = None  # free the model before the next backend's
     (out / "e2e.json").write_text(json.dumps(res, indent=1))
     return res
 

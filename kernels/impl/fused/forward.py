@@ -106,17 +106,17 @@ def split_head_dim(head_dim: int, min_chunk: int = 16) -> tuple[int, int]:
 # MMA's M side (queries for fwd and dq, keys for dK/dV): 8 warps on a 64-row tile would split
 # the N side into quarter-width wgmma instead. fp32 tiles hold twice the bytes: smaller.
 _TILES = {
-    ("fwd", 2, 64): (128, 128, 8, 2), ("fwd", 2, 128): (128, 64, 8, 2),
+    ("fwd", 2, 64): (128, 128, 8, 2), ("fwd", 2, 96): (128, 64, 8, 2), ("fwd", 2, 128): (128, 64, 8, 2),
     ("fwd", 2, 192): (128, 32, 8, 2), ("fwd", 2, 256): (128, 32, 8, 2),
-    ("dq", 2, 64): (128, 64, 8, 2), ("dq", 2, 128): (128, 32, 8, 2),
+    ("dq", 2, 64): (128, 64, 8, 2), ("dq", 2, 96): (128, 32, 8, 2), ("dq", 2, 128): (128, 32, 8, 2),
     ("dq", 2, 192): (128, 32, 8, 2), ("dq", 2, 256): (64, 32, 8, 2),
-    ("dkv", 2, 64): (32, 64, 4, 2), ("dkv", 2, 128): (32, 128, 8, 2),
+    ("dkv", 2, 64): (32, 64, 4, 2), ("dkv", 2, 96): (32, 128, 8, 2), ("dkv", 2, 128): (16, 128, 8, 2),
     ("dkv", 2, 192): (32, 64, 8, 2), ("dkv", 2, 256): (32, 64, 8, 2),
-    ("fwd", 4, 64): (64, 64, 4, 2), ("fwd", 4, 128): (64, 32, 4, 2),
+    ("fwd", 4, 64): (64, 64, 4, 2), ("fwd", 4, 96): (64, 32, 4, 2), ("fwd", 4, 128): (64, 32, 4, 2),
     ("fwd", 4, 192): (16, 32, 4, 1), ("fwd", 4, 256): (16, 32, 4, 1),
-    ("dq", 4, 64): (32, 32, 4, 2), ("dq", 4, 128): (32, 16, 4, 1),
+    ("dq", 4, 64): (32, 32, 4, 2), ("dq", 4, 96): (32, 16, 4, 1), ("dq", 4, 128): (32, 16, 4, 1),
     ("dq", 4, 192): (32, 16, 4, 1), ("dq", 4, 256): (32, 16, 4, 1),
-    ("dkv", 4, 64): (32, 32, 4, 2), ("dkv", 4, 128): (16, 32, 4, 1),
+    ("dkv", 4, 64): (32, 32, 4, 2), ("dkv", 4, 96): (16, 32, 4, 1), ("dkv", 4, 128): (16, 32, 4, 1),
     ("dkv", 4, 192): (16, 32, 4, 1), ("dkv", 4, 256): (16, 32, 4, 1),
 }
 
@@ -177,7 +177,7 @@ def _block_config(head_dim: int, cuda: bool, kernel: str, n_queries, n_keys, ele
     elif not cuda:  # interpreter: small tiles so odd N crosses several blocks
         tiles = (16, 16, 1, 1)
     else:
-        bucket = next(b for b in (64, 128, 192, 256) if width <= b)
+        bucket = next(b for b in (64, 96, 128, 192, 256) if width <= b)
         tiles = _TILES[(kernel, 4 if elem_bytes >= 4 else 2, bucket)]
     block_m, block_n, num_warps, num_stages = tiles
     if cuda and not os.environ.get("VB_BLOCK_M") and not override:
