@@ -77,6 +77,14 @@ def test_real_launch_compile_all_head_dims(tmp_path, dtype, layout):
     _check_targets(rows)
 
 
+def test_fp32_dots_are_ieee_unless_tf32_is_asked_for(tmp_path):
+    """fp32 inputs: IEEE dots (FMA, no tensor-core MMA) by default; TF32 wgmma only after the
+    PyTorch opt-in (``torch.set_float32_matmul_precision("high")``)."""
+    args = ("--head-dim", "64", "--dtype", "fp32", "--tokens", "256", "--forward-only")
+    assert {r["mma"] for r in _report(tmp_path, *args)} == {"none"}
+    assert {r["mma"] for r in _report(tmp_path, *args, "--tf32")} == {"wgmma"}
+
+
 def test_unaligned_strides_fall_back_to_align_1():
     """ALIGN is a fact checked on the host: a stride that is not a multiple of 16 bytes turns it
     off (the kernels then read element by element, still correct)."""

@@ -278,6 +278,8 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--layout", nargs="+", default=["processor"], choices=LAYOUTS)
     p.add_argument("--forward-only", action="store_true")
+    p.add_argument("--tf32", action="store_true", help="fp32: compile as after torch.set_float32_matmul_precision"
+                   "('high') (TF32 dots); default IEEE")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
     p.add_argument("--verbose", action="store_true", help="also print the inner loop's instruction mix")
     p.add_argument("--json", default=None, help="also write every row (shape + report) to this JSON file")
@@ -285,6 +287,9 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter does not compile", file=sys.stderr)
         return 2
+    if args.tf32:
+        import torch
+        torch.set_float32_matmul_precision("high")
     rows = []
     for dtype in args.dtype:
         for layout in args.layout:

@@ -18,7 +18,7 @@ import math
 import triton
 import triton.language as tl
 
-from .forward import block_config, cdiv, launch_strides
+from .forward import block_config, cdiv, dot_precision, launch_strides
 from .launch import launch
 from .primitives import LOG2E, dot_pair, load_pair, store_pair
 
@@ -26,19 +26,19 @@ from .primitives import LOG2E, dot_pair, load_pair, store_pair
 @triton.jit
 def _dq_source(b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k, p_v, stride_kn, stride_vn,
                L, bias, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
-               D1: tl.constexpr, SPLIT: tl.constexpr):
+               D1: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
     """dQ contribution of one source's L keys: sum_j dS_ij K_j (unscaled), by head-dim chunk."""
     o_n = tl.arange(0, BLOCK_N)
     for start in range(0, L, BLOCK_N):
         o_k = start + o_n
         b_k0, b_k1 = load_pair(p_k, o_k, stride_kn, L, HEAD_DIM, D0, D1, SPLIT)
         b_v0, b_v1 = load_pair(p_v, o_k, stride_vn, L, HEAD_DIM, D0, D1, SPLIT)
-        b_s = dot_pair(b_q0, b_q1, b_k0, b_k1, SPLIT) * qk_scale + bias
+        b_s = dot_pair(b_q0, b_q1, b_k0, b_k1, SPLIT, PREC) * qk_scale + bias
         b_p = tl.where((o_k < L)[None, :], tl.exp2(b_s - b_lse2[:, None]), 0.0)
-        b_ds = b_p * (dot_pair(b_do0, b_do1, b_v0, b_v1, SPLIT) - b_delta[:, None])
-        b_dq0 += tl.dot(b_ds.to(b_k0.dtype), b_k0)
+        b_ds = b_p * (dot_pair(b_do0, b_do1, b_v0, b_v1, SPLIT, PREC) - b_delta[:, None])
+        b_dq0 += tl.dot(b_ds.to(b_k0.dtype), b_k0, input_precision=PREC)
         if SPLIT:
-            b_dq1 += tl.dot(b_ds.to(b_k1.dtype), b_k1)
+            b_dq1 += tl.dot(b_ds.to(b_k1.dtype), b_k1, input_precision=PREC)
     return b_dq0, b_dq1
 
 
@@ -58,6 +58,7 @@ def _bwd_dq_kernel(
     H, N, M, S_MAX, qk_scale, scale,
     HAS_IMG: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
@@ -90,7 +91,7 @@ def _bwd_dq_kernel(
             b_dq0, b_dq1 = _dq_source(
                 b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta,
                 KI + i_b * stride_kib * ALIGN + i_h * stride_kih * ALIGN, VI + i_b * stride_vib * ALIGN + i_h * stride_vih * ALIGN,
-                stride_kim * ALIGN, stride_vim * ALIGN, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
+                stride_kim * ALIGN, stride_vim * ALIGN, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
             i_first = 1
     for i_s in range(i_first, tl.load(n_src + i_row)):
         i_src = tl.load(src_frame + o_tab + i_s).to(tl.int64)
@@ -101,12 +102,12 @@ def _bwd_dq_kernel(
             b_dq0, b_dq1 = _dq_source(
                 b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k,
                 V + i_b * stride_vb * ALIGN + i_src * stride_vf * ALIGN + i_h * stride_vh * ALIGN,
-                stride_kn * ALIGN, stride_vn * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
+                stride_kn * ALIGN, stride_vn * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
         else:
             b_dq0, b_dq1 = _dq_source(
                 b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k,
                 U + i_b * stride_ub * ALIGN + i_slot * stride_uf * ALIGN + i_h * stride_uh * ALIGN,
-                stride_kn * ALIGN, stride_un * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
+                stride_kn * ALIGN, stride_un * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
     # ACCUMULATE: phase 1 after phase 2, the keyframe's queries were read by both.
     store_pair(DQ + i_b * stride_gb * ALIGN + i_qf * stride_gf * ALIGN + i_h * stride_gh * ALIGN, b_dq0 * scale, b_dq1 * scale,
                o_m, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
@@ -117,7 +118,7 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
                  rd_logw, stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
                  stride_oh, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
                  HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """dK (unscaled), dV of one key tile, summed over every row that reads it, in row order."""
     b_dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
     b_dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
@@ -138,13 +139,13 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
             # Padded query rows get lse = +inf, so their P^T column is exactly 0.
             b_lse2 = tl.load(LSE + o_l + o_m * stride_ln, mask=m_m, other=float("inf")) * LOG2E
             b_delta = tl.load(DELTA + o_l + o_m * stride_ln, mask=m_m, other=0.0)
-            b_pt = tl.exp2(dot_pair(b_k0, b_k1, b_q0, b_q1, SPLIT) * qk_scale + bias - b_lse2[None, :])
-            b_dst = b_pt * (dot_pair(b_v0, b_v1, b_do0, b_do1, SPLIT) - b_delta[None, :])
-            b_dv0 += tl.dot(b_pt.to(b_do0.dtype), b_do0)
-            b_dk0 += tl.dot(b_dst.to(b_q0.dtype), b_q0)
+            b_pt = tl.exp2(dot_pair(b_k0, b_k1, b_q0, b_q1, SPLIT, PREC) * qk_scale + bias - b_lse2[None, :])
+            b_dst = b_pt * (dot_pair(b_v0, b_v1, b_do0, b_do1, SPLIT, PREC) - b_delta[None, :])
+            b_dv0 += tl.dot(b_pt.to(b_do0.dtype), b_do0, input_precision=PREC)
+            b_dk0 += tl.dot(b_dst.to(b_q0.dtype), b_q0, input_precision=PREC)
             if SPLIT:
-                b_dv1 += tl.dot(b_pt.to(b_do1.dtype), b_do1)
-                b_dk1 += tl.dot(b_dst.to(b_q1.dtype), b_q1)
+                b_dv1 += tl.dot(b_pt.to(b_do1.dtype), b_do1, input_precision=PREC)
+                b_dk1 += tl.dot(b_dst.to(b_q1.dtype), b_q1, input_precision=PREC)
     return b_dk0, b_dk1, b_dv0, b_dv1
 
 
@@ -165,7 +166,7 @@ def _bwd_dkv_kernel(
     stride_gib, stride_gim, stride_gih,
     H, N, M, RD_MAX, qk_scale, scale,
     ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     i_n, i_bh, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
@@ -183,7 +184,7 @@ def _bwd_dkv_kernel(
                 b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
                 rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN, stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN,
                 stride_oh * ALIGN, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
-                HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N)
+                HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC)
             o_g = i_b * stride_gib * ALIGN + i_h * stride_gih * ALIGN
             store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1,
                        SPLIT, ACCUMULATE)
@@ -201,7 +202,7 @@ def _bwd_dkv_kernel(
             b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
             rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN, stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN,
             stride_oh * ALIGN, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
-            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N)
+            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC)
         o_g = i_b * stride_gb * ALIGN + i_src * stride_gf * ALIGN + i_h * stride_gh * ALIGN
         store_pair(DK + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT,
                    ACCUMULATE)
@@ -227,6 +228,7 @@ def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq,
     assert dlse is None or dlse.stride() == lse.stride()
     dummy = q
     qk_scale = scale * math.log2(math.e)
+    prec = dot_precision(q.dtype)
     # One ALIGN for both launches: every data tensor of the phase must satisfy it.
     al, strides = launch_strides((q, 4), (k, 4), (v, 4), (u, 4), (k_img, 3), (v_img, 3), (do, 4),
                                  (dq, 4), (dk, 4), (du, 4), (dk_img, 3), (dv, 4), (dv_img, 3))
@@ -239,7 +241,7 @@ def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq,
         tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
         *common, *st_dq, *lse.stride()[:3],
         h, n, m, tables["n_src_max"], qk_scale, scale,
-        HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, **cfg)
+        HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, **cfg)
     n_targets = tables["n_targets"]
     if n_targets == 0:
         return
@@ -252,4 +254,4 @@ def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq,
         tables["rd_row"], tables["rd_logw"],
         *common, *lse.stride()[:3], *st_g,
         h, n, m, tables["n_rd_max"], qk_scale, scale,
-        ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, **cfg)
+        ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, **cfg)

@@ -35,7 +35,7 @@ def _fwd_kernel(
     stride_lb, stride_lf, stride_ln,
     H, N, M, S_MAX, qk_scale,
     HAS_IMG: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # int64 batch/frame/head offsets: B*F*N*H*D may exceed 2**31 elements.
@@ -59,7 +59,7 @@ def _fwd_kernel(
             acc0, acc1, l_i, m_i = attend_source(
                 acc0, acc1, l_i, m_i, b_q0, b_q1,
                 KI + i_b * stride_kib * ALIGN + i_h * stride_kih * ALIGN, VI + i_b * stride_vib * ALIGN + i_h * stride_vih * ALIGN,
-                stride_kim * ALIGN, stride_vim * ALIGN, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
+                stride_kim * ALIGN, stride_vim * ALIGN, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
             i_first = 1
     for i_s in range(i_first, tl.load(n_src + i_row)):
         i_src = tl.load(src_frame + o_tab + i_s).to(tl.int64)
@@ -69,11 +69,11 @@ def _fwd_kernel(
         if i_slot < 0:  # values of a plain frame
             acc0, acc1, l_i, m_i = attend_source(
                 acc0, acc1, l_i, m_i, b_q0, b_q1, p_k, V + i_b * stride_vb * ALIGN + i_src * stride_vf * ALIGN + i_h * stride_vh * ALIGN,
-                stride_kn * ALIGN, stride_vn * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
+                stride_kn * ALIGN, stride_vn * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
         else:  # a keyframe: its values were refreshed by phase 1
             acc0, acc1, l_i, m_i = attend_source(
                 acc0, acc1, l_i, m_i, b_q0, b_q1, p_k, U + i_b * stride_ub * ALIGN + i_slot * stride_uf * ALIGN + i_h * stride_uh * ALIGN,
-                stride_kn * ALIGN, stride_un * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
+                stride_kn * ALIGN, stride_un * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
 
     # A row with no keys (rejected at the door, guarded anyway) gives zeros and lse = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -146,6 +146,15 @@ def block_config(head_dim: int, device: torch.device, kernel: str = "fwd",
     env = os.environ
     return dict(_block_config(head_dim, tiles_for_cuda(device), kernel, n_queries, n_keys, elem_bytes,
                               env.get("VB_TILES"), env.get("VB_BLOCK_M"), env.get("VB_BLOCK_N")))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the kernels' fp32 dots: "ieee" unless the user opted into TF32 the
+    PyTorch way (``torch.set_float32_matmul_precision("high")`` or "medium"); Triton's own
+    default would be TF32. 16-bit inputs: "tf32" (ignored, the MMA takes them as they are)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 def cdiv(a: int, b: int) -> int:
@@ -254,5 +263,5 @@ def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float
         tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
         *strides, *lse.stride()[:3],
         h, n, m, tables["n_src_max"], scale * _LOG2E,
-        HAS_IMG=m > 0, HEAD_DIM=d, ALIGN=al, **cfg,
+        HAS_IMG=m > 0, HEAD_DIM=d, ALIGN=al, PREC=dot_precision(q.dtype), **cfg,
     )
