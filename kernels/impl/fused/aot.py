@@ -211,7 +211,8 @@ def analyse(kernel, grid, args, kwargs, arch: int = 90, phase: int = 0) -> Kerne
     norm = 128 * 64 / (kwargs["BLOCK_M"] * kwargs["BLOCK_N"]) * kwargs["num_warps"] / 8
     mix = Counter((t.split()[1] if t.startswith("@") else t.split()[0]).split(".")[0] for t in body)
     tiles = {key: kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if key in kwargs}
-    return KernelReport(_KIND[kernel.__name__], phase, tuple(grid), tiles, regs, spill, k.metadata.shared,
+    kind = {1: "dv", 2: "dk"}.get(kwargs.get("PART"), _KIND[kernel.__name__])  # split dK/dV launches
+    return KernelReport(kind, phase, tuple(grid), tiles, regs, spill, k.metadata.shared,
                         mma, dict(shapes), cp_async, tma, scalar16, len(body),
                         round(len(body) * norm, 1), dict(mix.most_common(12)))
 
@@ -229,11 +230,15 @@ def report(batch=2, frames=16, tokens=4096, heads=8, head_dim=40, image_tokens=N
     out, seen = [], set()
     n_fwd = sum(_KIND[kern.__name__] == "fwd" for kern, *_ in calls)
     count = Counter()
+    bwd_phase = 2
     for kern, grid, args, kwargs in calls:
         kind = _KIND[kern.__name__]
         count[kind] += 1
-        # forward: phase 1 (when there is one) launches first; backward: phase 2 first
-        phase = (count[kind] if n_fwd == 2 else 2) if kind == "fwd" else 3 - count[kind]
+        # forward: phase 1 (when there is one) launches first; backward: phase 2 first, and a
+        # phase's dK/dV launch(es) follow its dq launch
+        if kind == "dq":
+            bwd_phase = 3 - count[kind]
+        phase = (count[kind] if n_fwd == 2 else 2) if kind == "fwd" else bwd_phase
         key = _spec_key(kern, args, kwargs)
         if key not in seen:
             seen.add(key)

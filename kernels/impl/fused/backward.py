@@ -118,8 +118,10 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
                  rd_logw, stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
                  stride_oh, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
                  HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """dK (unscaled), dV of one key tile, summed over every row that reads it, in row order."""
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr):
+    """dK (unscaled), dV of one key tile, summed over every row that reads it, in row order.
+    PART 0: both; 1: dV only (no V, no Delta needed); 2: dK only. Split launches halve the
+    accumulators where dK and dV of a 64-key tile would not fit one warpgroup (D = 160)."""
     b_dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
     b_dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
     b_dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
@@ -138,14 +140,17 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
             b_do0, b_do1 = load_pair(p_do, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
             # Padded query rows get lse = +inf, so their P^T column is exactly 0.
             b_lse2 = tl.load(LSE + o_l + o_m * stride_ln, mask=m_m, other=float("inf")) * LOG2E
-            b_delta = tl.load(DELTA + o_l + o_m * stride_ln, mask=m_m, other=0.0)
             b_pt = tl.exp2(dot_pair(b_k0, b_k1, b_q0, b_q1, SPLIT, PREC) * qk_scale + bias - b_lse2[None, :])
-            b_dst = b_pt * (dot_pair(b_v0, b_v1, b_do0, b_do1, SPLIT, PREC) - b_delta[None, :])
-            b_dv0 += tl.dot(b_pt.to(b_do0.dtype), b_do0, input_precision=PREC)
-            b_dk0 += tl.dot(b_dst.to(b_q0.dtype), b_q0, input_precision=PREC)
-            if SPLIT:
-                b_dv1 += tl.dot(b_pt.to(b_do1.dtype), b_do1, input_precision=PREC)
-                b_dk1 += tl.dot(b_dst.to(b_q1.dtype), b_q1, input_precision=PREC)
+            if PART != 2:
+                b_dv0 += tl.dot(b_pt.to(b_do0.dtype), b_do0, input_precision=PREC)
+                if SPLIT:
+                    b_dv1 += tl.dot(b_pt.to(b_do1.dtype), b_do1, input_precision=PREC)
+            if PART != 1:
+                b_delta = tl.load(DELTA + o_l + o_m * stride_ln, mask=m_m, other=0.0)
+                b_dst = b_pt * (dot_pair(b_v0, b_v1, b_do0, b_do1, SPLIT, PREC) - b_delta[None, :])
+                b_dk0 += tl.dot(b_dst.to(b_q0.dtype), b_q0, input_precision=PREC)
+                if SPLIT:
+                    b_dk1 += tl.dot(b_dst.to(b_q1.dtype), b_q1, input_precision=PREC)
     return b_dk0, b_dk1, b_dv0, b_dv1
 
 
@@ -166,7 +171,7 @@ def _bwd_dkv_kernel(
     stride_gib, stride_gim, stride_gih,
     H, N, M, RD_MAX, qk_scale, scale,
     ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
 ):
     i_n, i_bh, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
@@ -178,21 +183,29 @@ def _bwd_dkv_kernel(
         if i_n * BLOCK_N < M:
             b_k0, b_k1 = load_pair(KI + i_b * stride_kib * ALIGN + i_h * stride_kih * ALIGN, o_n, stride_kim * ALIGN, M,
                                    HEAD_DIM, D0, D1, SPLIT)
-            b_v0, b_v1 = load_pair(VI + i_b * stride_vib * ALIGN + i_h * stride_vih * ALIGN, o_n, stride_vim * ALIGN, M,
-                                   HEAD_DIM, D0, D1, SPLIT)
+            if PART != 1:
+                b_v0, b_v1 = load_pair(VI + i_b * stride_vib * ALIGN + i_h * stride_vih * ALIGN, o_n,
+                                       stride_vim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT)
+            else:  # dV only: the values are not read
+                b_v0, b_v1 = b_k0, b_k1
             b_dk0, b_dk1, b_dv0, b_dv1 = _dkv_readers(
                 b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
                 rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN, stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN,
                 stride_oh * ALIGN, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
-                HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC)
+                HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART)
             o_g = i_b * stride_gib * ALIGN + i_h * stride_gih * ALIGN
-            store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1,
-                       SPLIT, ACCUMULATE)
-            store_pair(DVI + o_g, b_dv0, b_dv1, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+            if PART != 1:
+                store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1,
+                           SPLIT, ACCUMULATE)
+            if PART != 2:
+                store_pair(DVI + o_g, b_dv0, b_dv1, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT,
+                           ACCUMULATE)
     elif i_n * BLOCK_N < N:  # a frame: N keys; values V, or U for a keyframe in phase 2
         b_k0, b_k1 = load_pair(K + i_b * stride_kb * ALIGN + i_src * stride_kf * ALIGN + i_h * stride_kh * ALIGN, o_n, stride_kn * ALIGN,
                                N, HEAD_DIM, D0, D1, SPLIT)
-        if i_slot < 0:
+        if PART == 1:  # dV only: the values are not read
+            b_v0, b_v1 = b_k0, b_k1
+        elif i_slot < 0:
             b_v0, b_v1 = load_pair(V + i_b * stride_vb * ALIGN + i_src * stride_vf * ALIGN + i_h * stride_vh * ALIGN, o_n,
                                    stride_vn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
         else:
@@ -202,11 +215,14 @@ def _bwd_dkv_kernel(
             b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
             rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN, stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN,
             stride_oh * ALIGN, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
-            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC)
+            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART)
         o_g = i_b * stride_gb * ALIGN + i_src * stride_gf * ALIGN + i_h * stride_gh * ALIGN
-        store_pair(DK + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT,
-                   ACCUMULATE)
-        if i_slot < 0:
+        if PART != 1:
+            store_pair(DK + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT,
+                       ACCUMULATE)
+        if PART == 2:
+            pass
+        elif i_slot < 0:
             store_pair(DV + o_g, b_dv0, b_dv1, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
         else:  # gradient of the refreshed values U: the dO of phase 1
             store_pair(DU + i_b * stride_gub * ALIGN + i_slot * stride_guf * ALIGN + i_h * stride_guh * ALIGN, b_dv0, b_dv1, o_n,
@@ -246,12 +262,17 @@ def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq,
     if n_targets == 0:
         return
     cfg = block_config(d, q.device, "dkv", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size())
-    launch(
-        _bwd_dkv_kernel, (cdiv(max(n, m), cfg["BLOCK_N"]), b * h, n_targets),
-        q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du if du is not None else dummy,
-        dk_img if m else dummy, dv_img if m else dummy,
-        tables["row_qframe"], tables["tgt_frame"], tables["tgt_vslot"], tables["n_rd"],
-        tables["rd_row"], tables["rd_logw"],
-        *common, *lse.stride()[:3], *st_g,
-        h, n, m, tables["n_rd_max"], qk_scale, scale,
-        ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, **cfg)
+    # D > 128 in 16 bits: dK and dV in two launches (dV, then dK), each with half the
+    # accumulators, so one warpgroup owns a 64-key tile without spills or m64n16 wgmma.
+    width = cfg["D0"] + (cfg["D1"] if cfg["SPLIT"] else 0)
+    parts = (1, 2) if width > 128 and q.element_size() == 2 and cfg["BLOCK_N"] >= 64 else (0,)
+    for part in parts:
+        launch(
+            _bwd_dkv_kernel, (cdiv(max(n, m), cfg["BLOCK_N"]), b * h, n_targets),
+            q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du if du is not None else dummy,
+            dk_img if m else dummy, dv_img if m else dummy,
+            tables["row_qframe"], tables["tgt_frame"], tables["tgt_vslot"], tables["n_rd"],
+            tables["rd_row"], tables["rd_logw"],
+            *common, *lse.stride()[:3], *st_g,
+            h, n, m, tables["n_rd_max"], qk_scale, scale,
+            ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, PART=part, **cfg)
