@@ -256,18 +256,19 @@ def _spec_key(kernel, args, kwargs):
     return kernel.__name__, str(spec), str(sorted(opts.items()))
 
 
-def markdown(rows: list[tuple[dict, KernelReport]]) -> str:
-    """A markdown table of (shape dict, report) rows."""
+def markdown(rows: list[dict]) -> str:
+    """A markdown table of report rows (dicts: shape fields + :meth:`KernelReport.row`, as in the
+    ``--json`` file); docs/kernels.md's compile table is this, from ``--from-json``."""
     head = ("| D | dtype | layout | kernel | phase | tiles (M, N, warps, stages) | regs | spill B | shared KiB "
-            "| MMA (wgmma shapes) | cp.async | TMA | scalar 16-bit loads | SASS / loop | per 64 |")
+            "| MMA (wgmma shapes) | cp.async | TMA | scalar 16-bit loads | SASS / loop | per 128x64 tile |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for shape, r in rows:
-        t = r.tiles
-        shapes = ", ".join(f"{k} x{v}" for k, v in sorted(r.wgmma.items())) or r.mma
-        lines.append(f"| {shape['head_dim']} | {shape['dtype']} | {shape['layout']} | {r.kernel} | {r.phase} "
+    for r in rows:
+        t = r["tiles"]
+        shapes = ", ".join(f"{k} x{v}" for k, v in sorted(r["wgmma"].items())) or r["mma"]
+        lines.append(f"| {r['head_dim']} | {r['dtype']} | {r['layout']} | {r['kernel']} | {r['phase']} "
                      f"| {t.get('BLOCK_M')}, {t.get('BLOCK_N')}, {t.get('num_warps')}, {t.get('num_stages')} "
-                     f"| {r.regs} | {r.spill} | {r.shared / 1024:.0f} | {shapes} | {r.cp_async} | {r.tma} "
-                     f"| {r.scalar16} | {r.loop_insts} | {r.per64:g} |")
+                     f"| {r['regs']} | {r['spill']} | {r['shared'] / 1024:.0f} | {shapes} | {r['cp_async']} | {r['tma']} "
+                     f"| {r['scalar16']} | {r['loop_insts']} | {r['per64']:g} |")
     return "\n".join(lines)
 
 
@@ -288,7 +289,15 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
     p.add_argument("--verbose", action="store_true", help="also print the inner loop's instruction mix")
     p.add_argument("--json", default=None, help="also write every row (shape + report) to this JSON file")
+    p.add_argument("--from-json", default=None, help="print the markdown table of a saved --json file and exit")
     args = p.parse_args(argv)
+    if args.from_json:
+        import json
+        with open(args.from_json) as fh:
+            rows = json.load(fh)
+        keep = [r for r in rows if r["dtype"] in args.dtype and r["layout"] in args.layout]
+        print(markdown(keep or rows))
+        return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter does not compile", file=sys.stderr)
         return 2
@@ -302,7 +311,7 @@ def main(argv=None) -> int:
                 shape = dict(head_dim=d, dtype=dtype, layout=layout)
                 for r in report(args.batch, args.frames, args.tokens, args.heads, d, args.image_tokens, dtype,
                                 layout, args.arch, backward=not args.forward_only):
-                    rows.append((shape, r))
+                    rows.append({**shape, **r.row()})
                     if not args.markdown:
                         print(f"sm_{args.arch} {dtype} {layout} D={d:<3} N={args.tokens} {r.kernel:<4} "
                               f"phase={r.phase} tiles={tuple(r.tiles.values())} regs={r.regs} spill={r.spill} B "
@@ -317,7 +326,7 @@ def main(argv=None) -> int:
         meta = dict(arch=args.arch, tokens=args.tokens, batch=args.batch, frames=args.frames, heads=args.heads,
                     image_tokens=args.image_tokens, triton=_version("triton"), torch=_version("torch"))
         with open(args.json, "w") as fh:
-            json.dump([{**meta, **shape, **r.row()} for shape, r in rows], fh, indent=1)
+            json.dump([{**meta, **row} for row in rows], fh, indent=1)
     return 0
 
 

@@ -230,7 +230,7 @@ def _bwd_dkv_kernel(
 
 
 def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq, dk, dv, du, dk_img, dv_img,
-                        tables: dict, scale: float, accumulate: bool) -> None:
+                        tables: dict, scale: float, accumulate: bool, env: tuple | None = None) -> None:
     """Backward of one phase (see module docstring). ``do``/``out``/``lse``/``dlse`` (gradient of
     the LSE or None) and ``delta`` (written here, fp32) are indexed by row;
     gradient buffers dq/dk/dv (B,F,N,H,D), du (B,K,N,H,D), dk_img/dv_img (B,M,H,D) share the
@@ -238,7 +238,7 @@ def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq,
     b, _, n, h, d = q.shape
     m = 0 if k_img is None else k_img.shape[1]
     rows = tables["n_rows"]
-    cfg = block_config(d, q.device, "dq", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size())
+    cfg = block_config(d, q.device, "dq", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
     # the kernels read O with dO's strides and the LSE / Delta with head stride 1
     assert do.stride() == out.stride() and lse.stride(-1) == 1
     assert dlse is None or dlse.stride() == lse.stride()
@@ -261,7 +261,7 @@ def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq,
     n_targets = tables["n_targets"]
     if n_targets == 0:
         return
-    cfg = block_config(d, q.device, "dkv", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size())
+    cfg = block_config(d, q.device, "dkv", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
     # D > 128 in 16 bits: dK and dV in two launches (dV, then dK), each with half the
     # accumulators, so one warpgroup owns a 64-key tile without spills or m64n16 wgmma.
     width = cfg["D0"] + (cfg["D1"] if cfg["SPLIT"] else 0)

@@ -140,12 +140,20 @@ def tile_override(kernel: str):
     return None
 
 
-def block_config(head_dim: int, device: torch.device, kernel: str = "fwd",
-                 n_queries: int | None = None, n_keys: int | None = None, elem_bytes: int = 2) -> dict:
-    """See :func:`_block_config`; cached per shape and tile environment (host time per call)."""
+def tile_env() -> tuple:
+    """The environment's tile overrides (``VB_TILES``, ``VB_BLOCK_M``, ``VB_BLOCK_N``), read once
+    per op call and passed down (each ``os.environ`` read costs host time)."""
     env = os.environ
+    return env.get("VB_TILES"), env.get("VB_BLOCK_M"), env.get("VB_BLOCK_N")
+
+
+def block_config(head_dim: int, device: torch.device, kernel: str = "fwd",
+                 n_queries: int | None = None, n_keys: int | None = None, elem_bytes: int = 2,
+                 env: tuple | None = None) -> dict:
+    """See :func:`_block_config`; cached per shape and tile environment (``env``: from
+    :func:`tile_env`, read here when None)."""
     return dict(_block_config(head_dim, tiles_for_cuda(device), kernel, n_queries, n_keys, elem_bytes,
-                              env.get("VB_TILES"), env.get("VB_BLOCK_M"), env.get("VB_BLOCK_N")))
+                              *(env or tile_env())))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -243,7 +251,7 @@ def _launch_strides(elem: int, strides: tuple, specs) -> tuple[int, tuple]:
     return align, tuple(out)
 
 
-def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float) -> None:
+def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float, env: tuple | None = None) -> None:
     """Launch one phase: for every row i of ``tables`` write ``out[:, i]`` and ``lse[:, i]``.
 
     q, k, v: (B, F, N, H, D); u: (B, K, N, H, D) refreshed keyframe values or None;
@@ -252,7 +260,7 @@ def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float
     b, _, n, h, d = q.shape
     rows = tables["n_rows"]
     m = 0 if k_img is None else k_img.shape[1]
-    cfg = block_config(d, q.device, "fwd", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size())
+    cfg = block_config(d, q.device, "fwd", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
     assert lse.stride(-1) == 1, "the kernel writes the LSE with head stride 1"
     grid = (cdiv(n, cfg["BLOCK_M"]), b * h, rows)
     dummy = q  # never dereferenced: HAS_IMG=False / no keyframe slot in the table

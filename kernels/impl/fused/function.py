@@ -17,7 +17,7 @@ from torch import Tensor
 from ...profiling import nvtx_range
 from ...schedule import Schedule
 from .backward import attention_bwd_phase
-from .forward import attention_fwd
+from .forward import attention_fwd, tile_env
 
 # Every buffer the fused path allocates goes through these, so tests can poison outputs (fill
 # with NaN) and audit that nothing but outputs, LSEs, U and gradients is ever allocated.
@@ -42,17 +42,18 @@ def _fused_fwd(q, k, v, k_img, v_img, schedule, scale):
     b, n_frames, n, h, d = q.shape
     assert k_img is None or k_img.shape[1] > 0, "M = 0 travels as k_img = None (the plan has no image)"
     tables1, tables2 = schedule.fused_tables(k_img is not None, q.device)
+    env = tile_env()
     u = lse1 = None
     if tables1 is not None:
         n_key = tables1["n_rows"]
         u = _alloc((b, n_key, n, h, d), dtype=q.dtype, device=q.device)
         lse1 = _alloc((b, n_key, n, h), dtype=torch.float32, device=q.device)
         with nvtx_range("vb.phase1.refresh"):
-            attention_fwd(q, k, v, None, k_img, v_img, u, lse1, tables1, scale)
+            attention_fwd(q, k, v, None, k_img, v_img, u, lse1, tables1, scale, env)
     out = _alloc((b, n_frames, n, h, d), dtype=q.dtype, device=q.device)
     lse = _alloc((b, n_frames, n, h), dtype=torch.float32, device=q.device)
     with nvtx_range("vb.phase2.cross_frame"):
-        attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables2, scale)
+        attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables2, scale, env)
     return out, lse, u, lse1
 
 
@@ -68,7 +69,10 @@ def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, 
     tables1, tables2 = schedule.fused_tables(k_img is not None, q.device)
     dout = dout.contiguous()  # autograd may hand an expanded (stride 0) gradient
     dlse = None if dlse is None else dlse.contiguous()
+    env = tile_env()
     dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
+    # dK and dV of unread frames stay 0, and phase 1 adds into them. (Not one buffer for both:
+    # a custom op's outputs may not alias each other.)
     dk = _alloc_zeros(q.shape, dtype=q.dtype, device=q.device)
     dv = _alloc_zeros(q.shape, dtype=q.dtype, device=q.device)
     dk_img = dv_img = du = None
@@ -80,12 +84,12 @@ def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, 
     with nvtx_range("vb.phase2.cross_frame.bwd"):
         delta = _alloc(lse.shape, dtype=torch.float32, device=q.device)
         attention_bwd_phase(q, k, v, u, k_img, v_img, dout, out, lse, dlse, delta, dq, dk, dv, du,
-                            dk_img, dv_img, tables2, scale, accumulate=False)
+                            dk_img, dv_img, tables2, scale, accumulate=False, env=env)
     if u is not None:
         with nvtx_range("vb.phase1.refresh.bwd"):
             delta1 = _alloc(lse1.shape, dtype=torch.float32, device=q.device)
             attention_bwd_phase(q, k, v, None, k_img, v_img, du, u, lse1, None, delta1, dq, dk, dv, None,
-                                dk_img, dv_img, tables1, scale, accumulate=True)
+                                dk_img, dv_img, tables1, scale, accumulate=True, env=env)
     return dq, dk, dv, dk_img, dv_img
 
 
