@@ -18,8 +18,8 @@ import math
 import triton
 import triton.language as tl
 
-from .forward import block_config, cdiv, dot_precision, launch_strides
-from .launch import launch
+from .forward import block_config, cdiv, dot_precision, launch_strides, tile_env
+from .launch import launch, tiles_for_cuda
 from .primitives import LOG2E, dot_pair, load_pair, store_pair
 
 
@@ -235,44 +235,73 @@ def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq,
     the LSE or None) and ``delta`` (written here, fp32) are indexed by row;
     gradient buffers dq/dk/dv (B,F,N,H,D), du (B,K,N,H,D), dk_img/dv_img (B,M,H,D) share the
     strides of dk (frames) and dk_img (image)."""
+    m = 0 if k_img is None else k_img.shape[1]
+    env = env or tile_env()
+    # Everything but the tensors is a function of this key: computed once (host time per call).
+    key = (q.shape, m, q.dtype, tiles_for_cuda(q.device), q.stride(), k.stride(), v.stride(),
+           None if u is None else u.stride(), k_img.stride() if m else None, v_img.stride() if m else None,
+           do.stride(), out.stride(), lse.stride(), None if dlse is None else dlse.stride(), dq.stride(),
+           dk.stride(), dv.stride(), None if du is None else du.stride(),
+           dk_img.stride() if m else None, dv_img.stride() if m else None,
+           tables["n_rows"], tables["n_src_max"], tables["n_targets"], tables["n_rd_max"], scale, accumulate,
+           env, dot_precision(q.dtype))
+    spec = _BWD_SPECS.get(key)
+    if spec is None:
+        if len(_BWD_SPECS) > 1024:
+            _BWD_SPECS.clear()
+        spec = _BWD_SPECS[key] = _bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_img,
+                                           dv_img, tables, scale, accumulate, env)
+    (dq_grid, dq_scalars, dq_consts), dkv_launches = spec
+    dummy = q
+    u_ = u if u is not None else dummy
+    ki_, vi_ = (k_img, v_img) if m else (dummy, dummy)
+    launch(
+        _bwd_dq_kernel, dq_grid,
+        q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, delta, dq,
+        tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
+        *dq_scalars, **dq_consts)
+    for grid, scalars, consts in dkv_launches:
+        launch(
+            _bwd_dkv_kernel, grid,
+            q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du if du is not None else dummy,
+            dk_img if m else dummy, dv_img if m else dummy,
+            tables["row_qframe"], tables["tgt_frame"], tables["tgt_vslot"], tables["n_rd"],
+            tables["rd_row"], tables["rd_logw"],
+            *scalars, **consts)
+
+
+_BWD_SPECS: dict = {}
+
+
+def _bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_img, dv_img, tables, scale,
+              accumulate, env) -> tuple:
+    """(dq launch, [dK/dV launches]) of one backward phase, each as (grid, non-tensor arguments,
+    constexpr/launch keywords)."""
     b, _, n, h, d = q.shape
     m = 0 if k_img is None else k_img.shape[1]
-    rows = tables["n_rows"]
-    cfg = block_config(d, q.device, "dq", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
     # the kernels read O with dO's strides and the LSE / Delta with head stride 1
     assert do.stride() == out.stride() and lse.stride(-1) == 1
     assert dlse is None or dlse.stride() == lse.stride()
-    dummy = q
     qk_scale = scale * math.log2(math.e)
     prec = dot_precision(q.dtype)
     # One ALIGN for both launches: every data tensor of the phase must satisfy it.
     al, strides = launch_strides((q, 4), (k, 4), (v, 4), (u, 4), (k_img, 3), (v_img, 3), (do, 4),
                                  (dq, 4), (dk, 4), (du, 4), (dk_img, 3), (dv, 4), (dv_img, 3))
     common, st_dq, st_g = strides[:26], strides[26:30], strides[30:41]
-    u_ = u if u is not None else dummy
-    ki_, vi_ = (k_img, v_img) if m else (dummy, dummy)
-    launch(
-        _bwd_dq_kernel, (cdiv(n, cfg["BLOCK_M"]), b * h, rows),
-        q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, delta, dq,
-        tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
-        *common, *st_dq, *lse.stride()[:3],
-        h, n, m, tables["n_src_max"], qk_scale, scale,
-        HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, **cfg)
+    cfg = block_config(d, q.device, "dq", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
+    dq_launch = ((cdiv(n, cfg["BLOCK_M"]), b * h, tables["n_rows"]),
+                 (*common, *st_dq, *lse.stride()[:3], h, n, m, tables["n_src_max"], qk_scale, scale),
+                 dict(HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al,
+                      PREC=prec, **cfg))
     n_targets = tables["n_targets"]
     if n_targets == 0:
-        return
+        return dq_launch, ()
     cfg = block_config(d, q.device, "dkv", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
     # D > 128 in 16 bits: dK and dV in two launches (dV, then dK), each with half the
     # accumulators, so one warpgroup owns a 64-key tile without spills or m64n16 wgmma.
     width = cfg["D0"] + (cfg["D1"] if cfg["SPLIT"] else 0)
     parts = (1, 2) if width > 128 and q.element_size() == 2 and cfg["BLOCK_N"] >= 64 else (0,)
-    for part in parts:
-        launch(
-            _bwd_dkv_kernel, (cdiv(max(n, m), cfg["BLOCK_N"]), b * h, n_targets),
-            q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du if du is not None else dummy,
-            dk_img if m else dummy, dv_img if m else dummy,
-            tables["row_qframe"], tables["tgt_frame"], tables["tgt_vslot"], tables["n_rd"],
-            tables["rd_row"], tables["rd_logw"],
-            *common, *lse.stride()[:3], *st_g,
-            h, n, m, tables["n_rd_max"], qk_scale, scale,
-            ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, PART=part, **cfg)
+    grid = (cdiv(max(n, m), cfg["BLOCK_N"]), b * h, n_targets)
+    scalars = (*common, *lse.stride()[:3], *st_g, h, n, m, tables["n_rd_max"], qk_scale, scale)
+    return dq_launch, tuple((grid, scalars, dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, PART=part,
+                                                 **cfg)) for part in parts)

@@ -257,19 +257,39 @@ def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float
     q, k, v: (B, F, N, H, D); u: (B, K, N, H, D) refreshed keyframe values or None;
     k_img, v_img: (B, M, H, D) or None; out: (B, rows, N, H, D); lse: (B, rows, N, H) float32.
     """
-    b, _, n, h, d = q.shape
-    rows = tables["n_rows"]
     m = 0 if k_img is None else k_img.shape[1]
-    cfg = block_config(d, q.device, "fwd", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
-    assert lse.stride(-1) == 1, "the kernel writes the LSE with head stride 1"
-    grid = (cdiv(n, cfg["BLOCK_M"]), b * h, rows)
+    env = env or tile_env()
+    # Everything but the tensors is a function of this key: computed once (host time per call).
+    key = (q.shape, m, q.dtype, tiles_for_cuda(q.device), q.stride(), k.stride(), v.stride(),
+           None if u is None else u.stride(), k_img.stride() if m else None, v_img.stride() if m else None,
+           out.stride(), lse.stride(), tables["n_rows"], tables["n_src_max"], scale, env,
+           dot_precision(q.dtype))
+    spec = _FWD_SPECS.get(key)
+    if spec is None:
+        if len(_FWD_SPECS) > 1024:
+            _FWD_SPECS.clear()
+        spec = _FWD_SPECS[key] = _fwd_spec(q, k, v, u, k_img, v_img, out, lse, tables, scale, env)
+    grid, scalars, consts = spec
     dummy = q  # never dereferenced: HAS_IMG=False / no keyframe slot in the table
-    al, strides = launch_strides((q, 4), (k, 4), (v, 4), (u, 4), (k_img, 3), (v_img, 3), (out, 4))
     launch(
         _fwd_kernel, grid, q, k, v, u if u is not None else dummy, k_img if m else dummy,
         v_img if m else dummy, out, lse,
         tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
-        *strides, *lse.stride()[:3],
-        h, n, m, tables["n_src_max"], scale * _LOG2E,
-        HAS_IMG=m > 0, HEAD_DIM=d, ALIGN=al, PREC=dot_precision(q.dtype), **cfg,
+        *scalars, **consts,
     )
+
+
+_FWD_SPECS: dict = {}
+
+
+def _fwd_spec(q, k, v, u, k_img, v_img, out, lse, tables, scale, env) -> tuple:
+    """(grid, non-tensor arguments, constexpr/launch keywords) of a forward launch."""
+    b, _, n, h, d = q.shape
+    m = 0 if k_img is None else k_img.shape[1]
+    cfg = block_config(d, q.device, "fwd", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
+    assert lse.stride(-1) == 1, "the kernel writes the LSE with head stride 1"
+    grid = (cdiv(n, cfg["BLOCK_M"]), b * h, tables["n_rows"])
+    al, strides = launch_strides((q, 4), (k, 4), (v, 4), (u, 4), (k_img, 3), (v_img, 3), (out, 4))
+    scalars = (*strides, *lse.stride()[:3], h, n, m, tables["n_src_max"], scale * _LOG2E)
+    consts = dict(HAS_IMG=m > 0, HEAD_DIM=d, ALIGN=al, PREC=dot_precision(q.dtype), **cfg)
+    return grid, scalars, consts
