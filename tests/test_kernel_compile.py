@@ -19,15 +19,31 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _report(tmp_path, *args) -> list[dict]:
+def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VB_TILES", "VB_BLOCK_M",
                                                           "VB_BLOCK_N")}
     env["PYTHONWARNINGS"] = "ignore"
-    out = tmp_path / "report.json"
-    res = subprocess.run([sys.executable, "-m", "kernels.impl.fused.aot", "--json", str(out), *args], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(out.read_text())
+    return env
+
+
+def _reports(tmp_path, *arg_lists) -> list[list[dict]]:
+    """Run one report per argument list, in parallel subprocesses; their rows, in order."""
+    procs = []
+    for i, args in enumerate(arg_lists):
+        out = tmp_path / f"report{i}.json"
+        procs.append((out, subprocess.Popen([sys.executable, "-m", "kernels.impl.fused.aot", "--json", str(out), *args],
+                                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            text=True)))
+    results = []
+    for out, proc in procs:
+        _, err = proc.communicate(timeout=1200)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.read_text()))
+    return results
+
+
+def _report(tmp_path, *args) -> list[dict]:
+    return _reports(tmp_path, args)[0]
 
 
 def _check_rows(rows: list[dict]) -> None:
@@ -56,13 +72,18 @@ def _check_targets(rows: list[dict]) -> None:
 
 def test_real_launch_compile_fast(tmp_path):
     """Default CI: the largest U-Net level (D=40, N=4096, processor layout, fp16), D=80 in bf16
-    from a strided (packed qkv) view, and D=160 at the 16-token mid block."""
-    rows = _report(tmp_path, "--head-dim", "40", "--dtype", "fp16", "--tokens", "4096")
-    rows += _report(tmp_path, "--head-dim", "80", "--dtype", "bf16", "--layout", "strided", "--tokens", "1024")
-    _check_rows(rows)
-    small = _report(tmp_path, "--head-dim", "160", "--dtype", "bf16", "--tokens", "16")
+    from a strided (packed qkv) view, D=160 at the 16-token mid block; and fp32: IEEE dots (FMA,
+    no tensor-core MMA) by default, TF32 wgmma only after the PyTorch opt-in
+    (``torch.set_float32_matmul_precision("high")``)."""
+    fp32 = ("--head-dim", "64", "--dtype", "fp32", "--tokens", "256", "--forward-only")
+    d40, d80, small, ieee, tf32 = _reports(
+        tmp_path, ("--head-dim", "40", "--dtype", "fp16", "--tokens", "4096"),
+        ("--head-dim", "80", "--dtype", "bf16", "--layout", "strided", "--tokens", "1024"),
+        ("--head-dim", "160", "--dtype", "bf16", "--tokens", "16"), fp32, (*fp32, "--tf32"))
+    _check_rows(d40 + d80)
     assert all(r["spill"] == 0 and r["scalar16"] == 0 for r in small), small
-    _check_targets(rows)
+    _check_targets(d40 + d80)
+    assert {r["mma"] for r in ieee} == {"none"} and {r["mma"] for r in tf32} == {"wgmma"}, (ieee, tf32)
 
 
 @pytest.mark.slow
@@ -74,14 +95,6 @@ def test_real_launch_compile_all_head_dims(tmp_path, dtype, layout):
                    "--layout", layout)
     _check_rows(rows)
     _check_targets(rows)
-
-
-def test_fp32_dots_are_ieee_unless_tf32_is_asked_for(tmp_path):
-    """fp32 inputs: IEEE dots (FMA, no tensor-core MMA) by default; TF32 wgmma only after the
-    PyTorch opt-in (``torch.set_float32_matmul_precision("high")``)."""
-    args = ("--head-dim", "64", "--dtype", "fp32", "--tokens", "256", "--forward-only")
-    assert {r["mma"] for r in _report(tmp_path, *args)} == {"none"}
-    assert {r["mma"] for r in _report(tmp_path, *args, "--tf32")} == {"wgmma"}
 
 
 def test_unaligned_strides_fall_back_to_align_1():
