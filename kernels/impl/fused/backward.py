@@ -56,7 +56,8 @@ def _bwd_dq_kernel(
     stride_gb, stride_gf, stride_gn, stride_gh,
     stride_lb, stride_lf, stride_ln,
     H, N, M, S_MAX, qk_scale, scale,
-    HAS_IMG: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
+    HAS_IMG: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ALIGN: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -68,9 +69,10 @@ def _bwd_dq_kernel(
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N
 
-    b_q0, b_q1 = load_pair(Q + i_b * stride_qb * ALIGN + i_qf * stride_qf * ALIGN + i_h * stride_qh * ALIGN, o_m, stride_qn * ALIGN, N,
+    b_q0, b_q1 = load_pair(Q + (i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh) * ALIGN, o_m,
+    stride_qn * ALIGN, N,
                            HEAD_DIM, D0, D1, SPLIT)
-    o_o = i_b * stride_ob * ALIGN + i_r64 * stride_of * ALIGN + i_h * stride_oh * ALIGN
+    o_o = (i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh) * ALIGN
     b_do0, b_do1 = load_pair(DO + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
     b_o0, b_o1 = load_pair(O + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
     b_delta = tl.sum(b_do0.to(tl.float32) * b_o0.to(tl.float32), 1)
@@ -90,26 +92,29 @@ def _bwd_dq_kernel(
         if tl.load(src_frame + o_tab) < 0:
             b_dq0, b_dq1 = _dq_source(
                 b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta,
-                KI + i_b * stride_kib * ALIGN + i_h * stride_kih * ALIGN, VI + i_b * stride_vib * ALIGN + i_h * stride_vih * ALIGN,
-                stride_kim * ALIGN, stride_vim * ALIGN, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
+                KI + (i_b * stride_kib + i_h * stride_kih) * ALIGN,
+                VI + (i_b * stride_vib + i_h * stride_vih) * ALIGN,
+                stride_kim * ALIGN, stride_vim * ALIGN, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT,
+                PREC)
             i_first = 1
     for i_s in range(i_first, tl.load(n_src + i_row)):
         i_src = tl.load(src_frame + o_tab + i_s).to(tl.int64)
         i_slot = tl.load(src_vslot + o_tab + i_s).to(tl.int64)
         bias = tl.load(src_logw + o_tab + i_s) * LOG2E
-        p_k = K + i_b * stride_kb * ALIGN + i_src * stride_kf * ALIGN + i_h * stride_kh * ALIGN
+        p_k = K + (i_b * stride_kb + i_src * stride_kf + i_h * stride_kh) * ALIGN
         if i_slot < 0:
             b_dq0, b_dq1 = _dq_source(
                 b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k,
-                V + i_b * stride_vb * ALIGN + i_src * stride_vf * ALIGN + i_h * stride_vh * ALIGN,
+                V + (i_b * stride_vb + i_src * stride_vf + i_h * stride_vh) * ALIGN,
                 stride_kn * ALIGN, stride_vn * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
         else:
             b_dq0, b_dq1 = _dq_source(
                 b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k,
-                U + i_b * stride_ub * ALIGN + i_slot * stride_uf * ALIGN + i_h * stride_uh * ALIGN,
+                U + (i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh) * ALIGN,
                 stride_kn * ALIGN, stride_un * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
     # ACCUMULATE: phase 1 after phase 2, the keyframe's queries were read by both.
-    store_pair(DQ + i_b * stride_gb * ALIGN + i_qf * stride_gf * ALIGN + i_h * stride_gh * ALIGN, b_dq0 * scale, b_dq1 * scale,
+    store_pair(DQ + (i_b * stride_gb + i_qf * stride_gf + i_h * stride_gh) * ALIGN, b_dq0 * scale,
+    b_dq1 * scale,
                o_m, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
 
 
@@ -181,51 +186,58 @@ def _bwd_dkv_kernel(
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if i_src < 0:  # the image tokens: M keys
         if i_n * BLOCK_N < M:
-            b_k0, b_k1 = load_pair(KI + i_b * stride_kib * ALIGN + i_h * stride_kih * ALIGN, o_n, stride_kim * ALIGN, M,
+            b_k0, b_k1 = load_pair(KI + (i_b * stride_kib + i_h * stride_kih) * ALIGN, o_n,
+            stride_kim * ALIGN, M,
                                    HEAD_DIM, D0, D1, SPLIT)
             if PART != 1:
-                b_v0, b_v1 = load_pair(VI + i_b * stride_vib * ALIGN + i_h * stride_vih * ALIGN, o_n,
+                b_v0, b_v1 = load_pair(VI + (i_b * stride_vib + i_h * stride_vih) * ALIGN, o_n,
                                        stride_vim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT)
             else:  # dV only: the values are not read
                 b_v0, b_v1 = b_k0, b_k1
             b_dk0, b_dk1, b_dv0, b_dv1 = _dkv_readers(
                 b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
-                rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN, stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN,
+                rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
+                stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN,
                 stride_oh * ALIGN, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
                 HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART)
-            o_g = i_b * stride_gib * ALIGN + i_h * stride_gih * ALIGN
+            o_g = (i_b * stride_gib + i_h * stride_gih) * ALIGN
             if PART != 1:
-                store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1,
+                store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0,
+                D1,
                            SPLIT, ACCUMULATE)
             if PART != 2:
                 store_pair(DVI + o_g, b_dv0, b_dv1, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT,
                            ACCUMULATE)
     elif i_n * BLOCK_N < N:  # a frame: N keys; values V, or U for a keyframe in phase 2
-        b_k0, b_k1 = load_pair(K + i_b * stride_kb * ALIGN + i_src * stride_kf * ALIGN + i_h * stride_kh * ALIGN, o_n, stride_kn * ALIGN,
+        b_k0, b_k1 = load_pair(K + (i_b * stride_kb + i_src * stride_kf + i_h * stride_kh) * ALIGN, o_n,
+        stride_kn * ALIGN,
                                N, HEAD_DIM, D0, D1, SPLIT)
         if PART == 1:  # dV only: the values are not read
             b_v0, b_v1 = b_k0, b_k1
         elif i_slot < 0:
-            b_v0, b_v1 = load_pair(V + i_b * stride_vb * ALIGN + i_src * stride_vf * ALIGN + i_h * stride_vh * ALIGN, o_n,
+            b_v0, b_v1 = load_pair(V + (i_b * stride_vb + i_src * stride_vf + i_h * stride_vh) * ALIGN, o_n,
                                    stride_vn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
         else:
-            b_v0, b_v1 = load_pair(U + i_b * stride_ub * ALIGN + i_slot * stride_uf * ALIGN + i_h * stride_uh * ALIGN, o_n,
+            b_v0, b_v1 = load_pair(U + (i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh) * ALIGN, o_n,
                                    stride_un * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
         b_dk0, b_dk1, b_dv0, b_dv1 = _dkv_readers(
             b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
-            rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN, stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN,
+            rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
+            stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN,
             stride_oh * ALIGN, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
             HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART)
-        o_g = i_b * stride_gb * ALIGN + i_src * stride_gf * ALIGN + i_h * stride_gh * ALIGN
+        o_g = (i_b * stride_gb + i_src * stride_gf + i_h * stride_gh) * ALIGN
         if PART != 1:
-            store_pair(DK + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT,
+            store_pair(DK + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1,
+            SPLIT,
                        ACCUMULATE)
         if PART == 2:
             pass
         elif i_slot < 0:
             store_pair(DV + o_g, b_dv0, b_dv1, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
         else:  # gradient of the refreshed values U: the dO of phase 1
-            store_pair(DU + i_b * stride_gub * ALIGN + i_slot * stride_guf * ALIGN + i_h * stride_guh * ALIGN, b_dv0, b_dv1, o_n,
+            store_pair(DU + (i_b * stride_gub + i_slot * stride_guf + i_h * stride_guh) * ALIGN, b_dv0,
+            b_dv1, o_n,
                        stride_gun * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
 
 
@@ -303,5 +315,6 @@ def _bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_i
     parts = (1, 2) if width > 128 and q.element_size() == 2 and cfg["BLOCK_N"] >= 64 else (0,)
     grid = (cdiv(max(n, m), cfg["BLOCK_N"]), b * h, n_targets)
     scalars = (*common, *lse.stride()[:3], *st_g, h, n, m, tables["n_rd_max"], qk_scale, scale)
-    return dq_launch, tuple((grid, scalars, dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, PART=part,
+    return dq_launch, tuple((grid, scalars, dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec,
+    PART=part,
                                                  **cfg)) for part in parts)

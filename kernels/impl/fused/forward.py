@@ -45,7 +45,7 @@ def _fwd_kernel(
     i_qf = tl.load(row_qframe + i_row).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
 
-    p_q = Q + i_b * stride_qb * ALIGN + i_qf * stride_qf * ALIGN + i_h * stride_qh * ALIGN
+    p_q = Q + (i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh) * ALIGN
     b_q0, b_q1 = load_pair(p_q, o_m, stride_qn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -58,26 +58,30 @@ def _fwd_kernel(
         if tl.load(src_frame + o_tab) < 0:
             acc0, acc1, l_i, m_i = attend_source(
                 acc0, acc1, l_i, m_i, b_q0, b_q1,
-                KI + i_b * stride_kib * ALIGN + i_h * stride_kih * ALIGN, VI + i_b * stride_vib * ALIGN + i_h * stride_vih * ALIGN,
-                stride_kim * ALIGN, stride_vim * ALIGN, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
+                KI + (i_b * stride_kib + i_h * stride_kih) * ALIGN,
+                VI + (i_b * stride_vib + i_h * stride_vih) * ALIGN,
+                stride_kim * ALIGN, stride_vim * ALIGN, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT,
+                PREC)
             i_first = 1
     for i_s in range(i_first, tl.load(n_src + i_row)):
         i_src = tl.load(src_frame + o_tab + i_s).to(tl.int64)
         i_slot = tl.load(src_vslot + o_tab + i_s).to(tl.int64)
         bias = tl.load(src_logw + o_tab + i_s) * LOG2E
-        p_k = K + i_b * stride_kb * ALIGN + i_src * stride_kf * ALIGN + i_h * stride_kh * ALIGN
+        p_k = K + (i_b * stride_kb + i_src * stride_kf + i_h * stride_kh) * ALIGN
         if i_slot < 0:  # values of a plain frame
             acc0, acc1, l_i, m_i = attend_source(
-                acc0, acc1, l_i, m_i, b_q0, b_q1, p_k, V + i_b * stride_vb * ALIGN + i_src * stride_vf * ALIGN + i_h * stride_vh * ALIGN,
+                acc0, acc1, l_i, m_i, b_q0, b_q1, p_k,
+                V + (i_b * stride_vb + i_src * stride_vf + i_h * stride_vh) * ALIGN,
                 stride_kn * ALIGN, stride_vn * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
         else:  # a keyframe: its values were refreshed by phase 1
             acc0, acc1, l_i, m_i = attend_source(
-                acc0, acc1, l_i, m_i, b_q0, b_q1, p_k, U + i_b * stride_ub * ALIGN + i_slot * stride_uf * ALIGN + i_h * stride_uh * ALIGN,
+                acc0, acc1, l_i, m_i, b_q0, b_q1, p_k,
+                U + (i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh) * ALIGN,
                 stride_kn * ALIGN, stride_un * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
 
     # A row with no keys (rejected at the door, guarded anyway) gives zeros and lse = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    store_pair(O + i_b * stride_ob * ALIGN + i_r64 * stride_of * ALIGN + i_h * stride_oh * ALIGN, acc0 / l_safe[:, None],
+    store_pair(O + (i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh) * ALIGN, acc0 / l_safe[:, None],
                acc1 / l_safe[:, None], o_m, stride_on * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, False)
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     # LSE is allocated (B, rows, N, H) contiguous: its head stride is 1.
@@ -173,8 +177,9 @@ def cdiv(a: int, b: int) -> int:
 @functools.lru_cache(maxsize=1024)
 def _block_config(head_dim: int, cuda: bool, kernel: str, n_queries, n_keys, elem_bytes: int,
                   _env_tiles, _env_m, _env_n) -> tuple:
-    """Launch constants of ``kernel`` ("fwd", "dq" or "dkv") as (name, value) pairs: head-dim chunks (D0, D1, SPLIT;
-    masked, never copied), tiles (BLOCK_M queries, BLOCK_N keys), warps, stages.
+    """Launch constants of ``kernel`` ("fwd", "dq" or "dkv") as (name, value) pairs: head-dim
+    chunks (D0, D1, SPLIT; masked, never copied), tiles (BLOCK_M queries, BLOCK_N keys), warps,
+    stages.
 
     On CUDA the tiles shrink to the sequence (the U-Net's 16- and 64-token levels would leave
     most of a 128-row tile masked). ``VB_BLOCK_M``/``VB_BLOCK_N`` override the tiles (tests force
@@ -251,7 +256,8 @@ def _launch_strides(elem: int, strides: tuple, specs) -> tuple[int, tuple]:
     return align, tuple(out)
 
 
-def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float, env: tuple | None = None) -> None:
+def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float,
+env: tuple | None = None) -> None:
     """Launch one phase: for every row i of ``tables`` write ``out[:, i]`` and ``lse[:, i]``.
 
     q, k, v: (B, F, N, H, D); u: (B, K, N, H, D) refreshed keyframe values or None;
