@@ -63,8 +63,9 @@ def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule 
         on every backend, so partial attentions can be merged through the LSE in training.
     """
     schedule, scale, k_img, v_img = _validate_inputs(q, k, v, k_img, v_img, schedule, scale, backend)
-    tensors = [t for t in (q, k, v, k_img, v_img) if t is not None]
-    backend = resolve_backend(backend, q.device, q.dtype, all(t.stride(-1) == 1 for t in tensors))
+    if backend == "auto":
+        tensors = [t for t in (q, k, v, k_img, v_img) if t is not None]
+        backend = resolve_backend(backend, q.device, q.dtype, all(t.stride(-1) == 1 for t in tensors))
     if backend == "reference":
         from .impl.reference import reference_attention
         return reference_attention(q, k, v, k_img, v_img, schedule, scale, return_lse)
@@ -137,9 +138,10 @@ def _validate_inputs(q, k, v, k_img, v_img, schedule, scale, backend):
     if schedule.num_frames != n_frames:
         raise ValueError(f"schedule: expected a schedule of F={n_frames} frames (q.shape[1]), "
                          f"got {schedule.num_frames}")
-    img_keys = schedule.image_everywhere and k_img is not None
-    for f, row in enumerate(schedule.refs):
-        if not img_keys and all(r < 0 for r in row):
+    if not (schedule.image_everywhere and k_img is not None):
+        empty = schedule.frames_without_refs()
+        if empty:
+            f = empty[0]
             raise ValueError(f"schedule: frame {f} has no keys (refs[{f}] is all -1 and no image "
                              f"tokens are prepended); expected at least one reference")
     if scale is None:

@@ -46,14 +46,15 @@ class Plan:
 
     def targets(self) -> tuple[tuple[Source, tuple[tuple[int, int], ...]], ...]:
         """Inverse table for the backward: each distinct (frame, value slot) with its readers
-        as (row, count), in row order (deterministic accumulation order)."""
+        as (row, count), readers in row order (deterministic accumulation order)."""
         readers: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for i, (_, sources) in enumerate(self.rows):
             for s in sources:
                 readers.setdefault((s.frame, s.value_slot), []).append((i, s.count))
-        return tuple(
-            (Source(fr, slot, 1), tuple(rd)) for (fr, slot), rd in sorted(readers.items())
-        )
+        # Heaviest targets first (most readers, then frame id): the dK/dV grid's z axis runs in
+        # this order, so the anchor frame's long programs start first instead of trailing.
+        order = sorted(readers.items(), key=lambda item: (-len(item[1]), item[0]))
+        return tuple((Source(fr, slot, 1), tuple(rd)) for (fr, slot), rd in order)
 
     def tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """Device tables for the fused kernels (int32 ids, float32 log-counts), cached."""
@@ -90,7 +91,7 @@ def _plan_tables(plan: Plan, device: torch.device) -> dict[str, torch.Tensor]:
         "tgt_frame": i32(tgt_frame or [0]), "tgt_vslot": i32(tgt_vslot or [0]),
         "n_rd": i32(n_rd or [0]), "rd_row": i32(rd_row if targets else [[0]]),
         "rd_logw": f32(rd_logw if targets else [[0.0]]),
-        "n_targets": len(targets), "n_src_max": n_src_max, "n_rd_max": n_rd_max,
+        "n_rows": len(rows), "n_targets": len(targets), "n_src_max": n_src_max, "n_rd_max": n_rd_max,
     }
 
 
@@ -132,7 +133,8 @@ class Schedule:
         for u in keys:
             if not 0 <= u < n_frames:
                 raise ValueError(f"keyframes: expected frame ids in [0, {n_frames - 1}], got {u}")
-        self.__dict__.update(refs=table, keyframes=keys, image_everywhere=bool(image_everywhere), name=name)
+        self.__dict__.update(refs=table, keyframes=keys, image_everywhere=bool(image_everywhere), name=name,
+                             _fused={})
 
     def __setattr__(self, key, value):
         raise AttributeError("Schedule is immutable; build a new one")
@@ -200,6 +202,32 @@ class Schedule:
     def plan(self, has_image: bool) -> tuple[Plan, Plan]:
         """(phase 1, phase 2) plans. Phase 1 is empty when there are no keyframes."""
         return _plans(self.refs, self.keyframes, self.image_everywhere, has_image)
+
+    def frames_without_refs(self) -> tuple[int, ...]:
+        """Frames whose refs are all -1 (they have keys only if image tokens are prepended); cached."""
+        hit = self._fused.get("empty")
+        if hit is None:
+            hit = self._fused["empty"] = tuple(f for f, row in enumerate(self.refs) if all(r < 0 for r in row))
+        return hit
+
+    def fused_tables(self, has_image: bool, device: torch.device) -> tuple:
+        """(phase 1 tables or None, phase 2 tables) for the fused kernels on ``device``, built at
+        the first call and kept on this schedule, so a call costs one dict lookup (no plan
+        hashing). Built with a host-to-device copy, which a CUDA graph capture forbids: run the
+        op once (or call this) before capturing."""
+        key = (has_image, device)
+        hit = self._fused.get(key)
+        if hit is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "schedule: the fused kernels' tables for this schedule are not on "
+                    f"{device} yet, and a CUDA graph is being captured (a host-to-device copy is "
+                    "illegal there); run the op once, or call schedule.fused_tables(has_image, "
+                    "device), before capturing")
+            phase1, phase2 = self.plan(has_image)
+            hit = (phase1.tables(device) if phase1.rows else None, phase2.tables(device))
+            self._fused[key] = hit
+        return hit
 
     def __repr__(self) -> str:
         return (f"Schedule(name={self.name!r}, F={self.num_frames}, refs={[list(r) for r in self.refs]}, "

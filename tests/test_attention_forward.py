@@ -130,9 +130,11 @@ def test_triton_path_allocates_no_concatenated_or_repeated_kv():
     sched = Schedule.keyframes(4, 2)  # two keyframes, so U has 2 of the 4 frames
     from kernels.impl.fused.function import fused_fwd
 
-    with _OpLog() as outer:  # the public call is one opaque custom op
+    sched.fused_tables(True, ins[0].device)  # the schedule's index tables: built once, at first use
+    with _OpLog() as outer:  # the public call: nothing but allocations and launches
         videobooth_attention(*ins, schedule=sched, backend="triton")
-    assert {name for name, _ in outer.calls} <= {"videobooth.fused_fwd", "aten.detach"}
+    # eager: the host functions directly (allocations only); compiled: the custom op
+    assert {name for name, _ in outer.calls} <= {"videobooth.fused_fwd", "aten.detach", "aten.empty"}
     with _OpLog() as log:  # what runs inside it: allocations and Triton launches only
         fused_fwd(*ins, sched, d ** -0.5)
     ops = {name for name, _ in log.calls}

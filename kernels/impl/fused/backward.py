@@ -15,30 +15,30 @@ from __future__ import annotations
 
 import math
 
-import torch
 import triton
 import triton.language as tl
 
-from .forward import _strides, block_config
+from .forward import block_config, cdiv, dot_precision, launch_strides, tile_env
+from .launch import launch, tiles_for_cuda
 from .primitives import LOG2E, dot_pair, load_pair, store_pair
 
 
 @triton.jit
 def _dq_source(b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k, p_v, stride_kn, stride_vn,
                L, bias, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
-               D1: tl.constexpr, SPLIT: tl.constexpr):
+               D1: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
     """dQ contribution of one source's L keys: sum_j dS_ij K_j (unscaled), by head-dim chunk."""
     o_n = tl.arange(0, BLOCK_N)
     for start in range(0, L, BLOCK_N):
         o_k = start + o_n
         b_k0, b_k1 = load_pair(p_k, o_k, stride_kn, L, HEAD_DIM, D0, D1, SPLIT)
         b_v0, b_v1 = load_pair(p_v, o_k, stride_vn, L, HEAD_DIM, D0, D1, SPLIT)
-        b_s = dot_pair(b_q0, b_q1, b_k0, b_k1, SPLIT) * qk_scale + bias
+        b_s = dot_pair(b_q0, b_q1, b_k0, b_k1, SPLIT, PREC) * qk_scale + bias
         b_p = tl.where((o_k < L)[None, :], tl.exp2(b_s - b_lse2[:, None]), 0.0)
-        b_ds = b_p * (dot_pair(b_do0, b_do1, b_v0, b_v1, SPLIT) - b_delta[:, None])
-        b_dq0 += tl.dot(b_ds.to(b_k0.dtype), b_k0)
+        b_ds = b_p * (dot_pair(b_do0, b_do1, b_v0, b_v1, SPLIT, PREC) - b_delta[:, None])
+        b_dq0 += tl.dot(b_ds.to(b_k0.dtype), b_k0, input_precision=PREC)
         if SPLIT:
-            b_dq1 += tl.dot(b_ds.to(b_k1.dtype), b_k1)
+            b_dq1 += tl.dot(b_ds.to(b_k1.dtype), b_k1, input_precision=PREC)
     return b_dq0, b_dq1
 
 
@@ -57,7 +57,9 @@ def _bwd_dq_kernel(
     stride_lb, stride_lf, stride_ln,
     H, N, M, S_MAX, qk_scale, scale,
     HAS_IMG: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ALIGN: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
@@ -67,11 +69,12 @@ def _bwd_dq_kernel(
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N
 
-    b_q0, b_q1 = load_pair(Q + i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh, o_m, stride_qn, N,
+    b_q0, b_q1 = load_pair(Q + (i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh) * ALIGN, o_m,
+    stride_qn * ALIGN, N,
                            HEAD_DIM, D0, D1, SPLIT)
-    o_o = i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh
-    b_do0, b_do1 = load_pair(DO + o_o, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
-    b_o0, b_o1 = load_pair(O + o_o, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
+    o_o = (i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh) * ALIGN
+    b_do0, b_do1 = load_pair(DO + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
+    b_o0, b_o1 = load_pair(O + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
     b_delta = tl.sum(b_do0.to(tl.float32) * b_o0.to(tl.float32), 1)
     if SPLIT:
         b_delta += tl.sum(b_do1.to(tl.float32) * b_o1.to(tl.float32), 1)
@@ -89,27 +92,30 @@ def _bwd_dq_kernel(
         if tl.load(src_frame + o_tab) < 0:
             b_dq0, b_dq1 = _dq_source(
                 b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta,
-                KI + i_b * stride_kib + i_h * stride_kih, VI + i_b * stride_vib + i_h * stride_vih,
-                stride_kim, stride_vim, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
+                KI + (i_b * stride_kib + i_h * stride_kih) * ALIGN,
+                VI + (i_b * stride_vib + i_h * stride_vih) * ALIGN,
+                stride_kim * ALIGN, stride_vim * ALIGN, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT,
+                PREC)
             i_first = 1
     for i_s in range(i_first, tl.load(n_src + i_row)):
         i_src = tl.load(src_frame + o_tab + i_s).to(tl.int64)
         i_slot = tl.load(src_vslot + o_tab + i_s).to(tl.int64)
         bias = tl.load(src_logw + o_tab + i_s) * LOG2E
-        p_k = K + i_b * stride_kb + i_src * stride_kf + i_h * stride_kh
+        p_k = K + (i_b * stride_kb + i_src * stride_kf + i_h * stride_kh) * ALIGN
         if i_slot < 0:
             b_dq0, b_dq1 = _dq_source(
                 b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k,
-                V + i_b * stride_vb + i_src * stride_vf + i_h * stride_vh,
-                stride_kn, stride_vn, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
+                V + (i_b * stride_vb + i_src * stride_vf + i_h * stride_vh) * ALIGN,
+                stride_kn * ALIGN, stride_vn * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
         else:
             b_dq0, b_dq1 = _dq_source(
                 b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k,
-                U + i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh,
-                stride_kn, stride_un, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT)
+                U + (i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh) * ALIGN,
+                stride_kn * ALIGN, stride_un * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
     # ACCUMULATE: phase 1 after phase 2, the keyframe's queries were read by both.
-    store_pair(DQ + i_b * stride_gb + i_qf * stride_gf + i_h * stride_gh, b_dq0 * scale, b_dq1 * scale,
-               o_m, stride_gn, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+    store_pair(DQ + (i_b * stride_gb + i_qf * stride_gf + i_h * stride_gh) * ALIGN, b_dq0 * scale,
+    b_dq1 * scale,
+               o_m, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
 
 
 @triton.jit
@@ -117,8 +123,10 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
                  rd_logw, stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
                  stride_oh, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
                  HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK (unscaled), dV of one key tile, summed over every row that reads it, in row order."""
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr):
+    """dK (unscaled), dV of one key tile, summed over every row that reads it, in row order.
+    PART 0: both; 1: dV only (no V, no Delta needed); 2: dK only. Split launches halve the
+    accumulators where dK and dV of a 64-key tile would not fit one warpgroup (D = 160)."""
     b_dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
     b_dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
     b_dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
@@ -137,14 +145,17 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
             b_do0, b_do1 = load_pair(p_do, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
             # Padded query rows get lse = +inf, so their P^T column is exactly 0.
             b_lse2 = tl.load(LSE + o_l + o_m * stride_ln, mask=m_m, other=float("inf")) * LOG2E
-            b_delta = tl.load(DELTA + o_l + o_m * stride_ln, mask=m_m, other=0.0)
-            b_pt = tl.exp2(dot_pair(b_k0, b_k1, b_q0, b_q1, SPLIT) * qk_scale + bias - b_lse2[None, :])
-            b_dst = b_pt * (dot_pair(b_v0, b_v1, b_do0, b_do1, SPLIT) - b_delta[None, :])
-            b_dv0 += tl.dot(b_pt.to(b_do0.dtype), b_do0)
-            b_dk0 += tl.dot(b_dst.to(b_q0.dtype), b_q0)
-            if SPLIT:
-                b_dv1 += tl.dot(b_pt.to(b_do1.dtype), b_do1)
-                b_dk1 += tl.dot(b_dst.to(b_q1.dtype), b_q1)
+            b_pt = tl.exp2(dot_pair(b_k0, b_k1, b_q0, b_q1, SPLIT, PREC) * qk_scale + bias - b_lse2[None, :])
+            if PART != 2:
+                b_dv0 += tl.dot(b_pt.to(b_do0.dtype), b_do0, input_precision=PREC)
+                if SPLIT:
+                    b_dv1 += tl.dot(b_pt.to(b_do1.dtype), b_do1, input_precision=PREC)
+            if PART != 1:
+                b_delta = tl.load(DELTA + o_l + o_m * stride_ln, mask=m_m, other=0.0)
+                b_dst = b_pt * (dot_pair(b_v0, b_v1, b_do0, b_do1, SPLIT, PREC) - b_delta[None, :])
+                b_dk0 += tl.dot(b_dst.to(b_q0.dtype), b_q0, input_precision=PREC)
+                if SPLIT:
+                    b_dk1 += tl.dot(b_dst.to(b_q1.dtype), b_q1, input_precision=PREC)
     return b_dk0, b_dk1, b_dv0, b_dv1
 
 
@@ -164,8 +175,8 @@ def _bwd_dkv_kernel(
     stride_gub, stride_guf, stride_gun, stride_guh,
     stride_gib, stride_gim, stride_gih,
     H, N, M, RD_MAX, qk_scale, scale,
-    ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
 ):
     i_n, i_bh, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
@@ -175,77 +186,135 @@ def _bwd_dkv_kernel(
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if i_src < 0:  # the image tokens: M keys
         if i_n * BLOCK_N < M:
-            b_k0, b_k1 = load_pair(KI + i_b * stride_kib + i_h * stride_kih, o_n, stride_kim, M,
+            b_k0, b_k1 = load_pair(KI + (i_b * stride_kib + i_h * stride_kih) * ALIGN, o_n,
+            stride_kim * ALIGN, M,
                                    HEAD_DIM, D0, D1, SPLIT)
-            b_v0, b_v1 = load_pair(VI + i_b * stride_vib + i_h * stride_vih, o_n, stride_vim, M,
-                                   HEAD_DIM, D0, D1, SPLIT)
+            if PART != 1:
+                b_v0, b_v1 = load_pair(VI + (i_b * stride_vib + i_h * stride_vih) * ALIGN, o_n,
+                                       stride_vim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT)
+            else:  # dV only: the values are not read
+                b_v0, b_v1 = b_k0, b_k1
             b_dk0, b_dk1, b_dv0, b_dv1 = _dkv_readers(
                 b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
-                rd_logw, stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
-                stride_oh, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
-                HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N)
-            o_g = i_b * stride_gib + i_h * stride_gih
-            store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim, M, HEAD_DIM, D0, D1,
-                       SPLIT, ACCUMULATE)
-            store_pair(DVI + o_g, b_dv0, b_dv1, o_n, stride_gim, M, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+                rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
+                stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN,
+                stride_oh * ALIGN, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
+                HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART)
+            o_g = (i_b * stride_gib + i_h * stride_gih) * ALIGN
+            if PART != 1:
+                store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0,
+                D1,
+                           SPLIT, ACCUMULATE)
+            if PART != 2:
+                store_pair(DVI + o_g, b_dv0, b_dv1, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT,
+                           ACCUMULATE)
     elif i_n * BLOCK_N < N:  # a frame: N keys; values V, or U for a keyframe in phase 2
-        b_k0, b_k1 = load_pair(K + i_b * stride_kb + i_src * stride_kf + i_h * stride_kh, o_n, stride_kn,
+        b_k0, b_k1 = load_pair(K + (i_b * stride_kb + i_src * stride_kf + i_h * stride_kh) * ALIGN, o_n,
+        stride_kn * ALIGN,
                                N, HEAD_DIM, D0, D1, SPLIT)
-        if i_slot < 0:
-            b_v0, b_v1 = load_pair(V + i_b * stride_vb + i_src * stride_vf + i_h * stride_vh, o_n,
-                                   stride_vn, N, HEAD_DIM, D0, D1, SPLIT)
+        if PART == 1:  # dV only: the values are not read
+            b_v0, b_v1 = b_k0, b_k1
+        elif i_slot < 0:
+            b_v0, b_v1 = load_pair(V + (i_b * stride_vb + i_src * stride_vf + i_h * stride_vh) * ALIGN, o_n,
+                                   stride_vn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
         else:
-            b_v0, b_v1 = load_pair(U + i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh, o_n,
-                                   stride_un, N, HEAD_DIM, D0, D1, SPLIT)
+            b_v0, b_v1 = load_pair(U + (i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh) * ALIGN, o_n,
+                                   stride_un * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
         b_dk0, b_dk1, b_dv0, b_dv1 = _dkv_readers(
             b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
-            rd_logw, stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
-            stride_oh, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
-            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N)
-        o_g = i_b * stride_gb + i_src * stride_gf + i_h * stride_gh
-        store_pair(DK + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn, N, HEAD_DIM, D0, D1, SPLIT,
-                   ACCUMULATE)
-        if i_slot < 0:
-            store_pair(DV + o_g, b_dv0, b_dv1, o_n, stride_gn, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+            rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
+            stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN,
+            stride_oh * ALIGN, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
+            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART)
+        o_g = (i_b * stride_gb + i_src * stride_gf + i_h * stride_gh) * ALIGN
+        if PART != 1:
+            store_pair(DK + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1,
+            SPLIT,
+                       ACCUMULATE)
+        if PART == 2:
+            pass
+        elif i_slot < 0:
+            store_pair(DV + o_g, b_dv0, b_dv1, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
         else:  # gradient of the refreshed values U: the dO of phase 1
-            store_pair(DU + i_b * stride_gub + i_slot * stride_guf + i_h * stride_guh, b_dv0, b_dv1, o_n,
-                       stride_gun, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+            store_pair(DU + (i_b * stride_gub + i_slot * stride_guf + i_h * stride_guh) * ALIGN, b_dv0,
+            b_dv1, o_n,
+                       stride_gun * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
 
 
 def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq, dk, dv, du, dk_img, dv_img,
-                        tables: dict, scale: float, accumulate: bool) -> None:
+                        tables: dict, scale: float, accumulate: bool, env: tuple | None = None) -> None:
     """Backward of one phase (see module docstring). ``do``/``out``/``lse``/``dlse`` (gradient of
     the LSE or None) and ``delta`` (written here, fp32) are indexed by row;
     gradient buffers dq/dk/dv (B,F,N,H,D), du (B,K,N,H,D), dk_img/dv_img (B,M,H,D) share the
     strides of dk (frames) and dk_img (image)."""
+    m = 0 if k_img is None else k_img.shape[1]
+    env = env or tile_env()
+    # Everything but the tensors is a function of this key: computed once (host time per call).
+    key = (q.shape, m, q.dtype, tiles_for_cuda(q.device), q.stride(), k.stride(), v.stride(),
+           None if u is None else u.stride(), k_img.stride() if m else None, v_img.stride() if m else None,
+           do.stride(), out.stride(), lse.stride(), None if dlse is None else dlse.stride(), dq.stride(),
+           dk.stride(), dv.stride(), None if du is None else du.stride(),
+           dk_img.stride() if m else None, dv_img.stride() if m else None,
+           tables["n_rows"], tables["n_src_max"], tables["n_targets"], tables["n_rd_max"], scale, accumulate,
+           env, dot_precision(q.dtype))
+    spec = _BWD_SPECS.get(key)
+    if spec is None:
+        if len(_BWD_SPECS) > 1024:
+            _BWD_SPECS.clear()
+        spec = _BWD_SPECS[key] = _bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_img,
+                                           dv_img, tables, scale, accumulate, env)
+    (dq_grid, dq_scalars, dq_consts), dkv_launches = spec
+    dummy = q
+    u_ = u if u is not None else dummy
+    ki_, vi_ = (k_img, v_img) if m else (dummy, dummy)
+    launch(
+        _bwd_dq_kernel, dq_grid,
+        q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, delta, dq,
+        tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
+        *dq_scalars, **dq_consts)
+    for grid, scalars, consts in dkv_launches:
+        launch(
+            _bwd_dkv_kernel, grid,
+            q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du if du is not None else dummy,
+            dk_img if m else dummy, dv_img if m else dummy,
+            tables["row_qframe"], tables["tgt_frame"], tables["tgt_vslot"], tables["n_rd"],
+            tables["rd_row"], tables["rd_logw"],
+            *scalars, **consts)
+
+
+_BWD_SPECS: dict = {}
+
+
+def _bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_img, dv_img, tables, scale,
+              accumulate, env) -> tuple:
+    """(dq launch, [dK/dV launches]) of one backward phase, each as (grid, non-tensor arguments,
+    constexpr/launch keywords)."""
     b, _, n, h, d = q.shape
     m = 0 if k_img is None else k_img.shape[1]
-    rows = tables["row_qframe"].numel()
-    cfg = block_config(d, q.device, "dq", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size())
     # the kernels read O with dO's strides and the LSE / Delta with head stride 1
     assert do.stride() == out.stride() and lse.stride(-1) == 1
     assert dlse is None or dlse.stride() == lse.stride()
-    dummy = q
     qk_scale = scale * math.log2(math.e)
-    common = (*_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(u, 4),
-              *_strides(k_img, 3), *_strides(v_img, 3), *_strides(do, 4))
-    u_ = u if u is not None else dummy
-    ki_, vi_ = (k_img, v_img) if m else (dummy, dummy)
-    _bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h, rows)](
-        q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, delta, dq,
-        tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
-        *common, *_strides(dq, 4), *lse.stride()[:3],
-        h, n, m, tables["n_src_max"], qk_scale, scale,
-        HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, **cfg)
+    prec = dot_precision(q.dtype)
+    # One ALIGN for both launches: every data tensor of the phase must satisfy it.
+    al, strides = launch_strides((q, 4), (k, 4), (v, 4), (u, 4), (k_img, 3), (v_img, 3), (do, 4),
+                                 (dq, 4), (dk, 4), (du, 4), (dk_img, 3), (dv, 4), (dv_img, 3))
+    common, st_dq, st_g = strides[:26], strides[26:30], strides[30:41]
+    cfg = block_config(d, q.device, "dq", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
+    dq_launch = ((cdiv(n, cfg["BLOCK_M"]), b * h, tables["n_rows"]),
+                 (*common, *st_dq, *lse.stride()[:3], h, n, m, tables["n_src_max"], qk_scale, scale),
+                 dict(HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al,
+                      PREC=prec, **cfg))
     n_targets = tables["n_targets"]
     if n_targets == 0:
-        return
-    cfg = block_config(d, q.device, "dkv", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size())
-    _bwd_dkv_kernel[(triton.cdiv(max(n, m), cfg["BLOCK_N"]), b * h, n_targets)](
-        q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du if du is not None else dummy,
-        dk_img if m else dummy, dv_img if m else dummy,
-        tables["row_qframe"], tables["tgt_frame"], tables["tgt_vslot"], tables["n_rd"],
-        tables["rd_row"], tables["rd_logw"],
-        *common, *lse.stride()[:3], *_strides(dk, 4), *_strides(du, 4), *_strides(dk_img, 3),
-        h, n, m, tables["n_rd_max"], qk_scale, scale,
-        ACCUMULATE=accumulate, HEAD_DIM=d, **cfg)
+        return dq_launch, ()
+    cfg = block_config(d, q.device, "dkv", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
+    # D > 128 in 16 bits: dK and dV in two launches (dV, then dK), each with half the
+    # accumulators, so one warpgroup owns a 64-key tile without spills or m64n16 wgmma.
+    width = cfg["D0"] + (cfg["D1"] if cfg["SPLIT"] else 0)
+    parts = (1, 2) if width > 128 and q.element_size() == 2 and cfg["BLOCK_N"] >= 64 else (0,)
+    grid = (cdiv(max(n, m), cfg["BLOCK_N"]), b * h, n_targets)
+    scalars = (*common, *lse.stride()[:3], *st_g, h, n, m, tables["n_rd_max"], qk_scale, scale)
+    return dq_launch, tuple((grid, scalars, dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec,
+    PART=part,
+                                                 **cfg)) for part in parts)

@@ -1,0 +1,52 @@
+"""The one place where the fused host code launches a Triton kernel.
+
+Going through :func:`launch` lets two tools see every launch without a GPU:
+- the real-launch compile report (:mod:`kernels.impl.fused.aot`) records each kernel with its
+  actual arguments and compiles it for sm_90 the way Triton specialises a real call;
+- the host-overhead benchmark replaces the launch by a no-op, so only host work is timed.
+
+:func:`cuda_tiles` makes the host code choose the tiles of a CUDA launch for tensors that live on
+the CPU (the report builds real-size arguments in host memory).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+_hook: Callable | None = None
+_cuda_tiles = False
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, or the installed hook's ``hook(kernel, grid, args, kwargs)``."""
+    if _hook is not None:
+        _hook(kernel, grid, args, kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def intercept(hook: Callable):
+    """Within the block, every launch calls ``hook(kernel, grid, args, kwargs)`` instead."""
+    global _hook
+    old, _hook = _hook, hook
+    try:
+        yield
+    finally:
+        _hook = old
+
+
+@contextlib.contextmanager
+def cuda_tiles():
+    """Within the block, tiles are chosen as for a CUDA launch whatever the tensors' device."""
+    global _cuda_tiles
+    old, _cuda_tiles = _cuda_tiles, True
+    try:
+        yield
+    finally:
+        _cuda_tiles = old
+
+
+def tiles_for_cuda(device) -> bool:
+    """Whether a launch on ``device`` takes the CUDA tiles (always inside :func:`cuda_tiles`)."""
+    return _cuda_tiles or device.type == "cuda"
