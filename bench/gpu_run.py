@@ -231,7 +231,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="results folder (default: bench/results/<device>/)")
     ap.add_argument("--stages", nargs="+", default=["tests", "headline", "sweep", "e2e"],
                     choices=["tests", "headline", "sweep", "e2e"])
+    ap.add_argument("--budget", type=float, default=sum(BUDGET_S.values()),
+                    help="seconds for all stages together, shared in the default proportions "
+                         f"(default {sum(BUDGET_S.values()):.0f}; lower it when less device time is left)")
     args = ap.parse_args(argv)
+    if args.budget <= 0:
+        ap.error(f"--budget: expected a positive number of seconds, got {args.budget}")
+    scale = args.budget / sum(BUDGET_S.values())
+    for k in BUDGET_S:
+        BUDGET_S[k] *= scale
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     import torch
