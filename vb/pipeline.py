@@ -24,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .adapter import load_adapter, save_adapter
 from .backbone import own_aligned_storage
 from .coarse import _as_list, encode_prompt
+from .latents import encode_latents
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 UNCOND_IMAGES = ("none", "grey")
@@ -232,10 +233,7 @@ class VideoBoothPipeline(DiffusionPipeline):
 
     def encode_vae(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, C, H/s, W/s) scaled latents (the distribution's mode)."""
-        x = (images * 2 - 1).to(self.vae.dtype)
-        lat = self.vae.encode(x).latent_dist.mode()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (lat - shift) * self.vae.config.scaling_factor
+        return encode_latents(self.vae, images * 2 - 1, sample=False).to(self.vae.dtype)
 
     def decode_latents(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """(B, C, F, h, w) -> (B, F, 3, H, W) in [0, 1], decoded frame by frame in chunks."""
@@ -532,7 +530,7 @@ class VideoBoothPipeline(DiffusionPipeline):
         text = self.official_text([prompt], [subject_word], tokens)
         null = encode_prompt(self.text_encoder, self.tokenizer, [OFFICIAL_NULL_PROMPT])[0]
         x = vae_image[None].to(device=device, dtype=self.vae.dtype)
-        image_latent = self.vae.encode(x).latent_dist.sample(generator) * self.vae.config.scaling_factor
+        image_latent = encode_latents(self.vae, x, generator)  # the posterior's sample, as the official code
         sched = official_scheduler(num_inference_steps)
         with self.progress_bar(total=num_inference_steps) as bar:
             latents = official_denoise(self.backbone, sched, latents, text.to(dtype), null.to(dtype),
