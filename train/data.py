@@ -281,7 +281,8 @@ def _decode_av(path: Path, wanted: set[int], seek: bool = True,
                 else:
                     n = max(pos, 0)
                 if n in wanted:
-                    keep[n] = frame.to_ndarray(format="rgb24")
+                    # one swscale thread: the same file always gives the same pixels
+                    keep[n] = frame.reformat(format="rgb24", threads=1).to_ndarray()
                 pos = n + 1
                 if n >= t:
                     break

@@ -257,8 +257,10 @@ def _write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int) -> None:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        # one thread: x264's output then depends only on its input (and small clips gain
-        # nothing from threads)
+        # one thread, for x264 and for the RGB -> YUV conversion (PyAV >= 17 hands the codec's
+        # thread count to its swscale reformatter, which slices frames across threads): the
+        # file then depends only on its input (and small clips gain nothing from threads)
+        stream.codec_context.thread_count = 1
         stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
         for a in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
