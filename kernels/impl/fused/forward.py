@@ -125,11 +125,10 @@ _TILES = {
 }
 
 
-def tile_override(kernel: str):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``kernel`` from ``VB_TILES`` (e.g.
-    ``VB_TILES="fwd=128,64,8,2;dkv=64,64,4,2"``, what the GPU tile sweep sets), or None."""
-    spec = os.environ.get("VB_TILES", "")
-    for item in filter(None, spec.split(";")):
+def tile_override(kernel: str, spec: str | None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``kernel`` from a ``VB_TILES`` value ``spec``
+    (e.g. ``"fwd=128,64,8,2;dkv=64,64,4,2"``, what the GPU tile sweep sets), or None."""
+    for item in filter(None, (spec or "").split(";")):
         name, _, vals = item.partition("=")
         try:
             tiles = tuple(int(x) for x in vals.split(","))
@@ -187,12 +186,12 @@ def _block_config(head_dim: int, cuda: bool, kernel: str, n_queries, n_keys, ele
     d0, d1 = split_head_dim(head_dim, 16 if kernel == "fwd" else 32)
     cfg = dict(D0=d0, D1=max(d1, 16), SPLIT=d1 > 0)  # D1 is a placeholder size without SPLIT
     width = d0 + d1
-    override = tile_override(kernel)
+    override = tile_override(kernel, _env_tiles)
     if override:
         tiles = override
-    elif os.environ.get("VB_BLOCK_M"):
-        block_m = int(os.environ["VB_BLOCK_M"])
-        block_n = int(os.environ.get("VB_BLOCK_N", block_m))
+    elif _env_m:
+        block_m = int(_env_m)
+        block_n = int(_env_n) if _env_n is not None else block_m
         if any(x < 16 or x & (x - 1) for x in (block_m, block_n)):
             raise ValueError(f"VB_BLOCK_M/VB_BLOCK_N: expected powers of two >= 16, got {block_m}, {block_n}")
         tiles = (block_m, block_n, 4, 1)
@@ -202,7 +201,7 @@ def _block_config(head_dim: int, cuda: bool, kernel: str, n_queries, n_keys, ele
         bucket = next(b for b in (64, 96, 128, 192, 256) if width <= b)
         tiles = _TILES[(kernel, 4 if elem_bytes >= 4 else 2, bucket)]
     block_m, block_n, num_warps, num_stages = tiles
-    if cuda and not os.environ.get("VB_BLOCK_M") and not override:
+    if cuda and not _env_m and not override:
         if n_queries is not None:
             block_m = min(block_m, max(16, triton.next_power_of_2(n_queries)))
         if n_keys is not None:
@@ -228,21 +227,7 @@ def launch_strides(*specs) -> tuple[int, tuple]:
     is all Triton's own launch specialisation looks at. Pointers are specialised on their
     16-byte alignment by Triton itself."""
     strides = tuple(t.stride() if t is not None else None for t, _ in specs)
-    elem = specs[0][0].element_size()
-    key = (elem, strides, tuple(n for _, n in specs))
-    hit = _STRIDE_CACHE.get(key)
-    if hit is None:
-        if len(_STRIDE_CACHE) > 4096:
-            _STRIDE_CACHE.clear()
-        hit = _STRIDE_CACHE[key] = _launch_strides(elem, strides, specs)
-    return hit
-
-
-_STRIDE_CACHE: dict = {}
-
-
-def _launch_strides(elem: int, strides: tuple, specs) -> tuple[int, tuple]:
-    align = 16 // elem
+    align = 16 // specs[0][0].element_size()
     if any(s % align or s >= 2 ** 31 for st in strides if st is not None for s in st[:-1]):
         align = 1
     out = []
