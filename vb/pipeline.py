@@ -653,19 +653,14 @@ def official_denoise(backbone, scheduler, latents: torch.Tensor, text: torch.Ten
         def randn(shape):
             return randn_tensor(shape, generator=generator, device=latents.device, dtype=latents.dtype)
     b = latents.shape[0]
+    lat = None  # the image branch's clean latents: (B, C, h, w), or F copies (B, C, F, h, w)
+    if image_latent is not None:
+        lat = image_latent if image_frames == 0 else image_latent[:, :, None].repeat(1, 1, image_frames, 1, 1)
     for t in scheduler.timesteps:
         tb = t.reshape(1).repeat(b).to(latents.device)
         img_t = None
-        if image_latent is not None:
-            lat = image_latent if image_frames == 0 else image_latent[:, :, None].repeat(1, 1, image_frames, 1, 1)
-            noise = randn(tuple(lat.shape)).to(lat.dtype)
-            if image_frames == 0:
-                img_t = scheduler.add_noise(lat, noise, tb)
-            else:  # add_noise broadcasts over dim 1..: fold the frames into the batch
-                fl = lat.transpose(1, 2).reshape(b * image_frames, *lat.shape[1:2], *lat.shape[3:])
-                fn = noise.transpose(1, 2).reshape(fl.shape)
-                img_t = scheduler.add_noise(fl, fn, tb.repeat_interleave(image_frames)).view(
-                    b, image_frames, *lat.shape[1:2], *lat.shape[3:]).transpose(1, 2)
+        if lat is not None:  # fresh noise at every step; add_noise broadcasts (B,) over the rest
+            img_t = scheduler.add_noise(lat, randn(tuple(lat.shape)).to(lat.dtype), tb)
         cond = backbone(latents, tb, text, image_latents=img_t, null_encoder_hidden_states=null_text)
         uncond = backbone(latents, tb, null_text.expand(b, -1, -1))
         eps = official_guidance(cond, uncond, guidance_scale, guided_channels)

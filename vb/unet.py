@@ -614,7 +614,8 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
         # layers, and active on the context for the layers diffusers calls without them
         # (vb/context.py says why).
         ctx = self.context
-        self._checkpoint_with_context()
+        if torch.is_grad_enabled():  # (checkpointing only runs with grad: no module walk when sampling)
+            self._checkpoint_with_context()
         if self.image_scale == 0.0:  # strength 0: the fine path contributes nothing; skip its branch
             image_latents = None
         image_states = None
