@@ -255,12 +255,10 @@ class VideoBoothTask(DiffusionTask):
     def drop_conditions(self, batch, drop_text, drop_image):
         batch = dict(batch)
         batch["drop_text"] = drop_text
-        img = batch["image"]
-        grey = torch.zeros_like(img)  # 0 in [-1, 1] = 0.5 grey
-        batch["image"] = torch.where(drop_image.to(img.device)[:, None, None, None], grey, img)
-        if "image_vae" in batch:
-            iv = batch["image_vae"]
-            batch["image_vae"] = torch.where(drop_image.to(iv.device)[:, None, None, None], torch.zeros_like(iv), iv)
+        for key in ("image", "image_vae"):  # both branches' image prompt: 0 in [-1, 1] = 0.5 grey
+            if key in batch:
+                x = batch[key]
+                batch[key] = torch.where(drop_image.to(x.device)[:, None, None, None], torch.zeros_like(x), x)
         return batch
 
     def latents(self, batch, generator):
@@ -385,8 +383,8 @@ class VideoBoothTask(DiffusionTask):
             else:
                 ds = self.build_dataset()
                 ds.train = False
-                items = [{k: ds[i][k] for k in ("caption", "subject", "image")}
-                         for i in range(min(self.cfg.validation_samples, len(ds)))]
+                items = [{k: item[k] for k in ("caption", "subject", "image")}  # one load per item
+                         for item in map(ds.__getitem__, range(min(self.cfg.validation_samples, len(ds))))]
             self._val_items = items
         return self._val_items
 
