@@ -94,10 +94,14 @@ def _bench_ms(fn, dry: bool) -> float:
 
 def stage_sweep(out: Path, dry: bool, head_dims=HEAD_DIMS) -> dict:
     """Time each candidate tile of each kernel with the other kernels at their defaults."""
+    import functools
+
     import torch
 
-    from kernels import Schedule, videobooth_attention
-    from kernels.testing import make_inputs
+    from kernels import videobooth_attention
+
+    from .measure import Step, Workload
+    from .shapes import Case
 
     device = "cpu" if dry else "cuda"
     dtype = torch.float32 if dry else torch.bfloat16
@@ -109,16 +113,10 @@ def stage_sweep(out: Path, dry: bool, head_dims=HEAD_DIMS) -> dict:
         n = 16 if dry else SWEEP_TOKENS[d]
         f = 2 if dry else 16
         h = 1 if dry else 8
-        ins = [t.requires_grad_() for t in make_inputs(1, f, n, h, d, n, dtype=dtype, device=device)]
-        sched = Schedule.videobooth(f)
-
-        def fwd():
-            with torch.no_grad():
-                videobooth_attention(*ins, schedule=sched, backend="triton")
-
-        def fwd_bwd():
-            o = videobooth_attention(*ins, schedule=sched, backend="triton")
-            o.backward(o)
+        # the suite's timed callable (clears the gradients, then a forward, and a backward)
+        w = Workload(Case("sweep", f"D{d}", 1, f, n, h, d, n), dtype, device, grad=True)
+        attention = functools.partial(videobooth_attention, backend="triton")
+        fwd, fwd_bwd = Step(w, attention, "fwd"), Step(w, attention, "fwd+bwd")
 
         results[d] = {}
         for kernel, tiles_list in cands.items():
