@@ -6,6 +6,7 @@ once per distinct reference set + PyTorch SDPA), ``flex`` (FlexAttention with a 
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -22,7 +23,13 @@ def triton_runs_here(device: torch.device) -> bool:
     """True where the Triton kernels run: compiled on CUDA, or through the CPU interpreter."""
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cpu" and _interpreting()
+
+
+@functools.lru_cache(maxsize=1)
+def _interpreting() -> bool:
+    # Triton takes TRITON_INTERPRET when the kernels are defined (at import), so it is read once.
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float16,
@@ -87,9 +94,15 @@ def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule 
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"{name}: backend 'triton' expects the last dim contiguous (stride 1), "
                              f"got strides {tuple(t.stride())}")
-    from .impl.fused.function import fused_attention
-    out, lse = fused_attention(q, k, v, k_img, v_img, schedule, scale)
+    out, lse = _fused()(q, k, v, k_img, v_img, schedule, scale, lse_grad=return_lse)
     return (out, lse) if return_lse else out
+
+
+@functools.lru_cache(maxsize=1)
+def _fused():
+    # imported at first use (triton and the kernels load only for this backend), then one lookup
+    from .impl.fused.function import fused_attention
+    return fused_attention
 
 
 def _validate_inputs(q, k, v, k_img, v_img, schedule, scale, backend):

@@ -123,6 +123,7 @@ def test_poisoned_gradients_are_all_written(monkeypatch):
     from kernels.impl.fused import function
 
     monkeypatch.setattr(function, "_alloc", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
+    monkeypatch.setattr(function, "_alloc_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
     _check_grads("triton", named_schedule("random0", 3), (1, 3, 17, 1, 40, 5), torch.float32)
 
 

@@ -92,13 +92,13 @@ def test_poisoned_outputs_are_all_written(monkeypatch):
         return torch.full(*args, float("nan"), **kw)
 
     monkeypatch.setattr(function, "_alloc", poisoned)
+    monkeypatch.setattr(function, "_alloc_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
     _check("triton", named_schedule("random0", 3), (1, 3, 33, 2, 40, 5), torch.float32)
     _check("triton", named_schedule("keyframes2", 3), (1, 3, 17, 1, 16, None), torch.float16)
 
 
 def test_tilings_other_than_the_default_agree(monkeypatch):
-    monkeypatch.setenv("VB_BLOCK_M", "32")
-    monkeypatch.setenv("VB_BLOCK_N", "16")
+    monkeypatch.setenv("VB_TILES", "fwd=32,16,4,1;dq=32,16,4,1;dkv=16,32,4,1")
     _check("triton", named_schedule("random1", 3), (1, 3, 63, 1, 40, 21), torch.float32)
 
 
@@ -134,12 +134,13 @@ def test_triton_path_allocates_no_concatenated_or_repeated_kv():
     with _OpLog() as outer:  # the public call: nothing but allocations and launches
         videobooth_attention(*ins, schedule=sched, backend="triton")
     # eager: the host functions directly (allocations only); compiled: the custom op
-    assert {name for name, _ in outer.calls} <= {"videobooth.fused_fwd", "aten.detach", "aten.empty"}
+    assert {name for name, _ in outer.calls} <= {"videobooth.fused_fwd", "aten.detach", "aten.empty",
+                                                 "aten.empty_like"}
     with _OpLog() as log:  # what runs inside it: allocations and Triton launches only
         fused_fwd(*ins, sched, d ** -0.5)
     ops = {name for name, _ in log.calls}
-    assert ops <= {"aten.empty"}, ops
-    allocated = sorted(s for name, shapes in log.calls if name == "aten.empty" for s in shapes)
+    assert ops <= {"aten.empty", "aten.empty_like"}, ops
+    allocated = sorted(s for _, shapes in log.calls for s in shapes)
     assert allocated == sorted([(b, f, n, h, d), (b, f, n, h), (b, 2, n, h, d), (b, 2, n, h)])
 
 

@@ -20,8 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VB_TILES", "VB_BLOCK_M",
-                                                          "VB_BLOCK_N")}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VB_TILES")}
     env["PYTHONWARNINGS"] = "ignore"
     return env
 

@@ -18,8 +18,8 @@ import math
 import triton
 import triton.language as tl
 
-from .forward import block_config, cdiv, dot_precision, launch_strides, tile_env
-from .launch import launch, tiles_for_cuda
+from .forward import block_config, cdiv, dot_precision, launch_strides
+from .launch import launch
 from .primitives import LOG2E, dot_pair, load_pair, store_pair
 
 
@@ -241,32 +241,16 @@ def _bwd_dkv_kernel(
                        stride_gun * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
 
 
-def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq, dk, dv, du, dk_img, dv_img,
-                        tables: dict, scale: float, accumulate: bool, env: tuple | None = None) -> None:
-    """Backward of one phase (see module docstring). ``do``/``out``/``lse``/``dlse`` (gradient of
-    the LSE or None) and ``delta`` (written here, fp32) are indexed by row;
-    gradient buffers dq/dk/dv (B,F,N,H,D), du (B,K,N,H,D), dk_img/dv_img (B,M,H,D) share the
-    strides of dk (frames) and dk_img (image)."""
-    m = 0 if k_img is None else k_img.shape[1]
-    env = env or tile_env()
-    # Everything but the tensors is a function of this key: computed once (host time per call).
-    key = (q.shape, m, q.dtype, tiles_for_cuda(q.device), q.stride(), k.stride(), v.stride(),
-           None if u is None else u.stride(), k_img.stride() if m else None, v_img.stride() if m else None,
-           do.stride(), out.stride(), lse.stride(), None if dlse is None else dlse.stride(), dq.stride(),
-           dk.stride(), dv.stride(), None if du is None else du.stride(),
-           dk_img.stride() if m else None, dv_img.stride() if m else None,
-           tables["n_rows"], tables["n_src_max"], tables["n_targets"], tables["n_rd_max"], scale, accumulate,
-           env, dot_precision(q.dtype))
-    spec = _BWD_SPECS.get(key)
-    if spec is None:
-        if len(_BWD_SPECS) > 1024:
-            _BWD_SPECS.clear()
-        spec = _BWD_SPECS[key] = _bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_img,
-                                           dv_img, tables, scale, accumulate, env)
+def launch_bwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq, dk, dv, du,
+               dk_img, dv_img) -> None:
+    """Backward of one phase (see module docstring). ``spec``: :func:`bwd_spec` of these tensors
+    (cached by the caller). ``do``/``out``/``lse``/``dlse`` (gradient of the LSE or None) and
+    ``delta`` (written here, fp32) are indexed by row; gradient buffers dq/dk/dv (B,F,N,H,D),
+    du (B,K,N,H,D), dk_img/dv_img (B,M,H,D) share the strides of dk (frames) and dk_img (image)."""
     (dq_grid, dq_scalars, dq_consts), dkv_launches = spec
-    dummy = q
+    dummy = q  # never dereferenced
     u_ = u if u is not None else dummy
-    ki_, vi_ = (k_img, v_img) if m else (dummy, dummy)
+    ki_, vi_ = (k_img, v_img) if k_img is not None else (dummy, dummy)
     launch(
         _bwd_dq_kernel, dq_grid,
         q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, delta, dq,
@@ -276,19 +260,17 @@ def attention_bwd_phase(q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq,
         launch(
             _bwd_dkv_kernel, grid,
             q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du if du is not None else dummy,
-            dk_img if m else dummy, dv_img if m else dummy,
+            dk_img if dk_img is not None else dummy, dv_img if dv_img is not None else dummy,
             tables["row_qframe"], tables["tgt_frame"], tables["tgt_vslot"], tables["n_rd"],
             tables["rd_row"], tables["rd_logw"],
             *scalars, **consts)
 
 
-_BWD_SPECS: dict = {}
-
-
-def _bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_img, dv_img, tables, scale,
-              accumulate, env) -> tuple:
+def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_img, dv_img, tables: dict,
+             scale: float, accumulate: bool, env: str | None) -> tuple:
     """(dq launch, [dK/dV launches]) of one backward phase, each as (grid, non-tensor arguments,
-    constexpr/launch keywords)."""
+    constexpr/launch keywords); arguments as :func:`launch_bwd`'s, ``accumulate``: add into the
+    gradient buffers (phase 1, after phase 2) instead of writing them."""
     b, _, n, h, d = q.shape
     m = 0 if k_img is None else k_img.shape[1]
     # the kernels read O with dO's strides and the LSE / Delta with head stride 1

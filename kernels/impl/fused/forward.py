@@ -143,20 +143,18 @@ def tile_override(kernel: str, spec: str | None):
     return None
 
 
-def tile_env() -> tuple:
-    """The environment's tile overrides (``VB_TILES``, ``VB_BLOCK_M``, ``VB_BLOCK_N``), read once
-    per op call and passed down (each ``os.environ`` read costs host time)."""
-    env = os.environ
-    return env.get("VB_TILES"), env.get("VB_BLOCK_M"), env.get("VB_BLOCK_N")
+def tile_env() -> str | None:
+    """The environment's tile override (``VB_TILES``, see :func:`tile_override`), read once per op
+    call and passed down (an ``os.environ`` read costs host time)."""
+    return os.environ.get("VB_TILES")
 
 
 def block_config(head_dim: int, device: torch.device, kernel: str = "fwd",
                  n_queries: int | None = None, n_keys: int | None = None, elem_bytes: int = 2,
-                 env: tuple | None = None) -> dict:
+                 env: str | None = None) -> dict:
     """See :func:`_block_config`; cached per shape and tile environment (``env``: from
-    :func:`tile_env`, read here when None)."""
-    return dict(_block_config(head_dim, tiles_for_cuda(device), kernel, n_queries, n_keys, elem_bytes,
-                              *(env or tile_env())))
+    :func:`tile_env`)."""
+    return dict(_block_config(head_dim, tiles_for_cuda(device), kernel, n_queries, n_keys, elem_bytes, env))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -175,33 +173,27 @@ def cdiv(a: int, b: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _block_config(head_dim: int, cuda: bool, kernel: str, n_queries, n_keys, elem_bytes: int,
-                  _env_tiles, _env_m, _env_n) -> tuple:
+                  env_tiles: str | None) -> tuple:
     """Launch constants of ``kernel`` ("fwd", "dq" or "dkv") as (name, value) pairs: head-dim
     chunks (D0, D1, SPLIT; masked, never copied), tiles (BLOCK_M queries, BLOCK_N keys), warps,
     stages.
 
     On CUDA the tiles shrink to the sequence (the U-Net's 16- and 64-token levels would leave
-    most of a 128-row tile masked). ``VB_BLOCK_M``/``VB_BLOCK_N`` override the tiles (tests force
-    other tilings on CPU)."""
+    most of a 128-row tile masked). ``VB_TILES`` (``env_tiles``) overrides them per kernel, as
+    given (the GPU tile sweep; tests force other tilings on CPU)."""
     d0, d1 = split_head_dim(head_dim, 16 if kernel == "fwd" else 32)
     cfg = dict(D0=d0, D1=max(d1, 16), SPLIT=d1 > 0)  # D1 is a placeholder size without SPLIT
     width = d0 + d1
-    override = tile_override(kernel, _env_tiles)
+    override = tile_override(kernel, env_tiles)
     if override:
         tiles = override
-    elif _env_m:
-        block_m = int(_env_m)
-        block_n = int(_env_n) if _env_n is not None else block_m
-        if any(x < 16 or x & (x - 1) for x in (block_m, block_n)):
-            raise ValueError(f"VB_BLOCK_M/VB_BLOCK_N: expected powers of two >= 16, got {block_m}, {block_n}")
-        tiles = (block_m, block_n, 4, 1)
     elif not cuda:  # interpreter: small tiles so odd N crosses several blocks
         tiles = (16, 16, 1, 1)
     else:
         bucket = next(b for b in (64, 96, 128, 192, 256) if width <= b)
         tiles = _TILES[(kernel, 4 if elem_bytes >= 4 else 2, bucket)]
     block_m, block_n, num_warps, num_stages = tiles
-    if cuda and not _env_m and not override:
+    if cuda and not override:
         if n_queries is not None:
             block_m = min(block_m, max(16, triton.next_power_of_2(n_queries)))
         if n_keys is not None:
@@ -241,40 +233,27 @@ def launch_strides(*specs) -> tuple[int, tuple]:
     return align, tuple(out)
 
 
-def attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float,
-env: tuple | None = None) -> None:
+def launch_fwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, out, lse) -> None:
     """Launch one phase: for every row i of ``tables`` write ``out[:, i]`` and ``lse[:, i]``.
 
-    q, k, v: (B, F, N, H, D); u: (B, K, N, H, D) refreshed keyframe values or None;
-    k_img, v_img: (B, M, H, D) or None; out: (B, rows, N, H, D); lse: (B, rows, N, H) float32.
+    ``spec``: :func:`fwd_spec` of these tensors' shapes and strides (the caller caches it: the
+    host path of a call is a dict lookup). q, k, v: (B, F, N, H, D); u: (B, K, N, H, D) refreshed
+    keyframe values or None; k_img, v_img: (B, M, H, D) or None; out: (B, rows, N, H, D);
+    lse: (B, rows, N, H) float32.
     """
-    m = 0 if k_img is None else k_img.shape[1]
-    env = env or tile_env()
-    # Everything but the tensors is a function of this key: computed once (host time per call).
-    key = (q.shape, m, q.dtype, tiles_for_cuda(q.device), q.stride(), k.stride(), v.stride(),
-           None if u is None else u.stride(), k_img.stride() if m else None, v_img.stride() if m else None,
-           out.stride(), lse.stride(), tables["n_rows"], tables["n_src_max"], scale, env,
-           dot_precision(q.dtype))
-    spec = _FWD_SPECS.get(key)
-    if spec is None:
-        if len(_FWD_SPECS) > 1024:
-            _FWD_SPECS.clear()
-        spec = _FWD_SPECS[key] = _fwd_spec(q, k, v, u, k_img, v_img, out, lse, tables, scale, env)
     grid, scalars, consts = spec
     dummy = q  # never dereferenced: HAS_IMG=False / no keyframe slot in the table
     launch(
-        _fwd_kernel, grid, q, k, v, u if u is not None else dummy, k_img if m else dummy,
-        v_img if m else dummy, out, lse,
+        _fwd_kernel, grid, q, k, v, u if u is not None else dummy, k_img if k_img is not None else dummy,
+        v_img if v_img is not None else dummy, out, lse,
         tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
         *scalars, **consts,
     )
 
 
-_FWD_SPECS: dict = {}
-
-
-def _fwd_spec(q, k, v, u, k_img, v_img, out, lse, tables, scale, env) -> tuple:
-    """(grid, non-tensor arguments, constexpr/launch keywords) of a forward launch."""
+def fwd_spec(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float, env: str | None) -> tuple:
+    """(grid, non-tensor arguments, constexpr/launch keywords) of a forward launch of these
+    tensors (arguments as :func:`launch_fwd`'s; ``env``: :func:`tile_env`)."""
     b, _, n, h, d = q.shape
     m = 0 if k_img is None else k_img.shape[1]
     cfg = block_config(d, q.device, "fwd", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)

@@ -16,13 +16,17 @@ from torch import Tensor
 
 from ...profiling import nvtx_range
 from ...schedule import Schedule
-from .backward import attention_bwd_phase
-from .forward import attention_fwd, tile_env
+from .backward import bwd_spec, launch_bwd
+from .forward import dot_precision, fwd_spec, launch_fwd, tile_env
+from .launch import tiles_for_cuda
 
 # Every buffer the fused path allocates goes through these, so tests can poison outputs (fill
-# with NaN) and audit that nothing but outputs, LSEs, U and gradients is ever allocated.
+# with NaN) and audit that nothing but outputs, LSEs, U and gradients is ever allocated. The
+# *_like forms where a tensor of the shape exists: half the host time of torch.empty(shape, ...).
 _alloc = torch.empty
-_alloc_zeros = torch.zeros
+_alloc_like = torch.empty_like
+_alloc_zeros_like = torch.zeros_like
+_DENSE = torch.contiguous_format
 
 
 def _on_device(q):
@@ -38,22 +42,54 @@ def fused_fwd(q, k, v, k_img, v_img, schedule: Schedule, scale: float):
         return _fused_fwd(q, k, v, k_img, v_img, schedule, scale)
 
 
+# Host plans of a call: everything but the tensors (launch grids, scalar arguments, constexprs,
+# buffer shapes) is a function of the inputs' shapes, strides, dtype, the schedule's tables, the
+# scale and the tile environment, so it is computed once per such key and a call costs one key and
+# one dict lookup (issue 11: host overhead). The tables are shared by equal schedules (cached
+# plans), and each entry keeps them, so the ids in a key always name the live tables it was built for.
+_FWD_PLANS: dict = {}
+_BWD_PLANS: dict = {}
+_MAX_PLANS = 1024
+
+
+def _inputs_key(q, k, v, k_img, v_img, tables, scale, env) -> tuple:
+    img = None if k_img is None else (k_img.shape[1], k_img.stride(), v_img.stride())
+    return (id(tables[0]), id(tables[1]), q.shape, q.dtype, tiles_for_cuda(q.device), q.stride(), k.stride(), v.stride(), img,
+            scale, env, dot_precision(q.dtype))
+
+
+def _remember(cache: dict, key, value):
+    if len(cache) >= _MAX_PLANS:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def _fused_fwd(q, k, v, k_img, v_img, schedule, scale):
     b, n_frames, n, h, d = q.shape
     assert k_img is None or k_img.shape[1] > 0, "M = 0 travels as k_img = None (the plan has no image)"
-    tables1, tables2 = schedule.fused_tables(k_img is not None, q.device)
+    tables = schedule.fused_tables(k_img is not None, q.device)
+    tables1, tables2 = tables
     env = tile_env()
+    key = _inputs_key(q, k, v, k_img, v_img, tables, scale, env)
+    plan = _FWD_PLANS.get(key)
+    n_key = 0 if tables1 is None else tables1["n_rows"]
     u = lse1 = None
-    if tables1 is not None:
-        n_key = tables1["n_rows"]
+    if n_key:
         u = _alloc((b, n_key, n, h, d), dtype=q.dtype, device=q.device)
         lse1 = _alloc((b, n_key, n, h), dtype=torch.float32, device=q.device)
-        with nvtx_range("vb.phase1.refresh"):
-            attention_fwd(q, k, v, None, k_img, v_img, u, lse1, tables1, scale, env)
-    out = _alloc((b, n_frames, n, h, d), dtype=q.dtype, device=q.device)
+    out = _alloc_like(q, memory_format=_DENSE)
     lse = _alloc((b, n_frames, n, h), dtype=torch.float32, device=q.device)
+    if plan is None or plan[0] is not tables[0] or plan[1] is not tables[1]:
+        spec1 = fwd_spec(q, k, v, None, k_img, v_img, u, lse1, tables1, scale, env) if n_key else None
+        plan = _remember(_FWD_PLANS, key, (*tables, spec1, fwd_spec(q, k, v, u, k_img, v_img, out, lse, tables2,
+                                                                   scale, env)))
+    spec1, spec2 = plan[2:]
+    if n_key:
+        with nvtx_range("vb.phase1.refresh"):
+            launch_fwd(spec1, tables1, q, k, v, None, k_img, v_img, u, lse1)
     with nvtx_range("vb.phase2.cross_frame"):
-        attention_fwd(q, k, v, u, k_img, v_img, out, lse, tables2, scale, env)
+        launch_fwd(spec2, tables2, q, k, v, u, k_img, v_img, out, lse)
     return out, lse, u, lse1
 
 
@@ -66,30 +102,40 @@ def fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule: Schedule
 
 
 def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, dlse):
-    tables1, tables2 = schedule.fused_tables(k_img is not None, q.device)
+    tables = schedule.fused_tables(k_img is not None, q.device)
+    tables1, tables2 = tables
     dout = dout.contiguous()  # autograd may hand an expanded (stride 0) gradient
     dlse = None if dlse is None else dlse.contiguous()
     env = tile_env()
-    dq = _alloc(q.shape, dtype=q.dtype, device=q.device)
+    key = _inputs_key(q, k, v, k_img, v_img, tables, scale, env) + (out.stride(), dlse is not None)
+    plan = _BWD_PLANS.get(key)
+    dq = _alloc_like(q, memory_format=_DENSE)
     # dK and dV of unread frames stay 0, and phase 1 adds into them. (Not one buffer for both:
     # a custom op's outputs may not alias each other.)
-    dk = _alloc_zeros(q.shape, dtype=q.dtype, device=q.device)
-    dv = _alloc_zeros(q.shape, dtype=q.dtype, device=q.device)
-    dk_img = dv_img = du = None
+    dk = _alloc_zeros_like(q, memory_format=_DENSE)
+    dv = _alloc_zeros_like(q, memory_format=_DENSE)
+    dk_img = dv_img = du = delta1 = None
     if k_img is not None:
-        dk_img = _alloc_zeros(k_img.shape, dtype=q.dtype, device=q.device)
-        dv_img = _alloc_zeros(k_img.shape, dtype=q.dtype, device=q.device)
+        dk_img = _alloc_zeros_like(k_img, memory_format=_DENSE)
+        dv_img = _alloc_zeros_like(k_img, memory_format=_DENSE)
+    delta = _alloc_like(lse)  # the kernels index Delta with the LSE's strides
     if u is not None:  # every slot of U is a phase-2 target (only read keyframes are refreshed): no fill
-        du = _alloc(u.shape, dtype=q.dtype, device=q.device)
+        du = _alloc_like(u)
+        delta1 = _alloc_like(lse1)
+    if plan is None or plan[0] is not tables[0] or plan[1] is not tables[1]:
+        spec2 = bwd_spec(q, k, v, u, k_img, v_img, dout, out, lse, dlse, dq, dk, dv, du, dk_img, dv_img, tables2,
+                         scale, False, env)
+        spec1 = None if u is None else bwd_spec(q, k, v, None, k_img, v_img, du, u, lse1, None, dq, dk, dv, None,
+                                                dk_img, dv_img, tables1, scale, True, env)
+        plan = _remember(_BWD_PLANS, key, (*tables, spec2, spec1))
+    spec2, spec1 = plan[2:]
     with nvtx_range("vb.phase2.cross_frame.bwd"):
-        delta = _alloc(lse.shape, dtype=torch.float32, device=q.device)
-        attention_bwd_phase(q, k, v, u, k_img, v_img, dout, out, lse, dlse, delta, dq, dk, dv, du,
-                            dk_img, dv_img, tables2, scale, accumulate=False, env=env)
+        launch_bwd(spec2, tables2, q, k, v, u, k_img, v_img, dout, out, lse, dlse, delta, dq, dk, dv, du,
+                   dk_img, dv_img)
     if u is not None:
         with nvtx_range("vb.phase1.refresh.bwd"):
-            delta1 = _alloc(lse1.shape, dtype=torch.float32, device=q.device)
-            attention_bwd_phase(q, k, v, None, k_img, v_img, du, u, lse1, None, delta1, dq, dk, dv, None,
-                                dk_img, dv_img, tables1, scale, accumulate=True, env=env)
+            launch_bwd(spec1, tables1, q, k, v, None, k_img, v_img, du, u, lse1, None, delta1, dq, dk, dv, None,
+                       dk_img, dv_img)
     return dq, dk, dv, dk_img, dv_img
 
 
@@ -175,27 +221,30 @@ class _FusedAttention(torch.autograd.Function):
     cost per call (schema checks, alias analysis, autograd wrapping: ~75 us host time)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k_img, v_img, schedule, scale):
+    def forward(ctx, q, k, v, k_img, v_img, schedule, scale, lse_grad):
         out, lse, u, lse1 = fused_fwd(q, k, v, k_img, v_img, schedule, scale)
-        ctx.save_for_backward(q, k, v, k_img, v_img, out, lse, u, lse1)
-        ctx.schedule, ctx.scale = schedule, scale
+        ctx.save_for_backward(q, k, v, k_img, v_img, out, lse)
+        # U and its LSE are neither inputs nor outputs: held on ctx (no saved-variable packing)
+        ctx.u, ctx.lse1, ctx.schedule, ctx.scale = u, lse1, schedule, scale
         ctx.set_materialize_grads(False)
+        if not lse_grad:  # the caller drops the LSE: one differentiable output less to track
+            ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, k_img, v_img, out, lse, u, lse1 = ctx.saved_tensors
+        q, k, v, k_img, v_img, out, lse = ctx.saved_tensors
         if dout is None:  # only the LSE was used downstream
             dout = torch.zeros_like(out)
-        dq, dk, dv, dki, dvi = fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, ctx.schedule,
-                                         ctx.scale, dlse)
-        return dq, dk, dv, dki, dvi, None, None
+        grads = fused_bwd(dout, q, k, v, k_img, v_img, out, lse, ctx.u, ctx.lse1, ctx.schedule, ctx.scale, dlse)
+        return *grads, None, None, None
 
 
-def fused_attention(q, k, v, k_img, v_img, schedule: Schedule, scale: float):
+def fused_attention(q, k, v, k_img, v_img, schedule: Schedule, scale: float, lse_grad: bool = True):
     """(out, lse) of the fused op, both differentiable in q, k, v, k_img, v_img (a gradient of
     the LSE, e.g. from merging partial attentions, enters the backward through Delta);
-    inputs validated by :func:`kernels.videobooth_attention`.
+    inputs validated by :func:`kernels.videobooth_attention`. ``lse_grad=False``: the caller
+    drops the LSE (it is returned non-differentiable in eager mode: less autograd work).
 
     Under ``torch.compile`` the call is the custom op ``videobooth::fused_fwd`` (one opaque node,
     fullgraph); in eager mode it runs the same host functions directly (an autograd.Function when
@@ -207,6 +256,6 @@ def fused_attention(q, k, v, k_img, v_img, schedule: Schedule, scale: float):
         return out, lse
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
             k_img is not None and (k_img.requires_grad or v_img.requires_grad))):
-        return _FusedAttention.apply(q, k, v, k_img, v_img, schedule, scale)
+        return _FusedAttention.apply(q, k, v, k_img, v_img, schedule, scale, lse_grad)
     out, lse, _, _ = fused_fwd(q, k, v, k_img, v_img, schedule, scale)
     return out, lse
