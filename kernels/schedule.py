@@ -43,10 +43,14 @@ class Plan:
     """
 
     rows: tuple[tuple[int, tuple[Source, ...]], ...]
+    # Sources no row reads whose gradients this phase still writes (as zeros): phase 2 writes
+    # every frame's dK/dV and the image's, so the backward allocates its gradients unfilled.
+    unread: tuple[int, ...] = ()
 
     def targets(self) -> tuple[tuple[Source, tuple[tuple[int, int], ...]], ...]:
         """Inverse table for the backward: each distinct (frame, value slot) with its readers
-        as (row, count), readers in row order (deterministic accumulation order)."""
+        as (row, count), readers in row order (deterministic accumulation order); then the
+        ``unread`` sources with no readers (their programs write zeros)."""
         readers: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for i, (_, sources) in enumerate(self.rows):
             for s in sources:
@@ -54,7 +58,8 @@ class Plan:
         # Heaviest targets first (most readers, then frame id): the dK/dV grid's z axis runs in
         # this order, so the anchor frame's long programs start first instead of trailing.
         order = sorted(readers.items(), key=lambda item: (-len(item[1]), item[0]))
-        return tuple((Source(fr, slot, 1), tuple(rd)) for (fr, slot), rd in order)
+        return tuple((Source(fr, slot, 1), tuple(rd)) for (fr, slot), rd in order) + tuple(
+            (Source(fr, -1, 1), ()) for fr in self.unread)
 
     def tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """Device tables for the fused kernels (int32 ids, float32 log-counts), cached."""
@@ -260,4 +265,8 @@ def _plans(refs, keyframes, image_everywhere, has_image) -> tuple[Plan, Plan]:
         counts = Counter(r for r in row if r >= 0)
         srcs = tuple(Source(r, slot.get(r, -1), c) for r, c in counts.items())
         rows.append((f, (img if image_everywhere else ()) + srcs))
-    return phase1, Plan(tuple(rows))
+    # Phase 2's backward writes every gradient once (zeros where nothing reads), phase 1 adds.
+    unread = tuple(f for f in range(len(refs)) if f not in read)
+    if has_image and not image_everywhere:
+        unread += (IMAGE,)
+    return phase1, Plan(tuple(rows), unread)

@@ -127,6 +127,25 @@ def test_poisoned_gradients_are_all_written(monkeypatch):
     _check_grads("triton", named_schedule("random0", 3), (1, 3, 17, 1, 40, 5), torch.float32)
 
 
+@pytest.mark.parametrize("schedule, shape, tiles", [
+    (Schedule.videobooth(4), (1, 4, 9, 1, 40, 5), None),        # frame 3 unread; image read in phase 1 only
+    (Schedule.keyframes(4, 2), (1, 4, 9, 1, 16, None), None),   # two U slots: dV of keyframes zeroed by phase 2
+    (Schedule([[0], [0], [0]], (0, 2)), (1, 3, 9, 1, 16, 3), None),  # keyframe 2 unread, never refreshed
+    (Schedule.videobooth(3), (1, 3, 9, 1, 160, 5), "dkv=16,64,4,1"),  # dK and dV in two launches (PART)
+], ids=["videobooth", "keyframes2", "unread-keyframe", "split-parts"])
+def test_gradients_are_written_without_fills(monkeypatch, schedule, shape, tiles):
+    """The backward allocates dK, dV and the image gradients unfilled: phase 2 writes every
+    element (zeros for unread frames, unread image tokens and the keyframes' own V), phase 1
+    adds. NaN-poisoned buffers show any element left unwritten."""
+    from kernels.impl.fused import function
+
+    monkeypatch.setattr(function, "_alloc", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
+    monkeypatch.setattr(function, "_alloc_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
+    if tiles:
+        monkeypatch.setenv("VB_TILES", tiles)
+    _check_grads("triton", schedule, shape, torch.float16 if tiles else torch.float32)
+
+
 def test_frame_without_keys_is_rejected_at_the_door():
     ins = make_inputs(1, 2, 8, 1, 16, None, device=DEV)
     with pytest.raises(ValueError, match="frame 1 has no keys"):

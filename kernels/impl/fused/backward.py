@@ -70,8 +70,7 @@ def _bwd_dq_kernel(
     m_m = o_m < N
 
     b_q0, b_q1 = load_pair(Q + (i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh) * ALIGN, o_m,
-    stride_qn * ALIGN, N,
-                           HEAD_DIM, D0, D1, SPLIT)
+                           stride_qn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
     o_o = (i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh) * ALIGN
     b_do0, b_do1 = load_pair(DO + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
     b_o0, b_o1 = load_pair(O + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
@@ -114,8 +113,7 @@ def _bwd_dq_kernel(
                 stride_kn * ALIGN, stride_un * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
     # ACCUMULATE: phase 1 after phase 2, the keyframe's queries were read by both.
     store_pair(DQ + (i_b * stride_gb + i_qf * stride_gf + i_h * stride_gh) * ALIGN, b_dq0 * scale,
-    b_dq1 * scale,
-               o_m, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+               b_dq1 * scale, o_m, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
 
 
 @triton.jit
@@ -187,8 +185,7 @@ def _bwd_dkv_kernel(
     if i_src < 0:  # the image tokens: M keys
         if i_n * BLOCK_N < M:
             b_k0, b_k1 = load_pair(KI + (i_b * stride_kib + i_h * stride_kih) * ALIGN, o_n,
-            stride_kim * ALIGN, M,
-                                   HEAD_DIM, D0, D1, SPLIT)
+                                   stride_kim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT)
             if PART != 1:
                 b_v0, b_v1 = load_pair(VI + (i_b * stride_vib + i_h * stride_vih) * ALIGN, o_n,
                                        stride_vim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT)
@@ -197,21 +194,19 @@ def _bwd_dkv_kernel(
             b_dk0, b_dk1, b_dv0, b_dv1 = _dkv_readers(
                 b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
                 rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
-                stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN,
-                stride_oh * ALIGN, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
+                stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN, stride_oh * ALIGN, stride_lb, stride_lf,
+                stride_ln, N, RD_MAX, qk_scale,
                 HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART)
             o_g = (i_b * stride_gib + i_h * stride_gih) * ALIGN
             if PART != 1:
-                store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0,
-                D1,
-                           SPLIT, ACCUMULATE)
+                store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim * ALIGN, M, HEAD_DIM,
+                           D0, D1, SPLIT, ACCUMULATE)
             if PART != 2:
                 store_pair(DVI + o_g, b_dv0, b_dv1, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT,
                            ACCUMULATE)
     elif i_n * BLOCK_N < N:  # a frame: N keys; values V, or U for a keyframe in phase 2
         b_k0, b_k1 = load_pair(K + (i_b * stride_kb + i_src * stride_kf + i_h * stride_kh) * ALIGN, o_n,
-        stride_kn * ALIGN,
-                               N, HEAD_DIM, D0, D1, SPLIT)
+                               stride_kn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
         if PART == 1:  # dV only: the values are not read
             b_v0, b_v1 = b_k0, b_k1
         elif i_slot < 0:
@@ -223,22 +218,23 @@ def _bwd_dkv_kernel(
         b_dk0, b_dk1, b_dv0, b_dv1 = _dkv_readers(
             b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
             rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
-            stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN,
-            stride_oh * ALIGN, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
+            stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN, stride_oh * ALIGN, stride_lb, stride_lf,
+            stride_ln, N, RD_MAX, qk_scale,
             HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART)
         o_g = (i_b * stride_gb + i_src * stride_gf + i_h * stride_gh) * ALIGN
         if PART != 1:
             store_pair(DK + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1,
-            SPLIT,
-                       ACCUMULATE)
+                       SPLIT, ACCUMULATE)
         if PART == 2:
             pass
         elif i_slot < 0:
             store_pair(DV + o_g, b_dv0, b_dv1, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
         else:  # gradient of the refreshed values U: the dO of phase 1
-            store_pair(DU + (i_b * stride_gub + i_slot * stride_guf + i_h * stride_guh) * ALIGN, b_dv0,
-            b_dv1, o_n,
-                       stride_gun * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+            if not ACCUMULATE:  # phase 2 writes every gradient: V_r itself is read in phase 1 only
+                store_pair(DV + o_g, tl.zeros([BLOCK_N, D0], tl.float32), tl.zeros([BLOCK_N, D1], tl.float32),
+                           o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, False)
+            store_pair(DU + (i_b * stride_gub + i_slot * stride_guf + i_h * stride_guh) * ALIGN, b_dv0, b_dv1,
+                       o_n, stride_gun * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
 
 
 def launch_bwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq, dk, dv, du,
@@ -297,6 +293,5 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     parts = (1, 2) if width > 128 and q.element_size() == 2 and cfg["BLOCK_N"] >= 64 else (0,)
     grid = (cdiv(max(n, m), cfg["BLOCK_N"]), b * h, n_targets)
     scalars = (*common, *lse.stride()[:3], *st_g, h, n, m, tables["n_rd_max"], qk_scale, scale)
-    return dq_launch, tuple((grid, scalars, dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec,
-    PART=part,
-                                                 **cfg)) for part in parts)
+    consts = dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, **cfg)
+    return dq_launch, tuple((grid, scalars, dict(consts, PART=part)) for part in parts)

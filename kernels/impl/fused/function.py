@@ -25,7 +25,6 @@ from .launch import tiles_for_cuda
 # *_like forms where a tensor of the shape exists: half the host time of torch.empty(shape, ...).
 _alloc = torch.empty
 _alloc_like = torch.empty_like
-_alloc_zeros_like = torch.zeros_like
 _DENSE = torch.contiguous_format
 
 
@@ -54,8 +53,8 @@ _MAX_PLANS = 1024
 
 def _inputs_key(q, k, v, k_img, v_img, tables, scale, env) -> tuple:
     img = None if k_img is None else (k_img.shape[1], k_img.stride(), v_img.stride())
-    return (id(tables[0]), id(tables[1]), q.shape, q.dtype, tiles_for_cuda(q.device), q.stride(), k.stride(), v.stride(), img,
-            scale, env, dot_precision(q.dtype))
+    return (id(tables[0]), id(tables[1]), q.shape, q.dtype, tiles_for_cuda(q.device), q.stride(), k.stride(),
+            v.stride(), img, scale, env, dot_precision(q.dtype))
 
 
 def _remember(cache: dict, key, value):
@@ -109,15 +108,16 @@ def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, 
     env = tile_env()
     key = _inputs_key(q, k, v, k_img, v_img, tables, scale, env) + (out.stride(), dlse is not None)
     plan = _BWD_PLANS.get(key)
+    # No fills: phase 2 writes every element of dK, dV and the image gradients (zeros where no
+    # row reads; Plan.unread), phase 1 then adds into them. (Not one buffer for all: a custom
+    # op's outputs may not alias each other.)
     dq = _alloc_like(q, memory_format=_DENSE)
-    # dK and dV of unread frames stay 0, and phase 1 adds into them. (Not one buffer for both:
-    # a custom op's outputs may not alias each other.)
-    dk = _alloc_zeros_like(q, memory_format=_DENSE)
-    dv = _alloc_zeros_like(q, memory_format=_DENSE)
+    dk = _alloc_like(q, memory_format=_DENSE)
+    dv = _alloc_like(q, memory_format=_DENSE)
     dk_img = dv_img = du = delta1 = None
     if k_img is not None:
-        dk_img = _alloc_zeros_like(k_img, memory_format=_DENSE)
-        dv_img = _alloc_zeros_like(k_img, memory_format=_DENSE)
+        dk_img = _alloc_like(k_img, memory_format=_DENSE)
+        dv_img = _alloc_like(k_img, memory_format=_DENSE)
     delta = _alloc_like(lse)  # the kernels index Delta with the LSE's strides
     if u is not None:  # every slot of U is a phase-2 target (only read keyframes are refreshed): no fill
         du = _alloc_like(u)
