@@ -61,13 +61,39 @@ class Plan:
         return tuple((Source(fr, slot, 1), tuple(rd)) for (fr, slot), rd in order) + tuple(
             (Source(fr, -1, 1), ()) for fr in self.unread)
 
-    def tables(self, device: torch.device | str) -> dict[str, torch.Tensor]:
-        """Device tables for the fused kernels (int32 ids, float32 log-counts), cached."""
-        return _plan_tables(self, torch.device(device))
+    def tables(self, device: torch.device | str, max_readers: int | None = None) -> dict[str, torch.Tensor]:
+        """Device tables for the fused kernels (int32 ids, float32 log-counts), cached.
+
+        ``max_readers``: split every backward target read by more rows into chunks of at most
+        that many readers (see :func:`chunk_targets`); None keeps one program per target."""
+        return _plan_tables(self, torch.device(device), max_readers)
+
+
+def chunk_targets(targets, max_readers: int | None):
+    """Split heavy dK/dV targets for load balance (issue 11 item 4).
+
+    ``targets``: :meth:`Plan.targets`. A target read by more than ``max_readers`` rows becomes
+    ceil(R / max_readers) chunks of consecutive readers (row order kept); each chunk's programs
+    write fp32 partial sums to their own partial slot, and one reduction adds a target's slots
+    in slot order: the same bits every run. Returns (chunks, reductions): chunks are
+    (Source, readers, partial slot or -1), heaviest first, unread targets last; reductions are
+    (Source, first slot, number of slots), one per split target."""
+    chunks, reductions, n_slots = [], [], 0
+    for src, readers in targets:
+        if max_readers is None or len(readers) <= max_readers:
+            chunks.append((src, readers, -1))
+            continue
+        parts = [readers[i:i + max_readers] for i in range(0, len(readers), max_readers)]
+        reductions.append((src, n_slots, len(parts)))  # a target's partial slots are consecutive
+        chunks.extend((src, part, n_slots + i) for i, part in enumerate(parts))
+        n_slots += len(parts)
+    # launch order: heaviest programs first, unread targets (no readers) last; stable otherwise
+    order = sorted(range(len(chunks)), key=lambda i: (-len(chunks[i][1]), i) if chunks[i][1] else (1, i))
+    return tuple(chunks[i] for i in order), tuple(reductions)
 
 
 @lru_cache(maxsize=256)
-def _plan_tables(plan: Plan, device: torch.device) -> dict[str, torch.Tensor]:
+def _plan_tables(plan: Plan, device: torch.device, max_readers: int | None = None) -> dict[str, torch.Tensor]:
     rows = plan.rows
     n_src_max = max(1, max(len(s) for _, s in rows))
     row_qframe = [qf for qf, _ in rows]
@@ -76,13 +102,14 @@ def _plan_tables(plan: Plan, device: torch.device) -> dict[str, torch.Tensor]:
     src_vslot = [[s.value_slot for s in srcs] + [-1] * (n_src_max - len(srcs)) for _, srcs in rows]
     src_logw = [[math.log(s.count) for s in srcs] + [0.0] * (n_src_max - len(srcs)) for _, srcs in rows]
 
-    targets = plan.targets()
-    n_rd_max = max([1] + [len(rd) for _, rd in targets])
-    tgt_frame = [t.frame for t, _ in targets]
-    tgt_vslot = [t.value_slot for t, _ in targets]
-    n_rd = [len(rd) for _, rd in targets]
-    rd_row = [[r for r, _ in rd] + [0] * (n_rd_max - len(rd)) for _, rd in targets]
-    rd_logw = [[math.log(c) for _, c in rd] + [0.0] * (n_rd_max - len(rd)) for _, rd in targets]
+    targets, reductions = chunk_targets(plan.targets(), max_readers)
+    n_rd_max = max([1] + [len(rd) for _, rd, _ in targets])
+    tgt_frame = [t.frame for t, _, _ in targets]
+    tgt_vslot = [t.value_slot for t, _, _ in targets]
+    tgt_part = [p for _, _, p in targets]
+    n_rd = [len(rd) for _, rd, _ in targets]
+    rd_row = [[r for r, _ in rd] + [0] * (n_rd_max - len(rd)) for _, rd, _ in targets]
+    rd_logw = [[math.log(c) for _, c in rd] + [0.0] * (n_rd_max - len(rd)) for _, rd, _ in targets]
 
     def i32(x):
         return torch.tensor(x, dtype=torch.int32, device=device)
@@ -93,10 +120,16 @@ def _plan_tables(plan: Plan, device: torch.device) -> dict[str, torch.Tensor]:
     return {
         "row_qframe": i32(row_qframe), "n_src": i32(n_src), "src_frame": i32(src_frame),
         "src_vslot": i32(src_vslot), "src_logw": f32(src_logw),
-        "tgt_frame": i32(tgt_frame or [0]), "tgt_vslot": i32(tgt_vslot or [0]),
+        "tgt_frame": i32(tgt_frame or [0]), "tgt_vslot": i32(tgt_vslot or [0]), "tgt_part": i32(tgt_part or [-1]),
         "n_rd": i32(n_rd or [0]), "rd_row": i32(rd_row if targets else [[0]]),
         "rd_logw": f32(rd_logw if targets else [[0.0]]),
+        "red_frame": i32([t.frame for t, _, _ in reductions] or [0]),
+        "red_vslot": i32([t.value_slot for t, _, _ in reductions] or [-1]),
+        "red_first": i32([first for _, first, _ in reductions] or [0]),
+        "red_count": i32([count for _, _, count in reductions] or [0]),
         "n_rows": len(rows), "n_targets": len(targets), "n_src_max": n_src_max, "n_rd_max": n_rd_max,
+        "n_partials": sum(count for _, _, count in reductions), "n_reductions": len(reductions),
+        "reader_counts": tuple(len(rd) for _, rd, _ in targets), "plan": plan,
     }
 
 

@@ -146,6 +146,73 @@ def test_gradients_are_written_without_fills(monkeypatch, schedule, shape, tiles
     _check_grads("triton", schedule, shape, torch.float16 if tiles else torch.float32)
 
 
+@pytest.mark.parametrize("schedule, shape, tiles", [
+    (Schedule.videobooth(5), (1, 5, 9, 2, 40, 5), "readers=2"),      # the anchor's 5 readers: 3 chunks
+    (Schedule.videobooth(5).with_image_everywhere(), (1, 5, 9, 1, 16, 7), "readers=1"),  # image + anchor
+    (Schedule.keyframes(6, 2), (1, 6, 9, 1, 16, 4), "readers=1"),    # phase 1 splits the image too (adds)
+    (Schedule.videobooth(4), (1, 4, 9, 1, 160, 5), "readers=2;dkv=16,64,4,1"),  # with split dK/dV launches
+], ids=["anchor", "image-everywhere", "phase1", "split-parts"])
+def test_split_readers_match_reference_and_are_deterministic(monkeypatch, schedule, shape, tiles):
+    """Targets read by many rows split into chunks (fp32 partials + an ordered reduction):
+    gradients equal the float64 reference, every buffer (partials too) is written (NaN poison),
+    the reduction runs, and two runs give the same bits."""
+    from kernels.impl.fused import function, launch
+
+    monkeypatch.setattr(function, "_alloc", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
+    monkeypatch.setattr(function, "_alloc_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
+    monkeypatch.setenv("VB_TILES", tiles)
+    names = []
+
+    def run(kern, grid, args, kwargs):
+        names.append(kern.__name__)
+        kern[grid](*args, **kwargs)
+
+    dtype = torch.float16 if shape[4] == 160 else torch.float32
+    with launch.intercept(run):
+        _check_grads("triton", schedule, shape, dtype)
+    assert "_bwd_reduce_kernel" in names, names
+    torch.manual_seed(1)
+    ins = make_inputs(*shape, dtype=dtype, device=DEV)
+    g = torch.randn(*shape[:5], device=DEV)
+    first, second = _grads("triton", ins, schedule, g)[1], _grads("triton", ins, schedule, g)[1]
+    assert all(a is None or torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_chunk_targets_keeps_readers_in_order_heaviest_first():
+    from kernels.schedule import chunk_targets
+
+    _, p2 = Schedule.videobooth(7).with_image_everywhere().plan(True)
+    targets = p2.targets()
+    chunks, reductions = chunk_targets(targets, 3)
+    assert all(len(rd) <= 3 for _, rd, _ in chunks)
+    lengths = [len(rd) for _, rd, _ in chunks]
+    assert lengths == sorted(lengths, reverse=True)  # heaviest first, unread (0 readers) last
+    for src, readers in targets:  # each target's chunks, by slot, are its readers in row order
+        parts = sorted((p, rd) for s, rd, p in chunks if s == src)
+        assert tuple(r for _, rd in parts for r in rd) == readers
+        split = [red for red in reductions if red[0] == src]
+        if len(readers) > 3:
+            (_, first, count), = split
+            assert [p for p, _ in parts] == list(range(first, first + count)) and count == -(-len(readers) // 3)
+        else:
+            assert not split and [p for p, _ in parts] == [-1]
+    assert chunk_targets(targets, None) == (tuple((s, rd, -1) for s, rd in targets), ())
+
+
+def test_reader_cap_splits_only_small_grids():
+    from kernels.impl.fused.backward import reader_cap
+
+    cpu = torch.device("cpu")
+    counts = (16,) + (1,) * 14 + (0,)  # the paper's schedule at F = 16: the anchor and 14 previous frames
+    # the 64-token level (one key block, B*H = 16): the anchor's programs would trail -> capped
+    assert reader_cap(counts, 1, 16, True, cpu, None) == 4
+    # the 4096-token level (64 key blocks): plenty of work per SM -> one program per target
+    assert reader_cap(counts, 64, 16, True, cpu, None) is None
+    assert reader_cap(counts, 1, 16, False, cpu, None) is None  # interpreter tiles: never unless forced
+    assert reader_cap(counts, 64, 16, False, cpu, "readers=2") == 2
+    assert reader_cap((2, 1), 1, 1, True, cpu, "readers=2") is None  # nothing above the cap
+
+
 def test_frame_without_keys_is_rejected_at_the_door():
     ins = make_inputs(1, 2, 8, 1, 16, None, device=DEV)
     with pytest.raises(ValueError, match="frame 1 has no keys"):

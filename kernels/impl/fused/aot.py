@@ -28,7 +28,7 @@ from collections import Counter
 
 LAYOUTS = ("processor", "heads_first", "strided")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-_KIND = {"_fwd_kernel": "fwd", "_bwd_dq_kernel": "dq", "_bwd_dkv_kernel": "dkv"}
+_KIND = {"_fwd_kernel": "fwd", "_bwd_dq_kernel": "dq", "_bwd_dkv_kernel": "dkv", "_bwd_reduce_kernel": "reduce"}
 
 
 def make_tensors(batch: int, frames: int, tokens: int, heads: int, head_dim: int, image_tokens: int,
@@ -89,21 +89,31 @@ def _target(arch: int):
     return GPUTarget("cuda", arch, 32)
 
 
-def compile_launch(kernel, args, kwargs, arch: int = 90):
-    """Compile one recorded launch for ``sm_<arch>``, specialised by Triton's own launch binder
-    (the same code ``kernel[grid](...)`` runs before it compiles). Returns the CompiledKernel."""
-    import triton
-    from triton.compiler import ASTSource, make_backend
+def bind_launch(kernel, args, kwargs, arch: int = 90):
+    """Triton's own launch binding of one recorded launch for ``sm_<arch>`` (the code
+    ``kernel[grid](...)`` runs before it compiles): (backend, kwargs, bound args, specialisation,
+    options). The specialisation (which integers are divisible by 16, which pointers aligned) is
+    what makes two launches compile to the same binary."""
+    from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    target = _target(arch)
-    backend = make_backend(target)
+    backend = make_backend(_target(arch))
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = dict(kwargs)
     bound_args, specialization, options = binder(*args, **kwargs)
+    return backend, kwargs, bound_args, specialization, options
+
+
+def compile_launch(kernel, args, kwargs, arch: int = 90, bound=None):
+    """Compile one recorded launch for ``sm_<arch>`` as :func:`bind_launch` specialises it
+    (``bound``: its result, when the caller has it). Returns the CompiledKernel."""
+    import triton
+    from triton.compiler import ASTSource
+
+    backend, kwargs, bound_args, specialization, options = bound or bind_launch(kernel, args, kwargs, arch)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
     src = ASTSource(kernel, signature, constexprs, attrs)
-    return triton.compile(src, target=target, options=options.__dict__)
+    return triton.compile(src, target=_target(arch), options=options.__dict__)
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,9 +203,9 @@ class KernelReport:
         return dataclasses.asdict(self)
 
 
-def analyse(kernel, grid, args, kwargs, arch: int = 90, phase: int = 0) -> KernelReport:
-    """Compile one recorded launch and read what it became."""
-    k = compile_launch(kernel, args, kwargs, arch)
+def analyse(kernel, grid, args, kwargs, arch: int = 90, phase: int = 0, bound=None) -> KernelReport:
+    """Compile one recorded launch and read what it became (``bound``: its :func:`bind_launch`)."""
+    k = compile_launch(kernel, args, kwargs, arch, bound)
     ptx = k.asm["ptx"]
     regs, spill = _ptxas_usage(ptx, arch)
     shapes = Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
@@ -207,8 +217,9 @@ def analyse(kernel, grid, args, kwargs, arch: int = 90, phase: int = 0) -> Kerne
     loops = inner_loops(sass_lines(k.asm["cubin"])) if "cubin" in k.asm else []
     body = max(loops, key=len) if loops else []
     # issue slots per 128 x 64 (query x key) tile, in units of 8 warps: the loop body runs on
-    # every warp, over BLOCK_M x BLOCK_N scores per iteration
-    norm = 128 * 64 / (kwargs["BLOCK_M"] * kwargs["BLOCK_N"]) * kwargs["num_warps"] / 8
+    # every warp, over BLOCK_M x BLOCK_N scores per iteration (the reduction has no score tile)
+    norm = 128 * 64 / (kwargs["BLOCK_M"] * kwargs["BLOCK_N"]) * kwargs.get("num_warps", 4) / 8 \
+        if "BLOCK_M" in kwargs else 0.0
     mix = Counter((t.split()[1] if t.startswith("@") else t.split()[0]).split(".")[0] for t in body)
     tiles = {key: kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if key in kwargs}
     kind = {1: "dv", 2: "dk"}.get(kwargs.get("PART"), _KIND[kernel.__name__])  # split dK/dV launches
@@ -235,25 +246,16 @@ def report(batch=2, frames=16, tokens=4096, heads=8, head_dim=40, image_tokens=N
         kind = _KIND[kern.__name__]
         count[kind] += 1
         # forward: phase 1 (when there is one) launches first; backward: phase 2 first, and a
-        # phase's dK/dV launch(es) follow its dq launch
+        # phase's dK/dV launch(es) and reduction follow its dq launch
         if kind == "dq":
             bwd_phase = 3 - count[kind]
         phase = (count[kind] if n_fwd == 2 else 2) if kind == "fwd" else bwd_phase
-        key = _spec_key(kern, args, kwargs)
+        bound = bind_launch(kern, args, kwargs, arch)  # bound once: the key, then the compile
+        key = (kern.__name__, str(bound[3]), str(sorted(bound[4].items())))
         if key not in seen:
             seen.add(key)
-            out.append(analyse(kern, grid, args, kwargs, arch, phase))
+            out.append(analyse(kern, grid, args, kwargs, arch, phase, bound))
     return out
-
-
-def _spec_key(kernel, args, kwargs):
-    from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    backend = make_backend(_target(90))
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    _, spec, opts = binder(*args, **dict(kwargs))
-    return kernel.__name__, str(spec), str(sorted(opts.items()))
 
 
 def markdown(rows: list[dict]) -> str:

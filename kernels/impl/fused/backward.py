@@ -13,13 +13,15 @@ into dQ, dK, dV and the image gradients.
 """
 from __future__ import annotations
 
+import functools
 import math
 
+import torch
 import triton
 import triton.language as tl
 
-from .forward import block_config, cdiv, dot_precision, launch_strides
-from .launch import launch
+from .forward import block_config, cdiv, dot_precision, launch_strides, split_head_dim, tile_override
+from .launch import launch, tiles_for_cuda
 from .primitives import LOG2E, dot_pair, load_pair, store_pair
 
 
@@ -158,9 +160,22 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
 
 
 @triton.jit
+def _store_partials(PK, PV, i_part, o_n, L, L_MAX, b_dk0, b_dk1, b_dv0, b_dv1, HEAD_DIM: tl.constexpr,
+                    D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr, PART: tl.constexpr):
+    """fp32 dK (scaled) / dV of one chunk of a split target's readers, into partial slot ``i_part``
+    of this program's (batch, head): (slots, B*H, L_MAX, HEAD_DIM) buffers, summed later by
+    :func:`_bwd_reduce_kernel`."""
+    o_p = (i_part * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * L_MAX * HEAD_DIM
+    if PART != 1:
+        store_pair(PK + o_p, b_dk0, b_dk1, o_n, HEAD_DIM, L, HEAD_DIM, D0, D1, SPLIT, False)
+    if PART != 2:
+        store_pair(PV + o_p, b_dv0, b_dv1, o_n, HEAD_DIM, L, HEAD_DIM, D0, D1, SPLIT, False)
+
+
+@triton.jit
 def _bwd_dkv_kernel(
-    Q, K, V, U, KI, VI, DO, LSE, DELTA, DK, DV, DU, DKI, DVI,
-    row_qframe, tgt_frame, tgt_vslot, n_rd, rd_row, rd_logw,
+    Q, K, V, U, KI, VI, DO, LSE, DELTA, DK, DV, DU, DKI, DVI, PK, PV,
+    row_qframe, tgt_frame, tgt_vslot, tgt_part, n_rd, rd_row, rd_logw,
     stride_qb, stride_qf, stride_qn, stride_qh,
     stride_kb, stride_kf, stride_kn, stride_kh,
     stride_vb, stride_vf, stride_vn, stride_vh,
@@ -172,15 +187,22 @@ def _bwd_dkv_kernel(
     stride_gb, stride_gf, stride_gn, stride_gh,
     stride_gub, stride_guf, stride_gun, stride_guh,
     stride_gib, stride_gim, stride_gih,
-    H, N, M, RD_MAX, qk_scale, scale,
+    H, N, M, RD_MAX, L_MAX, qk_scale, scale,
     ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
+    CHUNKED: tl.constexpr,
 ):
     i_n, i_bh, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     i_src = tl.load(tgt_frame + i_t).to(tl.int64)
     i_slot = tl.load(tgt_vslot + i_t).to(tl.int64)
+    # CHUNKED: some targets' readers are split across programs (load balance); those programs
+    # write fp32 partials, reduced in slot order afterwards. Without it the code is as before.
+    if CHUNKED:
+        i_part = tl.load(tgt_part + i_t)
+    else:
+        i_part = -1
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if i_src < 0:  # the image tokens: M keys
         if i_n * BLOCK_N < M:
@@ -198,12 +220,16 @@ def _bwd_dkv_kernel(
                 stride_ln, N, RD_MAX, qk_scale,
                 HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART)
             o_g = (i_b * stride_gib + i_h * stride_gih) * ALIGN
-            if PART != 1:
-                store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim * ALIGN, M, HEAD_DIM,
-                           D0, D1, SPLIT, ACCUMULATE)
-            if PART != 2:
-                store_pair(DVI + o_g, b_dv0, b_dv1, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT,
-                           ACCUMULATE)
+            if i_part >= 0:
+                _store_partials(PK, PV, i_part, o_n, M, L_MAX, b_dk0 * scale, b_dk1 * scale, b_dv0, b_dv1,
+                                HEAD_DIM, D0, D1, SPLIT, PART)
+            else:
+                if PART != 1:
+                    store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim * ALIGN, M, HEAD_DIM,
+                               D0, D1, SPLIT, ACCUMULATE)
+                if PART != 2:
+                    store_pair(DVI + o_g, b_dv0, b_dv1, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT,
+                               ACCUMULATE)
     elif i_n * BLOCK_N < N:  # a frame: N keys; values V, or U for a keyframe in phase 2
         b_k0, b_k1 = load_pair(K + (i_b * stride_kb + i_src * stride_kf + i_h * stride_kh) * ALIGN, o_n,
                                stride_kn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
@@ -222,51 +248,141 @@ def _bwd_dkv_kernel(
             stride_ln, N, RD_MAX, qk_scale,
             HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART)
         o_g = (i_b * stride_gb + i_src * stride_gf + i_h * stride_gh) * ALIGN
-        if PART != 1:
-            store_pair(DK + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1,
-                       SPLIT, ACCUMULATE)
-        if PART == 2:
-            pass
-        elif i_slot < 0:
-            store_pair(DV + o_g, b_dv0, b_dv1, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
-        else:  # gradient of the refreshed values U: the dO of phase 1
-            if not ACCUMULATE:  # phase 2 writes every gradient: V_r itself is read in phase 1 only
+        if not ACCUMULATE and PART != 2:
+            if i_slot >= 0:  # phase 2 writes every gradient: a keyframe's own V is read in phase 1 only
                 store_pair(DV + o_g, tl.zeros([BLOCK_N, D0], tl.float32), tl.zeros([BLOCK_N, D1], tl.float32),
                            o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, False)
-            store_pair(DU + (i_b * stride_gub + i_slot * stride_guf + i_h * stride_guh) * ALIGN, b_dv0, b_dv1,
-                       o_n, stride_gun * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+        if i_part >= 0:
+            _store_partials(PK, PV, i_part, o_n, N, L_MAX, b_dk0 * scale, b_dk1 * scale, b_dv0, b_dv1,
+                            HEAD_DIM, D0, D1, SPLIT, PART)
+        else:
+            if PART != 1:
+                store_pair(DK + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1,
+                           SPLIT, ACCUMULATE)
+            if PART == 2:
+                pass
+            elif i_slot < 0:
+                store_pair(DV + o_g, b_dv0, b_dv1, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+            else:  # gradient of the refreshed values U: the dO of phase 1
+                store_pair(DU + (i_b * stride_gub + i_slot * stride_guf + i_h * stride_guh) * ALIGN, b_dv0,
+                           b_dv1, o_n, stride_gun * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+
+
+@triton.jit
+def _bwd_reduce_kernel(
+    PK, PV, DK, DV, DU, DKI, DVI,
+    red_frame, red_vslot, red_first, red_count,
+    stride_gb, stride_gf, stride_gn, stride_gh,
+    stride_gub, stride_guf, stride_gun, stride_guh,
+    stride_gib, stride_gim, stride_gih,
+    H, N, M, L_MAX,
+    ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV (or dU) of each split target: its partial slots added in slot order (the same
+    bits every run), then written (phase 2) or added to what phase 2 wrote (phase 1)."""
+    i_n, i_bh, i_j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_src = tl.load(red_frame + i_j).to(tl.int64)
+    i_slot = tl.load(red_vslot + i_j).to(tl.int64)
+    i_first = tl.load(red_first + i_j)
+    L = tl.where(i_src < 0, M, N)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if i_n * BLOCK_N < L:
+        b_dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
+        b_dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
+        b_dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
+        b_dv1 = tl.zeros([BLOCK_N, D1], tl.float32)
+        for i_c in range(0, tl.load(red_count + i_j)):
+            o_p = ((i_first + i_c) * tl.num_programs(1) + i_bh).to(tl.int64) * L_MAX * HEAD_DIM
+            p0, p1 = load_pair(PK + o_p, o_n, HEAD_DIM, L, HEAD_DIM, D0, D1, SPLIT)
+            b_dk0 += p0
+            b_dk1 += p1
+            p0, p1 = load_pair(PV + o_p, o_n, HEAD_DIM, L, HEAD_DIM, D0, D1, SPLIT)
+            b_dv0 += p0
+            b_dv1 += p1
+        if i_src < 0:
+            o_g = (i_b * stride_gib + i_h * stride_gih) * ALIGN
+            store_pair(DKI + o_g, b_dk0, b_dk1, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+            store_pair(DVI + o_g, b_dv0, b_dv1, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+        else:
+            o_g = (i_b * stride_gb + i_src * stride_gf + i_h * stride_gh) * ALIGN
+            store_pair(DK + o_g, b_dk0, b_dk1, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+            if i_slot < 0:
+                store_pair(DV + o_g, b_dv0, b_dv1, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+            else:
+                store_pair(DU + (i_b * stride_gub + i_slot * stride_guf + i_h * stride_guh) * ALIGN, b_dv0,
+                           b_dv1, o_n, stride_gun * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
 
 
 def launch_bwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq, dk, dv, du,
-               dk_img, dv_img) -> None:
+               dk_img, dv_img, pk=None, pv=None) -> None:
     """Backward of one phase (see module docstring). ``spec``: :func:`bwd_spec` of these tensors
     (cached by the caller). ``do``/``out``/``lse``/``dlse`` (gradient of the LSE or None) and
     ``delta`` (written here, fp32) are indexed by row; gradient buffers dq/dk/dv (B,F,N,H,D),
-    du (B,K,N,H,D), dk_img/dv_img (B,M,H,D) share the strides of dk (frames) and dk_img (image)."""
-    (dq_grid, dq_scalars, dq_consts), dkv_launches = spec
+    du (B,K,N,H,D), dk_img/dv_img (B,M,H,D) share the strides of dk (frames) and dk_img (image).
+    ``pk``/``pv``: fp32 partial buffers of shape ``spec[4]`` when the spec splits targets, else None."""
+    (dq_grid, dq_scalars, dq_consts), dkv_launches, reduce_launch, dkv_tables, _ = spec
     dummy = q  # never dereferenced
     u_ = u if u is not None else dummy
     ki_, vi_ = (k_img, v_img) if k_img is not None else (dummy, dummy)
+    du_ = du if du is not None else dummy
+    dki_, dvi_ = (dk_img, dv_img) if dk_img is not None else (dummy, dummy)
+    pk_, pv_ = (pk, pv) if pk is not None else (dummy, dummy)
     launch(
         _bwd_dq_kernel, dq_grid,
         q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, delta, dq,
         tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
         *dq_scalars, **dq_consts)
+    t = dkv_tables
     for grid, scalars, consts in dkv_launches:
         launch(
             _bwd_dkv_kernel, grid,
-            q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du if du is not None else dummy,
-            dk_img if dk_img is not None else dummy, dv_img if dv_img is not None else dummy,
-            tables["row_qframe"], tables["tgt_frame"], tables["tgt_vslot"], tables["n_rd"],
-            tables["rd_row"], tables["rd_logw"],
+            q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du_, dki_, dvi_, pk_, pv_,
+            t["row_qframe"], t["tgt_frame"], t["tgt_vslot"], t["tgt_part"], t["n_rd"], t["rd_row"], t["rd_logw"],
             *scalars, **consts)
+    if reduce_launch is not None:
+        grid, scalars, consts = reduce_launch
+        launch(_bwd_reduce_kernel, grid, pk, pv, dk, dv, du_, dki_, dvi_,
+               t["red_frame"], t["red_vslot"], t["red_first"], t["red_count"], *scalars, **consts)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # a CPU tensor under cuda_tiles() (the compile report): an H100 SXM
+
+
+def reader_cap(reader_counts, key_blocks: int, batch_heads: int, cuda: bool, device, env: str | None):
+    """Most readers one dK/dV program may carry, or None to keep every target whole.
+
+    A target read by R rows is one program of R passes per key block; the launch takes at least
+    as long as its heaviest program. That only matters when it exceeds the average work per SM
+    (small grids: the U-Net's 16- and 64-token levels, where the anchor frame's programs carry F
+    times the others' work); then the cap is that average (at least the mean readers per
+    target). ``VB_TILES="readers=K"`` forces K (tests split targets on the CPU this way)."""
+    forced = tile_override("readers", env)
+    heavy = max(reader_counts, default=0)
+    if forced:
+        cap = forced[0]
+    elif not cuda:
+        return None
+    else:
+        read = [r for r in reader_counts if r]
+        total = sum(read)
+        per_sm = cdiv(key_blocks * batch_heads * total, _sm_count(device))
+        cap = max(cdiv(total, max(1, len(read))), per_sm)
+    return cap if heavy > cap else None
 
 
 def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_img, dv_img, tables: dict,
              scale: float, accumulate: bool, env: str | None) -> tuple:
-    """(dq launch, [dK/dV launches]) of one backward phase, each as (grid, non-tensor arguments,
-    constexpr/launch keywords); arguments as :func:`launch_bwd`'s, ``accumulate``: add into the
-    gradient buffers (phase 1, after phase 2) instead of writing them."""
+    """(dq launch, dK/dV launches, reduction launch or None, the dK/dV launches' tables, shape of
+    the fp32 partial buffers or None) of one backward phase, each launch as (grid, non-tensor
+    arguments, constexpr/launch keywords); arguments as :func:`launch_bwd`'s, ``accumulate``:
+    add into the gradient buffers (phase 1, after phase 2) instead of writing them."""
     b, _, n, h, d = q.shape
     m = 0 if k_img is None else k_img.shape[1]
     # the kernels read O with dO's strides and the LSE / Delta with head stride 1
@@ -283,15 +399,25 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
                  (*common, *st_dq, *lse.stride()[:3], h, n, m, tables["n_src_max"], qk_scale, scale),
                  dict(HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al,
                       PREC=prec, **cfg))
-    n_targets = tables["n_targets"]
-    if n_targets == 0:
-        return dq_launch, ()
+    if tables["n_targets"] == 0:
+        return dq_launch, (), None, tables, None
     cfg = block_config(d, q.device, "dkv", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
+    key_blocks = cdiv(max(n, m), cfg["BLOCK_N"])
+    cap = reader_cap(tables["reader_counts"], key_blocks, b * h, tiles_for_cuda(q.device), q.device, env)
+    t = tables if cap is None else tables["plan"].tables(q.device, cap)
     # D > 128 in 16 bits: dK and dV in two launches (dV, then dK), each with half the
     # accumulators, so one warpgroup owns a 64-key tile without spills or m64n16 wgmma.
     width = cfg["D0"] + (cfg["D1"] if cfg["SPLIT"] else 0)
     parts = (1, 2) if width > 128 and q.element_size() == 2 and cfg["BLOCK_N"] >= 64 else (0,)
-    grid = (cdiv(max(n, m), cfg["BLOCK_N"]), b * h, n_targets)
-    scalars = (*common, *lse.stride()[:3], *st_g, h, n, m, tables["n_rd_max"], qk_scale, scale)
-    consts = dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, **cfg)
-    return dq_launch, tuple((grid, scalars, dict(consts, PART=part)) for part in parts)
+    grid = (key_blocks, b * h, t["n_targets"])
+    scalars = (*common, *lse.stride()[:3], *st_g, h, n, m, t["n_rd_max"], max(n, m), qk_scale, scale)
+    consts = dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, CHUNKED=cap is not None, **cfg)
+    dkv = tuple((grid, scalars, dict(consts, PART=part)) for part in parts)
+    if cap is None:
+        return dq_launch, dkv, None, t, None
+    d0, d1 = split_head_dim(d)
+    block_r = 64 if d <= 64 else 32 if d <= 128 else 16
+    reduce = ((cdiv(max(n, m), block_r), b * h, t["n_reductions"]), (*st_g, h, n, m, max(n, m)),
+              dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, D0=d0, D1=max(d1, 16), SPLIT=d1 > 0,
+                   BLOCK_N=block_r, num_warps=4))
+    return dq_launch, dkv, reduce, t, (t["n_partials"], b * h, max(n, m), d)

@@ -127,18 +127,24 @@ _TILES = {
 
 def tile_override(kernel: str, spec: str | None):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``kernel`` from a ``VB_TILES`` value ``spec``
-    (e.g. ``"fwd=128,64,8,2;dkv=64,64,4,2"``, what the GPU tile sweep sets), or None."""
+    (e.g. ``"fwd=128,64,8,2;dkv=64,64,4,2"``, what the GPU tile sweep sets), or None; for
+    ``kernel="readers"`` the dK/dV reader cap (``"readers=4"``: split every backward target read
+    by more than 4 rows, see :func:`kernels.schedule.chunk_targets`) as ``(cap,)``."""
     for item in filter(None, (spec or "").split(";")):
         name, _, vals = item.partition("=")
+        name = name.strip()
         try:
             tiles = tuple(int(x) for x in vals.split(","))
         except ValueError:
             tiles = ()
-        if name.strip() not in ("fwd", "dq", "dkv") or len(tiles) != 4 or any(
+        if name == "readers":
+            if len(tiles) != 1 or tiles[0] < 1:
+                raise ValueError(f"VB_TILES: expected 'readers=K' with an int K >= 1, got {item!r}")
+        elif name not in ("fwd", "dq", "dkv") or len(tiles) != 4 or any(
                 x < 16 or x & (x - 1) for x in tiles[:2]) or tiles[2] not in (1, 2, 4, 8) or tiles[3] < 1:
             raise ValueError(f"VB_TILES: expected 'kernel=BLOCK_M,BLOCK_N,num_warps,num_stages;...' with kernel "
                              f"in fwd/dq/dkv and power-of-two blocks >= 16, got {item!r}")
-        if name.strip() == kernel:
+        if name == kernel:
             return tiles
     return None
 

@@ -92,6 +92,15 @@ def _fused_fwd(q, k, v, k_img, v_img, schedule, scale):
     return out, lse, u, lse1
 
 
+def _partials(spec, q):
+    # fp32 dK and dV partial sums of the split dK/dV targets (small grids only; see reader_cap)
+    shape = spec[4]
+    if shape is None:
+        return None, None
+    return (_alloc(shape, dtype=torch.float32, device=q.device),
+            _alloc(shape, dtype=torch.float32, device=q.device))
+
+
 def fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule: Schedule, scale: float, dlse=None):
     """Gradients (dq, dk, dv, dk_img, dv_img); dk_img/dv_img None without image tokens.
     ``dlse``: gradient of the phase-2 LSE or None. Phase 2 first (it produces dU), then phase 1
@@ -131,11 +140,11 @@ def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, 
     spec2, spec1 = plan[2:]
     with nvtx_range("vb.phase2.cross_frame.bwd"):
         launch_bwd(spec2, tables2, q, k, v, u, k_img, v_img, dout, out, lse, dlse, delta, dq, dk, dv, du,
-                   dk_img, dv_img)
+                   dk_img, dv_img, *_partials(spec2, q))
     if u is not None:
         with nvtx_range("vb.phase1.refresh.bwd"):
             launch_bwd(spec1, tables1, q, k, v, None, k_img, v_img, du, u, lse1, None, delta1, dq, dk, dv, None,
-                       dk_img, dv_img)
+                       dk_img, dv_img, *_partials(spec1, q))
     return dq, dk, dv, dk_img, dv_img
 
 
