@@ -94,6 +94,13 @@ def chunk_targets(targets, max_readers: int | None):
 
 @lru_cache(maxsize=256)
 def _plan_tables(plan: Plan, device: torch.device, max_readers: int | None = None) -> dict[str, torch.Tensor]:
+    # Built once per (plan, device, split), shared by equal schedules; the copy to the device is
+    # illegal inside a CUDA graph capture, so a first use there is an error that says what to do.
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"schedule: the fused kernels' tables for this schedule are not on {device} yet, and a CUDA "
+            "graph is being captured (a host-to-device copy is illegal there); run the op once at "
+            "these shapes (forward and backward, if the graph has one) before capturing")
     rows = plan.rows
     n_src_max = max(1, max(len(s) for _, s in rows))
     row_qframe = [qf for qf, _ in rows]
@@ -256,12 +263,6 @@ class Schedule:
         key = (has_image, device)
         hit = self._fused.get(key)
         if hit is None:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(
-                    "schedule: the fused kernels' tables for this schedule are not on "
-                    f"{device} yet, and a CUDA graph is being captured (a host-to-device copy is "
-                    "illegal there); run the op once, or call schedule.fused_tables(has_image, "
-                    "device), before capturing")
             phase1, phase2 = self.plan(has_image)
             hit = (phase1.tables(device) if phase1.rows else None, phase2.tables(device))
             self._fused[key] = hit

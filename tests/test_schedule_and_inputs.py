@@ -103,3 +103,16 @@ def test_image_tokens_optional_everywhere():
     out0 = videobooth_attention(**_ins(k_img=torch.randn(1, 0, 2, 16), v_img=torch.randn(1, 0, 2, 16),
                                        q=args["q"], k=args["k"], v=args["v"]), backend="sdpa")
     assert torch.equal(out, out0)
+
+
+def test_tables_refuse_a_first_build_inside_cuda_graph_capture(monkeypatch):
+    """Device tables are copied host-to-device at their first use, which a CUDA graph capture
+    forbids: a first build during capture says what to do; tables built before are reused."""
+    import kernels.schedule as S
+
+    plan = Schedule.window(5, 3).plan(True)[1]
+    built = plan.tables("cpu")  # a build outside capture (CPU stands in for the device here)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert plan.tables("cpu") is built  # cached: no copy, no error
+    with pytest.raises(RuntimeError, match="CUDA graph is being captured.*run the op once"):
+        S._plan_tables(plan, torch.device("cuda", 0), 2)
