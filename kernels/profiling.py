@@ -22,9 +22,12 @@ def _nvtx():
     return nvtx
 
 
+_NOTHING = contextlib.nullcontext()  # stateless: one instance serves every range (host time per call)
+
+
 def nvtx_range(name: str, color: str = "green"):
     """Context manager: a named NVTX range (domain "videobooth"), or nothing without nvtx/CUDA."""
     mod = _nvtx()
     if mod is None:
-        return contextlib.nullcontext()
+        return _NOTHING
     return mod.annotate(name, color=color, domain="videobooth")

@@ -28,9 +28,12 @@ _alloc_like = torch.empty_like
 _DENSE = torch.contiguous_format
 
 
+_NOTHING = contextlib.nullcontext()
+
+
 def _on_device(q):
     """Triton launches on the current CUDA device: make it q's (a pipeline on cuda:1, say)."""
-    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    return torch.cuda.device(q.device) if q.is_cuda else _NOTHING
 
 
 def fused_fwd(q, k, v, k_img, v_img, schedule: Schedule, scale: float):
