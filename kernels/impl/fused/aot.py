@@ -176,10 +176,21 @@ def inner_loops(lines: list[str]) -> list[list[str]]:
     return [body for body in bodies if any(_MMA.search(t) for t in body)]
 
 
+def steady_loops(loops: list[list[str]]) -> list[list[str]]:
+    """The loops that run over full tiles. The kernels run a source's full key tiles unmasked and
+    its partial last tile in a separate, masked loop (``attend_source``, ``_dq_source``), whose
+    row mask becomes FSEL instructions; that tail runs at most once per source (never when the
+    tile divides the sequence), so it is not the loop the cost per key is read from. Loops with
+    no FSEL, when there are any; else all of them."""
+    unmasked = [body for body in loops if not any(t.split()[0] == "FSEL" or
+                                                  (t.startswith("@") and t.split()[1] == "FSEL") for t in body)]
+    return unmasked or loops
+
+
 @dataclasses.dataclass
 class KernelReport:
     """What one launch compiles to. ``loop_insts``: SASS instructions of the largest innermost MMA
-    loop (one iteration, one warp); ``per64``: warp-instructions per 128 x 64 (query x key)
+    loop over full tiles (:func:`steady_loops`; one iteration, one warp); ``per64``: warp-instructions per 128 x 64 (query x key)
     score tile divided by 8 (for the forward with 8 warps on 128 queries: SASS instructions per
     64 keys, the issue's measure)."""
 
@@ -215,7 +226,7 @@ def analyse(kernel, grid, args, kwargs, arch: int = 90, phase: int = 0, bound=No
     # scalar 16-bit global loads: one element per thread, what an unaligned tile load becomes
     scalar16 = len(re.findall(r"\bld\.global(?:\.(?!v\d)[\w:]+)*\.[bu]16\b", ptx))
     loops = inner_loops(sass_lines(k.asm["cubin"])) if "cubin" in k.asm else []
-    body = max(loops, key=len) if loops else []
+    body = max(steady_loops(loops), key=len) if loops else []
     # issue slots per 128 x 64 (query x key) tile, in units of 8 warps: the loop body runs on
     # every warp, over BLOCK_M x BLOCK_N scores per iteration (the reduction has no score tile)
     norm = 128 * 64 / (kwargs["BLOCK_M"] * kwargs["BLOCK_N"]) * kwargs.get("num_warps", 4) / 8 \

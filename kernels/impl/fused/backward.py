@@ -26,21 +26,43 @@ from .primitives import LOG2E, dot_pair, load_pair, store_pair
 
 
 @triton.jit
+def _dq_step(b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_shift, b_delta, p_k, p_v, stride_kn, stride_vn, L, start,
+             qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+             SPLIT: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+    """dQ contribution of keys [start, start + BLOCK_N) of a source (MASK: the tail tile)."""
+    o_k = start + tl.arange(0, BLOCK_N)
+    b_k0, b_k1 = load_pair(p_k, o_k, stride_kn, L, HEAD_DIM, D0, D1, SPLIT, MASK)
+    b_v0, b_v1 = load_pair(p_v, o_k, stride_vn, L, HEAD_DIM, D0, D1, SPLIT, MASK)
+    # P = exp2(s * qk_scale + bias - lse2): one FFMA per score, the row shift (lse2 - bias) hoisted
+    b_p = tl.exp2(dot_pair(b_q0, b_q1, b_k0, b_k1, SPLIT, PREC) * qk_scale - b_shift[:, None])
+    if MASK:
+        b_p = tl.where((o_k < L)[None, :], b_p, 0.0)
+    b_ds = b_p * (dot_pair(b_do0, b_do1, b_v0, b_v1, SPLIT, PREC) - b_delta[:, None])
+    b_dq0 += tl.dot(b_ds.to(b_k0.dtype), b_k0, input_precision=PREC)
+    if SPLIT:
+        b_dq1 += tl.dot(b_ds.to(b_k1.dtype), b_k1, input_precision=PREC)
+    return b_dq0, b_dq1
+
+
+@triton.jit
 def _dq_source(b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k, p_v, stride_kn, stride_vn,
                L, bias, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
                D1: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
-    """dQ contribution of one source's L keys: sum_j dS_ij K_j (unscaled), by head-dim chunk."""
-    o_n = tl.arange(0, BLOCK_N)
-    for start in range(0, L, BLOCK_N):
-        o_k = start + o_n
-        b_k0, b_k1 = load_pair(p_k, o_k, stride_kn, L, HEAD_DIM, D0, D1, SPLIT)
-        b_v0, b_v1 = load_pair(p_v, o_k, stride_vn, L, HEAD_DIM, D0, D1, SPLIT)
-        b_s = dot_pair(b_q0, b_q1, b_k0, b_k1, SPLIT, PREC) * qk_scale + bias
-        b_p = tl.where((o_k < L)[None, :], tl.exp2(b_s - b_lse2[:, None]), 0.0)
-        b_ds = b_p * (dot_pair(b_do0, b_do1, b_v0, b_v1, SPLIT, PREC) - b_delta[:, None])
-        b_dq0 += tl.dot(b_ds.to(b_k0.dtype), b_k0, input_precision=PREC)
-        if SPLIT:
-            b_dq1 += tl.dot(b_ds.to(b_k1.dtype), b_k1, input_precision=PREC)
+    """dQ contribution of one source's L keys: sum_j dS_ij K_j (unscaled), by head-dim chunk.
+    Full key tiles run unmasked; only the last, partial one is masked (as the forward)."""
+    b_shift = b_lse2 - bias
+    if HEAD_DIM <= 128:
+        n_full = L // BLOCK_N * BLOCK_N
+        for start in range(0, n_full, BLOCK_N):
+            b_dq0, b_dq1 = _dq_step(b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_shift, b_delta, p_k, p_v, stride_kn,
+                                    stride_vn, L, start, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, False, PREC)
+        for start in tl.range(n_full, L, BLOCK_N, num_stages=1):
+            b_dq0, b_dq1 = _dq_step(b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_shift, b_delta, p_k, p_v, stride_kn,
+                                    stride_vn, L, start, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, True, PREC)
+    else:  # one masked, pipelined loop: a second loop body pushes D = 160 past 255 registers
+        for start in range(0, L, BLOCK_N):
+            b_dq0, b_dq1 = _dq_step(b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_shift, b_delta, p_k, p_v, stride_kn,
+                                    stride_vn, L, start, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, True, PREC)
     return b_dq0, b_dq1
 
 
@@ -126,7 +148,9 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr):
     """dK (unscaled), dV of one key tile, summed over every row that reads it, in row order.
     PART 0: both; 1: dV only (no V, no Delta needed); 2: dK only. Split launches halve the
-    accumulators where dK and dV of a 64-key tile would not fit one warpgroup (D = 160)."""
+    accumulators where dK and dV of a 64-key tile would not fit one warpgroup (D = 160).
+    One masked loop over query tiles: an unmasked loop for full tiles plus a masked tail (the
+    forward's and dQ's layout) compiled to more instructions and spills here (compile report)."""
     b_dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
     b_dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
     b_dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
@@ -143,9 +167,10 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
             m_m = o_m < N
             b_q0, b_q1 = load_pair(p_q, o_m, stride_qn, N, HEAD_DIM, D0, D1, SPLIT)
             b_do0, b_do1 = load_pair(p_do, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
-            # Padded query rows get lse = +inf, so their P^T column is exactly 0.
-            b_lse2 = tl.load(LSE + o_l + o_m * stride_ln, mask=m_m, other=float("inf")) * LOG2E
-            b_pt = tl.exp2(dot_pair(b_k0, b_k1, b_q0, b_q1, SPLIT, PREC) * qk_scale + bias - b_lse2[None, :])
+            # P^T = exp2(s * qk_scale + bias - lse2): one FFMA per score, the shift (lse2 - bias)
+            # per query. Padded query rows get lse = +inf, so their P^T column is exactly 0.
+            b_shift = tl.load(LSE + o_l + o_m * stride_ln, mask=m_m, other=float("inf")) * LOG2E - bias
+            b_pt = tl.exp2(dot_pair(b_k0, b_k1, b_q0, b_q1, SPLIT, PREC) * qk_scale - b_shift[None, :])
             if PART != 2:
                 b_dv0 += tl.dot(b_pt.to(b_do0.dtype), b_do0, input_precision=PREC)
                 if SPLIT:
