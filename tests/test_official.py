@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import vb
 from vb.coarse import OFFICIAL_CLIP_LAYERS, official_preprocess
-from vb.official import convert_official, load_official, official_key, official_mapper_key, unet_kwargs_from_official
+from vb.official import load_official, official_key, official_mapper_key, unet_kwargs_from_official
 from vb.pipeline import ddpm_step, official_denoise, official_guidance, official_prompt, official_scheduler
 from vb.temporal import TemporalAttention
 from vb.unet import ClipGroupNorm, VideoBoothUNet, WatermarkModule

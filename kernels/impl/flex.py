@@ -66,11 +66,12 @@ def _masks(schedule: Schedule, n: int, m: int, device: torch.device):
         frame_key = present[q_idx // n, (kv_idx - m).clamp(min=0) // n] & (kv_idx >= m)
         return frame_key | ((kv_idx < m) & img_keys)
 
-    score_mod = None
-    if bool((count > 1).any()):
-        def score_mod(score, b_, h_, q_idx, kv_idx):
-            bias = logc[q_idx // n, (kv_idx - m).clamp(min=0) // n]
-            return score + torch.where(kv_idx >= m, bias, 0.0)
+    def count_bias(score, b_, h_, q_idx, kv_idx):
+        bias = logc[q_idx // n, (kv_idx - m).clamp(min=0) // n]
+        return score + torch.where(kv_idx >= m, bias, 0.0)
+
+    # a reference read c times is attended once with a log(c) bias; none: no score_mod at all
+    score_mod = count_bias if bool((count > 1).any()) else None
 
     cross = _fa.create_block_mask(cross_mask, None, None, n_frames * n, kv_len, device=device)
     return refresh, cross, score_mod, kf
