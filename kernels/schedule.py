@@ -73,7 +73,7 @@ def chunk_targets(targets, max_readers: int | None):
     """Split heavy dK/dV targets for load balance (issue 11 item 4).
 
     ``targets``: :meth:`Plan.targets`. A target read by more than ``max_readers`` rows becomes
-    ceil(R / max_readers) chunks of consecutive readers (row order kept); each chunk's programs
+    ceil(R / max_readers) chunks of consecutive readers, as even as they go (row order kept); each chunk's programs
     write fp32 partial sums to their own partial slot, and one reduction adds a target's slots
     in slot order: the same bits every run. Returns (chunks, reductions): chunks are
     (Source, readers, partial slot or -1), heaviest first, unread targets last; reductions are
@@ -83,7 +83,9 @@ def chunk_targets(targets, max_readers: int | None):
         if max_readers is None or len(readers) <= max_readers:
             chunks.append((src, readers, -1))
             continue
-        parts = [readers[i:i + max_readers] for i in range(0, len(readers), max_readers)]
+        count = -(-len(readers) // max_readers)  # sizes differ by at most one: 16 at cap 15 -> 8 + 8
+        bounds = [i * len(readers) // count for i in range(count + 1)]
+        parts = [readers[bounds[i]:bounds[i + 1]] for i in range(count)]
         reductions.append((src, n_slots, len(parts)))  # a target's partial slots are consecutive
         chunks.extend((src, part, n_slots + i) for i, part in enumerate(parts))
         n_slots += len(parts)
