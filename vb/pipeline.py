@@ -444,6 +444,12 @@ class VideoBoothPipeline(DiffusionPipeline):
         finally:
             self.backbone.image_scale = prev_scale
 
+        return self._finish(latents, output_type, return_dict)
+
+    def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool):
+        """Latents (B, C, F, h, w) to the requested output: ``"latent"`` as they are, else decoded
+        to (B, F, 3, H, W) in [0, 1] (``"pt"``), (B, F, H, W, 3) arrays (``"np"``) or lists of PIL
+        frames (``"pil"``); offload hooks released."""
         if output_type == "latent":
             frames = latents
         else:
@@ -536,18 +542,7 @@ class VideoBoothPipeline(DiffusionPipeline):
             latents = official_denoise(self.backbone, sched, latents, text.to(dtype), null.to(dtype),
                                        image_latent.to(dtype), guidance_scale=guidance_scale,
                                        image_frames=image_frames, generator=generator, progress=bar.update)
-        if output_type == "latent":
-            frames = latents
-        else:
-            video = self.decode_latents(latents)
-            if output_type == "pt":
-                frames = video
-            else:
-                arr = video.permute(0, 1, 3, 4, 2).cpu().float().numpy()
-                frames = arr if output_type == "np" else [
-                    [PIL.Image.fromarray((f * 255).round().astype(np.uint8)) for f in vid] for vid in arr]
-        self.maybe_free_model_hooks()
-        return VideoBoothPipelineOutput(frames=frames) if return_dict else (frames,)
+        return self._finish(latents, output_type, return_dict)
 
     def _predict(self, x, t, text, pooled, image_embeds, image_latents, null_text, null_pooled):
         return self.backbone(x, t, text, pooled_text_embeds=pooled, image_embeds=image_embeds,
