@@ -22,7 +22,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapter import load_adapter, save_adapter
-from .backbone import own_aligned_storage
+from .backbone import check_tensor, expand_batch, own_aligned_storage
 from .coarse import _as_list, encode_prompt
 from .latents import encode_latents
 
@@ -46,28 +46,18 @@ def official_prompt(prompt: str, subject_word: str) -> str:
     return low.replace(word, OFFICIAL_PLACEHOLDER)
 
 
+_SHAPE_DOC = {3: "(B, L, D_text)", 2: "(B, D_text)"}
+
+
 def _check_embeds(name: str, t, ndim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name}: expected {ndim} dims ({'(B, L, D_text)' if ndim == 3 else '(B, D_text)'}), "
-                         f"got shape {tuple(t.shape)}")
-
-
-def _expand(name: str, t: torch.Tensor, batch: int) -> torch.Tensor:
-    """(1, ...) or (batch, ...) -> (batch, ...)."""
-    if t.shape[0] == batch:
-        return t
-    if t.shape[0] == 1:
-        return t.expand(batch, *t.shape[1:])
-    raise ValueError(f"{name}: expected batch 1 or {batch}, got shape {tuple(t.shape)}")
+    check_tensor(name, t, ndim, _SHAPE_DOC[ndim])
 
 
 def _opt(t, name: str, ndim: int, batch: int, device):
     if t is None:
         return None
     _check_embeds(name, t, ndim)
-    return _expand(name, t.to(device), batch)
+    return expand_batch(name, t.to(device), batch)
 
 
 def _repeat_each(n: int):
@@ -355,7 +345,7 @@ class VideoBoothPipeline(DiffusionPipeline):
         null_text, null_pooled = encode_prompt(self.text_encoder, self.tokenizer, [""])
         if negative_prompt_embeds is not None:
             _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3)
-            neg_text = _expand("negative_prompt_embeds", negative_prompt_embeds.to(device), b)
+            neg_text = expand_batch("negative_prompt_embeds", negative_prompt_embeds.to(device), b)
             neg_pooled = _opt(negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds", 2, b, device)
             if needs_pooled and neg_pooled is None:
                 raise ValueError("negative_pooled_prompt_embeds: the DiT backbone needs it with negative_prompt_embeds")
@@ -364,7 +354,7 @@ class VideoBoothPipeline(DiffusionPipeline):
             if len(negs) not in (1, b):
                 raise ValueError(f"negative_prompt: expected 1 or {b} prompts (one per prompt), got {len(negs)}")
             neg_text, neg_pooled = encode_prompt(self.text_encoder, self.tokenizer, negs)
-            neg_text, neg_pooled = _expand("negative_prompt", neg_text, b), _expand("negative_prompt", neg_pooled, b)
+            neg_text, neg_pooled = expand_batch("negative_prompt", neg_text, b), expand_batch("negative_prompt", neg_pooled, b)
         else:
             neg_text, neg_pooled = null_text.expand(b, -1, -1), null_pooled.expand(b, -1)
         null_text, null_pooled = null_text.expand(b, -1, -1), null_pooled.expand(b, -1)
