@@ -315,22 +315,36 @@ class VideoBoothAttnProcessor(_BaseProcessor):
         scale = st.image_scale
         if x_img is not None and scale == 0.0:
             x_img = None  # strength 0: exactly the pass without an image prompt
-        out = self._video_attention(attn, x, x_img, b, f, st.grid)
+        kv = self._frame_kv(attn, x, b, f)
+        out = self._video_attention(attn, x, x_img, b, f, st.grid, kv)
         if x_img is not None and scale != 1.0:
             # Strength s blends the outputs with and without injection: s = 1 is the paper's.
-            plain = self._video_attention(attn, x, None, b, f, st.grid)
+            # The frames' K/V are the same in both passes (projected once).
+            plain = self._video_attention(attn, x, None, b, f, st.grid, kv)
             out = plain + scale * (out - plain)
         return self._post(attn, out, residual, shape4)
 
-    def _video_attention(self, attn, x, x_img, b, f, grid):
-        """(B*F, N, C) frames [+ (B, M0, C) image states] -> (B*F, N, C) attention output."""
+    def _frame_kv(self, attn, x, b, f):
+        """The frames' keys and values, (B, F, N, H, D) views of the projections (k normed)."""
+        n = x.shape[1]
+        k, v = self.to_k_new(x), self.to_v_new(x)
+        h, d = _heads(attn, k)
+        k, v = k.view(b, f, n, h, d), v.view(b, f, n, h, d)
+        if getattr(attn, "norm_k", None) is not None:
+            k = attn.norm_k(k)
+        return k, v
+
+    def _video_attention(self, attn, x, x_img, b, f, grid, kv):
+        """(B*F, N, C) frames [+ (B, M0, C) image states] -> (B*F, N, C) attention output;
+        ``kv``: :meth:`_frame_kv` of ``x``."""
         bf, n, _ = x.shape
         to_q = self.to_q_new if (x_img is not None and self.to_q_new is not None) else attn.to_q
-        q, k, v = to_q(x), self.to_k_new(x), self.to_v_new(x)
-        h, d = _heads(attn, q)
+        k, v = kv
+        h, d = k.shape[3:]
         # BFNHD is a view of the projection output: the op reads it in place, no transpose.
-        q, k, v = (t.view(b, f, n, h, d) for t in (q, k, v))
-        q, k = self._qk_norm(attn, q, k)
+        q = to_q(x).view(b, f, n, h, d)
+        if getattr(attn, "norm_q", None) is not None:  # (absent in older diffusers)
+            q = attn.norm_q(q)
         k_img = v_img = None
         if x_img is not None:
             if x_img.shape[0] != b:
