@@ -25,3 +25,19 @@ def test_fused_saves_no_concatenated_kv(n, d):
     assert (fused, count) == (expected, 9)
     ref, _ = saved_tensor_bytes(videobooth_attention, *ins, schedule=sched, backend="reference")
     assert ref > fused
+
+
+def test_eager_fused_path_saves_through_saved_tensor_hooks():
+    """The eager path (autograd.Function, no dispatcher) keeps the same nine tensors as the custom
+    op, all through save_for_backward, so saved-tensor hooks (activation offloading) see them."""
+    from kernels.impl.fused import function, launch
+
+    b, f, n, h, d, m = 1, 4, 16, 2, 16, 8
+    ins = [torch.randn(b, f, n, h, d, dtype=torch.float16, requires_grad=True) for _ in range(3)]
+    ins += [torch.randn(b, m, h, d, dtype=torch.float16, requires_grad=True) for _ in range(2)]
+    seen = []
+    with launch.intercept(lambda *a: None), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: seen.append(tuple(t.shape)) or t, lambda t: t):
+        function._FusedAttention.apply(*ins, Schedule.videobooth(f), d ** -0.5, False)
+    assert sorted(seen) == sorted([(b, f, n, h, d)] * 4 + [(b, m, h, d)] * 2 + [(b, f, n, h), (b, 1, n, h, d),
+                                                                                (b, 1, n, h)])

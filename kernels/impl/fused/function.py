@@ -235,9 +235,10 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, k_img, v_img, schedule, scale, lse_grad):
         out, lse, u, lse1 = fused_fwd(q, k, v, k_img, v_img, schedule, scale)
-        ctx.save_for_backward(q, k, v, k_img, v_img, out, lse)
-        # U and its LSE are neither inputs nor outputs: held on ctx (no saved-variable packing)
-        ctx.u, ctx.lse1, ctx.schedule, ctx.scale = u, lse1, schedule, scale
+        # U and its LSE go through save_for_backward too: saved-tensor hooks (activation
+        # offloading, the saved-bytes tests) see everything the backward keeps
+        ctx.save_for_backward(q, k, v, k_img, v_img, out, lse, u, lse1)
+        ctx.schedule, ctx.scale = schedule, scale
         ctx.set_materialize_grads(False)
         if not lse_grad:  # the caller drops the LSE: one differentiable output less to track
             ctx.mark_non_differentiable(lse)
@@ -245,10 +246,10 @@ class _FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, k_img, v_img, out, lse = ctx.saved_tensors
+        q, k, v, k_img, v_img, out, lse, u, lse1 = ctx.saved_tensors
         if dout is None:  # only the LSE was used downstream
             dout = torch.zeros_like(out)
-        grads = fused_bwd(dout, q, k, v, k_img, v_img, out, lse, ctx.u, ctx.lse1, ctx.schedule, ctx.scale, dlse)
+        grads = fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, ctx.schedule, ctx.scale, dlse)
         return *grads, None, None, None
 
 
