@@ -315,36 +315,31 @@ class VideoBoothAttnProcessor(_BaseProcessor):
         scale = st.image_scale
         if x_img is not None and scale == 0.0:
             x_img = None  # strength 0: exactly the pass without an image prompt
-        kv = self._frame_kv(attn, x, b, f)
-        out = self._video_attention(attn, x, x_img, b, f, st.grid, kv)
+        out, kv = self._video_attention(attn, x, x_img, b, f, st.grid)
         if x_img is not None and scale != 1.0:
             # Strength s blends the outputs with and without injection: s = 1 is the paper's.
             # The frames' K/V are the same in both passes (projected once).
-            plain = self._video_attention(attn, x, None, b, f, st.grid, kv)
+            plain, _ = self._video_attention(attn, x, None, b, f, st.grid, kv)
             out = plain + scale * (out - plain)
         return self._post(attn, out, residual, shape4)
 
-    def _frame_kv(self, attn, x, b, f):
-        """The frames' keys and values, (B, F, N, H, D) views of the projections (k normed)."""
-        n = x.shape[1]
-        k, v = self.to_k_new(x), self.to_v_new(x)
-        h, d = _heads(attn, k)
-        k, v = k.view(b, f, n, h, d), v.view(b, f, n, h, d)
-        if getattr(attn, "norm_k", None) is not None:
-            k = attn.norm_k(k)
-        return k, v
-
-    def _video_attention(self, attn, x, x_img, b, f, grid, kv):
-        """(B*F, N, C) frames [+ (B, M0, C) image states] -> (B*F, N, C) attention output;
-        ``kv``: :meth:`_frame_kv` of ``x``."""
+    def _video_attention(self, attn, x, x_img, b, f, grid, kv=None):
+        """(B*F, N, C) frames [+ (B, M0, C) image states] -> ((B*F, N, C) attention output, the
+        frames' (k, v)); ``kv``: those of an earlier pass over the same ``x``, reused."""
         bf, n, _ = x.shape
         to_q = self.to_q_new if (x_img is not None and self.to_q_new is not None) else attn.to_q
-        k, v = kv
-        h, d = k.shape[3:]
+        # q before k and v: the order autograd sums x's gradient in (the demo's bits depend on it)
+        q = to_q(x)
+        h, d = _heads(attn, q)
         # BFNHD is a view of the projection output: the op reads it in place, no transpose.
-        q = to_q(x).view(b, f, n, h, d)
-        if getattr(attn, "norm_q", None) is not None:  # (absent in older diffusers)
-            q = attn.norm_q(q)
+        q = q.view(b, f, n, h, d)
+        if kv is None:
+            k, v = self.to_k_new(x).view(b, f, n, h, d), self.to_v_new(x).view(b, f, n, h, d)
+            q, k = self._qk_norm(attn, q, k)
+            kv = (k, v)
+        else:
+            q, _ = self._qk_norm(attn, q, None)
+        k, v = kv
         k_img = v_img = None
         if x_img is not None:
             if x_img.shape[0] != b:
@@ -358,14 +353,14 @@ class VideoBoothAttnProcessor(_BaseProcessor):
                 k_img = attn.norm_k(k_img)
         out = videobooth_attention(q, k, v, k_img, v_img, schedule=self.schedule_for(f, x_img is not None),
                                    scale=attn.scale, backend=self.backend)
-        return out.reshape(bf, n, h * d)
+        return out.reshape(bf, n, h * d), kv
 
     @staticmethod
     def _qk_norm(attn, q, k):
         # diffusers' q/k norms act on the head dim only, so they apply to BFNHD as to BHND.
         if getattr(attn, "norm_q", None) is not None:  # (absent in older diffusers)
             q = attn.norm_q(q)
-        if getattr(attn, "norm_k", None) is not None:
+        if k is not None and getattr(attn, "norm_k", None) is not None:
             k = attn.norm_k(k)
         return q, k
 
