@@ -36,6 +36,9 @@ cfg.model keys (defaults in brackets):
     motion_adapter, motion_adapter_revision: components=pretrained on AnimateDiff's pretrained
                   motion modules (a diffusers MotionAdapter folder or hub id) instead of
                   zero-initialised temporal layers; leave temporal unset [None]
+    clip_positions bool [True]; false zeroes the image tower's positional embedding (a bag of
+                  patches: the two-tone ablations' coarse encoder, docs/demo.md)
+    ip_tokens, ip_scale  task videobooth_ip only (train.ip_adapter) [4, 1.0]
 cfg.data keys: root (required), categories, video_root, num_frames [4], frame_stride [1],
     size [16], image_size [32], caption_column, split (keep CSV rows whose ``split`` column
     has this value), prompt_augment {hflip, degrees, translate, scale, box_trim} (box_trim
@@ -60,7 +63,7 @@ log = logging.getLogger(__name__)
 MODEL_KEYS = {"components", "seed", "image_bank", "learn_query", "temporal", "clip_layers", "coarse_path",
               "fine_path", "train_temporal", "extra_trainable", "base_weights", "adapter",
               "pretrained_model_name_or_path", "clip_model", "clip_pretrained", "mapper_hidden", "revision",
-              "motion_adapter", "motion_adapter_revision", "clip_positions"}
+              "motion_adapter", "motion_adapter_revision", "clip_positions", "ip_tokens", "ip_scale"}
 DATA_KEYS = {"root", "categories", "video_root", "num_frames", "frame_stride", "size", "image_size",
              "caption_column", "split", "prompt_augment", "prompt_augment_vae", "max_skips"}
 
