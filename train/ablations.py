@@ -22,7 +22,8 @@ noise. Each arm generates as it was trained: no fine-path branch for arms traine
 
 Arms (ARMS): the paper's (both paths two-stage = the reference, coarse only, fine only, one-stage
 joint), the baseline a practitioner would pick (IP-Adapter: decoupled image cross-attention,
-`train.ip_adapter`), the review's (learned query projection; compact image banks pool:2, pool:4,
+`train.ip_adapter`), a diagnostic (coarse only with the image tower's positional embedding kept:
+does the coarse path then learn the arrangement?), the review's (learned query projection; compact image banks pool:2, pool:4,
 learned:4, learned:16, with their attention cost), and schedules on long clips (the reference
 arm fine-tuned on 32-frame clips with each schedule, identity per frame index). Paper and
 baseline arms run `seeds` seeds (intervals across seeds and subjects); the others one.
@@ -38,7 +39,7 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -83,6 +84,8 @@ ARMS: List[Arm] = [
         multi_seed=True),
     Arm("ipadapter", "baseline", "IP-Adapter (decoupled image cross-attn, no coarse/fine)", IP, IP,
         shares_stage1=False, multi_seed=True),
+    Arm("coarse_pos", "diagnostic", "coarse only, image tower WITH positions", {"model.clip_positions": True},
+        {"model.clip_positions": True, "model.fine_path": False}, shares_stage1=False),
     Arm("learnq", "review", "learned query projection", {}, {"model.learn_query": True}),
     Arm("pool2", "review", "image bank pool:2", {}, {"model.image_bank": "pool:2"}, bank="pool:2"),
     Arm("pool4", "review", "image bank pool:4", {}, {"model.image_bank": "pool:4"}, bank="pool:4"),
@@ -145,7 +148,8 @@ def video_scores(videos: torch.Tensor, items) -> List[dict]:
 
     rows = []
     for v, it in zip(videos, items):
-        rows.append({"order": two_tone_order(v, it.image), "color": color_identity(v, it.image),
+        rows.append({"order": two_tone_order(v, it.image), "order_loose": two_tone_order(v, it.image, tol=0.5),
+                     "color": color_identity(v, it.image),
                      "frame_change": frame_change(v),
                      "order_f": [two_tone_order(v[f:f + 1], it.image) for f in range(v.shape[0])],
                      "color_f": [color_identity(v[f:f + 1], it.image) for f in range(v.shape[0])]})
@@ -276,6 +280,9 @@ def run_arm(a: AblationSettings, out: Path, arm_key: str, seed: int, paths: dict
     pipe = E.load_trained_pipeline(cfg, Path(cfg.output_dir))
     vi = generate_for_arm(pipe, items, gen_s, arm, image=True, seed=seed, num_frames=frames)
     vt = generate_for_arm(pipe, items, gen_s, arm, image=False, seed=seed, num_frames=frames)
+    # the videos too (uint8), so that a new metric can score them without generating again
+    torch.save({"image": ((vi + 1) * 127.5).round().to(torch.uint8), "text": ((vt + 1) * 127.5).round().to(torch.uint8)},
+               f.with_suffix(".pt"))
     res = {"arm": arm.key, "seed": seed, "steps": steps, "loss_last": summ["loss_last"],
            "image": video_scores(vi, items), "text": video_scores(vt, items),
            "subjects": [it.video_id for it in items], "seconds": round(time.perf_counter() - t0, 1)}
@@ -293,16 +300,38 @@ def _call(fn_name: str, args: tuple, threads: int):
     return globals()[fn_name](*args)
 
 
-def _run_units(units: List[tuple], jobs: int, threads: int) -> List[dict]:
-    """Run (fn_name, args) units, `jobs` at a time in spawned processes (1: in this process)."""
-    if jobs <= 1 or len(units) <= 1:
-        return [globals()[fn](*args) for fn, args in units]
+def _run_units(units: Dict[str, tuple], deps: Dict[str, List[str]], jobs: int, threads: int) -> None:
+    """Run named (fn_name, args) units, each once every unit it depends on (`deps`) is done,
+    `jobs` at a time in spawned processes (1: in this process, in order). Ready units start in
+    the order given, so put the long ones first."""
+    if jobs <= 1:
+        for name, (fn, args) in units.items():
+            globals()[fn](*args)
+        return
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    done: set = set()
+    pending = dict(units)
+    running: Dict[object, str] = {}
+    t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-        futs = [ex.submit(_call, fn, args, threads) for fn, args in units]
-        return [f.result() for f in futs]
+        while pending or running:
+            for name in list(pending):
+                if len(running) >= jobs:
+                    break
+                if all(d in done for d in deps.get(name, ())):
+                    fn, args = pending.pop(name)
+                    running[ex.submit(_call, fn, args, threads)] = name
+                    print(f"[ablations] {time.perf_counter() - t0:6.0f} s  start {name}", flush=True)
+            if not running:
+                raise RuntimeError(f"ablations: units {sorted(pending)} wait on units that never run")
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                name = running.pop(fut)
+                fut.result()   # a failed unit stops the run, with its error
+                done.add(name)
+                print(f"[ablations] {time.perf_counter() - t0:6.0f} s  done  {name}", flush=True)
 
 
 # ================================================================================================
@@ -331,28 +360,30 @@ def run_ablations(a: AblationSettings, out: Path, jobs: int = 1, threads: int = 
     def seeds_of(arm: Arm) -> range:
         return range(a.seeds if arm.multi_seed else 1)
 
-    # Phase 1: every stage 1 (shared ones once per seed); phase 2: the arms that need none or a
-    # stage 1; phase 3: the long-clip arms (they start from the reference arm's stage 2).
+    # Units: every stage 1 (a shared one once per seed), every arm x seed (after its stage 1),
+    # the long-clip arms (after the reference arm's stage 2 at seed 0). Longest first.
     need = [ARM_BY_KEY["both"]] if any(x.schedule for x in arms) and "both" not in keys else []
-    s1, seen = [], set()
-    for arm in arms + need:
-        if arm.stage1 is None or arm.schedule:
-            continue
-        for seed in seeds_of(arm):
-            d = _stage1_dir(out, arm, seed).name
-            if d not in seen:
-                seen.add(d)
-                s1.append(("run_stage1", (a, out, arm.key, seed, paths)))
-    phase2 = [("run_arm", (a, out, x.key, seed, paths)) for x in arms + need
-              if not x.schedule for seed in seeds_of(x)]
-    phase3 = [("run_arm", (a, out, x.key, 0, paths)) for x in arms if x.schedule]
-    # stage-1-free arms (one-stage) go with the stage 1s: the pool stays busy
-    first = s1 + [u for u in phase2 if ARM_BY_KEY[u[1][2]].one_stage]
-    second = [u for u in phase2 if not ARM_BY_KEY[u[1][2]].one_stage]
-    for label, units in (("stage 1 / one-stage", first), ("stage 2", second), ("long clips", phase3)):
-        if units:
-            print(f"[ablations] {label}: {len(units)} runs, {jobs} at a time", flush=True)
-            _run_units(units, jobs, threads)
+    units: Dict[str, tuple] = {}
+    deps: Dict[str, List[str]] = {}
+    for arm in sorted(arms + need, key=lambda x: (not x.one_stage, not x.fine, bool(x.schedule))):
+        for seed in ([0] if arm.schedule else seeds_of(arm)):
+            name = f"{arm.key}-s{seed}"
+            units[name] = ("run_arm", (a, out, arm.key, seed, paths))
+            if arm.schedule:
+                deps[name] = [f"both-s{seed}"]
+            elif arm.stage1 is not None and not arm.one_stage:
+                d = _stage1_dir(out, arm, seed).name
+                deps[name] = [d]
+                if d not in units:
+                    units[d] = ("run_stage1", (a, out, arm.key, seed, paths))
+    # stage 1s first (everything waits on them), then the arms in the order above
+    order = [n for n, u in units.items() if u[0] == "run_stage1"] + [n for n, u in units.items() if u[0] == "run_arm"]
+    # one-stage arms need nothing: start them beside the first stage 1s
+    order = ([n for n in order if units[n][0] == "run_stage1"][:1] + [n for n in order if n.startswith("onestage")]
+             + [n for n in order if units[n][0] == "run_stage1"][1:] + [n for n in order if units[n][0] == "run_arm"
+                                                                         and not n.startswith("onestage")])
+    print(f"[ablations] {len(units)} training runs, {jobs} at a time", flush=True)
+    _run_units({n: units[n] for n in order}, deps, jobs, threads)
     per_arm: Dict[str, List[dict]] = {}
     for arm in arms:
         per_arm[arm.key] = [json.loads(_unit_file(out, f"{arm.key}-s{seed}").read_text()) for seed in seeds_of(arm)]
@@ -380,7 +411,7 @@ def summarise(per_arm: Dict[str, List[dict]], a: AblationSettings) -> Dict[str, 
         arm = ARM_BY_KEY[key]
         r = {"name": arm.name, "group": arm.group, "steps": units[0]["steps"], "seeds": len(units),
              "n": len(units[0]["image"]), "seconds": sum(u["seconds"] for u in units)}
-        for m in ("order", "color", "frame_change"):
+        for m in ("order", "order_loose", "color", "frame_change"):
             im, tx = _matrix(units, "image", m), _matrix(units, "text", m)
             r[f"{m}_image"] = float(im.mean())
             r[f"{m}_text"] = float(tx.mean())
@@ -390,7 +421,8 @@ def summarise(per_arm: Dict[str, List[dict]], a: AblationSettings) -> Dict[str, 
         for m in ("order_f", "color_f"):
             r[f"{m}_image"] = np.mean([[row[m] for row in u["image"]] for u in units], axis=(0, 1)).tolist()
         frames = len(units[0]["image"][0]["order_f"])
-        r["cost"] = attention_cost(arm, frames, arm.schedule or a.demo.schedule)
+        # the cost at the paper's 16 frames for the 4-frame arms (phase 1 is amortised over F)
+        r["cost"] = attention_cost(arm, frames if arm.schedule else 16, arm.schedule or a.demo.schedule)
         if arm.schedule:
             last = slice(frames - 8, frames)
             r["order_last8"] = float(np.mean(r["order_f_image"][last]))
@@ -408,7 +440,7 @@ def summarise(per_arm: Dict[str, List[dict]], a: AblationSettings) -> Dict[str, 
             if [u["seed"] for u in refs] != seeds:
                 continue
             out[key]["vs_both"] = {m: diff_summary(_matrix(refs, "image", m), _matrix(units, "image", m))
-                                   for m in ("order", "color", "frame_change")}
+                                   for m in ("order", "order_loose", "color", "frame_change")}
     return out
 
 
@@ -422,24 +454,26 @@ def _ci(d: dict) -> str:
 def tables(summary: Dict[str, dict]) -> Dict[str, str]:
     out = {}
     main = ["| group | arm | seeds | steps | order (image) | order (text) | Δ order image - text [95% CI] | "
-            "colour (image) | Δ colour image - text [95% CI] | frame change (image) | s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "Δ order, tol 0.5 [95% CI] | colour (image) | Δ colour image - text [95% CI] | frame change (image) | s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in summary.items():
-        if r["group"] in ("paper", "baseline", "review"):
+        if r["group"] in ("paper", "baseline", "diagnostic", "review"):
             main.append(f"| {r['group']} | {r['name']} | {r['seeds']} | {r['steps']} | {r['order_image']:+.3f} | "
-                        f"{r['order_text']:+.3f} | {_ci(r['delta_order'])} | {r['color_image']:.3f} | "
+                        f"{r['order_text']:+.3f} | {_ci(r['delta_order'])} | {_ci(r['delta_order_loose'])} | "
+                        f"{r['color_image']:.3f} | "
                         f"{_ci(r['delta_color'])} | {r['frame_change_image']:.4f} | {r['seconds']:.0f} |")
     out["main"] = "\n".join(main)
-    con = ["| arm | seeds | reference - arm: order [95% CI] | per seed | colour [95% CI] | frame change [95% CI] |",
-           "|---|---|---|---|---|---|"]
+    con = ["| arm | seeds | reference - arm: order [95% CI] | per seed | order, tol 0.5 [95% CI] | colour [95% CI] | "
+           "frame change [95% CI] |", "|---|---|---|---|---|---|---|"]
     for k, r in summary.items():
         if "vs_both" in r:
             v = r["vs_both"]
             con.append(f"| {r['name']} | {r['seeds']} | {_ci(v['order'])} | "
-                       f"{', '.join(f'{x:+.3f}' for x in v['order']['per_seed'])} | {_ci(v['color'])} | "
+                       f"{', '.join(f'{x:+.3f}' for x in v['order']['per_seed'])} | {_ci(v['order_loose'])} | "
+                       f"{_ci(v['color'])} | "
                        f"{_ci(v['frame_change'])} |")
     out["contrasts"] = "\n".join(con)
-    cost = ["| arm | image tokens M (8x8 level) | keys per frame (8x8 level, both phases) | order (image) | "
+    cost = ["| arm | image tokens M (8x8 level) | keys per frame (8x8 level, F=16, both phases) | order (image) | "
             "Δ order image - text [95% CI] |", "|---|---|---|---|---|"]
     for k, r in summary.items():
         if r["group"] in ("paper", "review") and k != "fine" and k != "coarse":
@@ -468,7 +502,7 @@ def report(summary: Dict[str, dict], a: AblationSettings, total: float, out: Pat
           f"orders); the coarse path's image tower is a bag of patches (`model.clip_positions: false`). "
           f"{summary[next(iter(summary))]['n']} held-out clips per arm and seed ({a.long_subjects} for the long-clip "
           f"arms, {a.long_frames} frames). order = `two_tone_order` (+1 keeps A over B, -1 swaps, 0 either colour "
-          f"missing; text only ~ 0); colour = `color_identity` (colour histogram: blind to the order). Δ and contrasts "
+          f"missing; text only ~ 0; tol 0.5 accepts colours up to 0.5 away in RGB instead of 0.3); colour = `color_identity` (colour histogram: blind to the order). Δ and contrasts "
           f"are paired (same subjects, same initial noise; the reference arm shares each seed), 95% intervals by a "
           f"two-level bootstrap (seeds, then subjects). Reading: `docs/demo.md`.", "",
           "## All arms (4-frame clips)", "", t["main"], "",
@@ -490,10 +524,12 @@ def plot_groups(summary: Dict[str, dict], out: Path) -> List[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for group, groups in (("paper", ("paper", "baseline")), ("review", ("review",))):
-        keys = [k for k, r in summary.items() if r["group"] in groups or (group == "review" and k == "both")]
+    for group, groups in (("paper", ("paper", "baseline", "diagnostic")), ("review", ("review",))):
+        keys = [k for k, r in summary.items() if r["group"] in groups]
         if not keys:
             continue
+        if group == "review" and "both" in summary:   # the reference arm (all image tokens) first
+            keys = ["both"] + keys
         fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(keys) + 1.4), dpi=110, sharey=True)
         for ax, m, title in ((axes[0], "delta_order", "Δ order (the detail)"),
                              (axes[1], "delta_color", "Δ colour (the colour set)")):
@@ -501,8 +537,8 @@ def plot_groups(summary: Dict[str, dict], out: Path) -> List[Path]:
                 d = summary[k][m]
                 y = len(keys) - 1 - i
                 ax.barh(y, d["mean"], xerr=[[d["mean"] - d["ci95"][0]], [d["ci95"][1] - d["mean"]]],
-                        color="tab:blue" if summary[k]["group"] == "paper" else
-                        ("tab:red" if summary[k]["group"] == "baseline" else "tab:orange"), alpha=0.85, capsize=3)
+                        color={"paper": "tab:blue", "baseline": "tab:red", "diagnostic": "tab:grey"}.get(
+                            summary[k]["group"], "tab:orange"), alpha=0.85, capsize=3)
             ax.axvline(0, color="black", lw=0.8)
             ax.set_title(title, fontsize=9)
             ax.grid(axis="x", alpha=0.3)
