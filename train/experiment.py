@@ -42,6 +42,7 @@ class DemoSettings:
     subject_radius: tuple = (0.26, 0.32)  # subject radius / frame side (the generator's default
                                           # 0.15-0.21 leaves ~3% of a 16 px frame to the subject)
     identity_kind: str = "shape-pattern-colour"  # or "two-tone" (train.synthetic; the ablations')
+    two_tone_side: Optional[int] = None   # the two-tone square's side at data_size (px)
     clips_per_subject: int = 1       # held-out clips evaluated per identity (different motion,
                                      # background and noise)
     # the tiny VAE (an autoencoder trained first)
@@ -123,6 +124,8 @@ def make_data(s: DemoSettings, root: Path) -> tuple[Path, Path]:
                     subject_radius=[float(v) for v in s.subject_radius])
         if s.identity_kind != IDENTITY_KINDS[0]:  # (the demo's meta.json and reuse check unchanged)
             args["identity_kind"] = s.identity_kind
+        if s.two_tone_side is not None:
+            args["two_tone_side"] = s.two_tone_side
         if meta.is_file():   # the generator records its arguments in meta.json
             m = json.loads(meta.read_text())
             if m.get("complete") and all(m.get(k) == v for k, v in args.items()):

@@ -189,7 +189,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    s = X.DemoSettings(identity_kind="two-tone", clips_per_subject=2, progress=False, data_frames=32, data_size=64)
+    from .ablations import AblationSettings
+
+    s = X.DemoSettings(**AblationSettings.toy(progress=False))   # the ablations' toy
     train_root, held_root = X.make_data(s, out / "data")
     vae_file = out / "vae" / "vae.safetensors"
     if not vae_file.is_file():

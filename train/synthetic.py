@@ -247,13 +247,16 @@ def _background(rng: np.random.Generator, size: int, rgb: np.ndarray) -> np.ndar
 def render_clip(rng: np.random.Generator, identity: tuple[str, str, str], *, size: int = 64,
                 num_frames: int = 16, motion: str | None = None,
                 background: str | None = None,
-                subject_radius: tuple[float, float] = (0.15, 0.21)) -> dict:
+                subject_radius: tuple[float, float] = (0.15, 0.21),
+                two_tone_side: int | None = None) -> dict:
     """Draw one clip.
 
     Returns {"frames": uint8 (F, size, size, 3), "mask0": bool (size, size) of frame 0,
     "box": [x1, y1, x2, y2] of mask0 (x2/y2 exclusive), "motion": str, "background": str}.
     The subject stays wholly inside the frame on every frame. subject_radius: the range the
     subject's radius is drawn from, as a fraction of the frame side (at most 0.4).
+    two_tone_side: a two-tone subject's side in pixels (even, at most `size`; default
+    size // 2 rounded down to even); `subject_radius` then only sets how far it moves.
     """
     shape, pattern, colour = identity
     two_tone = pattern == TWO_TONE
@@ -261,6 +264,9 @@ def render_clip(rng: np.random.Generator, identity: tuple[str, str, str], *, siz
         if shape not in TWO_TONE_SHAPES:
             raise ValueError(f"identity: a two-tone subject is one of {TWO_TONE_SHAPES}, got {shape!r}")
         top_c, bottom_c = (np.asarray(COLOURS[c], np.float32) for c in two_tone_colours(colour))
+        side = two_tone_side if two_tone_side is not None else size // 2 // 2 * 2
+        if not isinstance(side, int) or side < 2 or side % 2 or side > size:
+            raise ValueError(f"two_tone_side: expected an even int in [2, {size}], got {side!r}")
     elif colour not in COLOURS:
         raise ValueError(f"identity: unknown colour {colour!r}")
     motion = motion or str(rng.choice(list(MOTIONS)))
@@ -294,13 +300,13 @@ def render_clip(rng: np.random.Generator, identity: tuple[str, str, str], *, siz
         t = f / max(num_frames - 1, 1)
         cx, cy = cx0 + dx * dist * t, cy0 + dy * dist * t
         if two_tone:
-            # A square of side size/2 (its half-side a multiple of 4), snapped to multiples of 4
-            # pixels: both halves have exactly the same rows here and at a quarter of the size,
-            # and the image prompt (the box, the square itself) is two equal bands with no edge
-            # inside them; at size 64 its side is 32 px, the image prompt's, so no resampling
-            # blends the bands either (docs/demo.md: why that matters for the coarse path).
-            half = 4 * max(1, round(size / 16))
-            cxs, cys = 4 * round(cx / 4), 4 * round(cy / 4)
+            # A square of side `two_tone_side` (default half the frame), at even pixels: both
+            # halves have exactly the same rows, and the image prompt (the box, the square
+            # itself) is two equal bands with no edge inside them; when its side is the image
+            # prompt's (32 px: size 64 by default, or two_tone_side=32) no resampling blends the
+            # bands either (docs/demo.md: why that matters for the coarse path).
+            half = side // 2
+            cxs, cys = 2 * round(cx / 2), 2 * round(cy / 2)
             cxs, cys = min(max(cxs, half), size - half), min(max(cys, half), size - half)
             m = (np.abs(xs - cxs) < half) & (np.abs(ys - cys) < half)
             second = ys > cys   # the lower half in the second colour
@@ -345,7 +351,7 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
              crf: int = 12, heldout_fraction: float = 0.2,
              identities: Sequence[tuple[str, str, str]] | None = None,
              caption: str = "full", subject_radius: tuple[float, float] = (0.15, 0.21),
-             identity_kind: str = "shape-pattern-colour",
+             identity_kind: str = "shape-pattern-colour", two_tone_side: int | None = None,
              overwrite: bool = False, progress: bool = True) -> list[dict]:
     """Write `num` clips under `out` in the VideoBooth layout; returns the CSV rows written.
 
@@ -367,6 +373,7 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
         identity_kind: "shape-pattern-colour" (the 200 identities of `all_identities`, split by
             `subject_split`) or "two-tone" (`two_tone_identities`: upper/lower colour halves,
             split by `two_tone_split`; `heldout_fraction` is then unused).
+        two_tone_side: the two-tone square's side in pixels (`render_clip`).
         progress: show a tqdm bar.
     """
     if not isinstance(num, int) or isinstance(num, bool) or num < 1:
@@ -416,6 +423,8 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
             "subject_radius": [float(v) for v in subject_radius]}
     if identity_kind != IDENTITY_KINDS[0]:  # (the default's meta.json stays as it was)
         meta["identity_kind"] = identity_kind
+    if two_tone_side is not None:
+        meta["two_tone_side"] = two_tone_side
     # written first, so that a run that dies half-way can still be overwritten
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
 
@@ -427,7 +436,8 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
     for i in it:
         rng = np.random.default_rng([seed, i])
         ident = pool[int(rng.integers(len(pool)))]
-        clip = render_clip(rng, ident, size=size, num_frames=num_frames, subject_radius=subject_radius)
+        clip = render_clip(rng, ident, size=size, num_frames=num_frames, subject_radius=subject_radius,
+                           two_tone_side=two_tone_side)
         shape, pattern, colour = ident
         videoid = f"s{seed}_{i:06d}"
         folder = out / shape / videoid
