@@ -183,3 +183,21 @@ def test_ablations_quick_run(tmp_path):
     assert res2["summary"]["both"]["order_image"] == summ["both"]["order_image"]
     with pytest.raises(ValueError, match="arms: unknown"):
         A.run_ablations(A.AblationSettings.quick(("nope",)), tmp_path)
+
+
+def test_ablations_cli_quick_with_a_long_clip_arm(tmp_path):
+    """`python -m train.ablations --quick` through main(): the reference arm and a long-clip arm
+    (which starts from the reference arm's stage 2) give their tables, plots and JSON."""
+    from train import ablations
+
+    out = tmp_path / "abl"
+    assert ablations.main(["--out", str(out), "--quick", "--arms", "both,long_first", "--no-progress"]) == 0
+    md = (out / "ablations.md").read_text()
+    res = json.loads((out / "ablations.json").read_text())
+    assert set(res["summary"]) == {"both", "long_first"}
+    for key in ("both", "long_first"):
+        assert f"| {res['summary'][key]['name']} |" in md
+    long = res["summary"]["long_first"]
+    assert "order_last8" in long and len(long["order_f_image"]) == res["settings"]["long_frames"]
+    assert "order_last8" not in res["summary"]["both"]
+    assert (out / "ablations_schedule.png").stat().st_size > 0 and "ablations_schedule.png" in md
