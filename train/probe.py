@@ -167,6 +167,50 @@ def run_probe(s, train_root: Path, held_root: Path, vae_file: Optional[Path] = N
     return res
 
 
+@torch.no_grad()
+def fine_path_sensitivity(pipe, items, s, timesteps: Sequence[int] = (50, 200, 400, 600, 800),
+                          seed: int = 0) -> Dict[int, dict]:
+    """How much a trained model's prediction depends on the image prompt's arrangement.
+
+    For held-out clips (their real frames noised to t), the backbone's output with the fine
+    path fed the prompt's latent vs the vertically flipped prompt's (the other arrangement, the
+    same colour set), both noised to t with one draw, relative L2: `swap`; and with vs without
+    the fine path at all: `fine`. The coarse path gets the true prompt's subject tokens in every
+    case. Returns {t: {"swap", "fine"}}."""
+    from vb.coarse import encode_prompt
+
+    imgs = torch.stack([(it.image + 1) / 2 for it in items]).clamp(0, 1)
+    tok, _ = pipe.encode_images(imgs)
+    text, _ = encode_prompt(pipe.text_encoder, pipe.tokenizer, [it.caption for it in items],
+                            [it.subject for it in items], tok)
+    null = encode_prompt(pipe.text_encoder, pipe.tokenizer, [""])[0].expand(len(items), -1, -1)
+
+    def latent(x01):
+        x = F.interpolate(x01 * 2 - 1, size=(s.size, s.size), mode="bicubic", align_corners=False,
+                          antialias=True).clamp(-1, 1)
+        return pipe.encode_vae((x + 1) / 2)
+
+    lat, lat_sw = latent(imgs), latent(imgs.flip(-2))
+    v0 = torch.stack([pipe.encode_vae((it.video + 1) / 2) for it in items]).transpose(1, 2)
+    g = torch.Generator().manual_seed(seed)
+    noise, img_noise = torch.randn(v0.shape, generator=g), torch.randn(lat.shape, generator=g)
+    sch = pipe.scheduler
+    out = {}
+    for t in timesteps:
+        tt = torch.full((len(items),), int(t))
+        x = sch.add_noise(v0, noise, tt)
+
+        def pred(il):
+            if il is None:
+                return pipe.backbone(x, tt, text)
+            return pipe.backbone(x, tt, text, image_latents=sch.add_noise(il, img_noise, tt),
+                                 null_encoder_hidden_states=null)
+
+        p, p_sw, p_none = pred(lat), pred(lat_sw), pred(None)
+        out[int(t)] = {"swap": float((p - p_sw).norm() / p.norm()), "fine": float((p - p_none).norm() / p.norm())}
+    return out
+
+
 def markdown(res: dict) -> str:
     lines = [f"Ridge probes fitted on {res['n_train']} training image prompts, scored on {res['n_test']} held-out "
              f"ones (colour pairs never seen in training, both orders). detail = rgb(upper) - rgb(lower); colour "
@@ -186,6 +230,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.probe", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="probe_out")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sensitivity", nargs="*", default=[],
+                   help="also measure fine_path_sensitivity of these arm runs (e.g. both-s0 under "
+                        "OUT/runs, from train.ablations)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -198,11 +245,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         X.pretrain_vae(s, train_root, vae_file)
     res = {"clip_positions": run_probe(s, train_root, held_root, vae_file, clip_positions=True),
            "no_clip_positions": run_probe(s, train_root, held_root, vae_file, clip_positions=False)}
+    sens_md = []
+    if args.sensitivity:
+        from . import evaluation as E
+        items = X.make_eval_items(s, held_root)[:16]
+        sens_md = ["", "## How much the trained models' predictions depend on the arrangement", "",
+                   "Relative L2 change of the backbone's output (16 held-out clips noised to t): swap = the fine path "
+                   "fed the flipped prompt (other arrangement, same colours); fine = without the fine path at all.",
+                   "", "| run | t | swap | fine |", "|---|---|---|---|"]
+        res["sensitivity"] = {}
+        for run in args.sensitivity:
+            from .ablations import ARM_BY_KEY
+            arm = ARM_BY_KEY[run.rsplit("-s", 1)[0]]
+            if not arm.fine:
+                continue  # trained without the fine path: nothing to measure
+            d = out / "runs" / run
+            cfg = X.stage_config(s, 2, data_root=train_root, output_dir=d, vae_file=vae_file, overrides=arm.stage2)
+            pipe = E.load_trained_pipeline(cfg, d)
+            r = fine_path_sensitivity(pipe, items, s)
+            res["sensitivity"][run] = r
+            sens_md += [f"| {run} | {t} | {v['swap']:.4f} | {v['fine']:.4f} |" for t, v in r.items()]
     (out / "probe.json").write_text(json.dumps(res, indent=1))
     md = "\n".join(["# Linear probes on the two-tone toy", "",
                     "## The tiny CLIP tower as built (positional embedding on)", "", markdown(res["clip_positions"]),
                     "", "## The tower as the ablations use it (`model.clip_positions: false`: a bag of patches)",
-                    "", markdown(res["no_clip_positions"])])
+                    "", markdown(res["no_clip_positions"])] + sens_md)
     (out / "probe.md").write_text(md + "\n")
     print(md)
     return 0
