@@ -521,7 +521,9 @@ def report(summary: Dict[str, dict], a: AblationSettings, total: float, out: Pat
           f"## Schedules on {a.long_frames}-frame clips (seed 0)", "", t["schedule"], ""]
     for p in plots:
         md += [f"![{p.stem}]({p.name})", ""]
-    md += [f"Total wall time {total:.0f} s (sum of unit times {sum(r['seconds'] for r in summary.values()):.0f} s)."]
+    md += [f"Wall time of this invocation {total:.0f} s (units already done are read, not rerun); the arms' own "
+           f"train + evaluation times sum to {sum(r['seconds'] for r in summary.values()):.0f} s (several at once "
+           f"with --jobs)."]
     return "\n".join(md) + "\n"
 
 
