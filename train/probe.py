@@ -176,13 +176,17 @@ def fine_path_sensitivity(pipe, items, s, timesteps: Sequence[int] = (50, 200, 4
     path fed the prompt's latent vs the vertically flipped prompt's (the other arrangement, the
     same colour set), both noised to t with one draw, relative L2: `swap`; and with vs without
     the fine path at all: `fine`. The coarse path gets the true prompt's subject tokens in every
-    case. Returns {t: {"swap", "fine"}}."""
+    case. For scale, `coarse`: the same with the subject tokens of the next clip's prompt (other
+    colours) in place of the true ones, the fine path fed the true latent. Returns {t: {"swap",
+    "fine", "coarse"}}."""
     from vb.coarse import encode_prompt
 
     imgs = torch.stack([(it.image + 1) / 2 for it in items]).clamp(0, 1)
     tok, _ = pipe.encode_images(imgs)
     text, _ = encode_prompt(pipe.text_encoder, pipe.tokenizer, [it.caption for it in items],
                             [it.subject for it in items], tok)
+    other, _ = encode_prompt(pipe.text_encoder, pipe.tokenizer, [it.caption for it in items],
+                             [it.subject for it in items], tok.roll(1, 0))
     null = encode_prompt(pipe.text_encoder, pipe.tokenizer, [""])[0].expand(len(items), -1, -1)
 
     def latent(x01):
@@ -200,14 +204,15 @@ def fine_path_sensitivity(pipe, items, s, timesteps: Sequence[int] = (50, 200, 4
         tt = torch.full((len(items),), int(t))
         x = sch.add_noise(v0, noise, tt)
 
-        def pred(il):
+        def pred(il, txt=text):
             if il is None:
-                return pipe.backbone(x, tt, text)
-            return pipe.backbone(x, tt, text, image_latents=sch.add_noise(il, img_noise, tt),
+                return pipe.backbone(x, tt, txt)
+            return pipe.backbone(x, tt, txt, image_latents=sch.add_noise(il, img_noise, tt),
                                  null_encoder_hidden_states=null)
 
-        p, p_sw, p_none = pred(lat), pred(lat_sw), pred(None)
-        out[int(t)] = {"swap": float((p - p_sw).norm() / p.norm()), "fine": float((p - p_none).norm() / p.norm())}
+        p, p_sw, p_none, p_other = pred(lat), pred(lat_sw), pred(None), pred(lat, other)
+        rel = (lambda q: float((p - q).norm() / p.norm()))
+        out[int(t)] = {"swap": rel(p_sw), "fine": rel(p_none), "coarse": rel(p_other)}
     return out
 
 
@@ -251,8 +256,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         items = X.make_eval_items(s, held_root)[:16]
         sens_md = ["", "## How much the trained models' predictions depend on the arrangement", "",
                    "Relative L2 change of the backbone's output (16 held-out clips noised to t): swap = the fine path "
-                   "fed the flipped prompt (other arrangement, same colours); fine = without the fine path at all.",
-                   "", "| run | t | swap | fine |", "|---|---|---|---|"]
+                   "fed the flipped prompt (other arrangement, same colours); fine = without the fine path at all; "
+                   "coarse (for scale) = another clip's subject tokens (other colours) on the coarse path.",
+                   "", "| run | t | swap | fine | coarse |", "|---|---|---|---|---|"]
         res["sensitivity"] = {}
         for run in args.sensitivity:
             from .ablations import ARM_BY_KEY
@@ -264,7 +270,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pipe = E.load_trained_pipeline(cfg, d)
             r = fine_path_sensitivity(pipe, items, s)
             res["sensitivity"][run] = r
-            sens_md += [f"| {run} | {t} | {v['swap']:.4f} | {v['fine']:.4f} |" for t, v in r.items()]
+            sens_md += [f"| {run} | {t} | {v['swap']:.4f} | {v['fine']:.4f} | {v['coarse']:.4f} |"
+                        for t, v in r.items()]
     (out / "probe.json").write_text(json.dumps(res, indent=1))
     md = "\n".join(["# Linear probes on the two-tone toy", "",
                     "## The tiny CLIP tower as built (positional embedding on)", "", markdown(res["clip_positions"]),
