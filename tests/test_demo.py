@@ -57,17 +57,3 @@ def test_demo_settings_from_command_line():
     assert cfg.stage == 2 and cfg.model["learn_query"] is True and cfg.attn_backend == "sdpa"
     assert cfg.model["extra_trainable"] == ["^backbone\\."] and cfg.data["caption_column"] == "short_caption"
     assert cfg.init_from == "s1" and cfg.model["base_weights"] == "v.safetensors"
-
-
-def test_ablations_quick_two_arms(tmp_path):
-    from train import ablations
-
-    out = tmp_path / "abl"
-    assert ablations.main(["--out", str(out), "--quick", "--arms", "both,long_first", "--no-progress"]) == 0
-    md = (out / "ablations.md").read_text()
-    res = json.loads((out / "ablations.json").read_text())
-    assert set(res["arms"]) >= {"both", "long_first"}
-    for key in ("both", "long_first"):
-        assert f"| {res['arms'][key]['name']} |" in md
-    assert "delta_last" in res["arms"]["long_first"] and "delta_last" not in res["arms"]["both"]
-    assert (out / "ablations.png").stat().st_size > 0 and "ablations.png" in md

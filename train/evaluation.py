@@ -44,10 +44,15 @@ GREY = 0.5
 
 @torch.no_grad()
 def generate_videos(pipe, items: Sequence[EvalItem], s: DemoSettings, *, image: bool, seed: int,
-                    num_frames: Optional[int] = None, batch: int = 20, images=None) -> torch.Tensor:
+                    num_frames: Optional[int] = None, batch: int = 20, images=None,
+                    image_prompt_scale: Optional[float] = None, plain_prompts: bool = False) -> torch.Tensor:
     """One video per item: (N, F, 3, H, W) in [-1, 1]. image=True: with the item's image prompt
     (or `images[i]` when given); False: text only (a grey image prompt). Item i's initial noise
-    depends on (seed, i) only, so both arms start from the same noise."""
+    depends on (seed, i) only, so both arms start from the same noise.
+
+    image_prompt_scale: the pipeline's fine-path strength for these calls (0: no image branch,
+    for a model trained without the fine path). plain_prompts: the captions' own embeddings,
+    without subject-token injection (for a model trained without the coarse path)."""
     from tqdm.auto import tqdm
 
     f = num_frames or s.frames
@@ -65,7 +70,11 @@ def generate_videos(pipe, items: Sequence[EvalItem], s: DemoSettings, *, image: 
         lat_shape = (pipe.backbone.in_channels, f, s.size // pipe.vae_scale_factor, s.size // pipe.vae_scale_factor)
         latents = torch.stack([torch.randn(lat_shape, generator=torch.Generator().manual_seed(seed * 100003 + lo + j))
                                for j in range(len(part))])
-        res = pipe([it.caption for it in part], [it.subject for it in part], image_prompt=prompts,
+        text = dict(prompt=[it.caption for it in part], subject_word=[it.subject for it in part])
+        if plain_prompts:
+            from vb.coarse import encode_prompt
+            text = dict(prompt_embeds=encode_prompt(pipe.text_encoder, pipe.tokenizer, text["prompt"])[0])
+        res = pipe(**text, image_prompt=prompts, image_prompt_scale=image_prompt_scale,
                    num_frames=f, height=s.size, width=s.size, num_inference_steps=s.inference_steps,
                    guidance_scale=s.guidance_scale, uncond_image=s.uncond_image,
                    generator=torch.Generator().manual_seed(seed + lo), latents=latents, output_type="pt")

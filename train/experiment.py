@@ -41,6 +41,10 @@ class DemoSettings:
     image_size: int = 32             # image prompt side
     subject_radius: tuple = (0.26, 0.32)  # subject radius / frame side (the generator's default
                                           # 0.15-0.21 leaves ~3% of a 16 px frame to the subject)
+    identity_kind: str = "shape-pattern-colour"  # or "two-tone" (train.synthetic; the ablations')
+    two_tone_side: Optional[int] = None   # the two-tone square's side at data_size (px)
+    clips_per_subject: int = 1       # held-out clips evaluated per identity (different motion,
+                                     # background and noise)
     # the tiny VAE (an autoencoder trained first)
     vae_steps: int = 1000
     vae_batch: int = 32
@@ -100,13 +104,15 @@ def _rows_by_id(root: Path) -> Dict[str, dict]:
 def make_data(s: DemoSettings, root: Path) -> tuple[Path, Path]:
     """Write the training set and the held-out set under `root` (skipped when already there,
     complete and made with the same arguments)."""
-    from .synthetic import generate, subject_split
+    from .synthetic import IDENTITY_KINDS, TWO_TONE, generate, subject_split, two_tone_split
 
-    n_held = sum(1 for v in subject_split().values() if v == "heldout")
+    split = two_tone_split() if s.identity_kind == TWO_TONE else subject_split()
+    n_held = sum(1 for v in split.values() if v == "heldout")
     sets = {
         # held-out: oversampled, then one clip per identity is evaluated (make_eval_items)
         "train": dict(num=s.train_clips, seed=s.seed, split="train"),
-        "heldout": dict(num=max(8, 8 * min(s.heldout_subjects, n_held)), seed=s.seed + 1000, split="heldout"),
+        "heldout": dict(num=max(8, 8 * min(s.heldout_subjects, n_held * s.clips_per_subject)), seed=s.seed + 1000,
+                        split="heldout"),
     }
     paths = []
     for name, kw in sets.items():
@@ -116,6 +122,10 @@ def make_data(s: DemoSettings, root: Path) -> tuple[Path, Path]:
         # data loader runs in the training process (num_workers 0 on 2 cores)
         args = dict(kw, size=s.data_size, num_frames=s.data_frames, caption="short", fmt="frames",
                     subject_radius=[float(v) for v in s.subject_radius])
+        if s.identity_kind != IDENTITY_KINDS[0]:  # (the demo's meta.json and reuse check unchanged)
+            args["identity_kind"] = s.identity_kind
+        if s.two_tone_side is not None:
+            args["two_tone_side"] = s.two_tone_side
         if meta.is_file():   # the generator records its arguments in meta.json
             m = json.loads(meta.read_text())
             if m.get("complete") and all(m.get(k) == v for k, v in args.items()):
@@ -127,8 +137,9 @@ def make_data(s: DemoSettings, root: Path) -> tuple[Path, Path]:
 
 
 def make_eval_items(s: DemoSettings, heldout_root: Path) -> List[EvalItem]:
-    """One clip per held-out identity (the first clip drawn of each), at most
-    `s.heldout_subjects`, loaded as the evaluation loader does (frames from 0, no augmentation)."""
+    """`s.clips_per_subject` clips per held-out identity (the first ones drawn of each), at most
+    `s.heldout_subjects` in all, loaded as the evaluation loader does (frames from 0, no
+    augmentation). Items are ordered by each identity's first clip, then by clip."""
     from .data import VideoBoothDataset
 
     ds = VideoBoothDataset(heldout_root, num_frames=s.frames, frame_stride=s.frame_stride, size=s.size,
@@ -136,18 +147,22 @@ def make_eval_items(s: DemoSettings, heldout_root: Path) -> List[EvalItem]:
     rows = _rows_by_id(heldout_root)
     # clip order = generation order (video ids are s{seed}_{i:06d})
     order = sorted(range(len(ds.records)), key=lambda i: ds.records[i].videoid)
-    seen, items = set(), []
+    per = max(1, int(s.clips_per_subject))
+    chosen: Dict[tuple, list] = {}
     for i in order:
         r = rows[ds.records[i].videoid]
         ident = (r["shape"], r["pattern"], r["colour"])
-        if ident in seen:
-            continue
-        seen.add(ident)
-        it = ds[i]
-        items.append(EvalItem(it["video"], it["image"], it["caption"], r["full_caption"], it["subject"], ident,
-                              it["video_id"]))
-        if len(items) == s.heldout_subjects:
-            break
+        if len(chosen.setdefault(ident, [])) < per:
+            chosen[ident].append(i)
+    items = []
+    for ident, idx in chosen.items():   # (dicts keep the order of each identity's first clip)
+        for i in idx:
+            r = rows[ds.records[i].videoid]
+            it = ds[i]
+            items.append(EvalItem(it["video"], it["image"], it["caption"], r["full_caption"], it["subject"], ident,
+                                  it["video_id"]))
+            if len(items) == s.heldout_subjects:
+                return items
     return items
 
 

@@ -49,7 +49,7 @@ __all__ = [
     "ClipEncoder", "DinoEncoder", "ImageEncoder", "TextEncoder", "VideoMetrics",
     "aggregate", "clip_i", "clip_t", "color_histograms", "color_identity", "dino_i",
     "format_table", "frame_similarities", "temporal_consistency", "tiny_clip_encoder",
-    "tiny_dino_encoder",
+    "tiny_dino_encoder", "two_tone_colours_of", "two_tone_order",
 ]
 
 
@@ -377,6 +377,59 @@ def color_identity(video: torch.Tensor, image_prompt: torch.Tensor, *, bins: int
     ref = _best_window_score(mem_p, p, window_fracs)[0]
     scores = _best_window_score(color_histograms(frames, bins), p, window_fracs)
     return float((scores / ref.clamp_min(1e-8)).clamp(max=1.0).mean())
+
+
+def two_tone_colours_of(image_prompt: torch.Tensor, *, white_threshold: float = 0.94,
+                        band: float = 1 / 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (upper, lower) colours of a two-tone subject on white: the per-channel medians of
+    the subject pixels (not white) in the top and the bottom `band` of the subject's rows.
+    image_prompt: (3, S, S) in [-1, 1]. Returns two (3,) tensors in [0, 1]."""
+    _check_images(image_prompt, "image_prompt", 3)
+    x = ((image_prompt.detach().float().cpu() + 1) * 0.5).clamp(0, 1)
+    subject = (x < white_threshold).any(0)
+    rows = torch.nonzero(subject.any(1)).flatten()
+    if len(rows) < 2:
+        raise ValueError("image_prompt: fewer than 2 rows with subject (non-white) pixels")
+    top, bottom = int(rows.min()), int(rows.max())
+    k = max(1, round(band * (bottom - top + 1)))
+    ys = torch.arange(x.shape[1])[:, None].expand_as(subject)
+    up = subject & (ys < top + k)
+    low = subject & (ys > bottom - k)
+    return x[:, up].median(1).values, x[:, low].median(1).values
+
+
+def two_tone_order(video: torch.Tensor, image_prompt: torch.Tensor, *, tol: float = 0.3,
+                   min_pixels: float = 1.0, separation: float = 1 / 8) -> float:
+    """Does the video keep the prompt's arrangement (upper colour over lower colour)? In [-1, 1].
+
+    The prompt's colours A (upper) and B (lower) come from `two_tone_colours_of`. In every
+    frame, a pixel counts for A with weight max(0, 1 - |p - A| / tol) when it is nearer A than
+    B (RGB in [0, 1], Euclidean), and likewise for B. The frame's score is
+    clip((y_B - y_A) / (separation * H), -1, 1), y the weighted mean row of each colour: +1 when
+    A sits above B (as in the prompt), -1 when the halves are swapped, 0 when either colour has
+    less than `min_pixels` of weight (a frame without both colours says nothing about their
+    arrangement). The video's score is the mean over frames. A colour histogram cannot see
+    this: (A over B) and (B over A) have the same one.
+
+    video: (F, 3, H, W) in [-1, 1]; image_prompt: (3, S, S) in [-1, 1], the subject on white.
+    """
+    _check_images(video, "video", 4)
+    for name, v in (("tol", tol), ("separation", separation)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name}: expected a positive float, got {v!r}")
+    a, b = two_tone_colours_of(image_prompt)
+    x = ((video.detach().float().cpu() + 1) * 0.5).clamp(0, 1)          # (F, 3, H, W)
+    da = (x - a[None, :, None, None]).norm(dim=1)                        # (F, H, W)
+    db = (x - b[None, :, None, None]).norm(dim=1)
+    wa = (1 - da / tol).clamp(min=0) * (da < db)
+    wb = (1 - db / tol).clamp(min=0) * (db < da)
+    ys = torch.arange(x.shape[-2], dtype=torch.float32)[None, :, None]
+    na, nb = wa.sum((1, 2)), wb.sum((1, 2))
+    ya = (wa * ys).sum((1, 2)) / na.clamp(min=1e-6)
+    yb = (wb * ys).sum((1, 2)) / nb.clamp(min=1e-6)
+    score = ((yb - ya) / (separation * x.shape[-2])).clamp(-1, 1)
+    score = torch.where((na >= min_pixels) & (nb >= min_pixels), score, torch.zeros_like(score))
+    return float(score.mean())
 
 
 def _best_window_score(mem: torch.Tensor, p: torch.Tensor, fracs: Sequence[float]) -> torch.Tensor:

@@ -13,7 +13,8 @@ from .tasks import TrainTask
 
 # Names -> "module:factory": imported when used (the VideoBooth task pulls in vb and diffusers' models).
 TASKS: Dict[str, Union[str, Callable[[TrainConfig], TrainTask]]] = {
-    "videobooth": "train.videobooth_task:VideoBoothTask"}
+    "videobooth": "train.videobooth_task:VideoBoothTask",
+    "videobooth_ip": "train.ip_adapter:IPAdapterTask"}  # + an IP-Adapter (the ablations' baseline)
 
 
 def register_task(name: str, factory: Union[str, Callable[[TrainConfig], TrainTask]]) -> None:

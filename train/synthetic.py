@@ -76,9 +76,22 @@ MOTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": 
 SPLITS = ("train", "heldout", "all")
 SPLIT_SEED = 20231201  # fixed: the train/held-out split must not depend on the generation seed
 
+# The two-tone identity (issue 14: a detail only spatial copying can carry): the subject's upper
+# half has one colour and its lower half another; the identity is the ORDERED pair. Held-out
+# subjects use colour pairs never seen in training, in both orders, so the held-out set holds
+# (A over B) and (B over A) with the same colour histogram: only the arrangement tells them apart.
+TWO_TONE = "two-tone"          # the pattern field of a two-tone identity
+# a square only: its box is the square itself, so the image prompt holds no edge whose
+# orientation would tell the upper half from the lower one (a circle's rim would)
+TWO_TONE_SHAPES = ("square",)
+TWO_TONE_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "cyan")
+IDENTITY_KINDS = ("shape-pattern-colour", TWO_TONE)
+
 __all__ = [
     "BACKGROUNDS", "COLOURS", "MOTIONS", "PATTERNS", "SHAPES",
+    "TWO_TONE", "TWO_TONE_COLOURS", "TWO_TONE_SHAPES",
     "all_identities", "generate", "main", "render_clip", "subject_phrase", "subject_split",
+    "two_tone_colours", "two_tone_identities", "two_tone_split",
 ]
 
 
@@ -110,8 +123,46 @@ def subject_split(heldout_fraction: float = 0.2) -> dict[tuple[str, str, str], s
 
 
 def subject_phrase(shape: str, pattern: str, colour: str) -> str:
-    """'red striped star': how captions name a subject."""
+    """'red striped star' (or 'red-over-blue square' for a two-tone subject): how captions name
+    a subject."""
+    if pattern == TWO_TONE:
+        top, bottom = two_tone_colours(colour)
+        return f"{top}-over-{bottom} {shape}"
     return f"{colour} {pattern} {shape}"
+
+
+def two_tone_colours(colour: str) -> tuple[str, str]:
+    """'red/blue' -> ('red', 'blue'): the (upper, lower) colours of a two-tone identity."""
+    parts = colour.split("/")
+    if len(parts) != 2 or parts[0] == parts[1] or not all(c in COLOURS for c in parts):
+        raise ValueError(f"identity: a two-tone colour is 'upper/lower' with two different colours of "
+                         f"{tuple(COLOURS)}, got {colour!r}")
+    return parts[0], parts[1]
+
+
+def two_tone_identities() -> list[tuple[str, str, str]]:
+    """Every two-tone (shape, 'two-tone', 'upper/lower'), in a fixed order (56)."""
+    return [(s, TWO_TONE, f"{a}/{b}") for s in TWO_TONE_SHAPES for a in TWO_TONE_COLOURS
+            for b in TWO_TONE_COLOURS if a != b]
+
+
+def two_tone_split(heldout_pairs: int = 10) -> dict[tuple[str, str, str], str]:
+    """Two-tone identity -> "train" | "heldout": `heldout_pairs` unordered colour pairs (of 28),
+    drawn with the fixed `SPLIT_SEED`, are held out in both orders and for every shape (with
+    the default 10: 20 held-out identities, 36 training ones; every colour stays in training)."""
+    pairs = [(a, b) for i, a in enumerate(TWO_TONE_COLOURS) for b in TWO_TONE_COLOURS[i + 1:]]
+    if not isinstance(heldout_pairs, int) or not 0 <= heldout_pairs < len(pairs):
+        raise ValueError(f"heldout_pairs: expected an int in [0, {len(pairs)}), got {heldout_pairs!r}")
+    rng = np.random.default_rng(SPLIT_SEED)
+    while True:  # redraw until every colour is still in some training pair
+        held = {pairs[j] for j in rng.permutation(len(pairs))[:heldout_pairs]}
+        if {c for p in pairs if p not in held for c in p} == set(TWO_TONE_COLOURS):
+            break
+    out = {}
+    for ident in two_tone_identities():
+        a, b = two_tone_colours(ident[2])
+        out[ident] = "heldout" if (a, b) in held or (b, a) in held else "train"
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,16 +247,27 @@ def _background(rng: np.random.Generator, size: int, rgb: np.ndarray) -> np.ndar
 def render_clip(rng: np.random.Generator, identity: tuple[str, str, str], *, size: int = 64,
                 num_frames: int = 16, motion: str | None = None,
                 background: str | None = None,
-                subject_radius: tuple[float, float] = (0.15, 0.21)) -> dict:
+                subject_radius: tuple[float, float] = (0.15, 0.21),
+                two_tone_side: int | None = None) -> dict:
     """Draw one clip.
 
     Returns {"frames": uint8 (F, size, size, 3), "mask0": bool (size, size) of frame 0,
     "box": [x1, y1, x2, y2] of mask0 (x2/y2 exclusive), "motion": str, "background": str}.
     The subject stays wholly inside the frame on every frame. subject_radius: the range the
     subject's radius is drawn from, as a fraction of the frame side (at most 0.4).
+    two_tone_side: a two-tone subject's side in pixels (even, at most `size`; default
+    size // 2 rounded down to even); `subject_radius` then only sets how far it moves.
     """
     shape, pattern, colour = identity
-    if colour not in COLOURS:
+    two_tone = pattern == TWO_TONE
+    if two_tone:
+        if shape not in TWO_TONE_SHAPES:
+            raise ValueError(f"identity: a two-tone subject is one of {TWO_TONE_SHAPES}, got {shape!r}")
+        top_c, bottom_c = (np.asarray(COLOURS[c], np.float32) for c in two_tone_colours(colour))
+        side = two_tone_side if two_tone_side is not None else size // 2 // 2 * 2
+        if not isinstance(side, int) or side < 2 or side % 2 or side > size:
+            raise ValueError(f"two_tone_side: expected an even int in [2, {size}], got {side!r}")
+    elif colour not in COLOURS:
         raise ValueError(f"identity: unknown colour {colour!r}")
     motion = motion or str(rng.choice(list(MOTIONS)))
     background = background or str(rng.choice(list(BACKGROUNDS)))
@@ -217,8 +279,8 @@ def render_clip(rng: np.random.Generator, identity: tuple[str, str, str], *, siz
     if not 0.02 <= lo_r <= hi_r <= 0.4:
         raise ValueError(f"subject_radius: expected (lo, hi) with 0.02 <= lo <= hi <= 0.4, got {subject_radius!r}")
     bg = _background(rng, size, np.asarray(BACKGROUNDS[background], np.float32))
-    c1 = np.asarray(COLOURS[colour], np.float32)
-    c2 = _second_colour(c1)
+    c1 = top_c if two_tone else np.asarray(COLOURS[colour], np.float32)
+    c2 = bottom_c if two_tone else _second_colour(c1)
 
     r = rng.uniform(lo_r, hi_r) * size                 # subject radius
     period = max(4.0, r * rng.uniform(0.5, 0.7))       # pattern period, in pixels
@@ -237,8 +299,20 @@ def render_clip(rng: np.random.Generator, identity: tuple[str, str, str], *, siz
     for f in range(num_frames):
         t = f / max(num_frames - 1, 1)
         cx, cy = cx0 + dx * dist * t, cy0 + dy * dist * t
-        m = _shape_mask(shape, xs, ys, cx, cy, r)
-        second = _pattern_mask(pattern, xs - cx + phase[0], ys - cy + phase[1], period)
+        if two_tone:
+            # A square of side `two_tone_side` (default half the frame), at even pixels: both
+            # halves have exactly the same rows, and the image prompt (the box, the square
+            # itself) is two equal bands with no edge inside them; when its side is the image
+            # prompt's (32 px: size 64 by default, or two_tone_side=32) no resampling blends the
+            # bands either (docs/demo.md: why that matters for the coarse path).
+            half = side // 2
+            cxs, cys = 2 * round(cx / 2), 2 * round(cy / 2)
+            cxs, cys = min(max(cxs, half), size - half), min(max(cys, half), size - half)
+            m = (np.abs(xs - cxs) < half) & (np.abs(ys - cys) < half)
+            second = ys > cys   # the lower half in the second colour
+        else:
+            m = _shape_mask(shape, xs, ys, cx, cy, r)
+            second = _pattern_mask(pattern, xs - cx + phase[0], ys - cy + phase[1], period)
         img = bg.copy()
         img[m] = np.where(second[m][:, None], c2, c1)
         frames[f] = np.clip(img + 0.5, 0, 255).astype(np.uint8)
@@ -277,6 +351,7 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
              crf: int = 12, heldout_fraction: float = 0.2,
              identities: Sequence[tuple[str, str, str]] | None = None,
              caption: str = "full", subject_radius: tuple[float, float] = (0.15, 0.21),
+             identity_kind: str = "shape-pattern-colour", two_tone_side: int | None = None,
              overwrite: bool = False, progress: bool = True) -> list[dict]:
     """Write `num` clips under `out` in the VideoBooth layout; returns the CSV rows written.
 
@@ -295,6 +370,10 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
             `name` column, "short" puts "a star moving left ..." there; both are in the CSV
             (`name` and `short_caption` / `full_caption`).
         subject_radius: (lo, hi) fraction of the frame side the subject's radius is drawn from.
+        identity_kind: "shape-pattern-colour" (the 200 identities of `all_identities`, split by
+            `subject_split`) or "two-tone" (`two_tone_identities`: upper/lower colour halves,
+            split by `two_tone_split`; `heldout_fraction` is then unused).
+        two_tone_side: the two-tone square's side in pixels (`render_clip`).
         progress: show a tqdm bar.
     """
     if not isinstance(num, int) or isinstance(num, bool) or num < 1:
@@ -309,15 +388,22 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
         raise ValueError(f"caption: expected 'full' or 'short', got {caption!r}")
     if not isinstance(num_frames, int) or num_frames < 1:
         raise ValueError(f"num_frames: expected a positive int, got {num_frames!r}")
+    if identity_kind not in IDENTITY_KINDS:
+        raise ValueError(f"identity_kind: expected one of {IDENTITY_KINDS}, got {identity_kind!r}")
+    assign = two_tone_split() if identity_kind == TWO_TONE else subject_split(heldout_fraction)
     if identities is None:
-        assign = subject_split(heldout_fraction)
-        pool = [i for i in all_identities() if split == "all" or assign[i] == split]
+        ids = two_tone_identities() if identity_kind == TWO_TONE else all_identities()
+        pool = [i for i in ids if split == "all" or assign[i] == split]
     else:
         pool = [tuple(i) for i in identities]
         for i in pool:
-            if len(i) != 3 or i[0] not in SHAPES or i[1] not in PATTERNS or i[2] not in COLOURS:
+            ok = len(i) == 3 and i[0] in SHAPES
+            if ok and i[1] == TWO_TONE:
+                two_tone_colours(i[2])  # raises naming the expected form
+            elif ok:
+                ok = i[1] in PATTERNS and i[2] in COLOURS
+            if not ok:
                 raise ValueError(f"identities: {i!r} is not a (shape, pattern, colour)")
-        assign = subject_split(heldout_fraction)
     if not pool:
         raise ValueError(f"split: no identity in split {split!r} "
                          f"(heldout_fraction={heldout_fraction})")
@@ -335,6 +421,10 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
             "seed": seed, "split": split, "size": size, "num_frames": num_frames, "fmt": fmt,
             "fps": fps, "crf": crf, "heldout_fraction": heldout_fraction, "caption": caption,
             "subject_radius": [float(v) for v in subject_radius]}
+    if identity_kind != IDENTITY_KINDS[0]:  # (the default's meta.json stays as it was)
+        meta["identity_kind"] = identity_kind
+    if two_tone_side is not None:
+        meta["two_tone_side"] = two_tone_side
     # written first, so that a run that dies half-way can still be overwritten
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
 
@@ -346,7 +436,8 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
     for i in it:
         rng = np.random.default_rng([seed, i])
         ident = pool[int(rng.integers(len(pool)))]
-        clip = render_clip(rng, ident, size=size, num_frames=num_frames, subject_radius=subject_radius)
+        clip = render_clip(rng, ident, size=size, num_frames=num_frames, subject_radius=subject_radius,
+                           two_tone_side=two_tone_side)
         shape, pattern, colour = ident
         videoid = f"s{seed}_{i:06d}"
         folder = out / shape / videoid

@@ -36,6 +36,9 @@ cfg.model keys (defaults in brackets):
     motion_adapter, motion_adapter_revision: components=pretrained on AnimateDiff's pretrained
                   motion modules (a diffusers MotionAdapter folder or hub id) instead of
                   zero-initialised temporal layers; leave temporal unset [None]
+    clip_positions bool [True]; false zeroes the image tower's positional embedding (a bag of
+                  patches: the two-tone ablations' coarse encoder, docs/demo.md)
+    ip_tokens, ip_scale  task videobooth_ip only (train.ip_adapter) [4, 1.0]
 cfg.data keys: root (required), categories, video_root, num_frames [4], frame_stride [1],
     size [16], image_size [32], caption_column, split (keep CSV rows whose ``split`` column
     has this value), prompt_augment {hflip, degrees, translate, scale, box_trim} (box_trim
@@ -60,7 +63,7 @@ log = logging.getLogger(__name__)
 MODEL_KEYS = {"components", "seed", "image_bank", "learn_query", "temporal", "clip_layers", "coarse_path",
               "fine_path", "train_temporal", "extra_trainable", "base_weights", "adapter",
               "pretrained_model_name_or_path", "clip_model", "clip_pretrained", "mapper_hidden", "revision",
-              "motion_adapter", "motion_adapter_revision"}
+              "motion_adapter", "motion_adapter_revision", "clip_positions", "ip_tokens", "ip_scale"}
 DATA_KEYS = {"root", "categories", "video_root", "num_frames", "frame_stride", "size", "image_size",
              "caption_column", "split", "prompt_augment", "prompt_augment_vae", "max_skips"}
 
@@ -138,6 +141,19 @@ def build_unet_backbone(cfg: TrainConfig, unet, image_bank=None, learn_query=Fal
     return vb.VideoBoothUNet.from_motion_adapter(unet, adapter, **kwargs)
 
 
+def drop_clip_positions(image_encoder) -> None:
+    """Zero the (frozen) positional embedding of an open_clip image tower, in place: the tower
+    then sees a bag of patches (`model.clip_positions: false`, the two-tone ablations' coarse
+    encoder, docs/demo.md says why)."""
+    visual = getattr(image_encoder, "visual", None)
+    pos = getattr(visual, "positional_embedding", None)
+    if not isinstance(pos, torch.Tensor):
+        raise ValueError(f"model.clip_positions: false needs an open_clip ViT tower with a positional_embedding; "
+                         f"{type(image_encoder).__name__} has none")
+    with torch.no_grad():
+        pos.zero_()
+
+
 class VideoBoothTask(DiffusionTask):
     """VideoBooth's two training stages as a :class:`train.tasks.TrainTask` (module docstring)."""
 
@@ -150,6 +166,8 @@ class VideoBoothTask(DiffusionTask):
         if unknown:
             raise ValueError(f"data: unknown keys {unknown}; known: {sorted(DATA_KEYS)}")
         parts = components if components is not None else build_components(cfg)
+        if m.get("clip_positions", True) is False:
+            drop_clip_positions(parts.image_encoder)
         # Only a pretrained model's scheduler says how that model was trained (the tiny random
         # components' default scheduler says nothing).
         pretrained = dict(parts.scheduler.config) if m.get("components", "tiny") == "pretrained" else None
