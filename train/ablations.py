@@ -458,48 +458,44 @@ def _ci(d: dict) -> str:
     return f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
 
 
+def _md(header: Sequence[str], rows) -> str:
+    """A markdown table: ``header`` cells, then one line per row of cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def tables(summary: Dict[str, dict]) -> Dict[str, str]:
-    out = {}
-    main = ["| group | arm | seeds | steps | order (image) | order (text) | Δ order image - text [95% CI] | "
-            "Δ order, tol 0.5 [95% CI] | colour (image) | Δ colour image - text [95% CI] | frame change (image) | s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for k, r in summary.items():
-        if r["group"] in ("paper", "baseline", "diagnostic", "review"):
-            main.append(f"| {r['group']} | {r['name']} | {r['seeds']} | {r['steps']} | {r['order_image']:+.3f} | "
-                        f"{r['order_text']:+.3f} | {_ci(r['delta_order'])} | {_ci(r['delta_order_loose'])} | "
-                        f"{r['color_image']:.3f} | "
-                        f"{_ci(r['delta_color'])} | {r['frame_change_image']:.4f} | {r['seconds']:.0f} |")
-    out["main"] = "\n".join(main)
-    con = ["| arm | seeds | reference - arm: order [95% CI] | per seed | order, tol 0.5 [95% CI] | colour [95% CI] | "
-           "frame change [95% CI] |", "|---|---|---|---|---|---|---|"]
-    for k, r in summary.items():
-        if "vs_both" in r:
-            v = r["vs_both"]
-            con.append(f"| {r['name']} | {r['seeds']} | {_ci(v['order'])} | "
-                       f"{', '.join(f'{x:+.3f}' for x in v['order']['per_seed'])} | {_ci(v['order_loose'])} | "
-                       f"{_ci(v['color'])} | "
-                       f"{_ci(v['frame_change'])} |")
-    out["contrasts"] = "\n".join(con)
-    cost = ["| arm | image tokens M (8x8 level) | keys per frame, paper's schedule (F=16) | keys per frame, "
-            "image in every frame's keys (+img) | order (image) | Δ order image - text [95% CI] | "
-            "Δ colour image - text [95% CI] |", "|---|---|---|---|---|---|---|"]
-    for k, r in summary.items():
-        if r["group"] in ("paper", "review") and k != "fine" and k != "coarse":
-            c = r["cost"]
-            cost.append(f"| {r['name']} | {c['image_tokens']} | {c['keys_per_frame']:.1f} | "
-                        f"{c.get('keys_per_frame_img_everywhere', float('nan')):.1f} | "
-                        f"{r['order_image']:+.3f} | {_ci(r['delta_order'])} | {_ci(r['delta_color'])} |")
-    out["cost"] = "\n".join(cost)
-    sch = ["| schedule | keys per frame (8x8 level) | order (image), all frames | Δ order image - text [95% CI] | "
-           "order, first 8 frames | order, last 8 frames | colour, last 8 frames | frame change |",
-           "|---|---|---|---|---|---|---|---|"]
-    for k, r in summary.items():
-        if r["group"] == "schedule":
-            sch.append(f"| {r['name']} | {r['cost']['keys_per_frame']:.1f} | {r['order_image']:+.3f} | "
-                       f"{_ci(r['delta_order'])} | {r['order_first8']:+.3f} | {r['order_last8']:+.3f} | "
-                       f"{r['color_last8']:.3f} | {r['frame_change_image']:.4f} |")
-    out["schedule"] = "\n".join(sch)
-    return out
+    rs = summary.values()
+    main = _md(["group", "arm", "seeds", "steps", "order (image)", "order (text)", "Δ order image - text [95% CI]",
+                "Δ order, tol 0.5 [95% CI]", "colour (image)", "Δ colour image - text [95% CI]",
+                "frame change (image)", "s"],
+               ([r["group"], r["name"], str(r["seeds"]), r["steps"], f"{r['order_image']:+.3f}",
+                 f"{r['order_text']:+.3f}", _ci(r["delta_order"]), _ci(r["delta_order_loose"]),
+                 f"{r['color_image']:.3f}", _ci(r["delta_color"]), f"{r['frame_change_image']:.4f}",
+                 f"{r['seconds']:.0f}"]
+                for r in rs if r["group"] in ("paper", "baseline", "diagnostic", "review")))
+    contrasts = _md(["arm", "seeds", "reference - arm: order [95% CI]", "per seed", "order, tol 0.5 [95% CI]",
+                     "colour [95% CI]", "frame change [95% CI]"],
+                    ([r["name"], str(r["seeds"]), _ci(r["vs_both"]["order"]),
+                      ", ".join(f"{x:+.3f}" for x in r["vs_both"]["order"]["per_seed"]),
+                      _ci(r["vs_both"]["order_loose"]), _ci(r["vs_both"]["color"]), _ci(r["vs_both"]["frame_change"])]
+                     for r in rs if "vs_both" in r))
+    cost = _md(["arm", "image tokens M (8x8 level)", "keys per frame, paper's schedule (F=16)",
+                "keys per frame, image in every frame's keys (+img)", "order (image)",
+                "Δ order image - text [95% CI]", "Δ colour image - text [95% CI]"],
+               ([r["name"], str(r["cost"]["image_tokens"]), f"{r['cost']['keys_per_frame']:.1f}",
+                 f"{r['cost'].get('keys_per_frame_img_everywhere', float('nan')):.1f}", f"{r['order_image']:+.3f}",
+                 _ci(r["delta_order"]), _ci(r["delta_color"])]
+                for k, r in summary.items() if r["group"] in ("paper", "review") and k not in ("fine", "coarse")))
+    schedule = _md(["schedule", "keys per frame (8x8 level)", "order (image), all frames",
+                    "Δ order image - text [95% CI]", "order, first 8 frames", "order, last 8 frames",
+                    "colour, last 8 frames", "frame change"],
+                   ([r["name"], f"{r['cost']['keys_per_frame']:.1f}", f"{r['order_image']:+.3f}",
+                     _ci(r["delta_order"]), f"{r['order_first8']:+.3f}", f"{r['order_last8']:+.3f}",
+                     f"{r['color_last8']:.3f}", f"{r['frame_change_image']:.4f}"]
+                    for r in rs if r["group"] == "schedule"))
+    return {"main": main, "contrasts": contrasts, "cost": cost, "schedule": schedule}
 
 
 def report(summary: Dict[str, dict], a: AblationSettings, total: float, out: Path) -> str:
