@@ -326,9 +326,7 @@ class Trainer:
         if set(weights) != names:
             raise ValueError(f"resume: {path} holds other parameters than this stage trains: missing "
                              f"{sorted(names - set(weights))[:5]}, unexpected {sorted(set(weights) - names)[:5]}")
-        with torch.no_grad():
-            for k, p in self.named_params:
-                p.copy_(weights[k])
+        ckpt.copy_named(self.task, weights, f"resume: {path}")
         if self.ema is not None:
             if (path / ckpt.EMA_FILE).is_file():
                 self.load_ema_state_dict(ckpt.load_tensors(path / ckpt.EMA_FILE),
