@@ -529,9 +529,10 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach().float())
-            for k, v in out.items():
+            for k, v in out.items():  # kept on the device: one transfer per step, not one per value
                 if k != "loss":
-                    extras.setdefault(k, []).append(float(v))
+                    v = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                    extras.setdefault(k, []).append(v.to(acc.device, torch.float64).reshape(()))
         # fp16: a step the grad scaler skipped (inf/nan gradients) moves neither LR nor EMA
         skipped = bool(getattr(self.optimizer, "step_was_skipped", False))
         if not skipped:
@@ -543,8 +544,7 @@ class Trainer:
         loss = float(sum(per_rank) / len(per_rank))
         names = sorted(extras)
         if names:  # other logged values: mean over micro-batches and processes
-            vals = torch.tensor([float(np.mean(extras[k])) for k in names], dtype=torch.float64,
-                                device=acc.device)
+            vals = torch.stack([torch.stack(extras[k]).mean() for k in names])
             if self.world > 1:
                 vals = acc.reduce(vals, "mean")
             extras = dict(zip(names, vals.cpu().tolist()))
