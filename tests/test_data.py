@@ -405,3 +405,8 @@ def test_seeking_decoder_reads_the_same_frames_as_decoding_from_the_start(tmp_pa
     # past the end: the frames that exist, and the end reached
     keep, n, ended = _decode_av(path, {10, 200}, seek=True)
     assert sorted(keep) == [10] and ended
+    # the public reader's switch (what python -m train.throughput compares): same clip either way
+    from train.data import read_frames
+
+    clips = [read_frames(path, 6, 12, 0.9, seek=s) for s in (True, False)]
+    assert all(np.array_equal(a, b) for a, b in zip(*clips))

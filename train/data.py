@@ -303,10 +303,11 @@ def _open_counted(path: Path):
 
 
 def read_frames(source: Path | list[Path], num_frames: int, stride: int = 1,
-                u: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                u: float | None = None, seek: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Read one clip and frame 0.
 
-    source: a video file (decoded with PyAV) or a sorted list of frame images.
+    source: a video file (decoded with PyAV) or a sorted list of frame images. seek: reach far
+    frames of a video by seeking (False: decode every frame from the start; the same frames).
     Returns (clip uint8 (F, H, W, 3), frame0 uint8 (H, W, 3)). Frame indices come from
     `choose_frame_indices(total, num_frames, stride, u)`.
     Raises SampleError (bad_video / too_short) for unreadable or short clips.
@@ -338,11 +339,11 @@ def read_frames(source: Path | list[Path], num_frames: int, stride: int = 1,
             if container is not None:
                 container.close()
             raise
-        keep, n, ended = _decode_av(path, {0, *idx}, container=container)
+        keep, n, ended = _decode_av(path, {0, *idx}, seek=seek, container=container)
         if ended and n > 0:
             # the header over-counted: pick again over the frames that really exist
             idx = choose_frame_indices(n, num_frames, stride, u)
-            keep, n, _ = _decode_av(path, {0, *idx})
+            keep, n, _ = _decode_av(path, {0, *idx}, seek=seek)
     except SampleError as e:
         if not e.path:
             e.path = str(path)
@@ -576,6 +577,8 @@ class VideoBoothDataset(torch.utils.data.Dataset):
         max_skips: how many bad items in a row one `__getitem__` may pass over before it
             raises RuntimeError (a dataset that is mostly broken should fail loudly).
         strict: raise the first SampleError instead of skipping (for debugging data).
+        seek: reach far frames of a video by seeking (see :func:`read_frames`); False decodes
+            from the start (what `python -m train.throughput` compares against).
         row_filter, caption_column: passed to `read_records`.
 
     The video branch is resized and centre-cropped, never flipped: captions name directions
@@ -600,6 +603,7 @@ class VideoBoothDataset(torch.utils.data.Dataset):
         seed: int = 0,
         max_skips: int = 64,
         strict: bool = False,
+        seek: bool = True,
         row_filter: Callable[[dict], bool] | None = None,
         caption_column: str | None = None,
     ):
@@ -631,6 +635,7 @@ class VideoBoothDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.max_skips = max_skips
         self.strict = strict
+        self.seek = bool(seek)
         self.stats = _Stats()
 
     def __len__(self) -> int:
@@ -656,7 +661,7 @@ class VideoBoothDataset(torch.utils.data.Dataset):
         mask = load_mask(rec.folder / f"mask_{subj['value']}.png")
         source = find_video(rec, self.video_root)
         u = float(rng.random()) if self.train else None
-        clip, frame0 = read_frames(source, self.num_frames, self.frame_stride, u)
+        clip, frame0 = read_frames(source, self.num_frames, self.frame_stride, u, self.seek)
         trim = None
         if self.train and self.prompt_augment.box_trim > 0:
             trim = (int(rng.integers(4)), float(rng.uniform(0.01, self.prompt_augment.box_trim)))

@@ -63,26 +63,21 @@ def write_videos(root: Path, num: int, frames: int, size: int, gop: int, fps: in
 def measure(root: Path, *, seek: bool, workers: int, num_frames: int, stride: int, size: int,
             batch_size: int = 4, epochs: int = 2) -> float:
     """Clips per second of the dataset through a DataLoader (the first batch excluded)."""
-    import train.data as data
+    from train.data import VideoBoothDataset
 
-    old = data.SEEK_GAP
-    data.SEEK_GAP = data.SEEK_GAP if seek else 1 << 62  # no seek: decode every frame in between
-    try:
-        ds = data.VideoBoothDataset(root, num_frames=num_frames, frame_stride=stride, size=size, image_size=size,
-                                    seed=0)
-        n, t0 = 0, None
-        for e in range(epochs):
-            ds.set_epoch(e)
-            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
-                                                 collate_fn=lambda items: len(items))
-            for b in loader:
-                if t0 is None:
-                    t0 = time.perf_counter()  # workers started, first batch in
-                    continue
-                n += b
-        return n / (time.perf_counter() - t0)
-    finally:
-        data.SEEK_GAP = old
+    ds = VideoBoothDataset(root, num_frames=num_frames, frame_stride=stride, size=size, image_size=size, seed=0,
+                           seek=seek)
+    n, t0 = 0, None
+    for e in range(epochs):
+        ds.set_epoch(e)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                                             collate_fn=lambda items: len(items))
+        for b in loader:
+            if t0 is None:
+                t0 = time.perf_counter()  # workers started, first batch in
+                continue
+            n += b
+    return n / (time.perf_counter() - t0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
