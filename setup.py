@@ -1,4 +1,4 @@
-"""VideoBooth with fused Triton attention: kernels/, vb/, train/, bench/ (see README.md)."""
+"""VideoBooth with fused Triton attention: vb_kernels/, vb/, vb_train/, bench/ (see README.md)."""
 from setuptools import find_packages, setup
 
 MODEL = [
@@ -19,7 +19,7 @@ setup(
     description="VideoBooth (image-prompted text-to-video diffusion) with fused Triton cross-frame attention",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["kernels", "kernels.*", "vb", "vb.*", "train", "train.*", "bench", "bench.*"]),
+    packages=find_packages(include=["vb_kernels", "vb_kernels.*", "vb", "vb.*", "vb_train", "vb_train.*", "bench", "bench.*"]),
     python_requires=">=3.10",
     # torch: the registry's default (CUDA) build, which also runs on CPU; torchvision, pulled by
     # open_clip and timm, only works with that build. The GPU machines run torch 2.11 / triton 3.6.

@@ -3,12 +3,12 @@
 Every callable has the op's signature, ``fn(q, k, v, k_img, v_img, *, schedule) -> out`` with
 BFNHD frames and BMHD image tokens:
 
-- ``reference``, ``sdpa``, ``flex``, ``triton``: :func:`kernels.videobooth_attention` with that
+- ``reference``, ``sdpa``, ``flex``, ``triton``: :func:`vb_kernels.videobooth_attention` with that
   backend, the same entry the tests call.
 - ``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``: the ``sdpa`` backend with PyTorch's SDPA
   forced to one kernel (``torch.nn.attention.sdpa_kernel``). The backward runs the kernel the
   forward chose. A kernel that refuses a shape or dtype makes the row skip, with PyTorch's reason.
-- ``flash-attn``, ``xformers``: the very same concat-once baseline as ``sdpa`` (kernels/impl/sdpa.py:
+- ``flash-attn``, ``xformers``: the very same concat-once baseline as ``sdpa`` (vb_kernels/impl/sdpa.py:
   K/V concatenated once per distinct reference set), with its attention primitive swapped for
   ``flash_attn_func`` / ``xformers.ops.memory_efficient_attention``. Only when importable.
 """
@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from kernels import videobooth_attention
+from vb_kernels import videobooth_attention
 
 from .shapes import CPU_BACKENDS, Row
 
@@ -44,7 +44,7 @@ def _forced_sdpa(kind: str) -> Attention:
 
 
 def _flash_attn_primitive(q, k, v, scale):
-    """kernels.impl.sdpa._sdpa's contract with flash-attn: q (B, G, N, H, D) of G frames sharing
+    """vb_kernels.impl.sdpa._sdpa's contract with flash-attn: q (B, G, N, H, D) of G frames sharing
     k/v (B, L, H, D); flash-attn's layout is already (B, S, H, D), so no transpose."""
     from flash_attn import flash_attn_func
 
@@ -62,13 +62,13 @@ def _xformers_primitive(q, k, v, scale):
 
 
 def _swapped_sdpa(primitive) -> Attention:
-    # Patch the one function of kernels/impl/sdpa.py that calls SDPA for the duration of the
+    # Patch the one function of vb_kernels/impl/sdpa.py that calls SDPA for the duration of the
     # call: the grouping, the phase-1 refresh and the duplicate shortcut stay the code the tests
     # check, so these rows differ from `sdpa` by the attention primitive alone. The autograd
     # graph records the primitive's own backward, so fwd+bwd needs no patch.
     from unittest import mock
 
-    from kernels.impl import sdpa as sdpa_impl
+    from vb_kernels.impl import sdpa as sdpa_impl
 
     def fn(q, k, v, k_img=None, v_img=None, *, schedule=None):
         with mock.patch.object(sdpa_impl, "_sdpa", primitive):

@@ -1,6 +1,6 @@
 """Host overhead of the fused op: what one call costs before any kernel runs.
 
-Every Triton launch is replaced by a no-op (``kernels.impl.fused.launch.intercept``), and the
+Every Triton launch is replaced by a no-op (``vb_kernels.impl.fused.launch.intercept``), and the
 shape is tiny (B=1, F=16, N=16, H=1, D=16, fp16, the paper's schedule, image tokens M=16), so
 no tensor work hides the host work: validation, schedule tables, allocations, tile choice,
 argument packing, autograd. Issue 11's targets on the 2-core CPU machine: forward <= 40 us,
@@ -17,8 +17,8 @@ import torch
 
 import functools
 
-from kernels import videobooth_attention
-from kernels.impl.fused import launch
+from vb_kernels import videobooth_attention
+from vb_kernels.impl.fused import launch
 
 from bench.measure import Step, Workload
 from bench.shapes import Case

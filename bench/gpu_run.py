@@ -12,7 +12,7 @@ Stages (each with its own share of the budget; a stage that runs out is cut and 
    ``python -m bench.report`` then writes report.md and the plots.
 3. Tile sweep: for D in {40, 64, 72, 80, 128, 160}, candidate (BLOCK_M, BLOCK_N, warps,
    stages) per kernel (``VB_TILES``), timed with ``triton.testing.do_bench``; the winners go to
-   tiles.json / tiles.md (copy them into ``_TILES`` in kernels/impl/fused/forward.py by hand,
+   tiles.json / tiles.md (copy them into ``_TILES`` in vb_kernels/impl/fused/forward.py by hand,
    after a look at the compile report).
 4. One end-to-end denoising step of the SD-1.4-sized VideoBooth U-Net (random weights, 256 px,
    16 frames, classifier-free guidance batch of 2, image prompt), per attn1 backend.
@@ -98,7 +98,7 @@ def stage_sweep(out: Path, dry: bool, head_dims=HEAD_DIMS) -> dict:
 
     import torch
 
-    from kernels import videobooth_attention
+    from vb_kernels import videobooth_attention
 
     from .measure import Step, Workload
     from .shapes import Case

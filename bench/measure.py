@@ -1,7 +1,7 @@
 """How one benchmark row is measured (DESIGN.md section 4), shared by the op and model rows.
 
 For a row (case, backend, mode, dtype):
-1. Inputs: seeded random tensors for the case (``kernels.testing.make_inputs``; never zeros),
+1. Inputs: seeded random tensors for the case (``vb_kernels.testing.make_inputs``; never zeros),
    built once per (case, dtype, mode) and shared by the backends of that case.
 2. First call: compiles what compiles (Triton, FlexAttention), and its output (and gradients in
    fwd+bwd) is checked against an oracle on the same inputs: the reference backend in float64
@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.testing import TOLERANCE, make_inputs, rel_err
+from vb_kernels.testing import TOLERANCE, make_inputs, rel_err
 
 from . import backends
 from .models import ModelCase

@@ -2,7 +2,7 @@
 
 Both are self-contained (plain ``torch.nn``, no diffusers, no ``vb/``), so they run on any
 machine the op runs on. The attention callable is passed per call, so one module serves every
-backend. NVTX ranges (``kernels.profiling.nvtx_range``) name each block and its parts for
+backend. NVTX ranges (``vb_kernels.profiling.nvtx_range``) name each block and its parts for
 Nsight: ``attn1`` > ``attn1.proj`` / ``attn1.op`` / ``attn1.to_out``, ``dit`` > ``dit.adaln`` /
 ``dit.attn`` (with ``dit.op``) / ``dit.mlp``.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.profiling import nvtx_range
+from vb_kernels.profiling import nvtx_range
 
 from .shapes import MODEL_BACKENDS, MODES, Case, Row, grid
 

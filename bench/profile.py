@@ -32,7 +32,7 @@ import torch
 if not torch.cuda.is_available():  # as conftest.py: before anything imports triton's jit
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels.profiling import nvtx_range  # noqa: E402
+from vb_kernels.profiling import nvtx_range  # noqa: E402
 
 from . import backends  # noqa: E402
 from .measure import DTYPES, Step, Workload  # noqa: E402

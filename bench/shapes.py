@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kernels import Schedule
+from vb_kernels import Schedule
 
 # ---- schedules (DESIGN.md section 2) --------------------------------------------------------
-# name -> (constructor name on kernels.Schedule, its extra argument or None, image_everywhere)
+# name -> (constructor name on vb_kernels.Schedule, its extra argument or None, image_everywhere)
 SCHEDULES = {
     "videobooth": ("videobooth", None, False),
     "first": ("first", None, False),
@@ -26,7 +26,7 @@ SCHEDULES = {
 
 
 def make_schedule(name: str, num_frames: int) -> Schedule:
-    """The :class:`kernels.Schedule` registered under ``name`` for ``num_frames`` frames."""
+    """The :class:`vb_kernels.Schedule` registered under ``name`` for ``num_frames`` frames."""
     ctor, arg, image_everywhere = SCHEDULES[name]
     build = getattr(Schedule, ctor)
     sched = build(num_frames) if arg is None else build(num_frames, arg)

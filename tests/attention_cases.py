@@ -5,8 +5,8 @@ import random
 
 import torch
 
-from kernels import Schedule, videobooth_attention
-from kernels.testing import upcast
+from vb_kernels import Schedule, videobooth_attention
+from vb_kernels.testing import upcast
 
 
 def random_schedule(n_frames: int, n_refs: int, seed: int) -> Schedule:

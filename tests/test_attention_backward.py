@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from attention_cases import SCHEDULES, named_schedule, needs_cuda
-from kernels import Schedule, videobooth_attention
-from kernels.testing import TOLERANCE, make_inputs, rel_err
+from vb_kernels import Schedule, videobooth_attention
+from vb_kernels.testing import TOLERANCE, make_inputs, rel_err
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("q", "k", "v", "k_img", "v_img")
@@ -120,7 +120,7 @@ def test_backward_is_deterministic():
 
 
 def test_poisoned_gradients_are_all_written(monkeypatch):
-    from kernels.impl.fused import function
+    from vb_kernels.impl.fused import function
 
     monkeypatch.setattr(function, "_alloc", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
     monkeypatch.setattr(function, "_alloc_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
@@ -137,7 +137,7 @@ def test_gradients_are_written_without_fills(monkeypatch, schedule, shape, tiles
     """The backward allocates dK, dV and the image gradients unfilled: phase 2 writes every
     element (zeros for unread frames, unread image tokens and the keyframes' own V), phase 1
     adds. NaN-poisoned buffers show any element left unwritten."""
-    from kernels.impl.fused import function
+    from vb_kernels.impl.fused import function
 
     monkeypatch.setattr(function, "_alloc", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
     monkeypatch.setattr(function, "_alloc_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
@@ -156,7 +156,7 @@ def test_split_readers_match_reference_and_are_deterministic(monkeypatch, schedu
     """Targets read by many rows split into chunks (fp32 partials + an ordered reduction):
     gradients equal the float64 reference, every buffer (partials too) is written (NaN poison),
     the reduction runs, and two runs give the same bits."""
-    from kernels.impl.fused import function, launch
+    from vb_kernels.impl.fused import function, launch
 
     monkeypatch.setattr(function, "_alloc", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
     monkeypatch.setattr(function, "_alloc_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
@@ -179,7 +179,7 @@ def test_split_readers_match_reference_and_are_deterministic(monkeypatch, schedu
 
 
 def test_chunk_targets_keeps_readers_in_order_heaviest_first():
-    from kernels.schedule import chunk_targets
+    from vb_kernels.schedule import chunk_targets
 
     _, p2 = Schedule.videobooth(7).with_image_everywhere().plan(True)
     targets = p2.targets()
@@ -200,7 +200,7 @@ def test_chunk_targets_keeps_readers_in_order_heaviest_first():
 
 
 def test_reader_cap_splits_only_small_grids():
-    from kernels.impl.fused.backward import reader_cap
+    from vb_kernels.impl.fused.backward import reader_cap
 
     cpu = torch.device("cpu")
     counts = (16,) + (1,) * 14 + (0,)  # the paper's schedule at F = 16: the anchor and 14 previous frames

@@ -8,8 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attention_cases import SCHEDULES, named_schedule, needs_cuda, oracle
-from kernels import Schedule, videobooth_attention
-from kernels.testing import TOLERANCE, make_inputs, rel_err
+from vb_kernels import Schedule, videobooth_attention
+from vb_kernels.testing import TOLERANCE, make_inputs, rel_err
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 CPU_DTYPES = [torch.float32, torch.float16]
@@ -68,7 +68,7 @@ def test_contiguous_inputs_and_custom_scale():
 
 
 def test_auto_backend_is_sdpa_on_cpu_and_triton_on_cuda():
-    from kernels.api import resolve_backend
+    from vb_kernels.api import resolve_backend
     assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
     assert resolve_backend("auto", torch.device("cuda")) == "triton"
     # what the fused kernels do not take falls back to sdpa instead of raising
@@ -86,7 +86,7 @@ def test_scale_accepts_numpy_and_python_reals():
 
 def test_poisoned_outputs_are_all_written(monkeypatch):
     """Every output element must be written by a kernel: NaN-filled buffers must not survive."""
-    from kernels.impl.fused import function
+    from vb_kernels.impl.fused import function
 
     def poisoned(*args, **kw):
         return torch.full(*args, float("nan"), **kw)
@@ -128,7 +128,7 @@ def test_triton_path_allocates_no_concatenated_or_repeated_kv():
     b, f, n, h, d, m = 1, 4, 17, 2, 40, 9
     ins = make_inputs(b, f, n, h, d, m, device=DEV, strided=True)
     sched = Schedule.keyframes(4, 2)  # two keyframes, so U has 2 of the 4 frames
-    from kernels.impl.fused.function import fused_fwd
+    from vb_kernels.impl.fused.function import fused_fwd
 
     sched.fused_tables(True, ins[0].device)  # the schedule's index tables: built once, at first use
     with _OpLog() as outer:  # the public call: nothing but allocations and launches

@@ -1,4 +1,4 @@
-"""train.data (the VideoBooth loader) and train.synthetic (the set it is tested on).
+"""vb_train.data (the VideoBooth loader) and vb_train.synthetic (the set it is tested on).
 
 Everything is written to tmp_path: tiny synthetic sets (32 px, 8 frames), nothing downloaded.
 """
@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from train import synthetic
-from train.data import (
+from vb_train import synthetic
+from vb_train.data import (
     PromptAugment,
     SampleError,
     VideoBoothDataset,
@@ -188,7 +188,7 @@ def test_bad_files_are_skipped_counted_and_reported(mp4_set, tmp_path, caplog):
     (recs[9].folder / "mask.json").write_text("{not json")
 
     ds = VideoBoothDataset(root, num_frames=4, size=16, image_size=16)
-    with caplog.at_level(logging.WARNING, logger="train.data"):
+    with caplog.at_level(logging.WARNING, logger="vb_train.data"):
         got = [it for it in torch.utils.data.DataLoader(ds, batch_size=1)]  # a whole epoch
     assert len(got) == len(ds)
     idx = [int(it["index"]) for it in got]
@@ -361,7 +361,7 @@ def test_subject_radius(tmp_path):
 
 def test_cli(tmp_path):
     out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "-m", "train.synthetic", "--out", str(out), "--num", "3",
+    r = subprocess.run([sys.executable, "-m", "vb_train.synthetic", "--out", str(out), "--num", "3",
                         "--seed", "2", "--size", "16", "--frames", "2", "--no-progress"],
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr
@@ -390,7 +390,7 @@ def _write_gop_video(path, n=90, gop=8, size=32, fps=8):
 
 def test_seeking_decoder_reads_the_same_frames_as_decoding_from_the_start(tmp_path):
     pytest.importorskip("av")
-    from train.data import SEEK_GAP, _decode_av
+    from vb_train.data import SEEK_GAP, _decode_av
 
     path = tmp_path / "gop.mp4"
     _write_gop_video(path)
@@ -405,8 +405,8 @@ def test_seeking_decoder_reads_the_same_frames_as_decoding_from_the_start(tmp_pa
     # past the end: the frames that exist, and the end reached
     keep, n, ended = _decode_av(path, {10, 200}, seek=True)
     assert sorted(keep) == [10] and ended
-    # the public reader's switch (what python -m train.throughput compares): same clip either way
-    from train.data import read_frames
+    # the public reader's switch (what python -m vb_train.throughput compares): same clip either way
+    from vb_train.data import read_frames
 
     clips = [read_frames(path, 6, 12, 0.9, seek=s) for s in (True, False)]
     assert all(np.array_equal(a, b) for a, b in zip(*clips))

@@ -1,6 +1,6 @@
 """The fused kernels as a real launch compiles them (sm_90, no GPU needed).
 
-`python -m kernels.impl.fused.aot` runs the op's host code on real-size tensors in host memory,
+`python -m vb_kernels.impl.fused.aot` runs the op's host code on real-size tensors in host memory,
 records every launch of a forward+backward call and compiles each one for sm_90 specialised from
 its actual arguments, the way Triton's launcher does. These tests hold the result to what a
 Hopper kernel needs: vector global loads (no scalar 16-bit loads), cp.async or TMA pipelining,
@@ -30,7 +30,7 @@ def _reports(tmp_path, *arg_lists) -> list[list[dict]]:
     procs = []
     for i, args in enumerate(arg_lists):
         out = tmp_path / f"report{i}.json"
-        procs.append((out, subprocess.Popen([sys.executable, "-m", "kernels.impl.fused.aot", "--json", str(out), *args],
+        procs.append((out, subprocess.Popen([sys.executable, "-m", "vb_kernels.impl.fused.aot", "--json", str(out), *args],
                                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                             text=True)))
     results = []
@@ -102,7 +102,7 @@ def test_unaligned_strides_fall_back_to_align_1():
     off (the kernels then read element by element, still correct)."""
     import torch
 
-    from kernels.impl.fused.forward import launch_strides
+    from vb_kernels.impl.fused.forward import launch_strides
 
     q = torch.empty(1, 2, 4, 3, 40, dtype=torch.float16)
     al, strides = launch_strides((q, 4), (None, 3))

@@ -1,12 +1,12 @@
-"""train.metrics on tiny random encoders (nothing downloaded) and hand-made videos."""
+"""vb_train.metrics on tiny random encoders (nothing downloaded) and hand-made videos."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from train import metrics as M
-from train.synthetic import render_clip
+from vb_train import metrics as M
+from vb_train.synthetic import render_clip
 
 
 @pytest.fixture(scope="module")

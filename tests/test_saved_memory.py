@@ -3,8 +3,8 @@ measured on meta tensors (no compute): the fused op saves inputs, output, LSE an
 import pytest
 import torch
 
-from kernels import Schedule, videobooth_attention
-from kernels.testing import fused_saved_bytes, saved_tensor_bytes
+from vb_kernels import Schedule, videobooth_attention
+from vb_kernels.testing import fused_saved_bytes, saved_tensor_bytes
 
 # DESIGN.md section 1: attn1 sites of the 256 px U-Net (N tokens per frame, head dim), B=1, F=16.
 SITES = [(1024, 40), (256, 80), (64, 160), (16, 160)]
@@ -30,7 +30,7 @@ def test_fused_saves_no_concatenated_kv(n, d):
 def test_eager_fused_path_saves_through_saved_tensor_hooks():
     """The eager path (autograd.Function, no dispatcher) keeps the same nine tensors as the custom
     op, all through save_for_backward, so saved-tensor hooks (activation offloading) see them."""
-    from kernels.impl.fused import function, launch
+    from vb_kernels.impl.fused import function, launch
 
     b, f, n, h, d, m = 1, 4, 16, 2, 16, 8
     ins = [torch.randn(b, f, n, h, d, dtype=torch.float16, requires_grad=True) for _ in range(3)]

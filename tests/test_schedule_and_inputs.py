@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import Schedule, videobooth_attention
-from kernels.testing import make_inputs
+from vb_kernels import Schedule, videobooth_attention
+from vb_kernels.testing import make_inputs
 
 
 def test_named_schedules_follow_design():
@@ -78,7 +78,7 @@ def _ins(**over):
     (dict(v_img=torch.randn(1, 6, 2, 16)), {}, ValueError, r"v_img: expected shape \(1, 5, 2, 16\)"),
     (dict(k_img=torch.randn(1, 5, 2, 16, dtype=torch.float16)), {}, TypeError, "k_img: expected dtype"),
     ({}, dict(schedule=Schedule.videobooth(4)), ValueError, "schedule: expected a schedule of F=3"),
-    ({}, dict(schedule=[[0]]), TypeError, "schedule: expected a kernels.Schedule"),
+    ({}, dict(schedule=[[0]]), TypeError, "schedule: expected a vb_kernels.Schedule"),
     ({}, dict(scale=-1.0), ValueError, "scale: expected a finite float > 0"),
     ({}, dict(backend="cuda"), ValueError, "backend: expected one of"),
     ({}, dict(backend="triton", schedule=Schedule([[0], [-1], [1]])), ValueError, "frame 1 has no keys"),
@@ -108,7 +108,7 @@ def test_image_tokens_optional_everywhere():
 def test_tables_refuse_a_first_build_inside_cuda_graph_capture(monkeypatch):
     """Device tables are copied host-to-device at their first use, which a CUDA graph capture
     forbids: a first build during capture says what to do; tables built before are reused."""
-    import kernels.schedule as S
+    import vb_kernels.schedule as S
 
     plan = Schedule.window(5, 3).plan(True)[1]
     built = plan.tables("cpu")  # a build outside capture (CPU stands in for the device here)

@@ -1,4 +1,4 @@
-"""The training loop (train.trainer): steps, stages, condition dropout, atomic checkpoints, exact
+"""The training loop (vb_train.trainer): steps, stages, condition dropout, atomic checkpoints, exact
 resume after a stop and after a kill, config/CLI; the toy task through every attention backend;
 a few steps of the real VideoBooth task on a tiny synthetic set. CPU, seconds."""
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import checkpoint as ckpt
-from train.config import TrainConfig, config_from_args, load_config, normalize_schedule
-from train.registry import build_task
-from train.trainer import FAULT_ENV, FAULT_EXIT_CODE, EpochBatchSampler, Trainer
+from vb_train import checkpoint as ckpt
+from vb_train.config import TrainConfig, config_from_args, load_config, normalize_schedule
+from vb_train.registry import build_task
+from vb_train.trainer import FAULT_ENV, FAULT_EXIT_CODE, EpochBatchSampler, Trainer
 
 from tests.toy_task import TASK as TOY, ToyVideoTask
 
@@ -169,7 +169,7 @@ def test_kill_mid_checkpoint_then_resume_gives_identical_losses(tmp_path):
     yaml_path.write_text(cfg.to_yaml())
     env = dict(os.environ, **{FAULT_ENV: "exit_in_save=4", "OMP_NUM_THREADS": str(torch.get_num_threads()),
                               "PYTHONPATH": str(ROOT)})
-    proc = subprocess.run([sys.executable, "-m", "train", "--config", str(yaml_path)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "vb_train", "--config", str(yaml_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == FAULT_EXIT_CODE, proc.stderr[-3000:]
     run = Path(cfg.output_dir)
@@ -221,7 +221,7 @@ def test_checkpoint_commit_failure_keeps_previous_and_ignores_partials(tmp_path,
 
 # ---- attention backends and schedules through the toy task ------------------------------------------
 def test_toy_loss_same_on_every_attention_backend(tmp_path):
-    from kernels.api import triton_runs_here
+    from vb_kernels.api import triton_runs_here
 
     def loss_of(backend, schedule="videobooth"):
         torch.manual_seed(0)
@@ -249,7 +249,7 @@ def test_toy_loss_same_on_every_attention_backend(tmp_path):
 # ---- the real VideoBooth task ------------------------------------------------------------------------
 def test_videobooth_task_two_stages_on_synthetic_data(tmp_path):
     pytest.importorskip("open_clip")
-    from train.synthetic import generate
+    from vb_train.synthetic import generate
     import vb
 
     data = tmp_path / "syn"
@@ -289,7 +289,7 @@ def test_videobooth_task_two_stages_on_synthetic_data(tmp_path):
 
 
 def test_copy_named_checks_names_and_shapes():
-    from train.checkpoint import copy_named
+    from vb_train.checkpoint import copy_named
 
     m = torch.nn.BatchNorm1d(3)
     n = copy_named(m, {"weight": torch.full((3,), 2.0), "running_mean": torch.ones(3)}, "src.safetensors")

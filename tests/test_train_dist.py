@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo) through the real entry point, ``accelerate launch -m train``: after a
+"""Two CPU processes (gloo) through the real entry point, ``accelerate launch -m vb_train``: after a
 few steps (with gradient accumulation and a checkpoint) the replicas' trainable parameters and
 EMA are bit-identical, although each process trained on other data. Required by CI: not marked
 slow; about 20 s on 2 cores (mostly two interpreters importing torch and diffusers)."""
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from train import checkpoint as ckpt
-from train.config import TrainConfig
+from vb_train import checkpoint as ckpt
+from vb_train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_two_cpu_processes_keep_replicas_identical(tmp_path):
     # device: cpu every process uses the CPU and accelerate picks the gloo backend.
     cmd = _launcher() + ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                          "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-                         "-m", "train", "--config", str(yaml_path)]
+                         "-m", "vb_train", "--config", str(yaml_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])

@@ -1,29 +1,29 @@
-"""train/'s layout: no module of train/ imports one that imports it back (directly or through
-others), counting imports inside functions too; the toy task is a test fixture, not in train/."""
+"""vb_train/'s layout: no module of vb_train/ imports one that imports it back (directly or through
+others), counting imports inside functions too; the toy task is a test fixture, not in vb_train/."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-TRAIN = Path(__file__).resolve().parents[1] / "train"
+TRAIN = Path(__file__).resolve().parents[1] / "vb_train"
 
 
 def _imports(path: Path) -> set[str]:
-    """train modules that `path` imports anywhere (module level or inside functions)."""
+    """vb_train modules that `path` imports anywhere (module level or inside functions)."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom):
             if node.level == 1:  # from .x import y / from . import x
                 names = [node.module] if node.module else [a.name for a in node.names]
-            elif node.level == 0 and node.module and (node.module == "train" or node.module.startswith("train.")):
-                names = [node.module[len("train."):]] if node.module != "train" else [a.name for a in node.names]
+            elif node.level == 0 and node.module and (node.module == "vb_train" or node.module.startswith("vb_train.")):
+                names = [node.module[len("vb_train."):]] if node.module != "vb_train" else [a.name for a in node.names]
             else:
                 continue
             out.update(n.split(".")[0] for n in names)
         elif isinstance(node, ast.Import):
-            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("train."))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("train."):
-            out.add(node.value.split(":")[0].split(".")[1])  # "train.x:factory" strings (importlib)
+            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("vb_train."))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("vb_train."):
+            out.add(node.value.split(":")[0].split(".")[1])  # "vb_train.x:factory" strings (importlib)
     return out
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config import NOISE_DEFAULTS, TrainConfig, load_config
-from train.registry import build_task
-from train.tasks import resolve_noise_config
-from train.trainer import Trainer, build_optimizer
+from vb_train.config import NOISE_DEFAULTS, TrainConfig, load_config
+from vb_train.registry import build_task
+from vb_train.tasks import resolve_noise_config
+from vb_train.trainer import Trainer, build_optimizer
 
 from tests.toy_task import TASK as TOY
 
@@ -139,7 +139,7 @@ def test_videobooth_task_trains_a_v_prediction_base_as_v_prediction():
     parts = vb.build_tiny_videobooth("unet")
     parts.scheduler = DDPMScheduler(prediction_type="v_prediction", beta_schedule="linear")
     cfg = TrainConfig(task="videobooth", device="cpu", model={"components": "pretrained"})
-    from train.videobooth_task import VideoBoothTask
+    from vb_train.videobooth_task import VideoBoothTask
 
     task = VideoBoothTask(cfg, components=parts)
     assert task.prediction_type == "v_prediction"
@@ -152,7 +152,7 @@ def test_videobooth_task_trains_a_v_prediction_base_as_v_prediction():
 @pytest.fixture(scope="module")
 def syn_data(tmp_path_factory):
     pytest.importorskip("open_clip")
-    from train.synthetic import generate
+    from vb_train.synthetic import generate
 
     root = tmp_path_factory.mktemp("syn")
     generate(root, 4, seed=0, size=32, num_frames=4, fmt="frames", progress=False)
@@ -203,7 +203,7 @@ def test_official_configs_match_the_official_recipe():
 
 
 def test_independent_vae_branch_augmentation(syn_data):
-    from train.data import PromptAugment, VideoBoothDataset
+    from vb_train.data import PromptAugment, VideoBoothDataset
 
     kw = dict(num_frames=4, size=16, image_size=32, seed=0)
     still = PromptAugment(hflip=0.0, degrees=0.0, translate=(0.0, 0.0), scale=(1.0, 1.0))
@@ -317,7 +317,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes(syn_data
 def test_a_checkpoint_of_the_previous_trainer_is_refused_for_resume_but_its_weights_load(tmp_path):
     import json
 
-    from train import checkpoint as ckpt
+    from vb_train import checkpoint as ckpt
 
     cfg = toy_cfg(tmp_path, max_steps=2, checkpoint_every=2)
     Trainer(cfg).train()
@@ -341,7 +341,7 @@ def test_motion_adapter_config_builds_videobooth_on_the_motion_unet(tmp_path):
     from diffusers import MotionAdapter, UNetMotionModel
     from test_vb_model import randomize, tiny_unet
 
-    from train.videobooth_task import build_unet_backbone
+    from vb_train.videobooth_task import build_unet_backbone
 
     adapter = randomize(MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1,
                                       motion_num_attention_heads=2, motion_norm_num_groups=8,
@@ -364,7 +364,7 @@ def test_motion_adapter_config_builds_videobooth_on_the_motion_unet(tmp_path):
 
 
 def test_animatediff_config_parses():
-    from train.config import load_config
+    from vb_train.config import load_config
 
     cfg = load_config("configs/animatediff_stage2.yaml")
     assert cfg.model["motion_adapter"] and cfg.gradient_checkpointing and "temporal" not in cfg.model

@@ -62,7 +62,7 @@ def test_pipeline_save_and_from_pretrained_round_trip_bit_exactly(tmp_path, back
 
 def test_backbone_save_refuses_an_unnamed_schedule(tmp_path):
     p = vb.build_tiny_videobooth("unet")
-    p.backbone.set_schedule(lambda f: __import__("kernels").Schedule.first(f))
+    p.backbone.set_schedule(lambda f: __import__("vb_kernels").Schedule.first(f))
     with pytest.raises(ValueError, match="schedule"):
         p.backbone.save_pretrained(tmp_path)
 

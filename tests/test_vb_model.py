@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-import kernels
+import vb_kernels
 import vb
-from kernels.testing import rel_err
+from vb_kernels.testing import rel_err
 
-FUSED = Path(kernels.__file__).parent / "impl" / "fused" / "function.py"
+FUSED = Path(vb_kernels.__file__).parent / "impl" / "fused" / "function.py"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -100,7 +100,7 @@ def test_stage_parameters(nets):
 
 
 # ---- backends ------------------------------------------------------------------------------------
-@pytest.mark.skipif(not FUSED.exists(), reason="kernels/impl/fused/function.py (Triton backend) not written yet")
+@pytest.mark.skipif(not FUSED.exists(), reason="vb_kernels/impl/fused/function.py (Triton backend) not written yet")
 @pytest.mark.parametrize("name", ["unet", "dit"])
 def test_triton_backend_matches_reference(nets, name):
     net = copy.deepcopy(nets[name]).to(DEVICE)
@@ -124,7 +124,7 @@ def test_triton_backend_matches_reference(nets, name):
     assert rel_err(out, ref) < 1e-5
 
 
-@pytest.mark.skipif(not FUSED.exists(), reason="kernels/impl/fused/function.py (Triton backend) not written yet")
+@pytest.mark.skipif(not FUSED.exists(), reason="vb_kernels/impl/fused/function.py (Triton backend) not written yet")
 def test_triton_backend_gradients_match_reference(nets):
     """Training through the fused backward: the new projections get the same gradients."""
     net = copy.deepcopy(nets["dit"]).to(DEVICE)
@@ -281,11 +281,11 @@ def test_schedule_can_be_a_kernels_schedule_or_callable(nets):
     kw = inputs(f=4)
     with torch.no_grad():
         ref = run(net, kw)
-        net.set_schedule(kernels.Schedule.videobooth(4))
+        net.set_schedule(vb_kernels.Schedule.videobooth(4))
         torch.testing.assert_close(run(net, kw), ref, rtol=0, atol=0)
-        net.set_schedule(lambda n: kernels.Schedule.first(n))
+        net.set_schedule(lambda n: vb_kernels.Schedule.first(n))
         assert not torch.allclose(run(net, kw), ref)
-        net.set_schedule(kernels.Schedule.videobooth(3))
+        net.set_schedule(vb_kernels.Schedule.videobooth(3))
         with pytest.raises(ValueError, match="schedule"):
             run(net, kw)
     with pytest.raises(ValueError, match="schedule"):

@@ -1,5 +1,5 @@
 """The toy training task (a test fixture): VideoBooth's trainable structure on synthetic token
-videos, through the real ``kernels`` attention op, in seconds on a CPU. The trainer's tests train
+videos, through the real ``vb_kernels`` attention op, in seconds on a CPU. The trainer's tests train
 it as ``task: "tests.toy_task:ToyVideoTask"`` (any ``package.module:factory`` is a task)."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import TrainConfig
-from train.tasks import DiffusionTask
+from vb_train.config import TrainConfig
+from vb_train.tasks import DiffusionTask
 from vb.processors import resolve_schedule
 
 TASK = "tests.toy_task:ToyVideoTask"
@@ -65,7 +65,7 @@ class _Attn(nn.Module):
 class ToyVideoTask(DiffusionTask):
     """A small denoiser with VideoBooth's trainable pieces (stage 1: the mapper and attn2's new
     K/V; stage 2: adds attn1's ``to_k_new``, ``to_v_new``, ``to_k_exemplar``, ``to_v_exemplar``)
-    and its attn1 running through ``kernels.videobooth_attention`` with ``cfg.attn_backend`` and
+    and its attn1 running through ``vb_kernels.videobooth_attention`` with ``cfg.attn_backend`` and
     ``cfg.schedule``. Everything else (text embedding, time embedding, q/out projections, in/out
     layers) is a frozen random "pretrained" network. ``cfg.backbone`` is ignored.
 
@@ -151,7 +151,7 @@ class ToyVideoTask(DiffusionTask):
         return self.time_mlp(torch.cat([ang.sin(), ang.cos()], dim=-1))
 
     def predict(self, noisy, timesteps, batch, generator):
-        from kernels import videobooth_attention
+        from vb_kernels import videobooth_attention
 
         b, f, n, c = noisy.shape
         h, d = self.h, c // self.h

@@ -7,7 +7,7 @@ Every dK/dV program (one key block x one (batch, head) x one target, or one chun
 target) costs its number of readers (each reader is one pass over a frame's queries); programs are
 placed greedily, in launch order, on the first free SM (one resident program per SM). The figure
 is the makespan over the ideal (total work / SMs), without and with the reader split that
-`kernels.impl.fused.backward.reader_cap` chooses. Unread targets (zeros only) count 0.05.
+`vb_kernels.impl.fused.backward.reader_cap` chooses. Unread targets (zeros only) count 0.05.
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import heapq
 
 import torch
 
-from kernels import Schedule
-from kernels.impl.fused.backward import reader_cap
-from kernels.impl.fused.forward import block_config, cdiv
-from kernels.impl.fused.launch import cuda_tiles
-from kernels.schedule import chunk_targets
+from vb_kernels import Schedule
+from vb_kernels.impl.fused.backward import reader_cap
+from vb_kernels.impl.fused.forward import block_config, cdiv
+from vb_kernels.impl.fused.launch import cuda_tiles
+from vb_kernels.schedule import chunk_targets
 
 
 def makespan(works: list[float], sms: int) -> float:

@@ -1,4 +1,4 @@
-"""VideoBooth (Jiang et al., CVPR 2024) on diffusers, with the cross-frame attention of ``kernels``.
+"""VideoBooth (Jiang et al., CVPR 2024) on diffusers, with the cross-frame attention of ``vb_kernels``.
 
     import vb
     parts = vb.build_tiny_videobooth("unet")          # or your own components, see docs/model.md

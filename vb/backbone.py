@@ -83,7 +83,7 @@ class VideoBackboneMixin:
                                       "set_attn_backend('triton') (or 'sdpa'/'flex') for memory-efficient attention")
 
     def set_attn_backend(self, backend: str) -> None:
-        """Switch every attn1 processor to another ``kernels`` backend (nothing else changes)."""
+        """Switch every attn1 processor to another ``vb_kernels`` backend (nothing else changes)."""
         check_backend(backend)
         for p in self.attn1_processors():
             p.backend = backend
@@ -120,7 +120,7 @@ class VideoBackboneMixin:
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' ``ModelMixin.save_pretrained`` (config + safetensors weights), refused when
-        the schedule is not a name: a hand-built ``kernels.Schedule`` or callable cannot be
+        the schedule is not a name: a hand-built ``vb_kernels.Schedule`` or callable cannot be
         written to the JSON config, and the reloaded model would run another schedule."""
         if self.install_config.get("schedule") is None:
             raise ValueError("schedule: save_pretrained needs a named schedule ('videobooth', 'first', 'self', "

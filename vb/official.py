@@ -174,7 +174,7 @@ def load_official(unet_state_dict: PathOrDict, mapper_state_dict: PathOrDict, un
         mapper_state_dict: ``mapper.pt`` (path, or its dict) or its ``["ema"]``.
         unet_config: the official U-Net's config dict (SD-1.4's ``unet/config.json`` keys, official
             3D block names); None for SD-1.4's.
-        attn_backend: ``kernels`` backend of every attn1 (``"auto"``: triton on CUDA, else sdpa).
+        attn_backend: ``vb_kernels`` backend of every attn1 (``"auto"``: triton on CUDA, else sdpa).
         device, dtype: where the returned modules go (default: CPU, float32 as stored).
 
     Returns:
@@ -398,7 +398,7 @@ def main(argv=None) -> None:
     p.add_argument("--official-repo", required=True, help="a checkout of Vchitect/VideoBooth")
     p.add_argument("--diffusers-0111", required=True, help="folder holding diffusers 0.11.1's diffusers/ package")
     p.add_argument("--backends", default="reference,sdpa",
-                   help="comma-separated kernels backends (triton on CPU needs TRITON_INTERPRET=1)")
+                   help="comma-separated vb_kernels backends (triton on CPU needs TRITON_INTERPRET=1)")
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--size", type=int, default=8, help="latent height = width")
     p.add_argument("--steps", type=int, default=10, help="sampling steps of the loop check")

@@ -1,7 +1,7 @@
 """Attention processors of the VideoBooth fine and coarse paths (DESIGN.md section 1).
 
 * :class:`VideoBoothAttnProcessor` goes on every attn1 (self-attention of a spatial block). In a
-  video pass it runs the cross-frame attention op ``kernels.videobooth_attention`` with the
+  video pass it runs the cross-frame attention op ``vb_kernels.videobooth_attention`` with the
   frames' K/V from ``to_k_new``/``to_v_new`` and, when an image prompt is present, the image
   branch's hidden states of the same layer projected by ``to_k_exemplar``/``to_v_exemplar``.
   ``to_q`` and ``to_out`` are the layer's own (frozen) projections.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import BACKENDS, Schedule, videobooth_attention
+from vb_kernels import BACKENDS, Schedule, videobooth_attention
 
 from .context import VideoBoothContext, VideoBoothState, token_grid
 
@@ -37,7 +37,7 @@ def check_schedule_spec(spec: ScheduleSpec) -> ScheduleSpec:
     if isinstance(spec, Schedule) or (callable(spec) and not isinstance(spec, str)):
         return spec
     if not isinstance(spec, str):
-        raise TypeError(f"schedule: expected a name, a kernels.Schedule or a callable F -> Schedule, "
+        raise TypeError(f"schedule: expected a name, a vb_kernels.Schedule or a callable F -> Schedule, "
                         f"got {type(spec).__name__}")
     m = _NAMED.match(spec)
     if m is None or (m.group(1) in ("window", "keyframes")) != (m.group(2) is not None):
@@ -47,7 +47,7 @@ def check_schedule_spec(spec: ScheduleSpec) -> ScheduleSpec:
 
 
 def resolve_schedule(spec: ScheduleSpec, num_frames: int) -> Schedule:
-    """The :class:`kernels.Schedule` of ``num_frames`` frames that ``spec`` names.
+    """The :class:`vb_kernels.Schedule` of ``num_frames`` frames that ``spec`` names.
 
     ``spec`` is a name (``"videobooth"``, ``"first"``, ``"self"``, ``"window:4"``,
     ``"keyframes:8"``, any of them with ``"+img"`` for image tokens in every frame's keys), a
@@ -243,7 +243,7 @@ class VideoBoothAttnProcessor(_BaseProcessor):
         context: the backbone's shared :class:`VideoBoothContext`.
         name: unique key of this layer in ``context.image_states``.
         schedule: schedule spec (see :func:`resolve_schedule`).
-        backend: ``kernels`` backend: ``"reference"``, ``"sdpa"``, ``"flex"``, ``"triton"``, ``"auto"``.
+        backend: ``vb_kernels`` backend: ``"reference"``, ``"sdpa"``, ``"flex"``, ``"triton"``, ``"auto"``.
         image_bank: None (all image tokens), ``"pool:<f>"`` or ``"learned:<M>"``.
         learn_query: add a trainable ``to_q_new`` (copy of ``to_q``) used when the image is
             injected; the op shares q between phase 1 (reading the image) and phase 2.

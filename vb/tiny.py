@@ -83,8 +83,8 @@ def build_tiny_videobooth(backbone: str = "unet", attn_backend: str = "reference
 
     Args:
         backbone: ``"unet"`` (inflated ``UNet2DConditionModel``) or ``"dit"`` (:class:`vb.VideoDiT`).
-        attn_backend: ``kernels`` backend of every attn1.
-        schedule: temporal schedule spec (name, ``kernels.Schedule`` or callable; the DiT
+        attn_backend: ``vb_kernels`` backend of every attn1.
+        schedule: temporal schedule spec (name, ``vb_kernels.Schedule`` or callable; the DiT
             takes names only).
         image_bank, learn_query: fine-path options (see :func:`vb.install_videobooth`).
         temporal: U-Net only: add the zero-initialised temporal layers.

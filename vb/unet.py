@@ -290,8 +290,8 @@ def install_videobooth(unet: nn.Module, *, schedule: ScheduleSpec = "videobooth"
     Args:
         unet: the model, modified in place.
         schedule: temporal schedule spec (``"videobooth"``, ``"first"``, ``"window:<k>"``,
-            ``"keyframes:<m>"``, ``+img`` suffix, a ``kernels.Schedule`` or a callable F -> Schedule).
-        attn_backend: ``kernels.videobooth_attention`` backend of every attn1.
+            ``"keyframes:<m>"``, ``+img`` suffix, a ``vb_kernels.Schedule`` or a callable F -> Schedule).
+        attn_backend: ``vb_kernels.videobooth_attention`` backend of every attn1.
         image_bank: None (all image tokens), ``"pool:<f>"`` or ``"learned:<M>"``.
         learn_query: add a trainable ``to_q_new`` per attn1 (the ablation of a learned query).
         temporal: add a zero-initialised temporal attention after every spatial

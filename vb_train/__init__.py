@@ -6,7 +6,7 @@
 - data: ``data`` (the VideoBooth layout, decoding, prompt augmentation), ``synthetic``;
 - evaluation: ``metrics``, ``evaluation`` (a run as a pipeline, generation, tables, GIFs);
 - the toy-scale experiment the demo and the ablations share: ``experiment``;
-- thin CLIs: ``__main__`` (``python -m train``), ``demo``, ``ablations``, ``throughput``.
+- thin CLIs: ``__main__`` (``python -m vb_train``), ``demo``, ``ablations``, ``throughput``.
 
-Submodules are imported on demand so that ``import train`` stays light (no open_clip / timm /
+Submodules are imported on demand so that ``import vb_train`` stays light (no open_clip / timm /
 PyAV until they are needed)."""

@@ -1,7 +1,7 @@
 """The one place where the fused host code launches a Triton kernel.
 
 Going through :func:`launch` lets two tools see every launch without a GPU:
-- the real-launch compile report (:mod:`kernels.impl.fused.aot`) records each kernel with its
+- the real-launch compile report (:mod:`vb_kernels.impl.fused.aot`) records each kernel with its
   actual arguments and compiles it for sm_90 the way Triton specialises a real call;
 - the host-overhead benchmark replaces the launch by a no-op, so only host work is timed.
 

@@ -147,7 +147,7 @@ def _validate_inputs(q, k, v, k_img, v_img, schedule, scale, backend):
     if schedule is None:
         schedule = Schedule.videobooth(n_frames)
     if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule: expected a kernels.Schedule or None, got {type(schedule).__name__}")
+        raise TypeError(f"schedule: expected a vb_kernels.Schedule or None, got {type(schedule).__name__}")
     if schedule.num_frames != n_frames:
         raise ValueError(f"schedule: expected a schedule of F={n_frames} frames (q.shape[1]), "
                          f"got {schedule.num_frames}")

@@ -1,11 +1,11 @@
 """Training configuration: one YAML file, then command-line overrides.
 
-    python -m train --config configs/stage1.yaml --attn-backend sdpa max_steps=200 data.root=/data
+    python -m vb_train --config configs/stage1.yaml --attn-backend sdpa max_steps=200 data.root=/data
 
 Every key of :class:`TrainConfig` can be set in the YAML file or overridden on the command line
 as ``key=value`` (the value is parsed as YAML, so ``lr=1e-4``, ``adam_betas=[0.9,0.99]``,
 ``init_from=null`` work). ``model`` and ``data`` are free-form mappings that the task reads
-(:mod:`train.tasks`); their entries are overridden with dotted keys (``model.channels=[32,64]``,
+(:mod:`vb_train.tasks`); their entries are overridden with dotted keys (``model.channels=[32,64]``,
 ``data.root=/data/videobooth``). docs/train.md lists every key.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ NOISE_DEFAULTS = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
 
 
 def _attn_backends() -> tuple:
-    from kernels import BACKENDS  # the one list of backends
+    from vb_kernels import BACKENDS  # the one list of backends
 
     return tuple(BACKENDS)
 
@@ -262,8 +262,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m train",
-        description="Two-stage VideoBooth training (also: accelerate launch -m train ...). "
+        prog="python -m vb_train",
+        description="Two-stage VideoBooth training (also: accelerate launch -m vb_train ...). "
                     "Extra key=value arguments override config keys (docs/train.md).")
     p.add_argument("--config", help="YAML config file (configs/*.yaml)")
     p.add_argument("--stage", type=int, choices=(1, 2))

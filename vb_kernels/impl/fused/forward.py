@@ -1,6 +1,6 @@
 """Fused forward: one multi-source online-softmax kernel, launched once per phase.
 
-A launch computes, for every query row i of a :class:`kernels.schedule.Plan` (a frame's queries)
+A launch computes, for every query row i of a :class:`vb_kernels.schedule.Plan` (a frame's queries)
 and every distinct source of that row (the image tokens, or a reference frame read ``count``
 times), softmax attention over the concatenation of the sources' keys, without building it:
 each source's K/V tiles are read in place from the caller's tensors (image tokens from
@@ -104,7 +104,7 @@ def split_head_dim(head_dim: int, min_chunk: int = 16) -> tuple[int, int]:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (kernel, bytes per element, head-dim width bucket);
 # BLOCK_M is always the query tile, BLOCK_N the key tile. Chosen from the real-launch compile
-# report (`python -m kernels.impl.fused.aot`, sm_90): no spills, cp.async pipelining, no
+# report (`python -m vb_kernels.impl.fused.aot`, sm_90): no spills, cp.async pipelining, no
 # m64n8/n16 wgmma where the head dim allows, fewest SASS instructions per tile. Not yet timed on
 # a GPU: `python -m bench.gpu_run` sweeps them there. Each warpgroup (4 warps) owns 64 rows of the
 # MMA's M side (queries for fwd and dq, keys for dK/dV): 8 warps on a 64-row tile would split
@@ -129,7 +129,7 @@ def tile_override(kernel: str, spec: str | None):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``kernel`` from a ``VB_TILES`` value ``spec``
     (e.g. ``"fwd=128,64,8,2;dkv=64,64,4,2"``, what the GPU tile sweep sets), or None; for
     ``kernel="readers"`` the dK/dV reader cap (``"readers=4"``: split every backward target read
-    by more than 4 rows, see :func:`kernels.schedule.chunk_targets`) as ``(cap,)``."""
+    by more than 4 rows, see :func:`vb_kernels.schedule.chunk_targets`) as ``(cap,)``."""
     for item in filter(None, (spec or "").split(";")):
         name, _, vals = item.partition("=")
         name = name.strip()

@@ -1,7 +1,7 @@
 """Data-loading throughput: clips/s of `VideoBoothDataset` on long synthetic videos, decoding
 from frame 0 vs seeking, with 0 or more DataLoader workers (docs/train.md gives the figures).
 
-    python -m train.throughput --out /tmp/tp --videos 8 --frames 480 --workers 0 2
+    python -m vb_train.throughput --out /tmp/tp --videos 8 --frames 480 --workers 0 2
 
 The videos are written first (libx264, a keyframe every `--gop` frames, as web video has one
 every second or two), in the VideoBooth layout with one subject each; every clip is
@@ -63,7 +63,7 @@ def write_videos(root: Path, num: int, frames: int, size: int, gop: int, fps: in
 def measure(root: Path, *, seek: bool, workers: int, num_frames: int, stride: int, size: int,
             batch_size: int = 4, epochs: int = 2) -> float:
     """Clips per second of the dataset through a DataLoader (the first batch excluded)."""
-    from train.data import VideoBoothDataset
+    from vb_train.data import VideoBoothDataset
 
     ds = VideoBoothDataset(root, num_frames=num_frames, frame_stride=stride, size=size, image_size=size, seed=0,
                            seek=seek)
@@ -81,7 +81,7 @@ def measure(root: Path, *, seek: bool, workers: int, num_frames: int, stride: in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.throughput", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m vb_train.throughput", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="folder for the synthetic videos")
     p.add_argument("--videos", type=int, default=8)
     p.add_argument("--frames", type=int, default=480, help="frames per video (20 s at 24 fps)")

@@ -29,7 +29,7 @@ def _lse(q, k, scale):
 
 
 def sdpa_attention(q, k, v, k_img, v_img, schedule: Schedule, scale: float, return_lse: bool):
-    """Shapes as :func:`kernels.videobooth_attention`; inputs already validated."""
+    """Shapes as :func:`vb_kernels.videobooth_attention`; inputs already validated."""
     has_img = k_img is not None
     phase1, phase2 = schedule.plan(has_img)
     # Phase 1: one SDPA per keyframe over [K_img; K_u].

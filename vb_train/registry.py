@@ -1,8 +1,8 @@
 """Tasks by name: ``build_task(cfg)`` builds ``cfg.task``, a registered name (``videobooth``: the
-real model, ``vb``, on the VideoBooth data layout, ``train.data``) or any
+real model, ``vb``, on the VideoBooth data layout, ``vb_train.data``) or any
 ``"package.module:factory"`` (the tests train a small VideoBooth-shaped toy task,
 ``tests.toy_task:ToyVideoTask``, that way). Its own module, so that the task base classes
-(:mod:`train.tasks`) never import a task that imports them."""
+(:mod:`vb_train.tasks`) never import a task that imports them."""
 from __future__ import annotations
 
 import importlib
@@ -13,8 +13,12 @@ from .tasks import TrainTask
 
 # Names -> "module:factory": imported when used (the VideoBooth task pulls in vb and diffusers' models).
 TASKS: Dict[str, Union[str, Callable[[TrainConfig], TrainTask]]] = {
-    "videobooth": "train.videobooth_task:VideoBoothTask",
-    "videobooth_ip": "train.ip_adapter:IPAdapterTask"}  # + an IP-Adapter (the ablations' baseline)
+    "videobooth": "vb_train.videobooth_task:VideoBoothTask",
+    "videobooth_ip": "vb_train.ip_adapter:IPAdapterTask"}  # + an IP-Adapter (the ablations' baseline)
+
+
+# The project's packages before they were renamed (PyPI's `train` and `kernels` own those names).
+RENAMED = {"train": "vb_train", "kernels": "vb_kernels"}
 
 
 def register_task(name: str, factory: Union[str, Callable[[TrainConfig], TrainTask]]) -> None:
@@ -27,7 +31,10 @@ def _import_factory(spec: str):
     try:
         return getattr(importlib.import_module(mod), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"task: cannot import {spec!r} ({e})") from e
+        hint = ""
+        if mod.split(".")[0] in RENAMED:  # a config written before the packages were renamed
+            hint = f"; the package is now {RENAMED[mod.split('.')[0]]!r}"
+        raise ValueError(f"task: cannot import {spec!r} ({e}){hint}") from e
 
 
 def build_task(cfg: TrainConfig) -> TrainTask:
@@ -42,5 +49,5 @@ def build_task(cfg: TrainConfig) -> TrainTask:
         raise ValueError(f"task: expected one of {sorted(TASKS)} or 'package.module:factory', got {name!r}")
     task = factory(cfg)
     if not isinstance(task, TrainTask):
-        raise TypeError(f"task: {name!r} built a {type(task).__name__}, expected a train.tasks.TrainTask")
+        raise TypeError(f"task: {name!r} built a {type(task).__name__}, expected a vb_train.tasks.TrainTask")
     return task

@@ -3,12 +3,12 @@ precision, gradient accumulation (``accelerator.accumulate``), state saving and 
 (``save_state`` / ``load_state`` with hooks, ``register_for_checkpointing``), trackers
 (``init_trackers`` / ``log``: tensorboard by default, wandb, ...), ``set_seed``,
 ``skip_first_batches``; diffusers' ``EMAModel`` and ``get_scheduler``. Model, data and loss come
-from a :class:`train.tasks.TrainTask`.
+from a :class:`vb_train.tasks.TrainTask`.
 
 What the libraries do not give, and this file adds:
 
 * atomic checkpoints: ``save_state`` writes into ``checkpoints/.tmp-step-N``, which is fsynced and
-  renamed to ``step-N`` once complete (:mod:`train.checkpoint`); a kill at any point leaves the
+  renamed to ``step-N`` once complete (:mod:`vb_train.checkpoint`); a kill at any point leaves the
   previous checkpoints intact. accelerate's own ``total_limit`` deletes checkpoints in place, so
   pruning stays ours (rename, then delete);
 * checkpoints hold the trainable weights only (a save hook writes them, and the EMA, by parameter

@@ -1,7 +1,7 @@
 """VideoBooth training data: (caption, image prompt, video) triplets.
 
 The loader reads the layout of the VideoBooth subset of WebVid (and the synthetic set that
-`train.synthetic` writes in the same layout) and builds a triplet the way the paper does: the
+`vb_train.synthetic` writes in the same layout) and builds a triplet the way the paper does: the
 subject is cut out of frame 0 with its mask, pasted on white, cropped to its box, padded to a
 square and resized; the clip is a run of frames resized and centre-cropped. Each branch has its
 own augmentation (the image prompt's is random; the video's is the same for every frame).
@@ -578,7 +578,7 @@ class VideoBoothDataset(torch.utils.data.Dataset):
             raises RuntimeError (a dataset that is mostly broken should fail loudly).
         strict: raise the first SampleError instead of skipping (for debugging data).
         seek: reach far frames of a video by seeking (see :func:`read_frames`); False decodes
-            from the start (what `python -m train.throughput` compares against).
+            from the start (what `python -m vb_train.throughput` compares against).
         row_filter, caption_column: passed to `read_records`.
 
     The video branch is resized and centre-cropped, never flipped: captions name directions

@@ -3,7 +3,7 @@
 Keys are [K_img; K_0 .. K_{F-1}] (one concat, no per-frame repeat); phase 1 refreshes the
 keyframes' values with a first call, phase 2 reads a materialised W table (V with the keyframes'
 rows replaced by U). Duplicated references (the original's [0, 0]) are expressed exactly by a
-``score_mod`` adding log(count). Every schedule of :class:`kernels.Schedule` is expressible.
+``score_mod`` adding log(count). Every schedule of :class:`vb_kernels.Schedule` is expressible.
 On CUDA the call goes through ``torch.compile`` (FlexAttention is slow and memory-hungry eager).
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _masks(schedule: Schedule, n: int, m: int, device: torch.device):
 
 
 def flex_attention_vb(q, k, v, k_img, v_img, schedule: Schedule, scale: float, return_lse: bool):
-    """Shapes as :func:`kernels.videobooth_attention`; inputs already validated."""
+    """Shapes as :func:`vb_kernels.videobooth_attention`; inputs already validated."""
     b, n_frames, n, h, d = q.shape
     m = 0 if k_img is None else k_img.shape[1]
     refresh, cross, score_mod, kf = _masks(schedule, n, m, q.device)

@@ -1,19 +1,19 @@
 """Toy-scale ablations of VideoBooth (the paper's and the review's) on the two-tone toy.
 
-    python -m train.ablations --out ablations_out --jobs 2      # 47 minutes on the shared 2-core CPU
-    python -m train.ablations --out /tmp/a --quick              # a smoke run (numbers mean nothing)
+    python -m vb_train.ablations --out ablations_out --jobs 2      # 47 minutes on the shared 2-core CPU
+    python -m vb_train.ablations --out /tmp/a --quick              # a smoke run (numbers mean nothing)
 
-The toy (docs/demo.md): the tiny VideoBooth of `train.demo` on the two-tone synthetic set
-(`train.synthetic`, identity_kind="two-tone"): a square whose upper half has colour A and lower
+The toy (docs/demo.md): the tiny VideoBooth of `vb_train.demo` on the two-tone synthetic set
+(`vb_train.synthetic`, identity_kind="two-tone"): a square whose upper half has colour A and lower
 half colour B; the identity is the ordered pair, and held-out subjects are colour pairs never
 seen in training, in both orders. The coarse path's image tower is a bag of patches
 (`model.clip_positions: false`), so its features carry the colour set but not which colour is on
-top (`python -m train.probe` checks that with linear probes); the fine path's image latent
+top (`python -m vb_train.probe` checks that with linear probes); the fine path's image latent
 carries both. Two metrics, neither uses CLIP:
 
-- order (the detail): `train.metrics.two_tone_order`, +1 when the video keeps A over B, -1 when
+- order (the detail): `vb_train.metrics.two_tone_order`, +1 when the video keeps A over B, -1 when
   it swaps them, 0 without both colours; text only (grey image prompt) is about 0;
-- colour (the colour set): `train.metrics.color_identity`, a colour-histogram match.
+- colour (the colour set): `vb_train.metrics.color_identity`, a colour-histogram match.
 
 Every arm trains the tiny model from the same data and VAE and is evaluated on the same
 held-out clips with the image prompt and text only (a grey prompt), from the same initial
@@ -22,7 +22,7 @@ noise. Each arm generates as it was trained: no fine-path branch for arms traine
 
 Arms (ARMS): the paper's (both paths two-stage = the reference, coarse only, fine only, one-stage
 joint), the baseline a practitioner would pick (IP-Adapter: decoupled image cross-attention,
-`train.ip_adapter`), a diagnostic (coarse only with the image tower's positional embedding kept:
+`vb_train.ip_adapter`), a diagnostic (coarse only with the image tower's positional embedding kept:
 does the coarse path then learn the arrangement?), the review's (learned query projection; compact image banks pool:2, pool:4,
 learned:4, learned:16, with their attention cost), and schedules on long clips (the reference
 arm fine-tuned on 32-frame clips with each schedule, identity per frame index). Paper and
@@ -49,7 +49,7 @@ import torch
 from . import evaluation as E
 from . import experiment as X
 
-log = logging.getLogger("train.ablations")
+log = logging.getLogger("vb_train.ablations")
 
 
 @dataclass(frozen=True)
@@ -588,7 +588,7 @@ def plot_groups(summary: Dict[str, dict], out: Path) -> List[Path]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.ablations", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m vb_train.ablations", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="ablations_out")
     p.add_argument("--quick", action="store_true", help="tiny everything (a smoke run; numbers mean nothing)")
     p.add_argument("--arms", help=f"comma-separated subset of {list(ARM_BY_KEY)}")

@@ -256,7 +256,7 @@ class _FusedAttention(torch.autograd.Function):
 def fused_attention(q, k, v, k_img, v_img, schedule: Schedule, scale: float, lse_grad: bool = True):
     """(out, lse) of the fused op, both differentiable in q, k, v, k_img, v_img (a gradient of
     the LSE, e.g. from merging partial attentions, enters the backward through Delta);
-    inputs validated by :func:`kernels.videobooth_attention`. ``lse_grad=False``: the caller
+    inputs validated by :func:`vb_kernels.videobooth_attention`. ``lse_grad=False``: the caller
     drops the LSE (it is returned non-differentiable in eager mode: less autograd work).
 
     Under ``torch.compile`` the call is the custom op ``videobooth::fused_fwd`` (one opaque node,

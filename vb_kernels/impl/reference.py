@@ -26,7 +26,7 @@ def _attend(q, k, v, scale, key_mask=None):
 
 
 def reference_attention(q, k, v, k_img, v_img, schedule: Schedule, scale: float, return_lse: bool):
-    """Shapes as :func:`kernels.videobooth_attention`; inputs already validated."""
+    """Shapes as :func:`vb_kernels.videobooth_attention`; inputs already validated."""
     b, n_frames, n, h, d = q.shape
     has_img = k_img is not None and k_img.shape[1] > 0
     refs = torch.tensor(schedule.refs, device=q.device)  # (F, R)

@@ -1,7 +1,7 @@
 """VideoBooth cross-frame attention: frames attend to reference frames, keyframes' values are
 first refreshed from the image prompt's tokens, and nothing is concatenated in the fused path.
 
-    from kernels import Schedule, videobooth_attention
+    from vb_kernels import Schedule, videobooth_attention
     out = videobooth_attention(q, k, v, k_img, v_img, schedule=Schedule.videobooth(F))
 """
 from .api import BACKENDS, videobooth_attention

@@ -1,13 +1,13 @@
 """The CPU demo: synthetic data -> a tiny VideoBooth trained through both stages -> videos of
 held-out subjects with and without the image prompt -> GIFs and an identity-metric table.
 
-    python -m train.demo --out demo_out            # about 8 minutes on 2 idle CPU cores
-    python -m train.demo --out /tmp/q --quick      # seconds: a smoke run, numbers mean nothing
-    python -m train.ablations --out ablations_out   # the ablations (train.ablations, one table)
+    python -m vb_train.demo --out demo_out            # about 8 minutes on 2 idle CPU cores
+    python -m vb_train.demo --out /tmp/q --quick      # seconds: a smoke run, numbers mean nothing
+    python -m vb_train.ablations --out ablations_out   # the ablations (vb_train.ablations, one table)
 
 What it does (docs/demo.md says more):
 
-1. data: the synthetic subject-video set (`train.synthetic`) twice, training subjects and
+1. data: the synthetic subject-video set (`vb_train.synthetic`) twice, training subjects and
    held-out subjects (identities never seen in training, `subject_split`), with the SHORT
    captions ("a star moving left on a grey background"): colour and pattern are never in the
    text, so a generated subject can only get them from the image prompt.
@@ -16,12 +16,12 @@ What it does (docs/demo.md says more):
    training frames and image prompts (the paper starts from SD's pretrained VAE), then rescaled
    so that its scaled latents have unit variance; the VideoBooth task loads it through
    `model.base_weights`. The CLIP image encoder and the text encoder stay random and frozen.
-3. stage 1 then stage 2 with the trainer (`train.trainer.Trainer`, `configs/demo_stage{1,2}.yaml`);
+3. stage 1 then stage 2 with the trainer (`vb_train.trainer.Trainer`, `configs/demo_stage{1,2}.yaml`);
    the base U-Net trains too (`model.extra_trainable: ['^backbone\\.']`), from random weights.
 4. generation (`vb.VideoBoothPipeline`, DDIM) for every held-out subject twice, with the same
    initial noise: with its image prompt, and text only (a grey image prompt: what the trainer's
    condition dropout feeds the model when the image is dropped).
-5. metrics on held-out subjects (`train.metrics.color_identity`, no CLIP): the subject's own
+5. metrics on held-out subjects (`vb_train.metrics.color_identity`, no CLIP): the subject's own
    prompt against the video, other held-out prompts against the video, colour retrieval; the
    real held-out clips give the ceiling. CLIP-I/CLIP-T/DINO only with real pretrained encoders
    (`--clip ViT-B-32 --clip-pretrained openai --dino vit_small_patch16_224.dino`): random-weight
@@ -50,7 +50,7 @@ from .evaluation import (ARM_IMAGE, ARM_REAL, ARM_TEXT, ARM_VAE, COLUMNS, chance
 from .experiment import (DemoSettings, EvalItem, make_data, make_eval_items, pretrain_vae,  # noqa: F401
                          run_stage, stage_config, train_two_stages)
 
-log = logging.getLogger("train.demo")
+log = logging.getLogger("vb_train.demo")
 
 
 # ================================================================================================
@@ -159,7 +159,7 @@ def run_demo(s: DemoSettings, out: Path, *, clip=None, dino=None, encoder_names:
         f"(95% bootstrap CI {diff['ci95'][0]:+.3f} .. {diff['ci95'][1]:+.3f}); the image-prompted video "
         f"scores higher for {diff['wins']} of {diff['n']} subjects.",
         f"- color_top1 chance level (a video matching a random held-out prompt): {chance:.3f}.",
-        "- color_id: colour-histogram identity of the subject (train.metrics.color_identity, no CLIP) against "
+        "- color_id: colour-histogram identity of the subject (vb_train.metrics.color_identity, no CLIP) against "
         "the subject's own image prompt; color_id_other: the same against the other held-out subjects' prompts; "
         "color_top1: the best-matching held-out prompt has the subject's colour.",
     ]
@@ -179,7 +179,7 @@ def run_demo(s: DemoSettings, out: Path, *, clip=None, dino=None, encoder_names:
 # ================================================================================================
 def build_parser() -> argparse.ArgumentParser:
     d = DemoSettings()
-    p = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m vb_train.demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and steps: a smoke run in seconds")
     p.add_argument("--seed", type=int)

@@ -1,4 +1,4 @@
-"""The VideoBooth training task: ``vb`` components + ``train.data`` triplets (DESIGN.md section 1).
+"""The VideoBooth training task: ``vb`` components + ``vb_train.data`` triplets (DESIGN.md section 1).
 
 One training step, per sample (caption, subject word, image prompt, video):
 
@@ -38,7 +38,7 @@ cfg.model keys (defaults in brackets):
                   zero-initialised temporal layers; leave temporal unset [None]
     clip_positions bool [True]; false zeroes the image tower's positional embedding (a bag of
                   patches: the two-tone ablations' coarse encoder, docs/demo.md)
-    ip_tokens, ip_scale  task videobooth_ip only (train.ip_adapter) [4, 1.0]
+    ip_tokens, ip_scale  task videobooth_ip only (vb_train.ip_adapter) [4, 1.0]
 cfg.data keys: root (required), categories, video_root, num_frames [4], frame_stride [1],
     size [16], image_size [32], caption_column, split (keep CSV rows whose ``split`` column
     has this value), prompt_augment {hflip, degrees, translate, scale, box_trim} (box_trim
@@ -155,7 +155,7 @@ def drop_clip_positions(image_encoder) -> None:
 
 
 class VideoBoothTask(DiffusionTask):
-    """VideoBooth's two training stages as a :class:`train.tasks.TrainTask` (module docstring)."""
+    """VideoBooth's two training stages as a :class:`vb_train.tasks.TrainTask` (module docstring)."""
 
     def __init__(self, cfg: TrainConfig, components=None):
         m = cfg.model
@@ -239,7 +239,7 @@ class VideoBoothTask(DiffusionTask):
 
         d = dict(self.cfg.data)
         if not d.get("root"):
-            raise ValueError("data.root: required (a folder in the VideoBooth layout; python -m train.synthetic "
+            raise ValueError("data.root: required (a folder in the VideoBooth layout; python -m vb_train.synthetic "
                              "writes one)")
         aug = dict(d.get("prompt_augment") or {})
         aug.setdefault("box_trim", 0.2 if self.cfg.stage == 2 else 0.0)
@@ -411,7 +411,7 @@ class VideoBoothTask(DiffusionTask):
         """Sample ``validation_samples`` videos (DDIM, ``validation_steps`` steps, guidance
         ``validation_guidance``, seeded with cfg.seed) of fixed training prompts with their image
         prompts; write ``directory/<i>.gif``; return their colour identity against the image
-        prompt (``train.metrics.color_identity``) and the frames (uint8) for the trackers."""
+        prompt (``vb_train.metrics.color_identity``) and the frames (uint8) for the trackers."""
         from diffusers.utils import export_to_gif
         from PIL import Image
 

@@ -1,5 +1,5 @@
-"""``python -m train --config configs/X.yaml [options] [key=value ...]``, also
-``accelerate launch [--num_processes N] [--cpu] -m train ...`` and ``torchrun --nproc_per_node N -m train ...``.
+"""``python -m vb_train --config configs/X.yaml [options] [key=value ...]``, also
+``accelerate launch [--num_processes N] [--cpu] -m vb_train ...`` and ``torchrun --nproc_per_node N -m vb_train ...``.
 See docs/train.md."""
 from __future__ import annotations
 

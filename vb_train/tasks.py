@@ -1,11 +1,11 @@
 """The model-specific half of training: :class:`TrainTask`.
 
-The trainer (:mod:`train.trainer`) owns everything generic: processes, optimizer, scheduler,
+The trainer (:mod:`vb_train.trainer`) owns everything generic: processes, optimizer, scheduler,
 EMA, gradient clipping, checkpoints, exact resume, logs. A task owns the model, the data and the
 loss. Its contract:
 
 ``TrainTask(cfg)``
-    an ``nn.Module`` built from a :class:`train.config.TrainConfig` (``cfg.model``/``cfg.data``
+    an ``nn.Module`` built from a :class:`vb_train.config.TrainConfig` (``cfg.model``/``cfg.data``
     hold its own options). It must build the same weights on every process for the same
     ``cfg.seed`` (the trainer seeds the global RNGs with ``cfg.seed`` right before building it).
 ``trainable_parameters(stage) -> iterable of nn.Parameter (or (name, Parameter))``
@@ -35,7 +35,7 @@ loss. Its contract:
 
 :class:`DiffusionTask` implements ``forward`` for epsilon- (or v-) prediction diffusion with
 condition dropout and a diffusers ``DDPMScheduler``; a subclass supplies ``latents``,
-``drop_conditions`` and ``predict``. Tasks are built by name in :mod:`train.registry`.
+``drop_conditions`` and ``predict``. Tasks are built by name in :mod:`vb_train.registry`.
 """
 from __future__ import annotations
 

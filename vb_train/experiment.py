@@ -1,4 +1,4 @@
-"""The toy-scale experiment the CPU demo (`train.demo`) and the ablations (`train.ablations`)
+"""The toy-scale experiment the CPU demo (`vb_train.demo`) and the ablations (`vb_train.ablations`)
 share: settings, the synthetic data and held-out subjects, the tiny VAE trained first, and the
 two training stages through the trainer. docs/demo.md describes it."""
 from __future__ import annotations
@@ -41,7 +41,7 @@ class DemoSettings:
     image_size: int = 32             # image prompt side
     subject_radius: tuple = (0.26, 0.32)  # subject radius / frame side (the generator's default
                                           # 0.15-0.21 leaves ~3% of a 16 px frame to the subject)
-    identity_kind: str = "shape-pattern-colour"  # or "two-tone" (train.synthetic; the ablations')
+    identity_kind: str = "shape-pattern-colour"  # or "two-tone" (vb_train.synthetic; the ablations')
     two_tone_side: Optional[int] = None   # the two-tone square's side at data_size (px)
     clips_per_subject: int = 1       # held-out clips evaluated per identity (different motion,
                                      # background and noise)

@@ -2,15 +2,15 @@
 
 The Triton interpreter runs the kernels' Python, not the compiler. This module runs the fused
 op's real host code on real-size tensors in host memory (never read: no kernel runs), records
-every launch it makes (kernel, grid, arguments; :mod:`kernels.impl.fused.launch`), specialises
+every launch it makes (kernel, grid, arguments; :mod:`vb_kernels.impl.fused.launch`), specialises
 each launch from its actual arguments exactly as Triton's launcher does (a pointer or an integer
 is marked divisible by 16 only when it is; an integer equal to 1 becomes a constant) and builds
 it for a GPU target with the ptxas and cuobjdump that ship with Triton. Per kernel it reports:
 registers and spill bytes (``ptxas -v``), shared memory, MMA kind and wgmma shapes, cp.async and
 TMA counts, scalar 16-bit global loads, and SASS instructions of the inner loop.
 
-    python -m kernels.impl.fused.aot --head-dim 40 80 160 --tokens 4096 --dtype bf16
-    python -m kernels.impl.fused.aot --layout strided --markdown
+    python -m vb_kernels.impl.fused.aot --head-dim 40 80 160 --tokens 4096 --dtype bf16
+    python -m vb_kernels.impl.fused.aot --layout strided --markdown
 
 Run without TRITON_INTERPRET (the interpreter does not compile).
 """
