@@ -231,6 +231,60 @@ def test_image_prompt_scale(pipe):
         pipe.set_image_prompt_scale("strong")
 
 
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_image_scale_is_saved_and_survives_the_round_trip(tmp_path, backbone):
+    p = make_pipe(backbone)
+    p.set_image_prompt_scale(0.4)
+    half = gen(p)
+    gen(p, image_prompt_scale=0.9)  # a per-call strength leaves the saved one alone
+    assert p.backbone.image_scale == 0.4 and p.backbone.config.image_scale == 0.4
+    p.save_pretrained(tmp_path / "pipe")
+    q = vb.VideoBoothPipeline.from_pretrained(tmp_path / "pipe")
+    q.set_progress_bar_config(disable=True)
+    assert q.backbone.image_scale == 0.4 and q.backbone.config.image_scale == 0.4
+    assert torch.equal(gen(q), half)
+    with pytest.raises(TypeError, match="image_scale: expected a float"):
+        vb.VideoDiT(image_scale="half") if backbone == "dit" else vb.VideoBoothUNet(tiny_unet(), image_scale="half")
+
+
+def test_set_attn_processor_on_the_inner_unet_keeps_videobooth_or_says_how():
+    """diffusers' set_attn_processor on the inner U-Net used to strip the VideoBooth processors
+    silently; now it refuses, naming the backbone switches that keep them, and still works for
+    what it does not touch (the processors themselves, a motion module's, after uninstall)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from test_vb_diffusers import tiny_motion_unet
+
+    net = vb.VideoBoothUNet(randomize(tiny_unet(), seed=1))
+    unet, before = net.unet, dict(net.unet.attn_processors)
+    with pytest.raises(ValueError, match=r"processor: set_attn_processor .* set_default_attn_processor\(\)"):
+        unet.set_attn_processor(AttnProcessor())
+    with pytest.raises(ValueError):  # diffusers' own switch refuses processors it does not know
+        unet.set_default_attn_processor()
+    assert unet.attn_processors == before
+    unet.set_attn_processor(dict(before))  # the processors themselves: allowed, nothing changes
+    assert unet.attn_processors == before
+    net.set_default_attn_processor()  # the backbone's switch keeps them
+    kept = {k for k, v in before.items() if isinstance(v, (vb.VideoBoothAttnProcessor, vb.VideoBoothTextAttnProcessor))}
+    assert kept and all(unet.attn_processors[k] is before[k] for k in kept)
+
+    motion = vb.VideoBoothUNet(tiny_motion_unet()).unet
+    procs = dict(motion.attn_processors)
+    mine = {k: (v if isinstance(v, (vb.VideoBoothAttnProcessor, vb.VideoBoothTextAttnProcessor)) else AttnProcessor())
+            for k, v in procs.items()}
+    assert any(not isinstance(v, AttnProcessor) for v in mine.values()) and any(
+        isinstance(v, AttnProcessor) for v in mine.values())
+    motion.set_attn_processor(mine)  # the motion modules' switch as usual, VideoBooth's kept
+    got = motion.attn_processors
+    assert all(got[k] is procs[k] if not isinstance(v, AttnProcessor) else isinstance(got[k], AttnProcessor)
+               for k, v in mine.items())
+
+    back = net.uninstall()
+    back.set_attn_processor(AttnProcessor())  # diffusers' own method again
+    assert all(isinstance(p, AttnProcessor) for p in back.attn_processors.values())
+    assert "set_attn_processor" not in back.__dict__
+
+
 def test_image_scale_blends_each_attn1_output():
     """attn1 output with strength s = plain + s * (injected - plain); s = 0 is exactly the
     pass without the image prompt, for a whole backbone too."""

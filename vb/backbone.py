@@ -32,6 +32,13 @@ def own_aligned_storage(module: nn.Module) -> nn.Module:
     return module
 
 
+def check_image_scale(name: str, scale) -> float:
+    """An image-prompt strength as a float (any real number; bools refused)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(scale).__name__}")
+    return float(scale)
+
+
 class VideoBackboneMixin:
     """Methods shared by :class:`vb.VideoBoothUNet` and :class:`vb.VideoDiT` (both nn.Modules
     with a ``context`` attribute)."""
@@ -100,9 +107,8 @@ class VideoBackboneMixin:
         pass without the image prompt. 1 (default) is the paper's model, 0 removes the fine path
         (the coarse path's subject tokens are not affected). Any float; values above 1
         extrapolate."""
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
-        self.image_scale = float(scale)
+        self.image_scale = check_image_scale("scale", scale)
+        self._update_config(image_scale=self.image_scale)  # saved with the model, survives from_pretrained
 
     def set_schedule(self, schedule: ScheduleSpec) -> None:
         """Switch every attn1 processor to another temporal schedule."""

@@ -22,7 +22,8 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 
-from .backbone import VideoBackboneMixin, batch_timesteps, check_backbone_inputs, check_tensor, expand_batch
+from .backbone import (VideoBackboneMixin, batch_timesteps, check_backbone_inputs, check_image_scale, check_tensor,
+                       expand_batch)
 from .context import VideoBoothContext, VideoBoothState, state_kwargs
 from .processors import VideoBoothAttnProcessor, check_backend, check_schedule_spec, parse_image_bank
 from .temporal import sinusoidal_positions
@@ -93,6 +94,8 @@ class VideoDiT(VideoBackboneMixin, ModelMixin, ConfigMixin):
         schedule, attn_backend, image_bank, learn_query: as :func:`vb.install_videobooth`
             (``schedule`` must be a name here so the config stays JSON).
         sample_size: default latent height/width (the pipeline's default video size).
+        image_scale: strength of the image prompt's fine path (:meth:`set_image_scale`; saved in
+            the config).
     """
 
     _supports_gradient_checkpointing = True
@@ -102,7 +105,7 @@ class VideoDiT(VideoBackboneMixin, ModelMixin, ConfigMixin):
                  hidden_size: int = 64, num_heads: int = 4, depth: int = 2, mlp_ratio: float = 4.0,
                  text_embed_dim: int = 32, image_embed_dim: int = 32, schedule: str = "videobooth",
                  attn_backend: str = "reference", image_bank: Optional[str] = None, learn_query: bool = False,
-                 sample_size: int = 32):
+                 sample_size: int = 32, image_scale: float = 1.0):
         super().__init__()
         check_schedule_spec(schedule)
         check_backend(attn_backend)
@@ -130,7 +133,7 @@ class VideoDiT(VideoBackboneMixin, ModelMixin, ConfigMixin):
             nn.init.zeros_(lin.bias)
 
         self.gradient_checkpointing = False  # diffusers' enable_gradient_checkpointing() sets it
-        self.image_scale = 1.0
+        self.image_scale = check_image_scale("image_scale", image_scale)
         # The same processor as the U-Net's attn1, on every spatial block.
         self.context = VideoBoothContext()
         for i, blk in enumerate(self.spatial_blocks):

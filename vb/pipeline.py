@@ -431,8 +431,9 @@ class VideoBoothPipeline(DiffusionPipeline):
                         out = callback_on_step_end(self, i, t, {k: avail[k] for k in tensor_inputs}) or {}
                         latents = out.pop("latents", latents)
                     progress.update()
-        finally:
-            self.backbone.image_scale = prev_scale
+        finally:  # the backbone's own strength (and its config) as before the call
+            if image_prompt_scale is not None:
+                self.backbone.set_image_scale(prev_scale)
 
         return self._finish(latents, output_type, return_dict)
 

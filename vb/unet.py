@@ -26,7 +26,8 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .backbone import VideoBackboneMixin, batch_timesteps, check_backbone_inputs, check_tensor, expand_batch
+from .backbone import (VideoBackboneMixin, batch_timesteps, check_backbone_inputs, check_image_scale, check_tensor,
+                       expand_batch)
 from .context import STATE_KWARG, VideoBoothContext, VideoBoothState, state_kwargs
 from .processors import (ScheduleSpec, VideoBoothAttnProcessor, VideoBoothTextAttnProcessor, check_backend,
                          check_schedule_spec, parse_image_bank)
@@ -271,6 +272,38 @@ def _build_unet(unet_class: Optional[str], unet_config: Optional[dict]) -> nn.Mo
     return cls.from_config(dict(unet_config))
 
 
+class KeepVideoBoothProcessors:
+    """The inner U-Net's ``set_attn_processor`` while VideoBooth is installed (an instance
+    attribute that shadows diffusers' method): a processor for an ``Attention`` that holds a
+    VideoBooth processor is refused with an error that names the ways that keep them, unless it
+    is that VideoBooth processor itself (``unet.set_attn_processor(unet.attn_processors)`` is a
+    no-op, as in diffusers). Every other ``Attention`` (motion modules, temporal layers) is set as
+    diffusers sets it. Without this, a call on the inner U-Net replaced VideoBooth's processors
+    silently and the model ran without its fine path."""
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+
+    def __call__(self, processor):
+        from .processors import _BaseProcessor
+
+        current = self.unet.attn_processors
+        given = processor if isinstance(processor, dict) else dict.fromkeys(current, processor)
+        lost = [name for name, cur in current.items()
+                if isinstance(cur, _BaseProcessor) and name in given and given[name] is not cur]
+        if lost:
+            shown = ", ".join(n.rsplit(".processor", 1)[0] for n in lost[:3]) + (", ..." if len(lost) > 3 else "")
+            what = "the given ones" if isinstance(processor, dict) else type(processor).__name__
+            raise ValueError(
+                f"processor: set_attn_processor on the U-Net would replace the VideoBooth processors of "
+                f"{len(lost)} attention layers ({shown}) with {what}. "
+                "On the VideoBooth backbone use set_default_attn_processor(), "
+                "set_use_memory_efficient_attention_xformers() or set_attn_backend(...), which keep them "
+                "(their fallback processor or the op's backend changes); to drop VideoBooth, call "
+                "backbone.uninstall() (or vb.uninstall_videobooth(unet)) first")
+        type(self.unet).set_attn_processor(self.unet, processor)
+
+
 def install_videobooth(unet: nn.Module, *, schedule: ScheduleSpec = "videobooth", attn_backend: str = "reference",
                        image_bank=None, learn_query: bool = False, temporal: Optional[bool] = None,
                        freeze_base: bool = True, temporal_positions: bool = True,
@@ -364,6 +397,8 @@ def install_videobooth(unet: nn.Module, *, schedule: ScheduleSpec = "videobooth"
                     mm.vb_context = ctx
                     mm.__class__ = _skipping_class(type(mm))
     unet.vb_context = ctx
+    if hasattr(type(unet), "set_attn_processor"):
+        unet.__dict__["set_attn_processor"] = KeepVideoBoothProcessors(unet)
     return ctx
 
 
@@ -402,6 +437,7 @@ def uninstall_videobooth(unet: nn.Module) -> nn.Module:
     for n, p in unet.named_parameters():
         p.requires_grad_(ctx.requires_grad.get(n, p.requires_grad))
     del unet.vb_context
+    unet.__dict__.pop("set_attn_processor", None)
     return unet
 
 
@@ -433,6 +469,8 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
             given it replaces ``preset`` and the four options above.
         unet_class, unet_config: the diffusers class name and config of ``unet`` (what the saved
             config holds), used when ``unet`` is None.
+        image_scale: strength of the image prompt's fine path (:meth:`set_image_scale`; saved in
+            the config).
     """
 
     def __init__(self, unet: Optional[nn.Module] = None, *, schedule: ScheduleSpec = "videobooth", attn_backend: str = "reference",
@@ -440,7 +478,7 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
                  freeze_base: bool = True, preset: Optional[str] = None, clip_groupnorm: Optional[bool] = None,
                  temporal_positions: Optional[bool] = None, temporal_in_image: Optional[bool] = None,
                  watermark=None, arch: Optional[dict] = None, unet_class: Optional[str] = None,
-                 unet_config: Optional[dict] = None):
+                 unet_config: Optional[dict] = None, image_scale: float = 1.0):
         super().__init__()
         if arch is not None:
             arch = resolve_arch(None, **arch)
@@ -471,7 +509,7 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
                                    unet.conv_norm_out.register_forward_pre_hook(self._add_watermark)]
         # What an adapter file needs to rebuild the same set of weights.
         self.motion = is_motion_unet(unet)
-        self.image_scale = 1.0
+        self.image_scale = check_image_scale("image_scale", image_scale)
         has_temporal = any(hasattr(m, "vb_temporal") for m in unet.modules())
         self.install_config = {"backbone": "unet", "image_bank": parse_image_bank(image_bank),
                                "learn_query": bool(learn_query), "temporal": has_temporal,
@@ -486,7 +524,7 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
             unet_config={k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
             schedule=schedule if isinstance(schedule, str) else None, attn_backend=attn_backend,
             image_bank=parse_image_bank(image_bank), learn_query=bool(learn_query), temporal=has_temporal,
-            freeze_base=bool(freeze_base), arch=self.install_config["arch"])
+            freeze_base=bool(freeze_base), arch=self.install_config["arch"], image_scale=self.image_scale)
 
     # -- watermark module: the time embedding is kept from the U-Net's own forward --------------
     def _keep_temb(self, _module, _args, out):
