@@ -32,7 +32,7 @@ def build(frames: int, size: int, *, widths=(320, 640), sd14: bool = False, seed
     outputs made random so every path counts)."""
     from diffusers import UNet2DConditionModel
 
-    from vb.official import SD14_UNET_CONFIG, tiny_official_config, unet_kwargs_from_official
+    from vb.official.convert import SD14_UNET_CONFIG, tiny_official_config, unet_kwargs_from_official
     from vb.unet import VideoBoothUNet
 
     torch.manual_seed(seed)
@@ -60,7 +60,7 @@ def build(frames: int, size: int, *, widths=(320, 640), sd14: bool = False, seed
 @torch.no_grad()
 def cfg_step(bb, inputs, structure: str, guidance: float = 4.0) -> torch.Tensor:
     """The guided noise prediction of one step in ``structure`` ``"original"`` or ``"ours"``."""
-    from vb.pipeline import official_guidance
+    from vb.official.sampler import official_guidance
 
     x, t, text, null, img = (inputs[k] for k in ("x", "t", "text", "null", "image"))
     if structure == "original":

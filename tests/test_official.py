@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 import vb
 from vb.coarse import OFFICIAL_CLIP_LAYERS, official_preprocess
-from vb.official import load_official, official_key, official_mapper_key, unet_kwargs_from_official
-from vb.pipeline import ddpm_step, official_denoise, official_guidance, official_prompt, official_scheduler
+from vb.official.convert import load_official, official_key, official_mapper_key, unet_kwargs_from_official
+from vb.official.sampler import ddpm_step, official_denoise, official_guidance, official_prompt, official_scheduler
 from vb.temporal import TemporalAttention
-from vb.unet import ClipGroupNorm, VideoBoothUNet, WatermarkModule
+from vb.official.layers import ClipGroupNorm, WatermarkModule
+from vb.unet import VideoBoothUNet
 
 # A tiny official-layout config: 2 blocks, 3-entry per-block lists as the official module needs.
 TINY = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": [32, 64],
@@ -415,7 +416,7 @@ def test_sample_command_end_to_end_on_tiny_local_models(official_sd, tmp_path):
     from diffusers import AutoencoderKL
     from transformers import CLIPConfig, CLIPModel
 
-    from vb.official import main
+    from vb.official.__main__ import main
 
     unet_sd, mapper_sd = official_sd
     torch.save({"ema_unet": unet_sd}, tmp_path / "unet.pt")

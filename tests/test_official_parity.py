@@ -18,7 +18,10 @@ pytestmark = [pytest.mark.slow,
 
 
 def test_ours_equals_the_official_code_on_random_weights():
-    from vb.official import parity
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    from official_parity import parity  # tools/official_parity.py
 
     res = parity(REPO, DIFFUSERS_0111, backends=("reference", "sdpa"), frames=4, size=8, steps=6, log=lambda s: None)
     for backend in ("reference", "sdpa"):

@@ -1,6 +1,6 @@
 """Reference side of the parity check against the official VideoBooth code (docs/official.md).
 
-Runs in its own process, started by ``python -m vb.official parity``: it imports the official
+Runs in its own process, started by ``tools/official_parity.py``: it imports the official
 code from a user-given checkout (Vchitect/VideoBooth, no licence: it is imported, never copied)
 with diffusers 0.11.1 from a separate folder, so it never imports this project's ``vb`` nor the
 project's diffusers. It reads the inputs the parity command wrote, builds the official tiny

@@ -13,19 +13,11 @@ from .dit import VideoDiT
 from .pipeline import VideoBoothPipeline, VideoBoothPipelineOutput
 from .processors import (LearnedTokenBank, PooledTokenBank, VideoBoothAttnProcessor, VideoBoothTextAttnProcessor,
                          resolve_schedule, without_image)
-from .tiny import VideoBoothComponents, build_tiny_videobooth, clip_tokenizer
+from .components import VideoBoothComponents
+from .official.convert import load_official
+from .tiny import build_tiny_videobooth
+from .tokenizer import clip_tokenizer
 from .unet import VideoBoothUNet, install_videobooth, uninstall_videobooth
-
-
-
-def load_official(unet_state_dict, mapper_state_dict, unet_config=None, *, attn_backend="auto", device=None,
-                  dtype=None):
-    """The released VideoBooth weights as ``(backbone, mapper)``: see :func:`vb.official.load_official`.
-    (Imported on call, so that ``python -m vb.official`` does not find its module imported twice.)"""
-    from .official import load_official as _load
-
-    return _load(unet_state_dict, mapper_state_dict, unet_config, attn_backend=attn_backend, device=device,
-                 dtype=dtype)
 
 
 __all__ = [

@@ -7,8 +7,8 @@ from typing import Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
-from .processors import (ScheduleSpec, VideoBoothAttnProcessor, VideoBoothTextAttnProcessor, check_backend,
-                         check_schedule_spec)
+from .processors import (ScheduleSpec, VideoBoothAttnProcessor, VideoBoothTextAttnProcessor, _BaseProcessor,
+                         check_backend, check_schedule_spec)
 
 # Parameter-name fragments of the weights VideoBooth adds to a backbone: the attention
 # processors' projections and banks, the inflated U-Net's temporal layers and its watermark module.
@@ -61,8 +61,6 @@ class VideoBackboneMixin:
         """diffusers' xformers switch without losing the VideoBooth processors: an ``Attention``
         with a VideoBooth processor keeps it and the switch applies to the processor it falls
         back to (context ``off``); every other ``Attention`` switches as usual."""
-        from .processors import _BaseProcessor
-
         for attn in list(self._vb_attention_modules()):
             proc = attn.processor
             attn.set_use_memory_efficient_attention_xformers(valid, attention_op)  # raises without xformers
@@ -74,8 +72,6 @@ class VideoBackboneMixin:
         """diffusers' ``set_default_attn_processor`` for the processors the VideoBooth ones fall
         back to, and for every other ``Attention``; the VideoBooth processors stay."""
         from diffusers.models.attention_processor import AttnProcessor
-
-        from .processors import _BaseProcessor
 
         for attn in self._vb_attention_modules():
             if isinstance(attn.processor, _BaseProcessor):

@@ -18,6 +18,8 @@ from torch import nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from .backbone import own_aligned_storage
+
 # OpenAI CLIP's normalisation, the default of open_clip models without a preprocess config.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -145,7 +147,6 @@ class VideoBoothImageEncoder(ModelMixin, ConfigMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' ``ModelMixin.from_pretrained``, then every weight in its own aligned
         storage (see ``vb.backbone.own_aligned_storage``: bit-exact reloads on CPU)."""
-        from .backbone import own_aligned_storage
 
         return own_aligned_storage(super().from_pretrained(pretrained_model_name_or_path, **kwargs))
 

@@ -29,8 +29,9 @@ from torch import nn
 from .backbone import (VideoBackboneMixin, batch_timesteps, check_backbone_inputs, check_image_scale, check_tensor,
                        expand_batch)
 from .context import STATE_KWARG, VideoBoothContext, VideoBoothState, state_kwargs
-from .processors import (ScheduleSpec, VideoBoothAttnProcessor, VideoBoothTextAttnProcessor, check_backend,
-                         check_schedule_spec, parse_image_bank)
+from .processors import (ScheduleSpec, VideoBoothAttnProcessor, VideoBoothTextAttnProcessor, _BaseProcessor,
+                         check_backend, check_schedule_spec, parse_image_bank)
+from .official.layers import ClipGroupNorm, WatermarkModule, use_clip_groupnorm
 from .temporal import TemporalAttention
 
 
@@ -155,110 +156,6 @@ def resolve_arch(preset: Optional[str], **overrides) -> dict:
     return out
 
 
-class ClipGroupNorm(nn.GroupNorm):
-    """GroupNorm whose statistics cover the whole clip, as ``nn.GroupNorm`` applied to a
-    (B, C, F, H, W) tensor does in the official model's ResnetBlock3D and ``conv_norm_out``.
-
-    Input is frame-major (B*F, C, H, W) as everywhere in the inflated U-Net; F comes from the
-    shared context (1 outside a video pass). Equal to ``group_norm`` of the clip viewed as
-    (B, C, F*H, W). Same parameters (and state-dict keys) as the GroupNorm it replaces.
-    """
-
-    def __init__(self, norm: nn.GroupNorm, context: VideoBoothContext):
-        super().__init__(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine)
-        if norm.affine:
-            self.weight, self.bias = norm.weight, norm.bias
-        self.__dict__["context"] = context  # not a submodule
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.context.num_frames if self.context.mode == "video" else 1
-        if f == 1 or x.dim() != 4:
-            return super().forward(x)
-        bf, c, h, w = x.shape
-        clip = x.view(bf // f, f, c, h, w).transpose(1, 2).reshape(bf // f, c, f * h, w)
-        out = super().forward(clip)
-        return out.view(bf // f, c, f, h, w).transpose(1, 2).reshape(bf, c, h, w)
-
-
-def _use_clip_groupnorm(unet: nn.Module, context: VideoBoothContext, modules) -> int:
-    """Replace the ResNet GroupNorms (norm1, norm2) of ``modules`` and ``unet.conv_norm_out`` by
-    :class:`ClipGroupNorm`; the attention blocks' GroupNorm stays per frame (as in the official
-    Transformer3DModel). Returns the number replaced."""
-    from diffusers.models.resnet import ResnetBlock2D
-
-    n = 0
-    for root in modules:
-        for m in root.modules():
-            if isinstance(m, ResnetBlock2D):
-                for attr in ("norm1", "norm2"):
-                    norm = getattr(m, attr)
-                    if type(norm) is nn.GroupNorm:
-                        setattr(m, attr, ClipGroupNorm(norm, context))
-                        n += 1
-    if type(getattr(unet, "conv_norm_out", None)) is nn.GroupNorm:
-        unet.conv_norm_out = ClipGroupNorm(unet.conv_norm_out, context)
-        n += 1
-    return n
-
-
-class WatermarkModule(nn.Module):
-    """The official model's watermark sub-U-Net: 3 down blocks and 3 up blocks of ResNets (no
-    attention) on the main U-Net's last up-block output, ending in a zero-initialised 1x1 conv
-    whose output is added to that output before ``conv_norm_out``.
-
-    Args:
-        in_channels: the U-Net's ``block_out_channels[0]``.
-        channels: the three blocks' widths (the official code hard-codes (320, 640, 640); its
-            first entry must equal ``in_channels``).
-        temb_channels, layers_per_block, norm_num_groups, norm_eps, downsample_padding: those of
-            the U-Net (its config).
-    """
-
-    def __init__(self, in_channels: int, channels=(320, 640, 640), *, temb_channels: int, layers_per_block: int,
-                 norm_num_groups: int, norm_eps: float, downsample_padding: int = 1):
-        super().__init__()
-        from diffusers.models.unets.unet_2d_blocks import DownBlock2D, UpBlock2D
-
-        channels = tuple(channels)
-        if channels[0] != in_channels:
-            raise ValueError(f"watermark: the first width must equal block_out_channels[0]={in_channels}, "
-                             f"got {channels}")
-        common = dict(temb_channels=temb_channels, resnet_eps=norm_eps, resnet_act_fn="silu",
-                      resnet_groups=norm_num_groups)
-        self.down_blocks = nn.ModuleList()
-        out_ch = channels[0]
-        for i, ch in enumerate(channels):
-            in_ch, out_ch = out_ch, ch
-            self.down_blocks.append(DownBlock2D(in_channels=in_ch, out_channels=out_ch, num_layers=layers_per_block,
-                                                add_downsample=i < len(channels) - 1,
-                                                downsample_padding=downsample_padding, **common))
-        rev = list(reversed(channels))
-        self.up_blocks = nn.ModuleList()
-        out_ch = rev[0]
-        for i in range(len(rev)):
-            prev, out_ch = out_ch, rev[i]
-            in_ch = rev[min(i + 1, len(rev) - 1)]
-            self.up_blocks.append(UpBlock2D(in_channels=in_ch, prev_output_channel=prev, out_channels=out_ch,
-                                            num_layers=layers_per_block + 1, add_upsample=i < len(rev) - 1, **common))
-        self.zero_out = nn.Conv2d(channels[0], channels[0], kernel_size=1)
-        nn.init.zeros_(self.zero_out.weight)
-        nn.init.zeros_(self.zero_out.bias)
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """x: (B*F, C0, H, W), temb: (B*F, T) -> the (B*F, C0, H, W) term added to x."""
-        res = (x,)
-        h = x
-        for block in self.down_blocks:
-            h, r = block(hidden_states=h, temb=temb)
-            res += r
-        for i, block in enumerate(self.up_blocks):
-            skips = res[-len(block.resnets):]
-            res = res[:-len(block.resnets)]
-            size = res[-1].shape[2:] if res else None  # the next skip's size (odd sizes round trip)
-            h = block(hidden_states=h, res_hidden_states_tuple=skips, temb=temb, upsample_size=size)
-        return self.zero_out(h)
-
-
 def _build_unet(unet_class: Optional[str], unet_config: Optional[dict]) -> nn.Module:
     """A diffusers U-Net of class ``unet_class`` built from ``unet_config`` (random weights)."""
     import diffusers
@@ -285,8 +182,6 @@ class KeepVideoBoothProcessors:
         self.unet = unet
 
     def __call__(self, processor):
-        from .processors import _BaseProcessor
-
         current = self.unet.attn_processors
         given = processor if isinstance(processor, dict) else dict.fromkeys(current, processor)
         lost = [name for name, cur in current.items()
@@ -412,8 +307,6 @@ def uninstall_videobooth(unet: nn.Module) -> nn.Module:
     Returns:
         ``unet``.
     """
-    from .processors import _BaseProcessor
-
     ctx = getattr(unet, "vb_context", None)
     if ctx is None:
         raise ValueError("unet: VideoBooth is not installed on this model")
@@ -503,7 +396,7 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
                 norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
                 downsample_padding=cfg.downsample_padding).to(device=unet.device, dtype=unet.dtype)
         if arch["clip_groupnorm"]:
-            _use_clip_groupnorm(unet, self.context, [unet] + ([self.watermark] if self.watermark is not None else []))
+            use_clip_groupnorm(unet, self.context, [unet] + ([self.watermark] if self.watermark is not None else []))
         if self.watermark is not None:  # after the GroupNorm swap: the hook goes on the final conv_norm_out
             self.context.hooks += [unet.time_embedding.register_forward_hook(self._keep_temb),
                                    unet.conv_norm_out.register_forward_pre_hook(self._add_watermark)]
