@@ -176,7 +176,7 @@ def test_negative_prompt_changes_only_the_unconditional_pass(pipe):
 
 def test_prompt_embeds_reproduce_the_prompt(pipe):
     images = pipe.prepare_image(image(), 1, 16, 16)
-    tokens, _ = pipe.encode_images(images)
+    tokens, _ = pipe.encode_image(images)
     text, pooled = vb.encode_prompt(pipe.text_encoder, pipe.tokenizer, ["a dog on grass"], ["dog"], tokens)
     neg, neg_pooled = vb.encode_prompt(pipe.text_encoder, pipe.tokenizer, ["blurry"])
     ref = gen(pipe, negative_prompt="blurry")
@@ -187,6 +187,30 @@ def test_prompt_embeds_reproduce_the_prompt(pipe):
         pipe("a dog", None, image(), prompt_embeds=text, pooled_prompt_embeds=pooled, **KW)
     with pytest.raises(ValueError, match="prompt_embeds"):
         gen(pipe, prompt_embeds=text[0])
+
+
+def test_the_call_is_its_diffusers_style_pieces(pipe):
+    """check_inputs / encode_image / encode_prompt / prepare_latents are what __call__ runs:
+    their outputs fed back as prompt_embeds and latents give the same video, bit for bit."""
+    images = pipe.prepare_image(image(), 1, 16, 16)
+    tokens, _ = pipe.encode_image(images)
+    text, pooled, neg, neg_pooled, null, null_pooled = pipe.encode_prompt(
+        "a dog on grass", "dog", tokens, negative_prompt="blurry")
+    assert text.shape == neg.shape == null.shape and not torch.equal(neg, null)
+    dtype = next(pipe.backbone.parameters()).dtype
+    lat = pipe.prepare_latents(1, KW["num_frames"], 16, 16, dtype, torch.Generator().manual_seed(0))
+    ref = gen(pipe, negative_prompt="blurry", generator=torch.Generator().manual_seed(0))
+    # the generator's first draw is the initial noise: passing it as latents leaves the image
+    # noise on the generator's second draw, as in the reference call
+    g = torch.Generator().manual_seed(0)
+    pipe.prepare_latents(1, KW["num_frames"], 16, 16, dtype, g)
+    out = pipe(None, None, image(), **dict(KW, generator=g), latents=lat, prompt_embeds=text,
+               pooled_prompt_embeds=pooled, negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled).frames
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="latents: expected shape"):
+        pipe.prepare_latents(1, KW["num_frames"], 16, 16, dtype, None, latents=lat[:, :, :1])
+    with pytest.raises(ValueError, match="num_videos_per_prompt"):
+        pipe.check_inputs("a dog", "dog", 2, 16, 16, 2, 7.5, num_videos_per_prompt=0)
 
 
 def test_eta_reaches_ddim(pipe):

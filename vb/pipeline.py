@@ -202,7 +202,7 @@ class VideoBoothPipeline(DiffusionPipeline):
             raise ValueError(f"image_prompt: expected 1 or {batch} images (one per prompt), got {len(images)}")
         return torch.stack(images).to(self._execution_device)
 
-    def encode_images(self, images: torch.Tensor):
+    def encode_image(self, images: torch.Tensor):
         """(B, 3, H, W) in [0, 1] -> (subject tokens (B, K, D_text), image embeds (B, E))."""
         enc = self.image_encoder(images)
         return self.mapper(enc.layer_tokens), enc.image_embeds
@@ -222,8 +222,13 @@ class VideoBoothPipeline(DiffusionPipeline):
         frames = (frames.float() / 2 + 0.5).clamp(0, 1)
         return frames.view(b, f, *frames.shape[1:])
 
-    def _check_inputs(self, num_frames, height, width, num_inference_steps, guidance_scale, uncond_image,
-                      output_type):
+    def check_inputs(self, prompt, subject_word, num_frames, height, width, num_inference_steps, guidance_scale,
+                     uncond_image="none", output_type="pil", *, negative_prompt=None, num_videos_per_prompt=1,
+                     eta=0.0, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt_embeds=None,
+                     negative_pooled_prompt_embeds=None, callback_on_step_end=None,
+                     callback_on_step_end_tensor_inputs=("latents",)) -> None:
+        """Every argument of :meth:`__call__` that can be checked before any work; a bad one
+        raises an error that names it and what was expected."""
         if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
             raise ValueError(f"num_frames: expected an int >= 1, got {num_frames!r}")
         mult = self.vae_scale_factor * getattr(self.backbone, "latent_multiple", 1)
@@ -238,6 +243,87 @@ class VideoBoothPipeline(DiffusionPipeline):
             raise ValueError(f"uncond_image: expected one of {UNCOND_IMAGES}, got {uncond_image!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
+        n = num_videos_per_prompt
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"num_videos_per_prompt: expected an int >= 1, got {n!r}")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
+            raise ValueError(f"eta: expected a float >= 0, got {eta!r}")
+        tensor_inputs = list(getattr(callback_on_step_end, "tensor_inputs", None) or callback_on_step_end_tensor_inputs)
+        bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: expected names from {self._callback_tensor_inputs}, "
+                             f"got {bad}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"callback_on_step_end: expected a callable, got {type(callback_on_step_end).__name__}")
+        if prompt_embeds is None:
+            prompts = _as_list("prompt", prompt)
+            _as_list("subject_word", subject_word, len(prompts))
+        else:
+            _check_embeds("prompt_embeds", prompt_embeds, 3)
+            if prompt is not None:
+                raise ValueError("prompt: give either prompt or prompt_embeds, not both")
+            if self._needs_pooled and pooled_prompt_embeds is None:
+                raise ValueError("pooled_prompt_embeds: the DiT backbone needs it with prompt_embeds")
+        if negative_prompt_embeds is not None:
+            _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3)
+            if self._needs_pooled and negative_pooled_prompt_embeds is None:
+                raise ValueError("negative_pooled_prompt_embeds: the DiT backbone needs it with negative_prompt_embeds")
+
+    @property
+    def _needs_pooled(self) -> bool:
+        """The DiT reads a pooled text embedding; the U-Net does not."""
+        return getattr(self.backbone, "install_config", {}).get("backbone") == "dit"
+
+    def encode_prompt(self, prompt, subject_word, subject_tokens: Optional[torch.Tensor], *, negative_prompt=None,
+                      prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt_embeds=None,
+                      negative_pooled_prompt_embeds=None):
+        """The coarse path and the text of every pass, for B prompts.
+
+        The image prompt's ``subject_tokens`` (B, K, D_text) replace each prompt's subject word
+        (unless ``prompt_embeds`` are given: then the coarse path is the caller's). Returns
+        ``(text, pooled, negative_text, negative_pooled, null_text, null_pooled)``, each (B, ...):
+        the conditional pass's text, the unconditional pass's (the negative prompt, its
+        embeddings, or the empty prompt) and the image branch's (always the empty prompt)."""
+        device = self._execution_device
+        if prompt_embeds is None:
+            prompts = _as_list("prompt", prompt)
+            words = _as_list("subject_word", subject_word, len(prompts))
+            b = len(prompts)
+            text, pooled = encode_prompt(self.text_encoder, self.tokenizer, prompts, words, subject_tokens)
+        else:
+            b = prompt_embeds.shape[0]
+            text, pooled = prompt_embeds.to(device), _opt(pooled_prompt_embeds, "pooled_prompt_embeds", 2, b, device)
+        null_text, null_pooled = encode_prompt(self.text_encoder, self.tokenizer, [""])
+        if negative_prompt_embeds is not None:
+            neg_text = expand_batch("negative_prompt_embeds", negative_prompt_embeds.to(device), b)
+            neg_pooled = _opt(negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds", 2, b, device)
+        elif negative_prompt is not None:
+            negs = _as_list("negative_prompt", negative_prompt)
+            if len(negs) not in (1, b):
+                raise ValueError(f"negative_prompt: expected 1 or {b} prompts (one per prompt), got {len(negs)}")
+            neg_text, neg_pooled = encode_prompt(self.text_encoder, self.tokenizer, negs)
+            neg_text, neg_pooled = expand_batch("negative_prompt", neg_text, b), expand_batch("negative_prompt", neg_pooled, b)
+        else:
+            neg_text, neg_pooled = null_text.expand(b, -1, -1), null_pooled.expand(b, -1)
+        return text, pooled, neg_text, neg_pooled, null_text.expand(b, -1, -1), null_pooled.expand(b, -1)
+
+    def prepare_latents(self, batch: int, num_frames: int, height: int, width: int, dtype, generator,
+                        latents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Initial noise (B, C, F, h, w), drawn from ``generator`` or the given ``latents``
+        (checked), scaled by the scheduler's ``init_noise_sigma`` (call after ``set_timesteps``)."""
+        shape = (batch, self.backbone.in_channels, num_frames, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        device = self._execution_device
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
+        return latents.to(device=device, dtype=dtype)
+
+    def _step_kwargs(self, generator, eta: float) -> dict:
+        """The scheduler's own ``step`` keywords among generator and eta (DDIM takes both)."""
+        params = inspect.signature(self.scheduler.step).parameters
+        return {k: v for k, v in (("generator", generator), ("eta", float(eta))) if k in params}
 
     # ---- generation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -291,93 +377,54 @@ class VideoBoothPipeline(DiffusionPipeline):
         """
         height = self.default_size() if height is None else height
         width = self.default_size() if width is None else width
-        self._check_inputs(num_frames, height, width, num_inference_steps, guidance_scale, uncond_image, output_type)
-        n = num_videos_per_prompt
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"num_videos_per_prompt: expected an int >= 1, got {n!r}")
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
-            raise ValueError(f"eta: expected a float >= 0, got {eta!r}")
+        self.check_inputs(prompt, subject_word, num_frames, height, width, num_inference_steps, guidance_scale,
+                          uncond_image, output_type, negative_prompt=negative_prompt,
+                          num_videos_per_prompt=num_videos_per_prompt, eta=eta, prompt_embeds=prompt_embeds,
+                          pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                          callback_on_step_end=callback_on_step_end,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         tensor_inputs = list(getattr(callback_on_step_end, "tensor_inputs", None) or callback_on_step_end_tensor_inputs)
-        bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(f"callback_on_step_end_tensor_inputs: expected names from {self._callback_tensor_inputs}, "
-                             f"got {bad}")
-        if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise TypeError(f"callback_on_step_end: expected a callable, got {type(callback_on_step_end).__name__}")
-        needs_pooled = getattr(self.backbone, "install_config", {}).get("backbone") == "dit"
-        device = self._execution_device
-        dtype = next(self.backbone.parameters()).dtype
+        device, dtype = self._execution_device, next(self.backbone.parameters()).dtype
         do_cfg = guidance_scale > 1.0
+        grey = do_cfg and uncond_image == "grey"  # the unconditional pass gets a grey image prompt
         self._interrupt = False
 
-        # Coarse path: image tokens replace the subject word; attn2 reads the result.
-        if prompt_embeds is None:
-            prompts = _as_list("prompt", prompt)
-            words = _as_list("subject_word", subject_word, len(prompts))
-            b = len(prompts)
-        else:
-            _check_embeds("prompt_embeds", prompt_embeds, 3)
-            b = prompt_embeds.shape[0]
-            if prompt is not None:
-                raise ValueError("prompt: give either prompt or prompt_embeds, not both")
-            if needs_pooled and pooled_prompt_embeds is None:
-                raise ValueError("pooled_prompt_embeds: the DiT backbone needs it with prompt_embeds")
+        # 1. Coarse path: the image prompt's tokens replace the subject word; attn2 reads the text.
+        b = len(_as_list("prompt", prompt)) if prompt_embeds is None else prompt_embeds.shape[0]
         images = self.prepare_image(image_prompt, b, height, width)
-        subject_tokens, image_embeds = self.encode_images(images)
-        if prompt_embeds is None:
-            text, pooled = encode_prompt(self.text_encoder, self.tokenizer, prompts, words, subject_tokens)
-        else:
-            text, pooled = prompt_embeds.to(device), _opt(pooled_prompt_embeds, "pooled_prompt_embeds", 2, b, device)
-        null_text, null_pooled = encode_prompt(self.text_encoder, self.tokenizer, [""])
-        if negative_prompt_embeds is not None:
-            _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3)
-            neg_text = expand_batch("negative_prompt_embeds", negative_prompt_embeds.to(device), b)
-            neg_pooled = _opt(negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds", 2, b, device)
-            if needs_pooled and neg_pooled is None:
-                raise ValueError("negative_pooled_prompt_embeds: the DiT backbone needs it with negative_prompt_embeds")
-        elif negative_prompt is not None:
-            negs = _as_list("negative_prompt", negative_prompt)
-            if len(negs) not in (1, b):
-                raise ValueError(f"negative_prompt: expected 1 or {b} prompts (one per prompt), got {len(negs)}")
-            neg_text, neg_pooled = encode_prompt(self.text_encoder, self.tokenizer, negs)
-            neg_text, neg_pooled = expand_batch("negative_prompt", neg_text, b), expand_batch("negative_prompt", neg_pooled, b)
-        else:
-            neg_text, neg_pooled = null_text.expand(b, -1, -1), null_pooled.expand(b, -1)
-        null_text, null_pooled = null_text.expand(b, -1, -1), null_pooled.expand(b, -1)
-        # Fine path: the image prompt's latent, noised anew at every step with one fixed draw.
+        subject_tokens, image_embeds = self.encode_image(images)
+        text, pooled, neg_text, neg_pooled, null_text, null_pooled = self.encode_prompt(
+            prompt, subject_word, subject_tokens, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        # 2. Fine path: the image prompt's latent, noised anew at every step with one fixed draw.
         image_latents = self.encode_vae(images)
-        if do_cfg and uncond_image == "grey":
-            grey = torch.full_like(images, 0.5)
-            _, grey_embeds = self.encode_images(grey)
-            grey_latents = self.encode_vae(grey)
-        if n > 1:  # every per-prompt tensor, prompt-major (prompt 0's videos first)
-            rep = _repeat_each(n)
+        if grey:
+            _, grey_embeds = self.encode_image(torch.full_like(images, 0.5))
+            grey_latents = self.encode_vae(torch.full_like(images, 0.5))
+        if num_videos_per_prompt > 1:  # every per-prompt tensor, prompt-major (prompt 0's videos first)
+            rep = _repeat_each(num_videos_per_prompt)
             text, pooled, image_embeds, image_latents = rep(text), rep(pooled), rep(image_embeds), rep(image_latents)
-            neg_text, neg_pooled = rep(neg_text), rep(neg_pooled)
-            null_text, null_pooled = rep(null_text), rep(null_pooled)
-            if do_cfg and uncond_image == "grey":
+            neg_text, neg_pooled, null_text, null_pooled = rep(neg_text), rep(neg_pooled), rep(null_text), rep(null_pooled)
+            if grey:
                 grey_embeds, grey_latents = rep(grey_embeds), rep(grey_latents)
-            b = b * n
+            b = b * num_videos_per_prompt
 
-        lat_h, lat_w = height // self.vae_scale_factor, width // self.vae_scale_factor
-        shape = (b, self.backbone.in_channels, num_frames, lat_h, lat_w)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
+        # 3. Noise: the video's, then the image latent's (one draw for every step).
+        latents = self.prepare_latents(b, num_frames, height, width, dtype, generator, latents)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        latents = latents * self.scheduler.init_noise_sigma
         image_noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=dtype)
-        step_params = inspect.signature(self.scheduler.step).parameters
-        step_kwargs = {}
-        if "generator" in step_params:
-            step_kwargs["generator"] = generator
-        if "eta" in step_params:
-            step_kwargs["eta"] = float(eta)
+        step_kwargs = self._step_kwargs(generator, eta)
 
         def cast(*ts):
             return [None if t is None else t.to(dtype) for t in ts]
 
+        def noised(lat, t, tb):
+            return self.scheduler.scale_model_input(self.scheduler.add_noise(lat.to(dtype), image_noise, tb), t)
+
+        # 4. Denoise, with the call's image-prompt strength (the backbone's own comes back after).
         prev_scale = getattr(self.backbone, "image_scale", 1.0)
         if image_prompt_scale is not None:
             self.backbone.set_image_scale(image_prompt_scale)
@@ -389,24 +436,18 @@ class VideoBoothPipeline(DiffusionPipeline):
                         break
                     x_in = self.scheduler.scale_model_input(latents, t)
                     tb = t.reshape(1).repeat(b).to(device)
-
-                    def noised(lat):
-                        return self.scheduler.scale_model_input(
-                            self.scheduler.add_noise(lat.to(dtype), image_noise, tb), t)
-
-                    img_t = noised(image_latents)
-                    cond_args = cast(text, pooled, image_embeds, img_t, null_text, null_pooled)
+                    cond_args = cast(text, pooled, image_embeds, noised(image_latents, t, tb), null_text, null_pooled)
                     if not do_cfg:
                         pred = self._predict(x_in, t, *cond_args)
-                    elif uncond_image == "none":
+                    elif not grey:
                         pred_c = self._predict(x_in, t, *cond_args)
                         pred_u = self._predict(x_in, t, *cast(neg_text, neg_pooled, None, None, None, None))
                         pred = pred_u + guidance_scale * (pred_c - pred_u)
                     else:
                         # One batched call: [uncond (negative prompt, grey image); cond].
-                        both = [None if u is None else torch.cat([u, c]) for u, c in zip(
-                            cast(neg_text, neg_pooled, grey_embeds, noised(grey_latents), null_text, null_pooled),
-                            cond_args)]
+                        uncond_args = cast(neg_text, neg_pooled, grey_embeds, noised(grey_latents, t, tb), null_text,
+                                           null_pooled)
+                        both = [None if u is None else torch.cat([u, c]) for u, c in zip(uncond_args, cond_args)]
                         pred_u, pred_c = self._predict(torch.cat([x_in, x_in]), t, *both).chunk(2)
                         pred = pred_u + guidance_scale * (pred_c - pred_u)
                     if pred.shape[1] == 2 * latents.shape[1]:  # learned variance: keep the mean part
@@ -496,7 +537,8 @@ class VideoBoothPipeline(DiffusionPipeline):
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
-        self._check_inputs(num_frames, height, height, num_inference_steps, guidance_scale, "none", output_type)
+        self.check_inputs(prompt, subject_word, num_frames, height, height, num_inference_steps, guidance_scale,
+                          output_type=output_type)
         device = self._execution_device
         dtype = next(self.backbone.parameters()).dtype
         image_frames = num_frames if image_frames is None else int(image_frames)

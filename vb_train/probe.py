@@ -182,7 +182,7 @@ def fine_path_sensitivity(pipe, items, s, timesteps: Sequence[int] = (50, 200, 4
     from vb.coarse import encode_prompt
 
     imgs = torch.stack([(it.image + 1) / 2 for it in items]).clamp(0, 1)
-    tok, _ = pipe.encode_images(imgs)
+    tok, _ = pipe.encode_image(imgs)
     text, _ = encode_prompt(pipe.text_encoder, pipe.tokenizer, [it.caption for it in items],
                             [it.subject for it in items], tok)
     other, _ = encode_prompt(pipe.text_encoder, pipe.tokenizer, [it.caption for it in items],
