@@ -144,16 +144,15 @@ def test_clip_groupnorm_is_groupnorm_over_the_whole_clip():
     norm = ClipGroupNorm(gn, ctx)
     b, f, c, h, w = 2, 3, 8, 5, 4
     x = torch.randn(b * f, c, h, w)
-    ctx.start_video(f, (h, w), inject=False)
-    out = norm(x)
+    with ctx.activate(vb.VideoBoothState.video(f, (h, w))):
+        out = norm(x)
     # Literal: view the clip as (B, C, F*H, W), normalise 4 groups over (C/4, F*H, W).
     clip = x.view(b, f, c, h, w).permute(0, 2, 1, 3, 4).reshape(b, 4, -1)
     lit = (clip - clip.mean(-1, keepdim=True)) / torch.sqrt(clip.var(-1, unbiased=False, keepdim=True) + gn.eps)
     lit = lit.view(b, c, f, h, w) * gn.weight.view(1, c, 1, 1, 1) + gn.bias.view(1, c, 1, 1, 1)
     assert rel(out, lit.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)) < 1e-6
     assert rel(out, gn(x)) > 1e-2  # per frame differs
-    ctx.mode = "off"
-    assert torch.equal(norm(x), gn(x))
+    assert ctx.mode == "off" and torch.equal(norm(x), gn(x))  # outside a pass: per frame
 
 
 def test_temporal_attention_without_positions_is_plain_attention_over_frames():
@@ -238,9 +237,8 @@ def test_watermark_term_is_added_before_conv_norm_out():
     h3 = bb.unet.time_embedding.register_forward_hook(lambda m, a, o: seen.__setitem__("temb", o))
     with torch.no_grad():
         bb(x, t, text)
-        with bb.context.forward_pass():  # the watermark's ResNets normalise over the clip
-            bb.context.start_video(x.shape[2], (8, 8), inject=False)
-            lit = seen["up"] + bb.watermark(seen["up"], seen["temb"])
+        with bb.context.activate(vb.VideoBoothState.video(x.shape[2], (8, 8))):  # the watermark's ResNets
+            lit = seen["up"] + bb.watermark(seen["up"], seen["temb"])            # normalise over the clip
     for h in (h1, h2, h3):
         h.remove()
     assert torch.equal(seen["in"], lit) and rel(seen["in"], seen["up"]) > 1e-3

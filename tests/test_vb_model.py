@@ -229,10 +229,8 @@ def test_processor_with_image_matches_the_original_transcribed():
     attn.set_processor(proc)
     b, f, n, m = 2, 4, 6, 5
     x, x_img = torch.randn(b * f, n, 32), torch.randn(b, m, 32)
-    ctx.image_states = {"x": x_img}
-    ctx.start_video(f, (2, 3), inject=True)
-    with torch.no_grad():
-        out = attn(x)
+    with torch.no_grad(), ctx.activate(vb.VideoBoothState.video(f, (2, 3), {"x": x_img})):
+        out = attn(x)  # no vb_state in the call: the processor reads the active pass
 
         def heads(t):  # (..., L, 32) -> (..., 2, L, 16)
             return t.unflatten(-1, (2, 16)).transpose(-2, -3)

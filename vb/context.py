@@ -102,8 +102,7 @@ def state_kwargs(state: VideoBoothState) -> Dict[str, VideoBoothState]:
 
 
 def _proxy(name):
-    return property(lambda self: getattr(self.active, name), lambda self, v: setattr(self.active, name, v),
-                    doc=f"``active.{name}``: the active pass's {name}.")
+    return property(lambda self: getattr(self.active, name), doc=f"``active.{name}``: the active pass's {name} (read-only).")
 
 
 class VideoBoothContext:
@@ -113,7 +112,8 @@ class VideoBoothContext:
     forward). Processors prefer the state of their call (``vb_state``) and fall back to
     ``active``; layers that diffusers calls without ``cross_attention_kwargs`` read ``active``
     (``mode``, ``num_frames``, ``grid``, ``inject``, ``record``, ``image_states`` are shortcuts
-    to it). ``start_image``/``start_video`` set ``active`` by hand (tests of one processor).
+    to it). Only :meth:`activate` sets it, for the scope of one pass (and :meth:`checkpoint`
+    again around a recompute).
     """
 
     mode = _proxy("mode")
@@ -149,27 +149,6 @@ class VideoBoothContext:
         finally:
             self.active, self.in_image_branch = prev, prev_ib
 
-    @contextmanager
-    def forward_pass(self):
-        """Scope that resets the context to ``off`` afterwards, whatever happens inside."""
-        try:
-            yield self
-        finally:
-            self.active = VideoBoothState()
-            self.in_image_branch = False
-
-    @contextmanager
-    def image_branch(self):
-        """Scope in which a U-Net's own temporal modules (AnimateDiff's motion modules, called
-        without ``cross_attention_kwargs``) return their input unchanged: the image branch is 2D
-        only. A skipped module computes nothing, so no recompute ever needs this switch."""
-        prev = self.in_image_branch
-        self.in_image_branch = True
-        try:
-            yield self
-        finally:
-            self.in_image_branch = prev
-
     def checkpoint(self, module, *args):
         """``torch.utils.checkpoint`` of ``module(*args)`` (non-reentrant) whose recompute runs
         with the state that was active in the forward: the ``gradient_checkpointing_func`` the
@@ -178,20 +157,6 @@ class VideoBoothContext:
         return torch.utils.checkpoint.checkpoint(
             module.__call__, *args, use_reentrant=False,
             context_fn=lambda: (nullcontext(), self.activate(saved, saved_ib)))
-
-    def start_image(self, grid: Tuple[int, int]) -> None:
-        """Active state: the image branch (attn1 layers record their input under their name)."""
-        self.active = VideoBoothState.image(grid, {})
-
-    def start_video(self, num_frames: int, grid: Tuple[int, int], inject: bool, record: bool = False) -> None:
-        """Active state: a video pass over F frames; ``inject`` reads the active image states,
-        ``record`` records frame 0's attn1 inputs into fresh ones instead."""
-        if inject and record:
-            raise ValueError("record: a video pass cannot both inject and record image states")
-        states = {} if record else self.active.image_states
-        if inject and not states:
-            raise RuntimeError("inject=True but the image branch recorded nothing; run it first")
-        self.active = VideoBoothState("video", num_frames, grid, inject, states, record=record)
 
 
 def token_grid(num_tokens: int, grid: Optional[Tuple[int, int]]) -> Tuple[int, int]:
