@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vb_train import synthetic
+from vb_train.toy import synthetic
 from vb_train.metrics import color_identity, two_tone_order
 
 
@@ -77,7 +77,7 @@ def test_two_tone_order_sees_the_arrangement_that_colour_identity_cannot():
 
 # ---- the probe ------------------------------------------------------------------------------------
 def test_linear_probe_decodes_a_linear_target_and_not_noise():
-    from vb_train.probe import linear_probe, order_accuracy
+    from vb_train.toy.probe import linear_probe, order_accuracy
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 20))
@@ -97,7 +97,7 @@ def test_bag_of_patches_tower_cannot_tell_the_two_orders_apart():
     """With the positional embedding dropped, the coarse path's input features of (A over B)
     and (B over A) are the same (the probe's claim, exactly); with it they differ."""
     import vb
-    from vb_train.probe import features
+    from vb_train.toy.probe import features
     from vb_train.videobooth_task import drop_clip_positions
 
     parts = vb.build_tiny_videobooth(seed=0)
@@ -117,7 +117,7 @@ def test_bag_of_patches_tower_cannot_tell_the_two_orders_apart():
 def test_ip_adapter_hook_equals_diffusers_ip_adapter_processor(scale):
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
 
-    from vb_train.ip_adapter import IPAdapter
+    from vb_train.toy.ip_adapter import IPAdapter
 
     torch.manual_seed(0)
     c, d, e, b, n = 16, 12, 10, 3, 7
@@ -160,7 +160,7 @@ def test_ip_adapter_hook_equals_diffusers_ip_adapter_processor(scale):
 def test_ablations_quick_run(tmp_path):
     """The quick run of three arms: tables, plots and units written; each arm generated as it
     trained (the IP arm's adapter is in its checkpoint; coarse-only has no fine branch)."""
-    from vb_train import ablations as A
+    from vb_train.toy import ablations as A
 
     a = A.AblationSettings.quick(("both", "coarse", "ipadapter"), progress=False)
     res = A.run_ablations(a, tmp_path)
@@ -186,9 +186,9 @@ def test_ablations_quick_run(tmp_path):
 
 
 def test_ablations_cli_quick_with_a_long_clip_arm(tmp_path):
-    """`python -m vb_train.ablations --quick` through main(): the reference arm and a long-clip arm
+    """`python -m vb_train.toy.ablations --quick` through main(): the reference arm and a long-clip arm
     (which starts from the reference arm's stage 2) give their tables, plots and JSON."""
-    from vb_train import ablations
+    from vb_train.toy import ablations
 
     out = tmp_path / "abl"
     assert ablations.main(["--out", str(out), "--quick", "--arms", "both,long_first", "--no-progress"]) == 0

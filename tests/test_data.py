@@ -1,4 +1,4 @@
-"""vb_train.data (the VideoBooth loader) and vb_train.synthetic (the set it is tested on).
+"""vb_train.data (the VideoBooth loader) and vb_train.toy.synthetic (the set it is tested on).
 
 Everything is written to tmp_path: tiny synthetic sets (32 px, 8 frames), nothing downloaded.
 """
@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vb_train import synthetic
+from vb_train.toy import synthetic
 from vb_train.data import (
     PromptAugment,
     SampleError,
@@ -361,7 +361,7 @@ def test_subject_radius(tmp_path):
 
 def test_cli(tmp_path):
     out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "-m", "vb_train.synthetic", "--out", str(out), "--num", "3",
+    r = subprocess.run([sys.executable, "-m", "vb_train.toy.synthetic", "--out", str(out), "--num", "3",
                         "--seed", "2", "--size", "16", "--frames", "2", "--no-progress"],
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr

@@ -8,7 +8,7 @@ pytest.importorskip("open_clip")
 
 
 def test_demo_quick_writes_gifs_and_table_and_is_reproducible(tmp_path):
-    from vb_train import demo
+    from vb_train.toy import demo
 
     out = tmp_path / "demo"
     assert demo.main(["--out", str(out), "--quick", "--no-progress"]) == 0
@@ -46,7 +46,7 @@ def test_demo_quick_writes_gifs_and_table_and_is_reproducible(tmp_path):
 
 
 def test_demo_settings_from_command_line():
-    from vb_train import demo
+    from vb_train.toy import demo
 
     args = demo.build_parser().parse_args(["--steps1", "7", "--lr", "0.01", "--guidance-scale", "3",
                                            "--attn-backend", "sdpa", "model.learn_query=true"])

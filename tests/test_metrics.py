@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vb_train import metrics as M
-from vb_train.synthetic import render_clip
+from vb_train.toy.synthetic import render_clip
 
 
 @pytest.fixture(scope="module")

@@ -249,7 +249,7 @@ def test_toy_loss_same_on_every_attention_backend(tmp_path):
 # ---- the real VideoBooth task ------------------------------------------------------------------------
 def test_videobooth_task_two_stages_on_synthetic_data(tmp_path):
     pytest.importorskip("open_clip")
-    from vb_train.synthetic import generate
+    from vb_train.toy.synthetic import generate
     import vb
 
     data = tmp_path / "syn"

@@ -152,7 +152,7 @@ def test_videobooth_task_trains_a_v_prediction_base_as_v_prediction():
 @pytest.fixture(scope="module")
 def syn_data(tmp_path_factory):
     pytest.importorskip("open_clip")
-    from vb_train.synthetic import generate
+    from vb_train.toy.synthetic import generate
 
     root = tmp_path_factory.mktemp("syn")
     generate(root, 4, seed=0, size=32, num_frames=4, fmt="frames", progress=False)

@@ -1,7 +1,7 @@
 """VideoBooth training data: (caption, image prompt, video) triplets.
 
 The loader reads the layout of the VideoBooth subset of WebVid (and the synthetic set that
-`vb_train.synthetic` writes in the same layout) and builds a triplet the way the paper does: the
+`vb_train.toy.synthetic` writes in the same layout) and builds a triplet the way the paper does: the
 subject is cut out of frame 0 with its mask, pasted on white, cropped to its box, padded to a
 square and resized; the clip is a run of frames resized and centre-cropped. Each branch has its
 own augmentation (the image prompt's is random; the video's is the same for every frame).

@@ -13,8 +13,7 @@ from .tasks import TrainTask
 
 # Names -> "module:factory": imported when used (the VideoBooth task pulls in vb and diffusers' models).
 TASKS: Dict[str, Union[str, Callable[[TrainConfig], TrainTask]]] = {
-    "videobooth": "vb_train.videobooth_task:VideoBoothTask",
-    "videobooth_ip": "vb_train.ip_adapter:IPAdapterTask"}  # + an IP-Adapter (the ablations' baseline)
+    "videobooth": "vb_train.videobooth_task:VideoBoothTask"}
 
 
 # The project's packages before they were renamed (PyPI's `train` and `kernels` own those names).

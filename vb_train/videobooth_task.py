@@ -38,7 +38,7 @@ cfg.model keys (defaults in brackets):
                   zero-initialised temporal layers; leave temporal unset [None]
     clip_positions bool [True]; false zeroes the image tower's positional embedding (a bag of
                   patches: the two-tone ablations' coarse encoder, docs/demo.md)
-    ip_tokens, ip_scale  task videobooth_ip only (vb_train.ip_adapter) [4, 1.0]
+    ip_tokens, ip_scale  the IP-Adapter task only (vb_train.toy.ip_adapter) [4, 1.0]
 cfg.data keys: root (required), categories, video_root, num_frames [4], frame_stride [1],
     size [16], image_size [32], caption_column, split (keep CSV rows whose ``split`` column
     has this value), prompt_augment {hflip, degrees, translate, scale, box_trim} (box_trim
@@ -239,7 +239,7 @@ class VideoBoothTask(DiffusionTask):
 
         d = dict(self.cfg.data)
         if not d.get("root"):
-            raise ValueError("data.root: required (a folder in the VideoBooth layout; python -m vb_train.synthetic "
+            raise ValueError("data.root: required (a folder in the VideoBooth layout; python -m vb_train.toy.synthetic "
                              "writes one)")
         aug = dict(d.get("prompt_augment") or {})
         aug.setdefault("box_trim", 0.2 if self.cfg.stage == 2 else 0.0)

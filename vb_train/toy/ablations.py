@@ -1,14 +1,14 @@
 """Toy-scale ablations of VideoBooth (the paper's and the review's) on the two-tone toy.
 
-    python -m vb_train.ablations --out ablations_out --jobs 2      # 47 minutes on the shared 2-core CPU
-    python -m vb_train.ablations --out /tmp/a --quick              # a smoke run (numbers mean nothing)
+    python -m vb_train.toy.ablations --out ablations_out --jobs 2      # 47 minutes on the shared 2-core CPU
+    python -m vb_train.toy.ablations --out /tmp/a --quick              # a smoke run (numbers mean nothing)
 
-The toy (docs/demo.md): the tiny VideoBooth of `vb_train.demo` on the two-tone synthetic set
-(`vb_train.synthetic`, identity_kind="two-tone"): a square whose upper half has colour A and lower
+The toy (docs/demo.md): the tiny VideoBooth of `vb_train.toy.demo` on the two-tone synthetic set
+(`vb_train.toy.synthetic`, identity_kind="two-tone"): a square whose upper half has colour A and lower
 half colour B; the identity is the ordered pair, and held-out subjects are colour pairs never
 seen in training, in both orders. The coarse path's image tower is a bag of patches
 (`model.clip_positions: false`), so its features carry the colour set but not which colour is on
-top (`python -m vb_train.probe` checks that with linear probes); the fine path's image latent
+top (`python -m vb_train.toy.probe` checks that with linear probes); the fine path's image latent
 carries both. Two metrics, neither uses CLIP:
 
 - order (the detail): `vb_train.metrics.two_tone_order`, +1 when the video keeps A over B, -1 when
@@ -22,7 +22,7 @@ noise. Each arm generates as it was trained: no fine-path branch for arms traine
 
 Arms (ARMS): the paper's (both paths two-stage = the reference, coarse only, fine only, one-stage
 joint), the baseline a practitioner would pick (IP-Adapter: decoupled image cross-attention,
-`vb_train.ip_adapter`), a diagnostic (coarse only with the image tower's positional embedding kept:
+`vb_train.toy.ip_adapter`), a diagnostic (coarse only with the image tower's positional embedding kept:
 does the coarse path then learn the arrangement?), the review's (learned query projection; compact image banks pool:2, pool:4,
 learned:4, learned:16, with their attention cost), and schedules on long clips (the reference
 arm fine-tuned on 32-frame clips with each schedule, identity per frame index). Paper and
@@ -49,7 +49,7 @@ import torch
 from . import evaluation as E
 from . import experiment as X
 
-log = logging.getLogger("vb_train.ablations")
+log = logging.getLogger("vb_train.toy.ablations")
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class Arm:
 
 
 NO_COARSE = {"model.coarse_path": False}
-IP = {"task": "videobooth_ip", "model.coarse_path": False, "model.fine_path": False}
+IP = {"task": "vb_train.toy.ip_adapter:IPAdapterTask", "model.coarse_path": False, "model.fine_path": False}
 ARMS: List[Arm] = [
     Arm("both", "paper", "coarse + fine, two-stage (VideoBooth)", {}, {}, multi_seed=True),
     Arm("coarse", "paper", "coarse only (no fine path)", {}, {"model.fine_path": False}, multi_seed=True),
@@ -146,7 +146,7 @@ def frame_change(video: torch.Tensor) -> float:
 def video_scores(videos: torch.Tensor, items) -> List[dict]:
     """Per video: order (two_tone_order), colour (color_identity), frame change, and the order
     and colour of every frame index (lists)."""
-    from .metrics import color_identity, two_tone_order
+    from ..metrics import color_identity, two_tone_order
 
     rows = []
     for v, it in zip(videos, items):
@@ -588,7 +588,7 @@ def plot_groups(summary: Dict[str, dict], out: Path) -> List[Path]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vb_train.ablations", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m vb_train.toy.ablations", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="ablations_out")
     p.add_argument("--quick", action="store_true", help="tiny everything (a smoke run; numbers mean nothing)")
     p.add_argument("--arms", help=f"comma-separated subset of {list(ARM_BY_KEY)}")

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .videobooth_task import VideoBoothTask
+from ..videobooth_task import VideoBoothTask
 
 
 def _attn2_modules(backbone: nn.Module) -> List[nn.Module]:
@@ -139,7 +139,7 @@ class IPAdapter(nn.Module):
 
 
 class IPAdapterTask(VideoBoothTask):
-    """The VideoBooth task with an :class:`IPAdapter` on the backbone (``task: videobooth_ip``).
+    """The VideoBooth task with an :class:`IPAdapter` on the backbone (``task: vb_train.toy.ip_adapter:IPAdapterTask``).
 
     cfg.model: ``ip_tokens`` [4], ``ip_scale`` [1.0]; use it with ``coarse_path: false`` and
     ``fine_path: false`` for the plain IP-Adapter baseline. The adapter's parameters train in

@@ -34,7 +34,7 @@ Determinism: clip i draws everything from `numpy.random.default_rng([seed, i])`;
 arguments give the same frames, masks, CSVs and JSON (PNG frames are byte-identical; mp4
 decodes to the same frames with the same encoder build).
 
-CLI: ``python -m vb_train.synthetic --out DIR --num N --seed S [--split train|heldout|all]``.
+CLI: ``python -m vb_train.toy.synthetic --out DIR --num N --seed S [--split train|heldout|all]``.
 """
 from __future__ import annotations
 
@@ -413,11 +413,11 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
         if not overwrite:
             raise FileExistsError(f"out: {out} is not empty (pass overwrite=True / --overwrite)")
         if not (out / "meta.json").is_file():
-            raise FileExistsError(f"out: {out} was not written by vb_train.synthetic "
+            raise FileExistsError(f"out: {out} was not written by vb_train.toy.synthetic "
                                   "(no meta.json); refusing to delete it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"generator": "vb_train.synthetic", "version": 1, "complete": False, "num": num,
+    meta = {"generator": "vb_train.toy.synthetic", "version": 1, "complete": False, "num": num,
             "seed": seed, "split": split, "size": size, "num_frames": num_frames, "fmt": fmt,
             "fps": fps, "crf": crf, "heldout_fraction": heldout_fraction, "caption": caption,
             "subject_radius": [float(v) for v in subject_radius]}
@@ -484,7 +484,7 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vb_train.synthetic",
+    p = argparse.ArgumentParser(prog="python -m vb_train.toy.synthetic",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder (empty or absent)")
     p.add_argument("--num", type=int, default=200, help="number of clips (default 200)")

@@ -1,13 +1,13 @@
 """The CPU demo: synthetic data -> a tiny VideoBooth trained through both stages -> videos of
 held-out subjects with and without the image prompt -> GIFs and an identity-metric table.
 
-    python -m vb_train.demo --out demo_out            # about 8 minutes on 2 idle CPU cores
-    python -m vb_train.demo --out /tmp/q --quick      # seconds: a smoke run, numbers mean nothing
-    python -m vb_train.ablations --out ablations_out   # the ablations (vb_train.ablations, one table)
+    python -m vb_train.toy.demo --out demo_out            # about 8 minutes on 2 idle CPU cores
+    python -m vb_train.toy.demo --out /tmp/q --quick      # seconds: a smoke run, numbers mean nothing
+    python -m vb_train.toy.ablations --out ablations_out   # the ablations (vb_train.toy.ablations, one table)
 
 What it does (docs/demo.md says more):
 
-1. data: the synthetic subject-video set (`vb_train.synthetic`) twice, training subjects and
+1. data: the synthetic subject-video set (`vb_train.toy.synthetic`) twice, training subjects and
    held-out subjects (identities never seen in training, `subject_split`), with the SHORT
    captions ("a star moving left on a grey background"): colour and pattern are never in the
    text, so a generated subject can only get them from the image prompt.
@@ -50,7 +50,7 @@ from .evaluation import (ARM_IMAGE, ARM_REAL, ARM_TEXT, ARM_VAE, COLUMNS, chance
 from .experiment import (DemoSettings, EvalItem, make_data, make_eval_items, pretrain_vae,  # noqa: F401
                          run_stage, stage_config, train_two_stages)
 
-log = logging.getLogger("vb_train.demo")
+log = logging.getLogger("vb_train.toy.demo")
 
 
 # ================================================================================================
@@ -59,10 +59,10 @@ log = logging.getLogger("vb_train.demo")
 def load_encoders(args) -> tuple:
     clip = dino = None
     if args.clip:
-        from .metrics import ClipEncoder
+        from ..metrics import ClipEncoder
         clip = ClipEncoder.from_pretrained(args.clip, args.clip_pretrained)
     if args.dino:
-        from .metrics import DinoEncoder
+        from ..metrics import DinoEncoder
         dino = DinoEncoder.from_pretrained(args.dino)
     return clip, dino
 
@@ -179,7 +179,7 @@ def run_demo(s: DemoSettings, out: Path, *, clip=None, dino=None, encoder_names:
 # ================================================================================================
 def build_parser() -> argparse.ArgumentParser:
     d = DemoSettings()
-    p = argparse.ArgumentParser(prog="python -m vb_train.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m vb_train.toy.demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and steps: a smoke run in seconds")
     p.add_argument("--seed", type=int)

@@ -1,4 +1,4 @@
-"""The toy-scale experiment the CPU demo (`vb_train.demo`) and the ablations (`vb_train.ablations`)
+"""The toy-scale experiment the CPU demo (`vb_train.toy.demo`) and the ablations (`vb_train.toy.ablations`)
 share: settings, the synthetic data and held-out subjects, the tiny VAE trained first, and the
 two training stages through the trainer. docs/demo.md describes it."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # vb_train/toy/experiment.py -> the repo root
 CONFIG_DIR = REPO / "configs"
 
 
@@ -41,7 +41,7 @@ class DemoSettings:
     image_size: int = 32             # image prompt side
     subject_radius: tuple = (0.26, 0.32)  # subject radius / frame side (the generator's default
                                           # 0.15-0.21 leaves ~3% of a 16 px frame to the subject)
-    identity_kind: str = "shape-pattern-colour"  # or "two-tone" (vb_train.synthetic; the ablations')
+    identity_kind: str = "shape-pattern-colour"  # or "two-tone" (vb_train.toy.synthetic; the ablations')
     two_tone_side: Optional[int] = None   # the two-tone square's side at data_size (px)
     clips_per_subject: int = 1       # held-out clips evaluated per identity (different motion,
                                      # background and noise)
@@ -140,7 +140,7 @@ def make_eval_items(s: DemoSettings, heldout_root: Path) -> List[EvalItem]:
     """`s.clips_per_subject` clips per held-out identity (the first ones drawn of each), at most
     `s.heldout_subjects` in all, loaded as the evaluation loader does (frames from 0, no
     augmentation). Items are ordered by each identity's first clip, then by clip."""
-    from .data import VideoBoothDataset
+    from ..data import VideoBoothDataset
 
     ds = VideoBoothDataset(heldout_root, num_frames=s.frames, frame_stride=s.frame_stride, size=s.size,
                            image_size=s.image_size, train=False, caption_column="short_caption", seed=s.seed)
@@ -177,7 +177,7 @@ def pretrain_vae(s: DemoSettings, train_root: Path, out_file: Path) -> dict:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .data import VideoBoothDataset
+    from ..data import VideoBoothDataset
 
     t0 = time.perf_counter()
     ds = VideoBoothDataset(train_root, num_frames=s.data_frames, size=s.size, image_size=s.image_size, train=False,
@@ -254,7 +254,7 @@ def stage_config(s: DemoSettings, stage: int, *, data_root: Path, output_dir: Pa
                  init_from: Optional[Path] = None, overrides: Optional[dict] = None):
     """The TrainConfig of one stage: configs/demo_stage{stage}.yaml + the demo's settings +
     `s.extra` + `overrides` (dotted keys for model./data., as on the trainer's command line)."""
-    from .config import apply_override, load_config
+    from ..config import apply_override, load_config
 
     items = {"seed": s.seed, "output_dir": str(output_dir), "resume": "never",
              "max_steps": s.steps1 if stage == 1 else s.steps2, "batch_size": s.batch_size, "lr": s.lr,
@@ -271,7 +271,7 @@ def stage_config(s: DemoSettings, stage: int, *, data_root: Path, output_dir: Pa
     for k, v in items.items():
         apply_override(d, f"{k}={json.dumps(v)}")
     d["lr_warmup_steps"] = min(d["lr_warmup_steps"], max(0, d["max_steps"] // 10))
-    from .config import TrainConfig
+    from ..config import TrainConfig
     return TrainConfig.from_dict(d)
 
 
@@ -279,7 +279,7 @@ def run_stage(cfg) -> dict:
     """Train one stage (a fresh run directory) and return the trainer's summary."""
     import shutil
 
-    from .trainer import Trainer
+    from ..trainer import Trainer
 
     out = Path(cfg.output_dir)
     if out.exists():

@@ -21,10 +21,10 @@ if TYPE_CHECKING:  # annotations only
 def load_trained_pipeline(cfg, run_dir: Path, which: str = "ema"):
     """A `VideoBoothPipeline` over the task of `cfg` (its tiny components + the VAE of
     model.base_weights) with every trained weight of `run_dir` (EMA by default), in eval mode."""
-    from . import checkpoint as ckpt
-    from .registry import build_task
-    from .tasks import inference_scheduler
-    from .trainer import seed_all
+    from .. import checkpoint as ckpt
+    from ..registry import build_task
+    from ..tasks import inference_scheduler
+    from ..trainer import seed_all
 
     seed_all(cfg.seed)
     task = build_task(cfg)
@@ -106,7 +106,7 @@ def identity_scores(videos: torch.Tensor, items: Sequence[EvalItem], frames: Opt
     """Per video i: color_id against its own prompt, mean color_id against the other held-out
     prompts, and colour retrieval (does the best-matching held-out prompt have subject i's
     colour?)."""
-    from .metrics import color_identity
+    from ..metrics import color_identity
 
     n = len(items)
     m = torch.empty(n, n)
@@ -132,14 +132,14 @@ def chance_color_top1(items: Sequence[EvalItem]) -> float:
 
 def encoder_metrics(videos: torch.Tensor, items: Sequence[EvalItem], clip=None, dino=None) -> List[dict]:
     """CLIP-I / CLIP-T (short caption) / DINO / temporal, with the given (pretrained) encoders."""
-    from .metrics import VideoMetrics
+    from ..metrics import VideoMetrics
 
     vm = VideoMetrics(clip=clip, dino=dino, color=False)
     return vm.evaluate(list(videos), [it.image for it in items], [it.caption for it in items])
 
 
 def summarize(per_arm: Dict[str, List[dict]]) -> Dict[str, dict]:
-    from .metrics import aggregate
+    from ..metrics import aggregate
 
     return {arm: aggregate(rows) for arm, rows in per_arm.items()}
 

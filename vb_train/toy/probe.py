@@ -1,8 +1,8 @@
 """Does the two-tone toy do what it claims? Linear probes before any VideoBooth training.
 
-    python -m vb_train.probe --out probe_out        # about 2 minutes on one CPU core
+    python -m vb_train.toy.probe --out probe_out        # about 2 minutes on one CPU core
 
-The two-tone identity (`vb_train.synthetic`, identity_kind="two-tone") is an ordered colour pair:
+The two-tone identity (`vb_train.toy.synthetic`, identity_kind="two-tone") is an ordered colour pair:
 the upper half of the subject in colour A, the lower half in colour B. The claim is that the
 arrangement (which colour is on top) is a detail the coarse path's input barely carries while
 the fine path's input (the image prompt's VAE latent) carries it plainly. A ridge probe is
@@ -97,7 +97,7 @@ def order_accuracy(pred_detail: np.ndarray, upper: np.ndarray, lower: np.ndarray
 def _prompts(root: Path, s) -> tuple:
     """Every clip's image prompt (eval loader, no augmentation) with its (upper, lower) rgb in
     [0, 1] and its colour-pair id."""
-    from .data import VideoBoothDataset
+    from ..data import VideoBoothDataset
     from .experiment import _rows_by_id
     from .synthetic import COLOURS, two_tone_colours
 
@@ -146,7 +146,7 @@ def run_probe(s, train_root: Path, held_root: Path, vae_file: Optional[Path] = N
 
     parts = vb.build_tiny_videobooth(s.backbone, seed=s.seed)
     if not clip_positions:
-        from .videobooth_task import drop_clip_positions
+        from ..videobooth_task import drop_clip_positions
         drop_clip_positions(parts.image_encoder)
     if vae_file is not None:
         from safetensors.torch import load_file
@@ -232,12 +232,12 @@ def markdown(res: dict) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import experiment as X
 
-    p = argparse.ArgumentParser(prog="python -m vb_train.probe", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m vb_train.toy.probe", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="probe_out")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--sensitivity", nargs="*", default=[],
                    help="also measure fine_path_sensitivity of these arm runs (e.g. both-s0 under "
-                        "OUT/runs, from vb_train.ablations)")
+                        "OUT/runs, from vb_train.toy.ablations)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
