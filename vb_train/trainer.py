@@ -180,6 +180,30 @@ def build_ema(cfg: TrainConfig, params):
 # ================================================================================================
 # the trainer
 # ================================================================================================
+def check_distributed_setup(acc, environ) -> None:
+    """Refuse a launch that accelerate did not set up as launched, instead of training something
+    else: an FSDP config (``ACCELERATE_USE_FSDP``) that accelerate turned into another mode
+    (accelerate 1.16 wraps models in FSDP on accelerators only: on a CPU machine it gives DDP on
+    gloo with ``device: cpu`` and one independent process per rank without), or WORLD_SIZE
+    processes that each think they are alone (every one would write the same run)."""
+    from accelerate.utils import DistributedType
+
+    wants_fsdp = str(environ.get("ACCELERATE_USE_FSDP", "false")).lower() in ("1", "true")
+    if wants_fsdp and acc.distributed_type != DistributedType.FSDP:
+        import accelerate
+
+        raise RuntimeError(
+            f"accelerate config: FSDP was requested, but accelerate {accelerate.__version__} set up "
+            f"{acc.distributed_type.value} on {acc.device} (it wraps models in FSDP on accelerators only). "
+            "On CPUs train with DDP (configs/accelerate/ddp.yaml, or accelerate launch --multi_gpu with device: cpu); "
+            "FSDP needs GPUs")
+    world = int(environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and acc.num_processes != world:
+        raise RuntimeError(f"launcher: WORLD_SIZE={world} processes were started, but accelerate set up "
+                           f"{acc.num_processes} ({acc.distributed_type.value}); each would train alone and write the "
+                           "same run. With device: cpu, launch with --multi_gpu (gloo); on GPUs, check the accelerate config")
+
+
 class Trainer:
     """Runs one training stage of a task.
 
@@ -207,6 +231,7 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)])
         acc = self.accelerator
+        check_distributed_setup(acc, os.environ)
         if cfg.attn_backend == "flex" and acc.device.type == "cpu":
             raise ValueError("attn_backend: 'flex' (FlexAttention) has no backward on CPU; train with "
                              "'reference', 'sdpa' or 'triton' there")
@@ -217,8 +242,8 @@ class Trainer:
         self.main = acc.is_main_process
         # FSDP shards the parameters themselves: accelerate saves and loads the model, the
         # trainable weights are gathered for trainable.safetensors, and there is no EMA
-        # (EMAModel keeps full copies). Written for GPUs; accelerate refuses FSDP on CPU, so it is
-        # not exercised by the CPU tests (docs/train.md).
+        # (EMAModel keeps full copies). accelerate sets FSDP up on accelerators only; on a CPU
+        # machine check_distributed_setup refuses an FSDP launch (docs/train.md).
         self.fsdp = acc.distributed_type == DistributedType.FSDP
         if self.fsdp and cfg.ema_decay > 0:
             raise ValueError("ema_decay: diffusers' EMAModel keeps a full copy of the trained weights on every "
