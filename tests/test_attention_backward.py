@@ -131,7 +131,7 @@ def test_poisoned_gradients_are_all_written(monkeypatch):
     (Schedule.videobooth(4), (1, 4, 9, 1, 40, 5), None),        # frame 3 unread; image read in phase 1 only
     (Schedule.keyframes(4, 2), (1, 4, 9, 1, 16, None), None),   # two U slots: dV of keyframes zeroed by phase 2
     (Schedule([[0], [0], [0]], (0, 2)), (1, 3, 9, 1, 16, 3), None),  # keyframe 2 unread, never refreshed
-    (Schedule.videobooth(3), (1, 3, 9, 1, 160, 5), "dkv=16,64,4,1"),  # dK and dV in two launches (PART)
+    (Schedule.videobooth(3), (1, 3, 9, 1, 160, 5), "dkv=16,64,4,1;dkvq=16,64,4,1"),  # dK and dV in two launches (PART)
 ], ids=["videobooth", "keyframes2", "unread-keyframe", "split-parts"])
 def test_gradients_are_written_without_fills(monkeypatch, schedule, shape, tiles):
     """The backward allocates dK, dV and the image gradients unfilled: phase 2 writes every
@@ -150,7 +150,7 @@ def test_gradients_are_written_without_fills(monkeypatch, schedule, shape, tiles
     (Schedule.videobooth(5), (1, 5, 9, 2, 40, 5), "readers=2"),      # the anchor's 5 readers: 3 chunks
     (Schedule.videobooth(5).with_image_everywhere(), (1, 5, 9, 1, 16, 7), "readers=1"),  # image + anchor
     (Schedule.keyframes(6, 2), (1, 6, 9, 1, 16, 4), "readers=1"),    # phase 1 splits the image too (adds)
-    (Schedule.videobooth(4), (1, 4, 9, 1, 160, 5), "readers=2;dkv=16,64,4,1"),  # with split dK/dV launches
+    (Schedule.videobooth(4), (1, 4, 9, 1, 160, 5), "readers=2;dkv=16,64,4,1;dkvq=16,64,4,1"),  # with split dK/dV launches
 ], ids=["anchor", "image-everywhere", "phase1", "split-parts"])
 def test_split_readers_match_reference_and_are_deterministic(monkeypatch, schedule, shape, tiles):
     """Targets read by many rows split into chunks (fp32 partials + an ordered reduction):
@@ -227,6 +227,153 @@ def test_split_balances_the_dkv_launch_in_the_model():
     assert small["unsplit"] > 4 and small["split"] < 1.15 and small["cap"] == 4
     large = mod.balance(Schedule.videobooth(16), 4096, 2, 8, 40, 132)
     assert large["cap"] is None and large["split"] == large["unsplit"] < 1.02
+
+
+# ---- the fused backward (issue 20): dK, dV and dQ in one KV-major pass ----------------------------
+def _sems(monkeypatch):
+    """Record the fused backward's semaphore buffers (it allocates them through function._zeros)."""
+    from vb_kernels.impl.fused import function
+
+    made = []
+
+    def zeros(*a, **kw):
+        t = torch.zeros(*a, **kw)
+        if t.dtype == torch.int32:
+            made.append(t)
+        return t
+
+    monkeypatch.setattr(function, "_zeros", zeros)
+    return made
+
+
+@pytest.mark.parametrize("schedule_name, shape, dtype", [
+    ("random2", (1, 4, 33, 2, 40, 9), torch.float32),
+    ("videobooth", (1, 5, 20, 1, 80, 7), torch.float16),
+], ids=["fp32", "fp16"])
+def test_fused_backward_is_bit_identical_across_runs(monkeypatch, schedule_name, shape, dtype):
+    monkeypatch.setenv("VB_BWD", "fused")
+    torch.manual_seed(0)
+    ins = make_inputs(*shape, dtype=dtype, device=DEV, strided=True)
+    g = torch.randn(*shape[:5], device=DEV)
+    sched = named_schedule(schedule_name, shape[1])
+    runs = [_grads("triton", ins, sched, g)[1] for _ in range(3)]
+    for other in runs[1:]:
+        assert all(a is None or torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+@pytest.mark.parametrize("schedule", [Schedule.videobooth(4), Schedule.keyframes(5, 2).with_image_everywhere()],
+                         ids=["videobooth", "keyframes-image-everywhere"])
+def test_dq_contributions_are_added_in_key_block_order(monkeypatch, schedule):
+    """Every (source slot, batch*head, row, query tile) semaphore ends at (key blocks of that
+    source) x THREADS: each key block added once, and the order check inside the kernel
+    checked that block j found exactly j blocks done (the interpreter runs the grid in order);
+    slots beyond a row's sources stay 0."""
+    from vb_kernels.impl.fused.forward import block_config
+
+    monkeypatch.setenv("VB_BWD", "fused")
+    sems = _sems(monkeypatch)
+    b, f, n, h, d, m = 1, schedule.num_frames, 37, 2, 40, 21
+    torch.manual_seed(0)
+    ins = make_inputs(b, f, n, h, d, m, device=DEV)
+    _grads("triton", ins, schedule, torch.randn(b, f, n, h, d, device=DEV))
+    cfg = block_config(d, torch.device(DEV), "dkvq", n_queries=n, n_keys=max(n, m), elem_bytes=4)
+    threads, n_qt = 32 * cfg["num_warps"], -(-n // cfg["BLOCK_M"])
+    blocks = {-1: -(-m // cfg["BLOCK_N"])}  # image tokens, then frames
+    phase1, phase2 = schedule.plan(True)
+    assert len(sems) == (2 if phase1.rows else 1)
+    for sem, plan in zip(sems, (phase2, phase1)):  # phase 2's backward runs first
+        slots = max(len(srcs) for _, srcs in plan.rows)
+        counts = sem.view(slots, b * h, len(plan.rows), n_qt)
+        for r, (_, srcs) in enumerate(plan.rows):
+            for s in range(slots):
+                want = blocks.get(srcs[s].frame, -(-n // cfg["BLOCK_N"])) * threads if s < len(srcs) else 0
+                assert (counts[s, :, r] == want).all(), (r, s, counts[s, :, r], want)
+
+
+def test_dq_order_assert_fires_when_a_block_is_out_of_order(monkeypatch):
+    """Positive control of the order check: semaphores that already count one key block make
+    block 0 find a predecessor that did not run, and the interpreter stops there."""
+    from vb_kernels.impl.fused import function
+
+    if DEV != "cpu":
+        pytest.skip("the order assert is the interpreter's (on a GPU the block would wait)")
+    monkeypatch.setenv("VB_BWD", "fused")
+    monkeypatch.setattr(function, "_zeros", lambda n, **kw: torch.full((n,), 32, **kw) if kw.get("dtype") == torch.int32
+                        else torch.zeros(n, **kw))
+    ins = make_inputs(1, 3, 17, 1, 40, 5, device=DEV)
+    with pytest.raises(Exception, match="Assume failed"):  # the order check (backward.py, _dq_partial)
+        _grads("triton", ins, Schedule.videobooth(3), torch.randn(1, 3, 17, 1, 40, device=DEV))
+
+
+@pytest.mark.parametrize("shape, dtype, tiles", [
+    ((1, 3, 17, 1, 72, None), torch.float32, None),      # no image, head dim 64 + 16 (8 masked)
+    ((2, 3, 33, 1, 16, 40), torch.float32, None),        # M > N, odd N across tiles
+    ((1, 2, 9, 1, 80, 5), torch.float16, None),          # 64 + 32 chunks
+    ((1, 3, 9, 1, 160, 5), torch.float16, "dkvq=16,64,4,1"),  # dK and dV in two launches (PART): dQ in the dK one
+    ((1, 5, 9, 2, 40, 5), torch.float32, "readers=2"),   # split targets: chunks of readers, partial dK/dV
+], ids=["D72-noimg", "M>N", "D80-fp16", "D160-parts", "split-targets"])
+def test_forced_fused_backward_on_odd_shapes_writes_everything(monkeypatch, shape, dtype, tiles):
+    """VB_BWD=fused at every head dim (VB_BWD=auto takes it at D <= 64 only), with every
+    allocated buffer NaN-poisoned: the gradients equal the float64 oracle's."""
+    from vb_kernels.impl.fused import function
+
+    monkeypatch.setenv("VB_BWD", "fused")
+    if tiles:
+        monkeypatch.setenv("VB_TILES", tiles)
+    monkeypatch.setattr(function, "_alloc", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
+    monkeypatch.setattr(function, "_alloc_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
+    _check_grads("triton", named_schedule("random1" if shape[1] >= 3 else "videobooth", shape[1]), shape, dtype)
+
+
+@pytest.mark.parametrize("schedule_name", ["videobooth", "random1"])
+def test_atomic_dq_matches_reference(monkeypatch, schedule_name):
+    """deterministic=False: dQ by atomic adds into one zeroed slot; gradients as the oracle's."""
+    monkeypatch.setenv("VB_BWD", "fused")
+    torch.manual_seed(0)
+    shape = (1, 4, 17, 2, 40, 9)
+    ins = make_inputs(*shape, device=DEV, strided=True)
+    g = torch.randn(*shape[:5], device=DEV)
+    sched = named_schedule(schedule_name, 4)
+    leaves = [t.detach().clone().requires_grad_() for t in ins]
+    videobooth_attention(*leaves, schedule=sched, backend="triton", deterministic=False).backward(g)
+    _, ref = _grads("reference", [t.double() for t in ins], sched, g.double())
+    for name, t, r in zip(NAMES, leaves, ref):
+        assert rel_err(t.grad, r) < TOLERANCE[torch.float32], name
+    with pytest.raises(TypeError, match="deterministic: expected a bool"):
+        videobooth_attention(*ins, schedule=sched, backend="triton", deterministic="yes")
+
+
+@pytest.mark.parametrize("schedule_name", ["videobooth", "keyframes2"])
+def test_split_build_still_matches_reference(monkeypatch, schedule_name):
+    """VB_BWD=split (the default) runs the 7-matmul pair (Q-major dQ + KV-major dK/dV), VB_BWD=fused
+    the 5-matmul pass (Delta kernel, KV-major dK/dV/dQ, dQ reduction), VB_BWD=auto picks by head dim."""
+    from vb_kernels.impl.fused import launch
+
+    monkeypatch.setenv("VB_BWD", "split")
+    names = []
+
+    def run(kern, grid, args, kwargs):
+        names.append(kern.__name__)
+        kern[grid](*args, **kwargs)
+
+    with launch.intercept(run):
+        _check_grads("triton", named_schedule(schedule_name, 4), (1, 4, 17, 2, 40, 9), torch.float32)
+    assert "_bwd_dq_kernel" in names and "_bwd_dq_reduce_kernel" not in names
+    names.clear()
+    monkeypatch.setenv("VB_BWD", "fused")
+    with launch.intercept(run):
+        _check_grads("triton", named_schedule(schedule_name, 4), (1, 4, 17, 2, 40, 9), torch.float32)
+    assert "_bwd_dq_kernel" not in names and {"_bwd_delta_kernel", "_bwd_dq_reduce_kernel"} <= set(names)
+    from vb_kernels.impl.fused.backward import bwd_spec  # noqa: F401  (auto: fused at D <= 64 only)
+    for d, want in ((40, "_bwd_delta_kernel"), (80, "_bwd_dq_kernel")):
+        names.clear()
+        monkeypatch.setenv("VB_BWD", "auto")
+        with launch.intercept(run):
+            _check_grads("triton", named_schedule(schedule_name, 4), (1, 4, 9, 1, d, 5), torch.float32)
+        assert want in names, (d, names)
+    monkeypatch.setenv("VB_BWD", "sideways")
+    with pytest.raises(ValueError, match="VB_BWD: expected"):
+        _check_grads("triton", named_schedule(schedule_name, 4), (1, 4, 9, 1, 40, 5), torch.float32)
 
 
 def test_frame_without_keys_is_rejected_at_the_door():

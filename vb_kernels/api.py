@@ -43,7 +43,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
 
 
 def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule | None = None,
-                         scale: float | None = None, backend: str = "auto", return_lse: bool = False):
+                         scale: float | None = None, backend: str = "auto", return_lse: bool = False,
+                         deterministic: bool = True):
     """VideoBooth cross-frame attention with image-prompt value refresh (DESIGN.md section 2).
 
     Phase 1 (keyframes u): U_u = softmax(s Q_u [K_img; K_u]^T) [V_img; V_u].
@@ -62,6 +63,11 @@ def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule 
         scale: softmax scale s; None = 1/sqrt(D).
         backend: one of ``auto``, ``reference``, ``sdpa``, ``flex``, ``triton``.
         return_lse: also return the phase-2 log-sum-exp.
+        deterministic: the triton backend's backward adds each query tile's dQ contributions in
+            a fixed order (the same bits every run; the default). False: atomic adds, as
+            FlashAttention's default backward: a little faster, and dQ may differ in its last
+            bits from run to run (dK, dV and the image gradients stay deterministic either
+            way). Other backends: PyTorch's own (see ``torch.use_deterministic_algorithms``).
 
     Returns:
         out: (B, F, N, H, D), dtype of q. With ``return_lse``: (out, lse), lse (B, F, N, H)
@@ -70,6 +76,8 @@ def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule 
         on every backend, so partial attentions can be merged through the LSE in training.
     """
     schedule, scale, k_img, v_img = _validate_inputs(q, k, v, k_img, v_img, schedule, scale, backend)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
     if backend == "auto":
         tensors = [t for t in (q, k, v, k_img, v_img) if t is not None]
         backend = resolve_backend(backend, q.device, q.dtype, all(t.stride(-1) == 1 for t in tensors))
@@ -94,7 +102,7 @@ def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule 
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"{name}: backend 'triton' expects the last dim contiguous (stride 1), "
                              f"got strides {tuple(t.stride())}")
-    out, lse = _fused()(q, k, v, k_img, v_img, schedule, scale, lse_grad=return_lse)
+    out, lse = _fused()(q, k, v, k_img, v_img, schedule, scale, lse_grad=return_lse, deterministic=deterministic)
     return (out, lse) if return_lse else out
 
 

@@ -28,7 +28,8 @@ from collections import Counter
 
 LAYOUTS = ("processor", "heads_first", "strided")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-_KIND = {"_fwd_kernel": "fwd", "_bwd_dq_kernel": "dq", "_bwd_dkv_kernel": "dkv", "_bwd_reduce_kernel": "reduce"}
+_KIND = {"_fwd_kernel": "fwd", "_bwd_dq_kernel": "dq", "_bwd_dkv_kernel": "dkv", "_bwd_reduce_kernel": "reduce",
+         "_bwd_delta_kernel": "delta", "_bwd_dq_reduce_kernel": "dqsum"}
 
 
 def make_tensors(batch: int, frames: int, tokens: int, heads: int, head_dim: int, image_tokens: int,
@@ -60,7 +61,8 @@ def make_tensors(batch: int, frames: int, tokens: int, heads: int, head_dim: int
     return (q, k, v, ki, vi) if m else (q, k, v, None, None)
 
 
-def record_launches(q, k, v, k_img, v_img, schedule=None, scale=None, backward: bool = True):
+def record_launches(q, k, v, k_img, v_img, schedule=None, scale=None, backward: bool = True,
+                    deterministic: bool = True):
     """Run the fused op's host code (forward, then backward) with every launch recorded, not run.
 
     Returns a list of (kernel, grid, args, kwargs), in launch order, with the tiles a CUDA launch
@@ -80,7 +82,7 @@ def record_launches(q, k, v, k_img, v_img, schedule=None, scale=None, backward: 
         out, lse, u, lse1 = function.fused_fwd(q, k, v, k_img, v_img, schedule, scale)
         if backward:
             dout = torch.empty_like(out)
-            function.fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, None)
+            function.fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, None, deterministic)
     return calls
 
 
@@ -160,7 +162,8 @@ _MMA = re.compile(r"\b(HGMMA|HMMA)\b")
 
 def inner_loops(lines: list[str]) -> list[list[str]]:
     """Instructions of each innermost SASS loop that holds an MMA (a backward branch, holding no
-    other backward branch), in program order. NOPs (padding) are not counted."""
+    other MMA loop: the fused backward's semaphore poll is a loop inside its main loop, and is
+    counted as part of it), in program order. NOPs (padding) are not counted."""
     insns = []  # (address, text)
     for line in lines:
         ins = _INSN.match(line)
@@ -171,9 +174,13 @@ def inner_loops(lines: list[str]) -> list[list[str]]:
         br = _BRANCH.search(text)
         if br and int(br.group(1), 16) < addr:
             loops.append((int(br.group(1), 16), addr))
-    innermost = [(a, b) for a, b in loops if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
-    bodies = [[t for addr, t in insns if a <= addr <= b and not t.startswith("NOP")] for a, b in innermost]
-    return [body for body in bodies if any(_MMA.search(t) for t in body)]
+    def body(a, b):
+        return [t for addr, t in insns if a <= addr <= b and not t.startswith("NOP")]
+
+    mma_loops = [(a, b) for a, b in loops if any(_MMA.search(t) for t in body(a, b))]
+    innermost = [(a, b) for a, b in mma_loops
+                 if not any((c, d) != (a, b) and a <= c and d <= b for c, d in mma_loops)]
+    return [body(a, b) for a, b in innermost]
 
 
 def steady_loops(loops: list[list[str]]) -> list[list[str]]:
@@ -209,6 +216,8 @@ class KernelReport:
     loop_insts: int
     per64: float
     loop_mix: dict
+    mufu_per_score: float = 0.0  # MUFU (ex2, rcp, ...) lane-instructions per score in the loop
+    atomics: int = 0  # atom./red. instructions in the PTX (the fused backward's ordered dQ: the semaphore)
 
     def row(self) -> dict:
         return dataclasses.asdict(self)
@@ -230,17 +239,21 @@ def analyse(kernel, grid, args, kwargs, arch: int = 90, phase: int = 0, bound=No
     # issue slots per 128 x 64 (query x key) tile, in units of 8 warps: the loop body runs on
     # every warp, over BLOCK_M x BLOCK_N scores per iteration (the reduction has no score tile)
     norm = 128 * 64 / (kwargs["BLOCK_M"] * kwargs["BLOCK_N"]) * kwargs.get("num_warps", 4) / 8 \
-        if "BLOCK_M" in kwargs else 0.0
+        if "BLOCK_M" in kwargs and "BLOCK_N" in kwargs else 0.0
     mix = Counter((t.split()[1] if t.startswith("@") else t.split()[0]).split(".")[0] for t in body)
     tiles = {key: kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if key in kwargs}
     kind = {1: "dv", 2: "dk"}.get(kwargs.get("PART"), _KIND[kernel.__name__])  # split dK/dV launches
+    mufu = mix.get("MUFU", 0)
+    per_score = mufu * 32 * kwargs.get("num_warps", 4) / (kwargs["BLOCK_M"] * kwargs["BLOCK_N"]) \
+        if "BLOCK_M" in kwargs and "BLOCK_N" in kwargs else 0.0
+    atomics = len(re.findall(r"\b(?:atom|red)\.", ptx))
     return KernelReport(kind, phase, tuple(grid), tiles, regs, spill, k.metadata.shared,
                         mma, dict(shapes), cp_async, tma, scalar16, len(body),
-                        round(len(body) * norm, 1), dict(mix.most_common(12)))
+                        round(len(body) * norm, 1), dict(mix.most_common(12)), round(per_score, 2), atomics)
 
 
 def report(batch=2, frames=16, tokens=4096, heads=8, head_dim=40, image_tokens=None, dtype="fp16",
-           layout="processor", arch=90, schedule=None, backward=True) -> list[KernelReport]:
+           layout="processor", arch=90, schedule=None, backward=True, deterministic=True) -> list[KernelReport]:
     """Compile report of every distinct kernel a forward(+backward) call launches for these
     shapes (``image_tokens`` None = ``tokens``; 0 = no image). Launches that compile to the same
     binary (same specialisation) are reported once, with the phase of their first launch."""
@@ -248,7 +261,7 @@ def report(batch=2, frames=16, tokens=4096, heads=8, head_dim=40, image_tokens=N
 
     m = tokens if image_tokens is None else image_tokens
     tensors = make_tensors(batch, frames, tokens, heads, head_dim, m, getattr(torch, DTYPES[dtype]), layout)
-    calls = record_launches(*tensors, schedule=schedule, backward=backward)
+    calls = record_launches(*tensors, schedule=schedule, backward=backward, deterministic=deterministic)
     out, seen = [], set()
     n_fwd = sum(_KIND[kern.__name__] == "fwd" for kern, *_ in calls)
     count = Counter()
@@ -258,7 +271,7 @@ def report(batch=2, frames=16, tokens=4096, heads=8, head_dim=40, image_tokens=N
         count[kind] += 1
         # forward: phase 1 (when there is one) launches first; backward: phase 2 first, and a
         # phase's dK/dV launch(es) and reduction follow its dq launch
-        if kind == "dq":
+        if kind in ("dq", "delta"):  # the first launch of a backward phase (split / fused build)
             bwd_phase = 3 - count[kind]
         phase = (count[kind] if n_fwd == 2 else 2) if kind == "fwd" else bwd_phase
         bound = bind_launch(kern, args, kwargs, arch)  # bound once: the key, then the compile
@@ -273,7 +286,8 @@ def markdown(rows: list[dict]) -> str:
     """A markdown table of report rows (dicts: shape fields + :meth:`KernelReport.row`, as in the
     ``--json`` file); docs/kernels.md's compile table is this, from ``--from-json``."""
     head = ("| D | dtype | layout | kernel | phase | tiles (M, N, warps, stages) | regs | spill B | shared KiB "
-            "| MMA (wgmma shapes) | cp.async | TMA | scalar 16-bit loads | SASS / loop | per 128x64 tile |")
+            "| MMA (wgmma shapes) | cp.async | TMA | scalar 16-bit loads | SASS / loop | per 128x64 tile "
+            "| MUFU / score | atomics |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         t = r["tiles"]
@@ -281,7 +295,8 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['head_dim']} | {r['dtype']} | {r['layout']} | {r['kernel']} | {r['phase']} "
                      f"| {t.get('BLOCK_M')}, {t.get('BLOCK_N')}, {t.get('num_warps')}, {t.get('num_stages')} "
                      f"| {r['regs']} | {r['spill']} | {r['shared'] / 1024:.0f} | {shapes} | {r['cp_async']} | {r['tma']} "
-                     f"| {r['scalar16']} | {r['loop_insts']} | {r['per64']:g} |")
+                     f"| {r['scalar16']} | {r['loop_insts']} | {r['per64']:g} | {r.get('mufu_per_score', '')} "
+                     f"| {r.get('atomics', '')} |")
     return "\n".join(lines)
 
 
@@ -297,6 +312,7 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--layout", nargs="+", default=["processor"], choices=LAYOUTS)
     p.add_argument("--forward-only", action="store_true")
+    p.add_argument("--atomic", action="store_true", help="the backward's atomic dQ build (deterministic=False)")
     p.add_argument("--tf32", action="store_true", help="fp32: compile as after torch.set_float32_matmul_precision"
                    "('high') (TF32 dots); default IEEE")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
@@ -323,13 +339,15 @@ def main(argv=None) -> int:
             for d in args.head_dim:
                 shape = dict(head_dim=d, dtype=dtype, layout=layout)
                 for r in report(args.batch, args.frames, args.tokens, args.heads, d, args.image_tokens, dtype,
-                                layout, args.arch, backward=not args.forward_only):
+                                layout, args.arch, backward=not args.forward_only,
+                                deterministic=not args.atomic):
                     rows.append({**shape, **r.row()})
                     if not args.markdown:
                         print(f"sm_{args.arch} {dtype} {layout} D={d:<3} N={args.tokens} {r.kernel:<4} "
                               f"phase={r.phase} tiles={tuple(r.tiles.values())} regs={r.regs} spill={r.spill} B "
                               f"shared={r.shared} B mma={r.mma} {r.wgmma} cp.async={r.cp_async} tma={r.tma} "
-                              f"scalar16={r.scalar16} loop={r.loop_insts} per64={r.per64:g}", flush=True)
+                              f"scalar16={r.scalar16} loop={r.loop_insts} per64={r.per64:g} "
+                              f"mufu/score={r.mufu_per_score:g} atomics={r.atomics}", flush=True)
                         if args.verbose:
                             print("    mix:", r.loop_mix)
     if args.markdown:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -22,7 +23,13 @@ import triton.language as tl
 
 from .forward import block_config, cdiv, dot_precision, launch_strides, split_head_dim, tile_override
 from .launch import launch, tiles_for_cuda
-from .primitives import LOG2E, dot_pair, load_pair, store_pair
+from .primitives import LOG2E, dot_pair, load_pair, load_tile, store_pair, store_tile
+
+# The widest head dim (as chunks) the default backward runs fused; wider ones take the split pair.
+FUSED_MAX_WIDTH = 64
+
+# Triton reads TRITON_INTERPRET once, when the kernels are defined; so does the fused build's device assert.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -141,16 +148,99 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
+def _wait_count(p_sem, target):
+    """Spin until the int32 at ``p_sem`` equals ``target`` (acquire, GPU scope); returns it. One
+    inline-PTX op rather than a Triton while loop: a loop nested in the query-tile loop would
+    stop Triton from software-pipelining that loop's loads (cp.async). The label is local to
+    the braces, so the op may be inlined more than once."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .pred p_wait;
+        vb_wait_dq:
+        ld.global.acquire.gpu.b32 $0, [$1];
+        setp.ne.s32 p_wait, $0, $2;
+        @p_wait bra vb_wait_dq;
+        }""",
+        "=r,l,r", [p_sem, target], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n, i_qt, o_m, N, stride_ps, stride_pb,
+                stride_pr, stride_pn, n_rows, n_qt, n_bh, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                SPLIT: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr,
+                THREADS: tl.constexpr):
+    """This key tile's dQ contribution dS K (unscaled, fp32) to query tile ``i_qt`` of row
+    ``i_row``, added into the row's partial slot ``i_slot`` (the slot of this target's source in
+    the row's source list): the 5th matmul, with dS^T already in registers from dK.
+
+    DETERMINISTIC: the key blocks of a target add into a tile in key-block order, ranked by a
+    semaphore per (slot, batch*head, row, query tile): block ``i_n`` waits until the count is
+    ``i_n`` (block 0 writes instead of adding: no zero fill), adds, then counts one more. Block
+    ``i_n``'s program comes right after block ``i_n - 1``'s in the grid (key blocks are axis 0), so
+    no wait points to a program that can start later. Under the interpreter (the grid runs in
+    order) the count must already be ``i_n``: an assertion checks it (``tl.assume``, which the
+    interpreter checks always). Else: atomic adds into
+    one zeroed slot (FA2's default, not bit-reproducible)."""
+    b_ds = tl.trans(b_dst).to(b_k0.dtype)  # (BLOCK_M, BLOCK_N)
+    b_dq0 = tl.dot(b_ds, b_k0, input_precision=PREC)
+    if SPLIT:
+        b_dq1 = tl.dot(b_ds, b_k1, input_precision=PREC)
+    else:
+        b_dq1 = b_dq0
+    # The partials are padded to whole query tiles and to the chunks' width (D0 + D1): full tiles,
+    # no masks (padded rows and columns hold zeros: P^T is 0 past N, K's masked columns are 0).
+    p = DQP + i_slot * stride_ps + i_b * stride_pb + i_row * stride_pr + i_h * (D0 + D1 if SPLIT else D0)
+    o_d0 = tl.arange(0, D0)
+    p0 = p + o_m[:, None] * stride_pn + o_d0[None, :]
+    if SPLIT:
+        o_d1 = tl.arange(0, D1)
+        p1 = p + D0 + o_m[:, None] * stride_pn + o_d1[None, :]
+    if DETERMINISTIC:
+        p_sem = SEM + ((i_slot * n_bh + i_bh) * n_rows + i_row) * n_qt + i_qt
+        if INTERPRET:
+            seen = tl.atomic_add(p_sem, 0) // THREADS
+            # the order check: device_assert is compiled only in debug mode, while the
+            # interpreter checks tl.assume always ("Assume failed": block i_n found a count other
+            # than i_n, i.e. its wait would point to a program that has not run)
+            tl.assume(seen == i_n)
+        else:
+            seen = _wait_count(p_sem, (i_n * THREADS).to(tl.int32)) // THREADS
+        # the partial's address depends on the count read (seen - i_n == 0), so its load cannot be
+        # scheduled (or software-pipelined) before the wait
+        p0 += seen - i_n
+        if SPLIT:
+            p1 += seen - i_n
+        later = i_n > 0  # key block 0 writes: the buffer is never filled (a uniform predicate)
+        b_dq0 += tl.load(p0, mask=later, other=0.0)
+        if SPLIT:
+            b_dq1 += tl.load(p1, mask=later, other=0.0)
+        tl.store(p0, b_dq0)
+        if SPLIT:
+            tl.store(p1, b_dq1)
+        # every thread publishes its own stores: one release add per thread (no CTA barrier,
+        # which would stop the loop's software pipelining); the next block waits for all of them
+        tl.atomic_add(p_sem + tl.zeros([THREADS], tl.int32), 1, sem="release")
+    else:
+        tl.atomic_add(p0, b_dq0, sem="relaxed")
+        if SPLIT:
+            tl.atomic_add(p1, b_dq1, sem="relaxed")
+
+
+@triton.jit
 def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
                  rd_logw, stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
                  stride_oh, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
+                 DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh,
                  HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
+                 FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr,
+                 THREADS: tl.constexpr):
     """dK (unscaled), dV of one key tile, summed over every row that reads it, in row order.
     PART 0: both; 1: dV only (no V, no Delta needed); 2: dK only. Split launches halve the
     accumulators where dK and dV of a 64-key tile would not fit one warpgroup (D = 160).
     One masked loop over query tiles: an unmasked loop for full tiles plus a masked tail (the
-    forward's and dQ's layout) compiled to more instructions and spills here (compile report)."""
+    forward's and dQ's layout) compiled to more instructions and spills here (compile report).
+    FUSED_DQ (with PART != 1): also each query tile's dQ contribution (:func:`_dq_partial`)."""
     b_dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
     b_dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
     b_dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
@@ -162,6 +252,8 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
         p_q = Q + i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh
         p_do = DO + i_b * stride_ob + i_row * stride_of + i_h * stride_oh
         o_l = i_b * stride_lb + i_row * stride_lf + i_h
+        if FUSED_DQ:
+            i_slot = tl.load(rd_slot + i_t * RD_MAX + i_r).to(tl.int64)
         for start in range(0, N, BLOCK_M):
             o_m = start + tl.arange(0, BLOCK_M)
             m_m = o_m < N
@@ -181,6 +273,10 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
                 b_dk0 += tl.dot(b_dst.to(b_q0.dtype), b_q0, input_precision=PREC)
                 if SPLIT:
                     b_dk1 += tl.dot(b_dst.to(b_q1.dtype), b_q1, input_precision=PREC)
+                if FUSED_DQ:
+                    _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n, start // BLOCK_M,
+                                o_m, N, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh, HEAD_DIM,
+                                D0, D1, SPLIT, PREC, DETERMINISTIC, INTERPRET, THREADS)
     return b_dk0, b_dk1, b_dv0, b_dv1
 
 
@@ -199,8 +295,8 @@ def _store_partials(PK, PV, i_part, o_n, L, L_MAX, b_dk0, b_dk1, b_dv0, b_dv1, H
 
 @triton.jit
 def _bwd_dkv_kernel(
-    Q, K, V, U, KI, VI, DO, LSE, DELTA, DK, DV, DU, DKI, DVI, PK, PV,
-    row_qframe, tgt_frame, tgt_vslot, tgt_part, n_rd, rd_row, rd_logw,
+    Q, K, V, U, KI, VI, DO, LSE, DELTA, DK, DV, DU, DKI, DVI, PK, PV, DQP, SEM,
+    row_qframe, tgt_frame, tgt_vslot, tgt_part, n_rd, rd_row, rd_logw, rd_slot,
     stride_qb, stride_qf, stride_qn, stride_qh,
     stride_kb, stride_kf, stride_kn, stride_kh,
     stride_vb, stride_vf, stride_vn, stride_vh,
@@ -213,9 +309,11 @@ def _bwd_dkv_kernel(
     stride_gub, stride_guf, stride_gun, stride_guh,
     stride_gib, stride_gim, stride_gih,
     H, N, M, RD_MAX, L_MAX, qk_scale, scale,
+    stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt,
     ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
-    CHUNKED: tl.constexpr,
+    CHUNKED: tl.constexpr, FUSED_DQ: tl.constexpr = False, DETERMINISTIC: tl.constexpr = True,
+    INTERPRET: tl.constexpr = False, THREADS: tl.constexpr = 128,
 ):
     i_n, i_bh, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
@@ -243,7 +341,9 @@ def _bwd_dkv_kernel(
                 rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
                 stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN, stride_oh * ALIGN, stride_lb, stride_lf,
                 stride_ln, N, RD_MAX, qk_scale,
-                HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART)
+                DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt,
+                tl.num_programs(1),
+                HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET, THREADS)
             o_g = (i_b * stride_gib + i_h * stride_gih) * ALIGN
             if i_part >= 0:
                 _store_partials(PK, PV, i_part, o_n, M, L_MAX, b_dk0 * scale, b_dk1 * scale, b_dv0, b_dv1,
@@ -271,7 +371,9 @@ def _bwd_dkv_kernel(
             rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
             stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN, stride_oh * ALIGN, stride_lb, stride_lf,
             stride_ln, N, RD_MAX, qk_scale,
-            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART)
+            DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt,
+            tl.num_programs(1),
+            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET, THREADS)
         o_g = (i_b * stride_gb + i_src * stride_gf + i_h * stride_gh) * ALIGN
         if not ACCUMULATE and PART != 2:
             if i_slot >= 0:  # phase 2 writes every gradient: a keyframe's own V is read in phase 1 only
@@ -341,36 +443,105 @@ def _bwd_reduce_kernel(
                            b_dv1, o_n, stride_gun * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
 
 
+@triton.jit
+def _bwd_delta_kernel(
+    DO, O, DLSE, DELTA,
+    stride_ob, stride_of, stride_on, stride_oh,
+    stride_lb, stride_lf, stride_ln,
+    H, N,
+    HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Delta = rowsum(dO * O) (minus the LSE's gradient) of each query row, before the fused
+    dK/dV/dQ pass reads it: d lse_i / d s_ij = P_ij, so a gradient of the LSE shifts Delta."""
+    i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_r64 = i_row.to(tl.int64)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < N
+    o_o = (i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh) * ALIGN
+    b_do = load_tile(DO + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, BLOCK_D)
+    b_o = load_tile(O + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, BLOCK_D)
+    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)
+    o_l = i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h
+    if HAS_DLSE:
+        b_delta -= tl.load(DLSE + o_l, mask=m_m, other=0.0)
+    tl.store(DELTA + o_l, b_delta, mask=m_m)
+
+
+@triton.jit
+def _bwd_dq_reduce_kernel(
+    DQP, DQ, row_qframe, n_src,
+    stride_ps, stride_pb, stride_pr, stride_pn,
+    stride_gb, stride_gf, stride_gn, stride_gh,
+    H, N, scale,
+    ONE_SLOT: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
+):
+    """dQ of each row: its partial slots (one per source, :func:`_dq_partial`) added in slot
+    order (the same bits every run), scaled, cast, written (phase 2) or added to what phase 2
+    wrote (phase 1). ONE_SLOT: the atomic build's single slot."""
+    i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    i_r64 = i_row.to(tl.int64)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    p = DQP + i_b * stride_pb + i_r64 * stride_pr + i_h * WIDTH
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if ONE_SLOT:
+        b_dq += load_tile(p, o_m, stride_pn, N, HEAD_DIM, BLOCK_D)
+    else:
+        for i_s in range(0, tl.load(n_src + i_row)):
+            b_dq += load_tile(p + i_s * stride_ps, o_m, stride_pn, N, HEAD_DIM, BLOCK_D)
+    b_dq = b_dq * scale
+    i_qf = tl.load(row_qframe + i_row).to(tl.int64)
+    p_g = DQ + (i_b * stride_gb + i_qf * stride_gf + i_h * stride_gh) * ALIGN
+    if ACCUMULATE:
+        b_dq += load_tile(p_g, o_m, stride_gn * ALIGN, N, HEAD_DIM, BLOCK_D).to(tl.float32)
+    store_tile(p_g, b_dq, o_m, stride_gn * ALIGN, N, HEAD_DIM, BLOCK_D)
+
+
 def launch_bwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq, dk, dv, du,
-               dk_img, dv_img, pk=None, pv=None) -> None:
+               dk_img, dv_img, pk=None, pv=None, dqp=None, sem=None) -> None:
     """Backward of one phase (see module docstring). ``spec``: :func:`bwd_spec` of these tensors
     (cached by the caller). ``do``/``out``/``lse``/``dlse`` (gradient of the LSE or None) and
     ``delta`` (written here, fp32) are indexed by row; gradient buffers dq/dk/dv (B,F,N,H,D),
     du (B,K,N,H,D), dk_img/dv_img (B,M,H,D) share the strides of dk (frames) and dk_img (image).
-    ``pk``/``pv``: fp32 partial buffers of shape ``spec[4]`` when the spec splits targets, else None."""
-    (dq_grid, dq_scalars, dq_consts), dkv_launches, reduce_launch, dkv_tables, _ = spec
+    ``pk``/``pv``: fp32 partial buffers of shape ``spec[4]`` when the spec splits targets, else None.
+    ``dqp``/``sem``: the fused build's fp32 dQ partials and int32 semaphores (``spec[5]``)."""
+    dq_launch, dkv_launches, reduce_launch, dkv_tables, _, fused = spec
     dummy = q  # never dereferenced
     u_ = u if u is not None else dummy
     ki_, vi_ = (k_img, v_img) if k_img is not None else (dummy, dummy)
     du_ = du if du is not None else dummy
     dki_, dvi_ = (dk_img, dv_img) if dk_img is not None else (dummy, dummy)
     pk_, pv_ = (pk, pv) if pk is not None else (dummy, dummy)
-    launch(
-        _bwd_dq_kernel, dq_grid,
-        q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, delta, dq,
-        tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
-        *dq_scalars, **dq_consts)
+    dqp_ = dqp if dqp is not None else dummy
+    sem_ = sem if sem is not None else tables["row_qframe"]
+    if fused is None:  # the split build: Q-major dQ pass (writes Delta), then KV-major dK/dV
+        launch(
+            _bwd_dq_kernel, dq_launch[0],
+            q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, delta, dq,
+            tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
+            *dq_launch[1], **dq_launch[2])
+    else:
+        grid, scalars, consts = fused["delta"]
+        launch(_bwd_delta_kernel, grid, do, out, dlse if dlse is not None else lse, delta, *scalars, **consts)
     t = dkv_tables
     for grid, scalars, consts in dkv_launches:
         launch(
             _bwd_dkv_kernel, grid,
-            q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du_, dki_, dvi_, pk_, pv_,
+            q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du_, dki_, dvi_, pk_, pv_, dqp_, sem_,
             t["row_qframe"], t["tgt_frame"], t["tgt_vslot"], t["tgt_part"], t["n_rd"], t["rd_row"], t["rd_logw"],
-            *scalars, **consts)
+            t["rd_slot"], *scalars, **consts)
     if reduce_launch is not None:
         grid, scalars, consts = reduce_launch
         launch(_bwd_reduce_kernel, grid, pk, pv, dk, dv, du_, dki_, dvi_,
                t["red_frame"], t["red_vslot"], t["red_first"], t["red_count"], *scalars, **consts)
+    if fused is not None:
+        grid, scalars, consts = fused["dq_reduce"]
+        launch(_bwd_dq_reduce_kernel, grid, dqp, dq, tables["row_qframe"], tables["n_src"], *scalars, **consts)
 
 
 @functools.lru_cache(maxsize=16)
@@ -403,11 +574,24 @@ def reader_cap(reader_counts, key_blocks: int, batch_heads: int, cuda: bool, dev
 
 
 def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_img, dv_img, tables: dict,
-             scale: float, accumulate: bool, env: str | None) -> tuple:
-    """(dq launch, dK/dV launches, reduction launch or None, the dK/dV launches' tables, shape of
-    the fp32 partial buffers or None) of one backward phase, each launch as (grid, non-tensor
-    arguments, constexpr/launch keywords); arguments as :func:`launch_bwd`'s, ``accumulate``:
-    add into the gradient buffers (phase 1, after phase 2) instead of writing them."""
+             scale: float, accumulate: bool, env: str | None, deterministic: bool = True,
+             build: str = "split") -> tuple:
+    """(dq launch or None, dK/dV launches, reduction launch or None, the dK/dV launches' tables,
+    shape of the fp32 dK/dV partial buffers or None, the fused build's launches and buffers or
+    None) of one backward phase, each launch as (grid, non-tensor arguments, constexpr/launch
+    keywords); arguments as :func:`launch_bwd`'s, ``accumulate``: add into the gradient buffers
+    (phase 1, after phase 2) instead of writing them.
+
+    ``build``: ``"fused"``: Delta from a small kernel, then one KV-major pass computing dK, dV
+    and each key tile's dQ contribution (5 matmuls, 1 exponential per score), the dQ partials
+    reduced per row at the end (``deterministic``: ordered, bit-reproducible; else atomic adds).
+    ``"split"`` (the default until a GPU has timed both): the Q-major dQ pass plus the KV-major
+    dK/dV pass (7 matmuls, 2 exponentials). ``"auto"``: fused where its compiled loop is leaner
+    than the split pair's (head dims whose chunks are <= 64 wide: D <= 64, the U-Net's 40), split
+    above, where the fused pass's dK, dV and dQ tiles do not fit the registers without spills
+    (compile report, docs/kernels.md). ``VB_BWD`` chooses."""
+    if build not in ("auto", "fused", "split"):
+        raise ValueError(f"VB_BWD: expected 'auto', 'fused' or 'split', got {build!r}")
     b, _, n, h, d = q.shape
     m = 0 if k_img is None else k_img.shape[1]
     # the kernels read O with dO's strides and the LSE / Delta with head stride 1
@@ -415,18 +599,50 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     assert dlse is None or dlse.stride() == lse.stride()
     qk_scale = scale * math.log2(math.e)
     prec = dot_precision(q.dtype)
-    # One ALIGN for both launches: every data tensor of the phase must satisfy it.
+    # One ALIGN for all launches: every data tensor of the phase must satisfy it.
     al, strides = launch_strides((q, 4), (k, 4), (v, 4), (u, 4), (k_img, 3), (v_img, 3), (do, 4),
                                  (dq, 4), (dk, 4), (du, 4), (dk_img, 3), (dv, 4), (dv_img, 3))
     common, st_dq, st_g = strides[:26], strides[26:30], strides[30:41]
-    cfg = block_config(d, q.device, "dq", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
-    dq_launch = ((cdiv(n, cfg["BLOCK_M"]), b * h, tables["n_rows"]),
-                 (*common, *st_dq, *lse.stride()[:3], h, n, m, tables["n_src_max"], qk_scale, scale),
-                 dict(HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al,
-                      PREC=prec, **cfg))
+    if build == "auto":
+        d0, d1 = split_head_dim(d, 32)
+        build = "fused" if d0 + d1 <= FUSED_MAX_WIDTH else "split"
+    fused = build == "fused"
+    rows = tables["n_rows"]
+    dq_launch = None
+    if not fused:
+        cfg = block_config(d, q.device, "dq", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
+        dq_launch = ((cdiv(n, cfg["BLOCK_M"]), b * h, rows),
+                     (*common, *st_dq, *lse.stride()[:3], h, n, m, tables["n_src_max"], qk_scale, scale),
+                     dict(HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al,
+                          PREC=prec, **cfg))
+    cfg = block_config(d, q.device, "dkvq" if fused else "dkv", n_queries=n, n_keys=max(n, m),
+                       elem_bytes=q.element_size(), env=env)
+    extra = None
+    p_strides = (0, 0, 0, 0, rows, 1)
+    if fused:
+        cuda = tiles_for_cuda(q.device)
+        n_qt = cdiv(n, cfg["BLOCK_M"])
+        slots = tables["n_src_max"] if deterministic else 1
+        # dQ partials (slots, B, rows, N padded to whole query tiles, H, D padded to the chunks'
+        # width) fp32, token-major like dq; one slot when atomic
+        width = cfg["D0"] + (cfg["D1"] if cfg["SPLIT"] else 0)
+        n_pad = n_qt * cfg["BLOCK_M"]
+        pn, pr = h * width, n_pad * h * width
+        pb, ps = rows * pr, b * rows * pr
+        p_strides = (ps if deterministic else 0, pb, pr, pn, rows, n_qt)
+        block_d = max(16, triton.next_power_of_2(d))
+        block_r = (64 if d <= 64 else 32 if d <= 128 else 16) if cuda else 16
+        extra = dict(
+            delta=((cdiv(n, block_r), b * h, rows), (*common[22:26], *lse.stride()[:3], h, n),
+                   dict(HAS_DLSE=dlse is not None, HEAD_DIM=d, ALIGN=al, BLOCK_D=block_d, BLOCK_M=block_r,
+                        num_warps=4 if cuda else 1)),
+            dq_reduce=((cdiv(n, block_r), b * h, rows), (ps, pb, pr, pn, *st_dq, h, n, scale),
+                       dict(ONE_SLOT=not deterministic, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, BLOCK_D=block_d,
+                            BLOCK_M=block_r, WIDTH=width, num_warps=4 if cuda else 1)),
+            dqp_shape=(slots, b, rows, n_pad, h, width), sem_numel=slots * b * h * rows * n_qt if deterministic else 0,
+            deterministic=deterministic)
     if tables["n_targets"] == 0:
-        return dq_launch, (), None, tables, None
-    cfg = block_config(d, q.device, "dkv", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
+        return dq_launch, (), None, tables, None, extra
     key_blocks = cdiv(max(n, m), cfg["BLOCK_N"])
     cap = reader_cap(tables["reader_counts"], key_blocks, b * h, tiles_for_cuda(q.device), q.device, env)
     t = tables if cap is None else tables["plan"].tables(q.device, cap)
@@ -435,14 +651,18 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     width = cfg["D0"] + (cfg["D1"] if cfg["SPLIT"] else 0)
     parts = (1, 2) if width > 128 and q.element_size() == 2 and cfg["BLOCK_N"] >= 64 else (0,)
     grid = (key_blocks, b * h, t["n_targets"])
-    scalars = (*common, *lse.stride()[:3], *st_g, h, n, m, t["n_rd_max"], max(n, m), qk_scale, scale)
+    scalars = (*common, *lse.stride()[:3], *st_g, h, n, m, t["n_rd_max"], max(n, m), qk_scale, scale, *p_strides)
     consts = dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, CHUNKED=cap is not None, **cfg)
+    if fused:
+        consts.update(FUSED_DQ=True, DETERMINISTIC=deterministic, INTERPRET=_INTERPRET,
+                      THREADS=32 * cfg["num_warps"])
     dkv = tuple((grid, scalars, dict(consts, PART=part)) for part in parts)
     if cap is None:
-        return dq_launch, dkv, None, t, None
+        return dq_launch, dkv, None, t, None, extra
     d0, d1 = split_head_dim(d)
     block_r = 64 if d <= 64 else 32 if d <= 128 else 16
     reduce = ((cdiv(max(n, m), block_r), b * h, t["n_reductions"]), (*st_g, h, n, m, max(n, m)),
               dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, D0=d0, D1=max(d1, 16), SPLIT=d1 > 0,
                    BLOCK_N=block_r, num_warps=4))
-    return dq_launch, dkv, reduce, t, (t["n_partials"], b * h, max(n, m), d)
+    return dq_launch, dkv, reduce, t, (t["n_partials"], b * h, max(n, m), d), extra
+

@@ -122,6 +122,13 @@ _TILES = {
     ("dq", 4, 192): (32, 16, 4, 1), ("dq", 4, 256): (32, 16, 4, 1),
     ("dkv", 4, 64): (32, 32, 4, 2), ("dkv", 4, 96): (16, 32, 4, 1), ("dkv", 4, 128): (16, 32, 4, 1),
     ("dkv", 4, 192): (16, 32, 4, 1), ("dkv", 4, 256): (16, 32, 4, 1),
+    # the fused backward's KV-major pass (dK, dV and dQ's contributions): 64 is the compile
+    # report's leanest loop (bf16, N = 4096; 24 B of spill, see docs/kernels.md); wider buckets
+    # run fused only when VB_BWD=fused forces it (they spill). The GPU sweep tunes them
+    ("dkvq", 2, 64): (64, 128, 8, 2), ("dkvq", 2, 96): (32, 64, 4, 2), ("dkvq", 2, 128): (32, 64, 4, 2),
+    ("dkvq", 2, 192): (32, 64, 8, 2), ("dkvq", 2, 256): (32, 64, 8, 2),
+    ("dkvq", 4, 64): (32, 32, 4, 2), ("dkvq", 4, 96): (16, 32, 4, 1), ("dkvq", 4, 128): (16, 32, 4, 1),
+    ("dkvq", 4, 192): (16, 32, 4, 1), ("dkvq", 4, 256): (16, 32, 4, 1),
 }
 
 
@@ -140,10 +147,10 @@ def tile_override(kernel: str, spec: str | None):
         if name == "readers":
             if len(tiles) != 1 or tiles[0] < 1:
                 raise ValueError(f"VB_TILES: expected 'readers=K' with an int K >= 1, got {item!r}")
-        elif name not in ("fwd", "dq", "dkv") or len(tiles) != 4 or any(
+        elif name not in ("fwd", "dq", "dkv", "dkvq") or len(tiles) != 4 or any(
                 x < 16 or x & (x - 1) for x in tiles[:2]) or tiles[2] not in (1, 2, 4, 8) or tiles[3] < 1:
             raise ValueError(f"VB_TILES: expected 'kernel=BLOCK_M,BLOCK_N,num_warps,num_stages;...' with kernel "
-                             f"in fwd/dq/dkv and power-of-two blocks >= 16, got {item!r}")
+                             f"in fwd/dq/dkv/dkvq and power-of-two blocks >= 16, got {item!r}")
         if name == kernel:
             return tiles
     return None
@@ -180,7 +187,7 @@ def cdiv(a: int, b: int) -> int:
 @functools.lru_cache(maxsize=1024)
 def _block_config(head_dim: int, cuda: bool, kernel: str, n_queries, n_keys, elem_bytes: int,
                   env_tiles: str | None) -> tuple:
-    """Launch constants of ``kernel`` ("fwd", "dq" or "dkv") as (name, value) pairs: head-dim
+    """Launch constants of ``kernel`` ("fwd", "dq", "dkv" or "dkvq", the fused backward's pass) as (name, value) pairs: head-dim
     chunks (D0, D1, SPLIT; masked, never copied), tiles (BLOCK_M queries, BLOCK_N keys), warps,
     stages.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -25,6 +26,7 @@ from .launch import tiles_for_cuda
 # *_like forms where a tensor of the shape exists: half the host time of torch.empty(shape, ...).
 _alloc = torch.empty
 _alloc_like = torch.empty_like
+_zeros = torch.zeros  # the fused backward's semaphores (and the atomic build's dQ partials)
 _DENSE = torch.contiguous_format
 
 
@@ -96,29 +98,48 @@ def _fused_fwd(q, k, v, k_img, v_img, schedule, scale):
 
 
 def _partials(spec, q):
-    # fp32 dK and dV partial sums of the split dK/dV targets (small grids only; see reader_cap)
-    shape = spec[4]
-    if shape is None:
-        return None, None
-    return (_alloc(shape, dtype=torch.float32, device=q.device),
-            _alloc(shape, dtype=torch.float32, device=q.device))
+    """Scratch of one backward phase: fp32 dK and dV partial sums of the split dK/dV targets (small
+    grids only; see reader_cap), then the fused build's fp32 dQ partials and int32 semaphores."""
+    shape, fused = spec[4], spec[5]
+    pk = pv = dqp = sem = None
+    if shape is not None:
+        pk, pv = (_alloc(shape, dtype=torch.float32, device=q.device),
+                  _alloc(shape, dtype=torch.float32, device=q.device))
+    if fused is not None:
+        if fused["deterministic"]:  # every slot a row reads is written first (key block 0), never filled
+            dqp = _alloc(fused["dqp_shape"], dtype=torch.float32, device=q.device)
+            sem = _zeros(fused["sem_numel"], dtype=torch.int32, device=q.device)
+        else:  # atomic adds into one zeroed slot
+            dqp = _zeros(fused["dqp_shape"], dtype=torch.float32, device=q.device)
+    return pk, pv, dqp, sem
 
 
-def fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule: Schedule, scale: float, dlse=None):
+def fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule: Schedule, scale: float, dlse=None,
+              deterministic: bool = True):
     """Gradients (dq, dk, dv, dk_img, dv_img); dk_img/dv_img None without image tokens.
     ``dlse``: gradient of the phase-2 LSE or None. Phase 2 first (it produces dU), then phase 1
-    accumulating into the same buffers."""
+    accumulating into the same buffers. ``deterministic``: dQ partials added in a fixed order
+    (bit-reproducible); False: atomic adds (see :func:`vb_kernels.videobooth_attention`)."""
     with _on_device(q):
-        return _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, dlse)
+        return _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, dlse, deterministic)
 
 
-def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, dlse):
+def bwd_build() -> str:
+    """The backward build: ``VB_BWD`` = ``split`` (the default until a GPU has timed both),
+    ``fused`` (5 matmuls: one KV-major pass that also gives dQ) or ``auto`` (fused at head dims
+    <= 64, split above); see :func:`backward.bwd_spec`. Read once per call, as ``VB_TILES`` is."""
+    return os.environ.get("VB_BWD", "split")
+
+
+def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, dlse, deterministic):
     tables = schedule.fused_tables(k_img is not None, q.device)
     tables1, tables2 = tables
     dout = dout.contiguous()  # autograd may hand an expanded (stride 0) gradient
     dlse = None if dlse is None else dlse.contiguous()
     env = tile_env()
-    key = _inputs_key(q, k, v, k_img, v_img, tables, scale, env) + (out.stride(), dlse is not None)
+    build = bwd_build()
+    key = _inputs_key(q, k, v, k_img, v_img, tables, scale, env) + (out.stride(), dlse is not None, deterministic,
+                                                                       build)
     plan = _BWD_PLANS.get(key)
     # No fills: phase 2 writes every element of dK, dV and the image gradients (zeros where no
     # row reads; Plan.unread), phase 1 then adds into them. (Not one buffer for all: a custom
@@ -136,9 +157,9 @@ def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, 
         delta1 = _alloc_like(lse1)
     if plan is None or plan[0] is not tables[0] or plan[1] is not tables[1]:
         spec2 = bwd_spec(q, k, v, u, k_img, v_img, dout, out, lse, dlse, dq, dk, dv, du, dk_img, dv_img, tables2,
-                         scale, False, env)
+                         scale, False, env, deterministic, build)
         spec1 = None if u is None else bwd_spec(q, k, v, None, k_img, v_img, du, u, lse1, None, dq, dk, dv, None,
-                                                dk_img, dv_img, tables1, scale, True, env)
+                                                dk_img, dv_img, tables1, scale, True, env, deterministic, build)
         plan = _remember(_BWD_PLANS, key, (*tables, spec2, spec1))
     spec2, spec1 = plan[2:]
     with nvtx_range("vb.phase2.cross_frame.bwd"):
@@ -171,14 +192,15 @@ def _empty_like_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 @torch.library.custom_op("videobooth::fused_fwd", mutates_args=())
 def _fused_fwd_op(q: Tensor, k: Tensor, v: Tensor, k_img: Optional[Tensor], v_img: Optional[Tensor],
                   refs: List[int], num_refs: int, keyframes: List[int], image_everywhere: bool,
-                  scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  scale: float, deterministic: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    # deterministic: for the backward only (setup_context keeps it)
     sched = _schedule(refs, num_refs, keyframes, image_everywhere)
     out, lse, u, lse1 = fused_fwd(q, k, v, k_img, v_img, sched, scale)
     return out, lse, _empty_like_none(u, q), _empty_like_none(lse1, lse)
 
 
 @_fused_fwd_op.register_fake
-def _(q, k, v, k_img, v_img, refs, num_refs, keyframes, image_everywhere, scale):
+def _(q, k, v, k_img, v_img, refs, num_refs, keyframes, image_everywhere, scale, deterministic=True):
     b, n_frames, n, h, d = q.shape
     phase1, _ = _schedule(refs, num_refs, keyframes, image_everywhere).plan(k_img is not None)
     n_key = len(phase1.rows)  # keyframes that some frame reads
@@ -193,26 +215,27 @@ def _(q, k, v, k_img, v_img, refs, num_refs, keyframes, image_everywhere, scale)
 def _fused_bwd_op(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                   k_img: Optional[Tensor], v_img: Optional[Tensor], out: Tensor, lse: Tensor, u: Tensor,
                   lse1: Tensor, refs: List[int], num_refs: int, keyframes: List[int], image_everywhere: bool,
-                  scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  scale: float, deterministic: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     sched = _schedule(refs, num_refs, keyframes, image_everywhere)
     has_u = u.numel() > 0
     dq, dk, dv, dki, dvi = fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u if has_u else None,
-                                     lse1 if has_u else None, sched, scale, dlse)
+                                     lse1 if has_u else None, sched, scale, dlse, deterministic)
     return dq, dk, dv, _empty_like_none(dki, q), _empty_like_none(dvi, q)
 
 
 @_fused_bwd_op.register_fake
-def _(dout, dlse, q, k, v, k_img, v_img, out, lse, u, lse1, refs, num_refs, keyframes, image_everywhere, scale):
+def _(dout, dlse, q, k, v, k_img, v_img, out, lse, u, lse1, refs, num_refs, keyframes, image_everywhere, scale,
+      deterministic=True):
     img = (k_img.new_empty(k_img.shape), k_img.new_empty(k_img.shape)) if k_img is not None else (
         q.new_empty((0,)), q.new_empty((0,)))
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), *img
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, k_img, v_img, refs, num_refs, keyframes, image_everywhere, scale = inputs
+    q, k, v, k_img, v_img, refs, num_refs, keyframes, image_everywhere, scale, deterministic = inputs
     out, lse, u, lse1 = output
     ctx.save_for_backward(q, k, v, k_img, v_img, out, lse, u, lse1)
-    ctx.sched_args = (refs, num_refs, keyframes, image_everywhere, scale)
+    ctx.sched_args = (refs, num_refs, keyframes, image_everywhere, scale, deterministic)
     ctx.mark_non_differentiable(u, lse1)  # internal: never leave fused_attention
 
 
@@ -222,7 +245,7 @@ def _backward(ctx, dout, dlse, _du, _dlse1):
         dout = torch.zeros_like(out)
     dq, dk, dv, dki, dvi = _fused_bwd_op(dout, dlse, q, k, v, k_img, v_img, out, lse, u, lse1, *ctx.sched_args)
     has_img = k_img is not None
-    return dq, dk, dv, dki if has_img else None, dvi if has_img else None, None, None, None, None, None
+    return dq, dk, dv, dki if has_img else None, dvi if has_img else None, None, None, None, None, None, None
 
 
 _fused_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -233,12 +256,12 @@ class _FusedAttention(torch.autograd.Function):
     cost per call (schema checks, alias analysis, autograd wrapping: ~75 us host time)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k_img, v_img, schedule, scale, lse_grad):
+    def forward(ctx, q, k, v, k_img, v_img, schedule, scale, lse_grad, deterministic):
         out, lse, u, lse1 = fused_fwd(q, k, v, k_img, v_img, schedule, scale)
         # U and its LSE go through save_for_backward too: saved-tensor hooks (activation
         # offloading, the saved-bytes tests) see everything the backward keeps
         ctx.save_for_backward(q, k, v, k_img, v_img, out, lse, u, lse1)
-        ctx.schedule, ctx.scale = schedule, scale
+        ctx.schedule, ctx.scale, ctx.deterministic = schedule, scale, deterministic
         ctx.set_materialize_grads(False)
         if not lse_grad:  # the caller drops the LSE: one differentiable output less to track
             ctx.mark_non_differentiable(lse)
@@ -249,11 +272,13 @@ class _FusedAttention(torch.autograd.Function):
         q, k, v, k_img, v_img, out, lse, u, lse1 = ctx.saved_tensors
         if dout is None:  # only the LSE was used downstream
             dout = torch.zeros_like(out)
-        grads = fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, ctx.schedule, ctx.scale, dlse)
-        return *grads, None, None, None
+        grads = fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, ctx.schedule, ctx.scale, dlse,
+                          ctx.deterministic)
+        return *grads, None, None, None, None
 
 
-def fused_attention(q, k, v, k_img, v_img, schedule: Schedule, scale: float, lse_grad: bool = True):
+def fused_attention(q, k, v, k_img, v_img, schedule: Schedule, scale: float, lse_grad: bool = True,
+                    deterministic: bool = True):
     """(out, lse) of the fused op, both differentiable in q, k, v, k_img, v_img (a gradient of
     the LSE, e.g. from merging partial attentions, enters the backward through Delta);
     inputs validated by :func:`vb_kernels.videobooth_attention`. ``lse_grad=False``: the caller
@@ -265,10 +290,10 @@ def fused_attention(q, k, v, k_img, v_img, schedule: Schedule, scale: float, lse
     if torch.compiler.is_compiling():
         refs = [r for row in schedule.refs for r in row]
         out, lse, _, _ = _fused_fwd_op(q, k, v, k_img, v_img, refs, schedule.num_refs,
-                                       list(schedule.keyframes), schedule.image_everywhere, scale)
+                                       list(schedule.keyframes), schedule.image_everywhere, scale, deterministic)
         return out, lse
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
             k_img is not None and (k_img.requires_grad or v_img.requires_grad))):
-        return _FusedAttention.apply(q, k, v, k_img, v_img, schedule, scale, lse_grad)
+        return _FusedAttention.apply(q, k, v, k_img, v_img, schedule, scale, lse_grad, deterministic)
     out, lse, _, _ = fused_fwd(q, k, v, k_img, v_img, schedule, scale)
     return out, lse
