@@ -11,7 +11,8 @@ Stages (each with its own share of the budget; a stage that runs out is cut and 
    attention peak memory of a training step (the attn1 block rows of bench_model.py).
    ``python -m bench.report`` then writes report.md and the plots.
 3. Tile sweep: for D in {40, 64, 72, 80, 128, 160}, candidate (BLOCK_M, BLOCK_N, warps,
-   stages) per kernel (``VB_TILES``), timed with ``triton.testing.do_bench``; the winners go to
+   stages) per kernel (``VB_TILES``; ``dkvq``: the fused 5-matmul backward, ``VB_BWD=fused``,
+   against the split pair's ``dq`` / ``dkv`` rows), timed with ``triton.testing.do_bench``; the winners go to
    tiles.json / tiles.md (copy them into ``_TILES`` in vb_kernels/impl/fused/forward.py by hand,
    after a look at the compile report).
 4. One end-to-end denoising step of the SD-1.4-sized VideoBooth U-Net (random weights, 256 px,
@@ -37,6 +38,8 @@ HEAD_DIMS = (40, 64, 72, 80, 128, 160)
 SWEEP_TOKENS = {40: 4096, 64: 1024, 72: 1024, 80: 1024, 128: 1024, 160: 256}
 CANDIDATES = {
     "fwd": [(128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2)],
+    # the fused 5-matmul backward (VB_BWD=fused): its fwd+bwd against the split pair's rows below
+    "dkvq": [(64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2)],
     "dq": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
     "dkv": [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (32, 64, 8, 2)],
 }
@@ -107,8 +110,8 @@ def stage_sweep(out: Path, dry: bool, head_dims=HEAD_DIMS) -> dict:
     dtype = torch.float32 if dry else torch.bfloat16
     deadline = time.perf_counter() + BUDGET_S["sweep"]
     results, table = {}, []
-    cands = {"fwd": CANDIDATES["fwd"][:2], "dq": CANDIDATES["dq"][:1], "dkv": CANDIDATES["dkv"][:1]} if dry \
-        else CANDIDATES
+    cands = {"fwd": CANDIDATES["fwd"][:2], "dkvq": CANDIDATES["dkvq"][:1], "dq": CANDIDATES["dq"][:1],
+             "dkv": CANDIDATES["dkv"][:1]} if dry else CANDIDATES
     for d in head_dims:
         n = 16 if dry else SWEEP_TOKENS[d]
         f = 2 if dry else 16
@@ -126,6 +129,7 @@ def stage_sweep(out: Path, dry: bool, head_dims=HEAD_DIMS) -> dict:
                     results[d][kernel] = {"cut": "sweep budget spent", **(best or {})}
                     break
                 os.environ["VB_TILES"] = f"{kernel}={','.join(map(str, tiles))}"
+                os.environ["VB_BWD"] = "fused" if kernel == "dkvq" else "split"
                 try:
                     ms = _bench_ms(fwd if kernel == "fwd" else fwd_bwd, dry)
                 except Exception as e:  # noqa: BLE001 - a tile that does not compile or fit
@@ -133,6 +137,7 @@ def stage_sweep(out: Path, dry: bool, head_dims=HEAD_DIMS) -> dict:
                     continue
                 finally:
                     os.environ.pop("VB_TILES", None)
+                    os.environ.pop("VB_BWD", None)
                 table.append((d, kernel, tiles, ms, ""))
                 if best is None or ms < best["ms"]:
                     best = {"tiles": list(tiles), "ms": round(ms, 4)}

@@ -22,7 +22,7 @@ def test_gpu_run_dry_run_writes_every_stage(tmp_path):
                  "e2e.json"):
         assert (tmp_path / name).exists(), name
     winners = json.loads((tmp_path / "tiles.json").read_text())["winners"]["40"]
-    assert set(winners) == {"fwd", "dq", "dkv"} and all("tiles" in w for w in winners.values()), winners
+    assert set(winners) == {"fwd", "dkvq", "dq", "dkv"} and all("tiles" in w for w in winners.values()), winners
     e2e = json.loads((tmp_path / "e2e.json").read_text())
     assert e2e["triton"]["finite"] and e2e["triton"]["rel_err_vs_reference"] < 1e-4, e2e
     readme = (tmp_path / "README.md").read_text()
