@@ -256,7 +256,7 @@ def test_fused_backward_is_bit_identical_across_runs(monkeypatch, schedule_name,
     ins = make_inputs(*shape, dtype=dtype, device=DEV, strided=True)
     g = torch.randn(*shape[:5], device=DEV)
     sched = named_schedule(schedule_name, shape[1])
-    runs = [_grads("triton", ins, sched, g)[1] for _ in range(3)]
+    runs = [_grads("triton", ins, sched, g)[1] for _ in range(2)]
     for other in runs[1:]:
         assert all(a is None or torch.equal(a, b) for a, b in zip(runs[0], other))
 

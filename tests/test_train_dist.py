@@ -89,8 +89,7 @@ def test_fsdp_on_cpu_processes_is_refused_with_the_reason(tmp_path):
     no_sync = tmp_path / "fsdp_no_sync.yaml"
     no_sync.write_text(shipped.replace("fsdp_sync_module_states: true", "fsdp_sync_module_states: false"))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    expected = {"cpu": r"sync_module_states=True. is not supported on cpu", "no-sync cpu": "FSDP was requested",
-                "no-sync auto": "FSDP was requested"}
+    expected = {"cpu": r"sync_module_states=True. is not supported on cpu", "no-sync cpu": "FSDP was requested"}
     for case, pattern in expected.items():
         device = "auto" if case.endswith("auto") else "cpu"
         yaml_path = tmp_path / f"{device}.yaml"
@@ -104,3 +103,22 @@ def test_fsdp_on_cpu_processes_is_refused_with_the_reason(tmp_path):
 
         assert re.search(pattern, proc.stderr), (case, proc.stderr[-3000:])
         assert not (tmp_path / "run" / "loss.jsonl").exists(), case  # nothing trained
+
+
+def test_distributed_setup_check_names_what_accelerate_did():
+    """check_distributed_setup without a launch: the FSDP request accelerate ignored, and
+    WORLD_SIZE processes that each see one (device: auto on a CPU machine with an FSDP config)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from vb_train.trainer import check_distributed_setup
+
+    lone = SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1, device="cpu")
+    with pytest.raises(RuntimeError, match="FSDP was requested, but accelerate .* set up NO"):
+        check_distributed_setup(lone, {"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"})
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2 processes were started, but accelerate set up 1"):
+        check_distributed_setup(lone, {"WORLD_SIZE": "2"})
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2, device="cpu")
+    check_distributed_setup(ddp, {"WORLD_SIZE": "2"})  # what the DDP test launches: fine
+    check_distributed_setup(lone, {})  # one plain process: fine
