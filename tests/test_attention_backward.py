@@ -364,8 +364,7 @@ def test_split_build_still_matches_reference(monkeypatch, schedule_name):
     with launch.intercept(run):
         _check_grads("triton", named_schedule(schedule_name, 4), (1, 4, 17, 2, 40, 9), torch.float32)
     assert "_bwd_dq_kernel" not in names and {"_bwd_delta_kernel", "_bwd_dq_reduce_kernel"} <= set(names)
-    from vb_kernels.impl.fused.backward import bwd_spec  # noqa: F401  (auto: fused at D <= 64 only)
-    for d, want in ((40, "_bwd_delta_kernel"), (80, "_bwd_dq_kernel")):
+    for d, want in ((40, "_bwd_delta_kernel"), (80, "_bwd_dq_kernel")):  # auto: fused at D <= 64 only
         names.clear()
         monkeypatch.setenv("VB_BWD", "auto")
         with launch.intercept(run):

@@ -29,9 +29,9 @@ from torch import nn
 from .backbone import (VideoBackboneMixin, batch_timesteps, check_backbone_inputs, check_image_scale, check_tensor,
                        expand_batch)
 from .context import STATE_KWARG, VideoBoothContext, VideoBoothState, state_kwargs
+from .official.layers import ClipGroupNorm, WatermarkModule, use_clip_groupnorm
 from .processors import (ScheduleSpec, VideoBoothAttnProcessor, VideoBoothTextAttnProcessor, _BaseProcessor,
                          check_backend, check_schedule_spec, parse_image_bank)
-from .official.layers import ClipGroupNorm, WatermarkModule, use_clip_groupnorm
 from .temporal import TemporalAttention
 
 
