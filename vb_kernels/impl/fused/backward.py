@@ -619,13 +619,13 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
                        elem_bytes=q.element_size(), env=env)
     extra = None
     p_strides = (0, 0, 0, 0, rows, 1)
+    width = cfg["D0"] + (cfg["D1"] if cfg["SPLIT"] else 0)  # the head dim's chunks, as the kernels see it
     if fused:
         cuda = tiles_for_cuda(q.device)
         n_qt = cdiv(n, cfg["BLOCK_M"])
         slots = tables["n_src_max"] if deterministic else 1
         # dQ partials (slots, B, rows, N padded to whole query tiles, H, D padded to the chunks'
         # width) fp32, token-major like dq; one slot when atomic
-        width = cfg["D0"] + (cfg["D1"] if cfg["SPLIT"] else 0)
         n_pad = n_qt * cfg["BLOCK_M"]
         pn, pr = h * width, n_pad * h * width
         pb, ps = rows * pr, b * rows * pr
@@ -648,7 +648,6 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     t = tables if cap is None else tables["plan"].tables(q.device, cap)
     # D > 128 in 16 bits: dK and dV in two launches (dV, then dK), each with half the
     # accumulators, so one warpgroup owns a 64-key tile without spills or m64n16 wgmma.
-    width = cfg["D0"] + (cfg["D1"] if cfg["SPLIT"] else 0)
     parts = (1, 2) if width > 128 and q.element_size() == 2 and cfg["BLOCK_N"] >= 64 else (0,)
     grid = (key_blocks, b * h, t["n_targets"])
     scalars = (*common, *lse.stride()[:3], *st_g, h, n, m, t["n_rd_max"], max(n, m), qk_scale, scale, *p_strides)
