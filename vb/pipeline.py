@@ -46,6 +46,11 @@ def _opt(t, name: str, ndim: int, batch: int, device):
     return expand_batch(name, t.to(device), batch)
 
 
+def _tensor_inputs(callback, names) -> list:
+    """The tensors a step-end callback asks for: its own ``tensor_inputs`` attribute, else ``names``."""
+    return list(getattr(callback, "tensor_inputs", None) or names)
+
+
 def _repeat_each(n: int):
     """x (B, ...) -> (B * n, ...), each row n times in a row (None stays None)."""
     return lambda x: None if x is None else x.repeat_interleave(n, dim=0)
@@ -248,7 +253,7 @@ class VideoBoothPipeline(DiffusionPipeline):
             raise ValueError(f"num_videos_per_prompt: expected an int >= 1, got {n!r}")
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
             raise ValueError(f"eta: expected a float >= 0, got {eta!r}")
-        tensor_inputs = list(getattr(callback_on_step_end, "tensor_inputs", None) or callback_on_step_end_tensor_inputs)
+        tensor_inputs = _tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs: expected names from {self._callback_tensor_inputs}, "
@@ -384,7 +389,7 @@ class VideoBoothPipeline(DiffusionPipeline):
                           negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                           callback_on_step_end=callback_on_step_end,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
-        tensor_inputs = list(getattr(callback_on_step_end, "tensor_inputs", None) or callback_on_step_end_tensor_inputs)
+        tensor_inputs = _tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device, dtype = self._execution_device, next(self.backbone.parameters()).dtype
         do_cfg = guidance_scale > 1.0
         grey = do_cfg and uncond_image == "grey"  # the unconditional pass gets a grey image prompt

@@ -9,10 +9,10 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import os
 
 import torch
 
+from .impl.fused.launch import interpreting
 from .schedule import Schedule
 
 BACKENDS = ("auto", "reference", "sdpa", "flex", "triton")
@@ -23,13 +23,7 @@ def triton_runs_here(device: torch.device) -> bool:
     """True where the Triton kernels run: compiled on CUDA, or through the CPU interpreter."""
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and _interpreting()
-
-
-@functools.lru_cache(maxsize=1)
-def _interpreting() -> bool:
-    # Triton takes TRITON_INTERPRET when the kernels are defined (at import), so it is read once.
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cpu" and interpreting()
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float16,
@@ -63,11 +57,12 @@ def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule 
         scale: softmax scale s; None = 1/sqrt(D).
         backend: one of ``auto``, ``reference``, ``sdpa``, ``flex``, ``triton``.
         return_lse: also return the phase-2 log-sum-exp.
-        deterministic: the triton backend's backward adds each query tile's dQ contributions in
-            a fixed order (the same bits every run; the default). False: atomic adds, as
-            FlashAttention's default backward: a little faster, and dQ may differ in its last
-            bits from run to run (dK, dV and the image gradients stay deterministic either
-            way). Other backends: PyTorch's own (see ``torch.use_deterministic_algorithms``).
+        deterministic: for the triton backend's fused backward (``VB_BWD=fused``): dQ's
+            contributions are added in a fixed order (the same bits every run; the default).
+            False: atomic adds, as FlashAttention's default backward: a little faster, and dQ
+            may differ in its last bits from run to run (dK, dV and the image gradients stay
+            deterministic either way). The default (split) backward is deterministic either
+            way. Other backends: PyTorch's own (see ``torch.use_deterministic_algorithms``).
 
     Returns:
         out: (B, F, N, H, D), dtype of q. With ``return_lse``: (out, lse), lse (B, F, N, H)

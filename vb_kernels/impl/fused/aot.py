@@ -174,6 +174,7 @@ def inner_loops(lines: list[str]) -> list[list[str]]:
         br = _BRANCH.search(text)
         if br and int(br.group(1), 16) < addr:
             loops.append((int(br.group(1), 16), addr))
+
     def body(a, b):
         return [t for addr, t in insns if a <= addr <= b and not t.startswith("NOP")]
 
@@ -237,15 +238,14 @@ def analyse(kernel, grid, args, kwargs, arch: int = 90, phase: int = 0, bound=No
     loops = inner_loops(sass_lines(k.asm["cubin"])) if "cubin" in k.asm else []
     body = max(steady_loops(loops), key=len) if loops else []
     # issue slots per 128 x 64 (query x key) tile, in units of 8 warps: the loop body runs on
-    # every warp, over BLOCK_M x BLOCK_N scores per iteration (the reduction has no score tile)
-    norm = 128 * 64 / (kwargs["BLOCK_M"] * kwargs["BLOCK_N"]) * kwargs.get("num_warps", 4) / 8 \
-        if "BLOCK_M" in kwargs and "BLOCK_N" in kwargs else 0.0
+    # every warp, over BLOCK_M x BLOCK_N scores per iteration (the reductions have no score tile)
+    scores = kwargs["BLOCK_M"] * kwargs["BLOCK_N"] if "BLOCK_M" in kwargs and "BLOCK_N" in kwargs else 0
+    warps = kwargs.get("num_warps", 4)
+    norm = 128 * 64 / scores * warps / 8 if scores else 0.0
     mix = Counter((t.split()[1] if t.startswith("@") else t.split()[0]).split(".")[0] for t in body)
     tiles = {key: kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if key in kwargs}
     kind = {1: "dv", 2: "dk"}.get(kwargs.get("PART"), _KIND[kernel.__name__])  # split dK/dV launches
-    mufu = mix.get("MUFU", 0)
-    per_score = mufu * 32 * kwargs.get("num_warps", 4) / (kwargs["BLOCK_M"] * kwargs["BLOCK_N"]) \
-        if "BLOCK_M" in kwargs and "BLOCK_N" in kwargs else 0.0
+    per_score = mix.get("MUFU", 0) * 32 * warps / scores if scores else 0.0  # lane-instructions per score
     atomics = len(re.findall(r"\b(?:atom|red)\.", ptx))
     return KernelReport(kind, phase, tuple(grid), tiles, regs, spill, k.metadata.shared,
                         mma, dict(shapes), cp_async, tma, scalar16, len(body),

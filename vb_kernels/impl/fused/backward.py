@@ -1,12 +1,16 @@
-"""Fused backward: deterministic, no atomics, recomputes P from the saved LSE.
+"""Fused backward: recomputes P from the saved LSE; two builds (:func:`bwd_spec`, ``VB_BWD``).
 
-Per phase, two launches (FlashAttention-2 style split):
+The split build (the default; 7 matmuls, 2 exponentials per score, no atomics), per phase:
 - ``_bwd_dq_kernel``: one program per (query block, batch*head, row) walks the row's sources as
   the forward does and owns its dQ block; it also writes Delta = rowsum(dO * O) for the dK/dV pass.
 - ``_bwd_dkv_kernel``: one program per (key block, batch*head, target), where a target is a
   distinct key/value source (a frame, or the image tokens), walks the *inverse* table: every
   row that reads the target, in row order. Shared K/V (the anchor frame, the image tokens) get
   their gradient summed over all readers in registers, in a fixed order: same bits every run.
+The fused build (5 matmuls, 1 exponential): ``_bwd_delta_kernel`` writes Delta, then
+``_bwd_dkv_kernel`` with ``FUSED_DQ`` also adds each key tile's dQ contribution into fp32 partial
+slots (:func:`_dq_partial`: ordered by semaphores, or atomic), and ``_bwd_dq_reduce_kernel`` sums
+each row's slots into dQ.
 Phase 2 runs first; its dV for a keyframe source is dU, the gradient of the refreshed values,
 which is then the dO of phase 1. Phase 1 accumulates (load + add + store, never concurrently)
 into dQ, dK, dV and the image gradients.
@@ -15,21 +19,17 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .forward import block_config, cdiv, dot_precision, launch_strides, split_head_dim, tile_override
-from .launch import launch, tiles_for_cuda
+from .launch import interpreting, launch, tiles_for_cuda
 from .primitives import LOG2E, dot_pair, load_pair, load_tile, store_pair, store_tile
 
-# The widest head dim (as chunks) the default backward runs fused; wider ones take the split pair.
+# The widest head dim (as chunks) VB_BWD=auto runs fused; wider ones take the split pair.
 FUSED_MAX_WIDTH = 64
-
-# Triton reads TRITON_INTERPRET once, when the kernels are defined; so does the fused build's device assert.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -175,7 +175,8 @@ def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n,
 
     DETERMINISTIC: the key blocks of a target add into a tile in key-block order, ranked by a
     semaphore per (slot, batch*head, row, query tile): block ``i_n`` waits until the count is
-    ``i_n`` (block 0 writes instead of adding: no zero fill), adds, then counts one more. Block
+    ``i_n`` x THREADS (block 0 writes instead of adding: no zero fill), adds, then each of its
+    THREADS threads counts one (a release per thread: each publishes its own stores). Block
     ``i_n``'s program comes right after block ``i_n - 1``'s in the grid (key blocks are axis 0), so
     no wait points to a program that can start later. Under the interpreter (the grid runs in
     order) the count must already be ``i_n``: an assertion checks it (``tl.assume``, which the
@@ -653,7 +654,7 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     scalars = (*common, *lse.stride()[:3], *st_g, h, n, m, t["n_rd_max"], max(n, m), qk_scale, scale, *p_strides)
     consts = dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, CHUNKED=cap is not None, **cfg)
     if fused:
-        consts.update(FUSED_DQ=True, DETERMINISTIC=deterministic, INTERPRET=_INTERPRET,
+        consts.update(FUSED_DQ=True, DETERMINISTIC=deterministic, INTERPRET=interpreting(),
                       THREADS=32 * cfg["num_warps"])
     dkv = tuple((grid, scalars, dict(consts, PART=part)) for part in parts)
     if cap is None:

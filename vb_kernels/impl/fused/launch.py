@@ -11,6 +11,8 @@ the CPU (the report builds real-size arguments in host memory).
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from typing import Callable
 
 _hook: Callable | None = None
@@ -45,6 +47,13 @@ def cuda_tiles():
         yield
     finally:
         _cuda_tiles = old
+
+
+@functools.lru_cache(maxsize=1)
+def interpreting() -> bool:
+    """Whether the kernels run through Triton's CPU interpreter: Triton reads TRITON_INTERPRET
+    once, when the kernels are defined (at import), so this reads it once too."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def tiles_for_cuda(device) -> bool:
