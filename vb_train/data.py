@@ -580,6 +580,10 @@ class VideoBoothDataset(torch.utils.data.Dataset):
         seek: reach far frames of a video by seeking (see :func:`read_frames`); False decodes
             from the start (what `python -m vb_train.throughput` compares against).
         row_filter, caption_column: passed to `read_records`.
+        paired_transform: ``f(frame0 uint8 (H, W, 3), mask bool (H, W)) -> uint8 (H, W, 3)``:
+            items also hold ``image_paired``, the image prompt of the transformed frame 0 made
+            with the same box, trim and augmentation draws as ``image`` (e.g. the two-tone toy's
+            colour swap, ``vb_train.toy.synthetic.swap_two_tone``); None: no ``image_paired``.
 
     The video branch is resized and centre-cropped, never flipped: captions name directions
     ("moving left"). The image prompt comes at one size S; a fine path that wants it at the
@@ -606,6 +610,7 @@ class VideoBoothDataset(torch.utils.data.Dataset):
         seek: bool = True,
         row_filter: Callable[[dict], bool] | None = None,
         caption_column: str | None = None,
+        paired_transform: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     ):
         for name, v in (("num_frames", num_frames), ("frame_stride", frame_stride),
                         ("image_size", image_size)):
@@ -631,6 +636,9 @@ class VideoBoothDataset(torch.utils.data.Dataset):
             raise TypeError(f"vae_prompt_augment: expected PromptAugment or None, "
                             f"got {type(vae_prompt_augment).__name__}")
         self.vae_prompt_augment = vae_prompt_augment
+        if paired_transform is not None and not callable(paired_transform):
+            raise TypeError(f"paired_transform: expected a callable or None, got {type(paired_transform).__name__}")
+        self.paired_transform = paired_transform
         self.seed = int(seed)
         self.epoch = 0
         self.max_skips = max_skips
@@ -667,13 +675,26 @@ class VideoBoothDataset(torch.utils.data.Dataset):
             trim = (int(rng.integers(4)), float(rng.uniform(0.01, self.prompt_augment.box_trim)))
         try:
             image = make_image_prompt(frame0, mask, subj["box"], self.image_size, trim)
+            paired = None
+            if self.paired_transform is not None:
+                m = mask
+                if m.shape != frame0.shape[:2]:
+                    m = F.interpolate(torch.from_numpy(m.astype(np.uint8))[None, None].float(), size=frame0.shape[:2],
+                                      mode="nearest")[0, 0].bool().numpy()
+                paired = make_image_prompt(np.asarray(self.paired_transform(frame0, m), dtype=np.uint8), mask,
+                                           subj["box"], self.image_size, trim)
         except SampleError as e:
             e.path = e.path or str(rec.folder / "mask.json")
             raise
         image_vae = None
         if self.train:
             crop = image
+            state = rng.bit_generator.state
             image = augment_image_prompt(crop, rng, self.prompt_augment)
+            if paired is not None:  # the same draws: a second generator from the same state
+                twin = np.random.default_rng()
+                twin.bit_generator.state = state
+                paired = augment_image_prompt(paired, twin, self.prompt_augment)
             if self.vae_prompt_augment is not None:  # drawn after the CLIP branch's: those stay as without it
                 image_vae = augment_image_prompt(crop, rng, self.vae_prompt_augment)
         video = center_crop_resize(clip, self.size)
@@ -681,6 +702,8 @@ class VideoBoothDataset(torch.utils.data.Dataset):
                 "video_id": rec.videoid, "category": rec.category}
         if image_vae is not None:
             item["image_vae"] = image_vae
+        if paired is not None:
+            item["image_paired"] = paired
         return item
 
     def _record_bad(self, index: int, err: SampleError) -> None:

@@ -49,7 +49,7 @@ __all__ = [
     "ClipEncoder", "DinoEncoder", "ImageEncoder", "TextEncoder", "VideoMetrics",
     "aggregate", "clip_i", "clip_t", "color_histograms", "color_identity", "dino_i",
     "format_table", "frame_similarities", "temporal_consistency", "tiny_clip_encoder",
-    "tiny_dino_encoder", "two_tone_colours_of", "two_tone_order",
+    "tiny_dino_encoder", "two_tone_colours_of", "two_tone_order", "two_tone_order_soft",
 ]
 
 
@@ -430,6 +430,27 @@ def two_tone_order(video: torch.Tensor, image_prompt: torch.Tensor, *, tol: floa
     score = ((yb - ya) / (separation * x.shape[-2])).clamp(-1, 1)
     score = torch.where((na >= min_pixels) & (nb >= min_pixels), score, torch.zeros_like(score))
     return float(score.mean())
+
+
+def two_tone_order_soft(video: torch.Tensor, image_prompt: torch.Tensor) -> float:
+    """A threshold-free order score in [-1, 1]: per frame, the correlation over pixels between
+    "nearer A than B" (|p - B| - |p - A|, RGB in [0, 1]) and height (-row); the mean over
+    frames. +1 when every pixel nearer A sits above every pixel nearer B in proportion, -1 for
+    the swapped arrangement, 0 for a frame where the two are unrelated (or constant). Unlike
+    `two_tone_order` no pixel is ever thrown away, so a washed-out subject still counts, and
+    backgrounds add a term that cancels in a paired contrast (same noise, swapped prompt).
+    video: (F, 3, H, W) in [-1, 1]; image_prompt: (3, S, S) in [-1, 1] (A, B as in
+    `two_tone_colours_of`)."""
+    _check_images(video, "video", 4)
+    a, b = two_tone_colours_of(image_prompt)
+    x = ((video.detach().float().cpu() + 1) * 0.5).clamp(0, 1)
+    d = ((x - b[None, :, None, None]).norm(dim=1) - (x - a[None, :, None, None]).norm(dim=1)).flatten(1)  # (F, HW)
+    up = -torch.arange(x.shape[-2], dtype=torch.float32)[:, None].expand(x.shape[-2:]).flatten()
+    d = d - d.mean(1, keepdim=True)
+    up = up - up.mean()
+    den = d.norm(dim=1) * up.norm()
+    r = torch.where(den > 1e-12, (d * up).sum(1) / den.clamp(min=1e-12), torch.zeros_like(den))
+    return float(r.mean())
 
 
 def _best_window_score(mem: torch.Tensor, p: torch.Tensor, fracs: Sequence[float]) -> torch.Tensor:

@@ -79,6 +79,10 @@ class TrainTask(nn.Module):
         """Optional: validation samples at a checkpoint (module docstring). Default: none."""
         return None
 
+    def after_init_from(self, loaded: set) -> None:
+        """Optional: called once ``init_from``'s weights are loaded (a fresh run, not a resume),
+        with the names loaded. Default: nothing."""
+
     def enable_gradient_checkpointing(self) -> None:
         raise ValueError(f"gradient_checkpointing: the {type(self).__name__} task does not support it")
 

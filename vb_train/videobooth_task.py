@@ -39,10 +39,28 @@ cfg.model keys (defaults in brackets):
     clip_positions bool [True]; false zeroes the image tower's positional embedding (a bag of
                   patches: the two-tone ablations' coarse encoder, docs/demo.md)
     ip_tokens, ip_scale  the IP-Adapter task only (vb_train.toy.ip_adapter) [4, 1.0]
+    ip_kind, ip_layer   the IP-Adapter task only: "pooled" (IP-Adapter) or "plus" (IP-Adapter-Plus:
+                  a resampler over one tower layer's patch tokens, with positions) [pooled, -2]
+    exemplar_init "attn1" or "construction" ["attn1"]: at stage 2's start (init_from), attn1's
+                  ``to_k_exemplar``/``to_v_exemplar`` are cloned from the trained attn1 K/V
+                  (``to_k_new``/``to_v_new``), as the official code does at its stage-2 set-up,
+                  unless the init weights hold them; "construction" keeps the copies made when the
+                  processors were built
+    coarse_input  what the coarse path encodes ["image"]: "image" (the prompt), "swap-average"
+                  (the mean of the tower's outputs for the prompt and for ``image_paired``, so a
+                  prompt and its paired version give the same tokens: the toy's order-blind coarse
+                  path), "halves" (the oracle control: the mapper's tokens of the upper and of the
+                  lower half of the prompt, in that order, 2K tokens)
+    grey_prompt   bool [False]: every image prompt is grey, in training and sampling (the negative
+                  control)
+    fine_latent   "noised" (the image latent noised to the video's timestep, the paper's) or
+                  "clean" (the diagnostic: the clean latent at every step) ["noised"]
 cfg.data keys: root (required), categories, video_root, num_frames [4], frame_stride [1],
     size [16], image_size [32], caption_column, split (keep CSV rows whose ``split`` column
     has this value), prompt_augment {hflip, degrees, translate, scale, box_trim} (box_trim
-    defaults to 0.2 in stage 2 and 0 in stage 1, as the original code), max_skips.
+    defaults to 0.2 in stage 2 and 0 in stage 1, as the original code), max_skips,
+    paired_transform (an import path "module:function", the dataset's ``paired_transform``:
+    batches then hold ``image_paired``; coarse_input "swap-average" needs it).
 """
 from __future__ import annotations
 
@@ -63,9 +81,57 @@ log = logging.getLogger(__name__)
 MODEL_KEYS = {"components", "seed", "image_bank", "learn_query", "temporal", "clip_layers", "coarse_path",
               "fine_path", "train_temporal", "extra_trainable", "base_weights", "adapter",
               "pretrained_model_name_or_path", "clip_model", "clip_pretrained", "mapper_hidden", "revision",
-              "motion_adapter", "motion_adapter_revision", "clip_positions", "ip_tokens", "ip_scale"}
+              "motion_adapter", "motion_adapter_revision", "clip_positions", "ip_tokens", "ip_scale",
+              "ip_kind", "ip_layer", "exemplar_init", "coarse_input", "grey_prompt", "fine_latent"}
 DATA_KEYS = {"root", "categories", "video_root", "num_frames", "frame_stride", "size", "image_size",
-             "caption_column", "split", "prompt_augment", "prompt_augment_vae", "max_skips"}
+             "caption_column", "split", "prompt_augment", "prompt_augment_vae", "max_skips", "paired_transform"}
+COARSE_INPUTS = ("image", "swap-average", "halves")
+IMAGE_KEYS = ("image", "image_vae", "image_paired")   # every image prompt a batch may hold
+
+
+def import_object(spec: str, what: str):
+    """``"package.module:name"`` -> the object (``what`` names the setting in errors)."""
+    import importlib
+
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"{what}: expected 'package.module:name', got {spec!r}")
+    mod, name = spec.split(":")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{what}: cannot import {spec!r} ({e})") from e
+
+
+def coarse_subject_tokens(image_encoder, mapper, image01: torch.Tensor, paired01: Optional[torch.Tensor] = None,
+                          mode: str = "image"):
+    """The coarse path's input and output for (B, 3, S, S) prompts in [0, 1]: (subject tokens
+    (B, K or 2K, D_text), pooled image embeds (B, E)); ``mode`` is ``model.coarse_input``.
+
+    The training task and the toy's sampling both call this, so the tensor that reaches the
+    mapper is the same in both. "swap-average" averages the tower's layer tokens and pooled
+    embedding over the prompt and ``paired01`` (its swapped version): the result is symmetric in
+    the two, so swapping the prompt cannot change it. "halves" maps the upper and the lower half
+    (each resized to the tower's input by its preprocessing) separately and concatenates them."""
+    if mode not in COARSE_INPUTS:
+        raise ValueError(f"model.coarse_input: expected one of {COARSE_INPUTS}, got {mode!r}")
+    if mode == "image":
+        with torch.no_grad():
+            enc = image_encoder(image01)
+        return mapper(enc.layer_tokens), enc.image_embeds
+    if mode == "swap-average":
+        if paired01 is None or paired01.shape != image01.shape:
+            raise ValueError("model.coarse_input: 'swap-average' needs the swapped prompts (batch['image_paired'], "
+                             "from data.paired_transform) of the prompts' shape")
+        with torch.no_grad():
+            enc = image_encoder(torch.cat([image01, paired01]))
+        b = image01.shape[0]
+        tokens = (enc.layer_tokens[:b] + enc.layer_tokens[b:]) / 2
+        return mapper(tokens), (enc.image_embeds[:b] + enc.image_embeds[b:]) / 2
+    s = image01.shape[-2]
+    with torch.no_grad():
+        top, bottom = image_encoder(image01[..., : s // 2, :]), image_encoder(image01[..., s // 2:, :])
+    tokens = torch.cat([mapper(top.layer_tokens), mapper(bottom.layer_tokens)], dim=1)
+    return tokens, (top.image_embeds + bottom.image_embeds) / 2
 
 
 def build_components(cfg: TrainConfig):
@@ -195,8 +261,42 @@ class VideoBoothTask(DiffusionTask):
         if m.get("adapter"):
             import vb
             vb.load_adapter(m["adapter"], self.mapper, self.backbone)
+        self.coarse_input = m.get("coarse_input", "image")
+        if self.coarse_input not in COARSE_INPUTS:
+            raise ValueError(f"model.coarse_input: expected one of {COARSE_INPUTS}, got {self.coarse_input!r}")
+        if self.coarse_input == "swap-average" and not cfg.data.get("paired_transform"):
+            raise ValueError("model.coarse_input: 'swap-average' needs data.paired_transform (the swapped prompt)")
+        self.exemplar_init = m.get("exemplar_init", "attn1")
+        if self.exemplar_init not in ("attn1", "construction"):
+            raise ValueError(f"model.exemplar_init: expected 'attn1' or 'construction', got {self.exemplar_init!r}")
+        self.fine_latent = m.get("fine_latent", "noised")
+        if self.fine_latent not in ("noised", "clean"):
+            raise ValueError(f"model.fine_latent: expected 'noised' or 'clean', got {self.fine_latent!r}")
+        self.grey_prompt = bool(m.get("grey_prompt", False))
         self._null = None
         self.no_span = 0
+        self.exemplars_cloned = 0
+
+    def after_init_from(self, loaded: set) -> None:
+        """Called by the trainer once stage 2's start weights (``init_from``) are in, with the
+        names it loaded: the exemplar projections become copies of the trained attn1 K/V
+        (``to_k_new``/``to_v_new``, what the video pass used in stage 1), as the official code
+        clones them when stage 2 begins; skipped when the init weights hold them (a run that
+        starts from a stage-2 run) or with ``model.exemplar_init: construction``."""
+        if self.exemplar_init != "attn1" or self.cfg.stage != 2:
+            return
+        names = {id(p): n for n, p in self.named_parameters()}
+        n = 0
+        with torch.no_grad():
+            for proc in self.backbone.attn1_processors():
+                for src, dst in ((proc.to_k_new, proc.to_k_exemplar), (proc.to_v_new, proc.to_v_exemplar)):
+                    if any(names.get(id(p)) in loaded for p in dst.parameters()):
+                        continue
+                    dst.load_state_dict(src.state_dict())
+                    n += 1
+        self.exemplars_cloned = n
+        if n:
+            log.info("stage 2: %d exemplar projections cloned from the trained attn1 K/V", n)
 
     def _load_named(self, path: str) -> None:
         from safetensors.torch import load_file
@@ -256,6 +356,7 @@ class VideoBoothTask(DiffusionTask):
             vae_aug = PromptAugment(**vae_aug)
         split = d.get("split")
         row_filter = (lambda r: r.get("split") == split) if split else None
+        paired = import_object(d["paired_transform"], "data.paired_transform") if d.get("paired_transform") else None
         size = d.get("size", 16)
         return VideoBoothDataset(
             d["root"], d.get("categories"), video_root=d.get("video_root"), num_frames=int(d.get("num_frames", 4)),
@@ -263,17 +364,19 @@ class VideoBoothTask(DiffusionTask):
             image_size=int(d.get("image_size", 32)), train=True, prompt_augment=PromptAugment(**aug),
             vae_prompt_augment=vae_aug,
             seed=self.cfg.seed, max_skips=int(d.get("max_skips", 64)), row_filter=row_filter,
-            caption_column=d.get("caption_column"))
+            caption_column=d.get("caption_column"), paired_transform=paired)
 
     def collate(self, items: List[dict]):
-        keep = ("video", "image", "image_vae", "caption", "subject", "index", "skipped")
+        keep = ("video", *IMAGE_KEYS, "caption", "subject", "index", "skipped")
         return torch.utils.data.default_collate([{k: it[k] for k in keep if k in it} for it in items])
 
     # ---- the loss pieces -------------------------------------------------------------------------
     def drop_conditions(self, batch, drop_text, drop_image):
         batch = dict(batch)
         batch["drop_text"] = drop_text
-        for key in ("image", "image_vae"):  # both branches' image prompt: 0 in [-1, 1] = 0.5 grey
+        if self.grey_prompt:  # the negative control: no prompt ever reaches the model
+            drop_image = torch.ones_like(drop_image)
+        for key in IMAGE_KEYS:  # every branch's image prompt: 0 in [-1, 1] = 0.5 grey
             if key in batch:
                 x = batch[key]
                 batch[key] = torch.where(drop_image.to(x.device)[:, None, None, None], torch.zeros_like(x), x)
@@ -342,11 +445,13 @@ class VideoBoothTask(DiffusionTask):
 
     def predict(self, noisy, timesteps, batch, generator):
         image = batch["image"]  # (B, 3, S, S) in [-1, 1]
-        image01 = (image.float() + 1) / 2
         b = image.shape[0]
-        with torch.no_grad():
-            enc = self.image_encoder(image01)
-        subject_tokens = self.mapper(enc.layer_tokens) if self.coarse else None
+        subject_tokens = image_embeds = None
+        if self.coarse:
+            paired = batch.get("image_paired")
+            subject_tokens, image_embeds = coarse_subject_tokens(
+                self.image_encoder, self.mapper, (image.float() + 1) / 2,
+                None if paired is None else (paired.float() + 1) / 2, self.coarse_input)
         if subject_tokens is not None and self.cfg.mapper_l1 > 0:  # the official objective
             self.regularizers["mapper_l1"] = subject_tokens.float().abs().mean()
         text, pooled = self._prompts(list(batch["caption"]), list(batch["subject"]), batch["drop_text"],
@@ -363,10 +468,10 @@ class VideoBoothTask(DiffusionTask):
             with torch.no_grad():
                 lat = encode_latents(self.vae, img.clamp(-1, 1), sample=False)
             img_noise = torch.randn(lat.shape, generator=generator, device=generator.device).to(lat)
-            image_latents = self.add_noise(lat, img_noise, timesteps)
+            # (the noise is drawn either way: the generator's stream does not depend on fine_latent)
+            image_latents = lat if self.fine_latent == "clean" else self.add_noise(lat, img_noise, timesteps)
         dtype = next(self.backbone.parameters()).dtype
         cast = (lambda t: None if t is None else t.to(dtype))
-        image_embeds = enc.image_embeds if self.coarse else None
         return self.backbone(cast(noisy), timesteps, cast(text), pooled_text_embeds=cast(pooled),
                              image_embeds=cast(image_embeds), image_latents=cast(image_latents),
                              null_encoder_hidden_states=cast(null_h.expand(b, -1, -1)),

@@ -64,6 +64,7 @@ class Arm:
     schedule: Optional[str] = None  # long-clip arm: fine-tune the reference arm with this schedule
     multi_seed: bool = False       # run every seed (the paper's arms and the baseline)
     bank: Optional[str] = None     # the image bank (for its attention cost)
+    generate: bool = True          # sample videos (False: the loss-based scores only)
 
     @property
     def coarse(self) -> bool:
@@ -72,6 +73,10 @@ class Arm:
     @property
     def fine(self) -> bool:
         return bool(self.stage2.get("model.fine_path", True))
+
+    def setting(self, key: str, s: X.DemoSettings, default=None):
+        """A model/data setting as this arm trains it (its stage-2 overrides, else the suite's)."""
+        return self.stage2.get(key, s.extra.get(key, default))
 
 
 NO_COARSE = {"model.coarse_path": False}
@@ -96,7 +101,28 @@ ARMS: List[Arm] = [
     Arm("long_window2", "schedule", "schedule window2", None, {}, schedule="window2"),
     Arm("long_keyframes8", "schedule", "schedule keyframes8", None, {}, schedule="keyframes8"),
 ]
-ARM_BY_KEY = {a.key: a for a in ARMS}
+# The fine-path study (issue 21, `vb_train.toy.study`): every arm's coarse input averages the prompt
+# with its swapped version (exactly order-blind) unless the arm says otherwise; the oracle's coarse
+# path is told the arrangement (the upper and lower half as separate tokens), the grey arm never
+# sees a prompt. Run with `AblationSettings.gate()` / `.full()`.
+ORACLE = {"model.coarse_input": "halves"}
+GREY = {"model.grey_prompt": True}
+IP_PLUS = dict(IP, **{"model.ip_kind": "plus"})
+STUDY_ARMS: List[Arm] = [
+    Arm("ref", "study", "coarse + fine, two-stage (VideoBooth)", {}, {}, multi_seed=True),
+    Arm("coarse_only", "study", "coarse only", {}, {"model.fine_path": False}, multi_seed=True),
+    Arm("fine_only", "study", "fine only", NO_COARSE, NO_COARSE, shares_stage1=False, multi_seed=True),
+    Arm("joint", "study", "coarse + fine, one-stage joint", None, {}, shares_stage1=False, one_stage=True,
+        multi_seed=True),
+    Arm("oracle", "study", "oracle: coarse told the arrangement (positive control)", ORACLE,
+        dict(ORACLE, **{"model.fine_path": False}), shares_stage1=False, multi_seed=True),
+    Arm("grey", "study", "grey prompt (negative control)", GREY, GREY, shares_stage1=False, multi_seed=True),
+    Arm("ipplus", "study", "IP-Adapter-Plus (resampler over patch tokens)", IP_PLUS, IP_PLUS, shares_stage1=False,
+        multi_seed=True),
+    Arm("clean", "study", "diagnostic: fine path reads the clean image latent", {},
+        {"model.fine_latent": "clean"}, multi_seed=True, generate=False),
+]
+ARM_BY_KEY = {a.key: a for a in ARMS + STUDY_ARMS}
 
 
 @dataclass
@@ -146,11 +172,12 @@ def frame_change(video: torch.Tensor) -> float:
 def video_scores(videos: torch.Tensor, items) -> List[dict]:
     """Per video: order (two_tone_order), colour (color_identity), frame change, and the order
     and colour of every frame index (lists)."""
-    from ..metrics import color_identity, two_tone_order
+    from ..metrics import color_identity, two_tone_order, two_tone_order_soft
 
     rows = []
     for v, it in zip(videos, items):
         rows.append({"order": two_tone_order(v, it.image), "order_loose": two_tone_order(v, it.image, tol=0.5),
+                     "order_soft": two_tone_order_soft(v, it.image),
                      "color": color_identity(v, it.image),
                      "frame_change": frame_change(v),
                      "order_f": [two_tone_order(v[f:f + 1], it.image) for f in range(v.shape[0])],
@@ -158,8 +185,33 @@ def video_scores(videos: torch.Tensor, items) -> List[dict]:
     return rows
 
 
+def centroid_motion(video: torch.Tensor, item) -> float:
+    """How far the subject's centroid moves along the caption's direction ("moving left" ...),
+    from the first frame to the last, as a fraction of the frame side (+: as captioned; about 0
+    when every frame copies frame one). The subject: pixels within 0.3 (RGB in [0, 1]) of either
+    of the prompt's two colours, weighted as `two_tone_order` weighs them."""
+    from ..metrics import two_tone_colours_of
+    from .synthetic import MOTIONS
+
+    words = item.caption.split()
+    direction = next((MOTIONS[w] for w in words if w in MOTIONS), None)
+    if direction is None or video.shape[0] < 2:
+        return 0.0
+    a, b = two_tone_colours_of(item.image)
+    x = ((video.float() + 1) * 0.5).clamp(0, 1)
+    d = torch.minimum((x - a[None, :, None, None]).norm(dim=1), (x - b[None, :, None, None]).norm(dim=1))
+    w = (1 - d / 0.3).clamp(min=0)                                        # (F, H, W)
+    h, wd = x.shape[-2:]
+    ys = torch.arange(h, dtype=torch.float32)[None, :, None]
+    xs = torch.arange(wd, dtype=torch.float32)[None, None, :]
+    n = w.sum((1, 2)).clamp(min=1e-6)
+    cx, cy = (w * xs).sum((1, 2)) / n, (w * ys).sum((1, 2)) / n
+    move = (cx[-1] - cx[0]) * direction[0] + (cy[-1] - cy[0]) * direction[1]
+    return float(move / max(h, wd))
+
+
 def generate_for_arm(pipe, items, s: X.DemoSettings, arm: Arm, *, image: bool, seed: int,
-                     num_frames: Optional[int] = None) -> torch.Tensor:
+                     num_frames: Optional[int] = None, swapped: bool = False) -> torch.Tensor:
     """`evaluation.generate_videos` as the arm was trained: without the fine-path branch when
     it trained without one, without subject-token injection when it trained without the
     coarse path (the plain caption's embedding instead)."""
@@ -168,7 +220,9 @@ def generate_for_arm(pipe, items, s: X.DemoSettings, arm: Arm, *, image: bool, s
         kw["image_prompt_scale"] = 0.0
     if not arm.coarse:
         kw["plain_prompts"] = True
-    return E.generate_videos(pipe, items, s, image=image, seed=seed, num_frames=num_frames, **kw)
+    else:
+        kw["coarse_input"] = arm.setting("model.coarse_input", s, "image")
+    return E.generate_videos(pipe, items, s, image=image, seed=seed, num_frames=num_frames, swapped=swapped, **kw)
 
 
 def bootstrap_ci(d: np.ndarray, n: int = 2000, seed: int = 0) -> List[float]:
@@ -284,15 +338,28 @@ def run_arm(a: AblationSettings, out: Path, arm_key: str, seed: int, paths: dict
         items = X.make_eval_items(s, held_root)
         gen_s, frames = s, s.frames
     summ = X.run_stage(cfg)
-    pipe = E.load_trained_pipeline(cfg, Path(cfg.output_dir))
-    vi = generate_for_arm(pipe, items, gen_s, arm, image=True, seed=seed, num_frames=frames)
-    vt = generate_for_arm(pipe, items, gen_s, arm, image=False, seed=seed, num_frames=frames)
-    # the videos too (uint8), so that a new metric can score them without generating again
-    torch.save({"image": ((vi + 1) * 127.5).round().to(torch.uint8), "text": ((vt + 1) * 127.5).round().to(torch.uint8)},
-               f.with_suffix(".pt"))
+    task = E.load_trained_task(cfg, Path(cfg.output_dir))
     res = {"arm": arm.key, "seed": seed, "steps": steps, "loss_last": summ["loss_last"],
-           "image": video_scores(vi, items), "text": video_scores(vt, items),
-           "subjects": [it.video_id for it in items], "seconds": round(time.perf_counter() - t0, 1)}
+           "subjects": [it.video_id for it in items], "identities": ["/".join(it.identity) for it in items]}
+    if arm.group == "study":
+        res["flip_loss_gap"] = E.flip_loss_gap(task, items, seed=seed)
+        res["exemplars_cloned"] = summ.get("exemplars_cloned")
+    if arm.generate:
+        pipe = E.load_trained_pipeline(cfg, Path(cfg.output_dir), task=task)
+        u8 = (lambda v: ((v + 1) * 127.5).round().to(torch.uint8))
+        vi = generate_for_arm(pipe, items, gen_s, arm, image=True, seed=seed, num_frames=frames)
+        vt = generate_for_arm(pipe, items, gen_s, arm, image=False, seed=seed, num_frames=frames)
+        videos = {"image": u8(vi), "text": u8(vt)}
+        res.update(image=video_scores(vi, items), text=video_scores(vt, items))
+        if arm.group == "study":   # the paired flip contrast: the swapped prompt, the same noise
+            vs = generate_for_arm(pipe, items, gen_s, arm, image=True, seed=seed, num_frames=frames, swapped=True)
+            videos["swapped"] = u8(vs)
+            res["swapped"] = video_scores(vs, items)
+            res["motion"] = {k: [centroid_motion(v, it) for v, it in zip(vid, items)]
+                             for k, vid in (("image", vi), ("text", vt))}
+        # the videos too (uint8), so that a new metric can score them without generating again
+        torch.save(videos, f.with_suffix(".pt"))
+    res["seconds"] = round(time.perf_counter() - t0, 1)
     if arm.schedule:
         res["schedule"] = arm.schedule
     f.parent.mkdir(parents=True, exist_ok=True)
@@ -358,22 +425,47 @@ def run_ablations(a: AblationSettings, out: Path, jobs: int = 1, threads: int = 
     arms = [ARM_BY_KEY[k] for k in keys]
     if any(x.schedule for x in arms) and s.data_frames < a.long_frames:
         s = a.demo = dataclasses.replace(s, data_frames=a.long_frames)
+    paths, vae_stats = prepare(a, out)
+
+    run_units_of(a, out, arms, keys, paths, jobs, threads)
+    per_arm: Dict[str, List[dict]] = {}
+    for arm in arms:
+        per_arm[arm.key] = [json.loads(_unit_file(out, f"{arm.key}-s{seed}").read_text()) for seed in seeds_of(a, arm)]
+    total = round(time.perf_counter() - t_start, 1)
+    summary = summarise(per_arm, a)
+    md = report(summary, a, total, out)
+    res = {"settings": {"demo": dataclasses.asdict(s), **{k: v for k, v in dataclasses.asdict(a).items()
+                                                          if k != "demo"}},
+           "summary": summary, "units": per_arm, "vae": vae_stats, "seconds": total}
+    (out / "ablations.json").write_text(json.dumps(res, indent=1))
+    (out / "ablations.md").write_text(md)
+    return res
+
+
+def seeds_of(a: AblationSettings, arm: Arm) -> range:
+    return range(a.seeds if arm.multi_seed else 1)
+
+
+def prepare(a: AblationSettings, out: Path) -> tuple:
+    """Data, held-out set and VAE under `out` (each reused when already there): (paths, VAE stats)."""
+    s = a.demo
     train_root, held_root = X.make_data(s, out / "data")
     vae_file = out / "vae" / "vae.safetensors"
     vae_stats = (json.loads((vae_file.parent / "vae_stats.json").read_text()) if vae_file.is_file()
                  else X.pretrain_vae(s, train_root, vae_file))
-    paths = {"train": train_root, "heldout": held_root, "vae": vae_file}
+    return {"train": train_root, "heldout": held_root, "vae": vae_file}, vae_stats
 
-    def seeds_of(arm: Arm) -> range:
-        return range(a.seeds if arm.multi_seed else 1)
 
+def run_units_of(a: AblationSettings, out: Path, arms: List[Arm], keys: List[str], paths: dict, jobs: int,
+                 threads: int) -> None:
+    """Train and evaluate every arm x seed (units already in out/units are read, not rerun)."""
     # Units: every stage 1 (a shared one once per seed), every arm x seed (after its stage 1),
     # the long-clip arms (after the reference arm's stage 2 at seed 0). Longest first.
     need = [ARM_BY_KEY["both"]] if any(x.schedule for x in arms) and "both" not in keys else []
     units: Dict[str, tuple] = {}
     deps: Dict[str, List[str]] = {}
     for arm in sorted(arms + need, key=lambda x: (not x.one_stage, not x.fine, bool(x.schedule))):
-        for seed in ([0] if arm.schedule else seeds_of(arm)):
+        for seed in ([0] if arm.schedule else seeds_of(a, arm)):
             name = f"{arm.key}-s{seed}"
             units[name] = ("run_arm", (a, out, arm.key, seed, paths))
             if arm.schedule:
@@ -386,23 +478,12 @@ def run_ablations(a: AblationSettings, out: Path, jobs: int = 1, threads: int = 
     # stage 1s first (everything waits on them), then the arms in the order above
     order = [n for n, u in units.items() if u[0] == "run_stage1"] + [n for n, u in units.items() if u[0] == "run_arm"]
     # one-stage arms need nothing: start them beside the first stage 1s
-    order = ([n for n in order if units[n][0] == "run_stage1"][:1] + [n for n in order if n.startswith("onestage")]
+    one = {n for n, u in units.items() if u[0] == "run_arm" and ARM_BY_KEY[u[1][2]].one_stage}
+    order = ([n for n in order if units[n][0] == "run_stage1"][:1] + [n for n in order if n in one]
              + [n for n in order if units[n][0] == "run_stage1"][1:] + [n for n in order if units[n][0] == "run_arm"
-                                                                         and not n.startswith("onestage")])
+                                                                         and n not in one])
     print(f"[ablations] {len(units)} training runs, {jobs} at a time", flush=True)
     _run_units({n: units[n] for n in order}, deps, jobs, threads)
-    per_arm: Dict[str, List[dict]] = {}
-    for arm in arms:
-        per_arm[arm.key] = [json.loads(_unit_file(out, f"{arm.key}-s{seed}").read_text()) for seed in seeds_of(arm)]
-    total = round(time.perf_counter() - t_start, 1)
-    summary = summarise(per_arm, a)
-    md = report(summary, a, total, out)
-    res = {"settings": {"demo": dataclasses.asdict(s), **{k: v for k, v in dataclasses.asdict(a).items()
-                                                          if k != "demo"}},
-           "summary": summary, "units": per_arm, "vae": vae_stats, "seconds": total}
-    (out / "ablations.json").write_text(json.dumps(res, indent=1))
-    (out / "ablations.md").write_text(md)
-    return res
 
 
 def _matrix(units: List[dict], side: str, key: str) -> np.ndarray:

@@ -18,18 +18,26 @@ if TYPE_CHECKING:  # annotations only
 # ================================================================================================
 # a trained run as a pipeline
 # ================================================================================================
-def load_trained_pipeline(cfg, run_dir: Path, which: str = "ema"):
-    """A `VideoBoothPipeline` over the task of `cfg` (its tiny components + the VAE of
-    model.base_weights) with every trained weight of `run_dir` (EMA by default), in eval mode."""
+def load_trained_task(cfg, run_dir: Path, which: str = "ema"):
+    """The training task of `cfg` with every trained weight of `run_dir` (EMA by default), in
+    eval mode, gradients off."""
     from .. import checkpoint as ckpt
     from ..registry import build_task
-    from ..tasks import inference_scheduler
     from ..trainer import seed_all
 
     seed_all(cfg.seed)
     task = build_task(cfg)
     ckpt.copy_named(task, ckpt.load_weights(run_dir, which), f"{run_dir}")
-    task.eval().requires_grad_(False)
+    return task.eval().requires_grad_(False)
+
+
+def load_trained_pipeline(cfg, run_dir: Path, which: str = "ema", task=None):
+    """A `VideoBoothPipeline` over the task of `cfg` (its tiny components + the VAE of
+    model.base_weights) with every trained weight of `run_dir` (EMA by default), in eval mode
+    (or over `task`, one `load_trained_task` returned)."""
+    from ..tasks import inference_scheduler
+
+    task = task if task is not None else load_trained_task(cfg, run_dir, which)
     pipe = task.parts.pipeline()
     pipe.scheduler = inference_scheduler(task.noise_config)
     pipe.set_progress_bar_config(disable=True)
@@ -45,14 +53,19 @@ GREY = 0.5
 @torch.no_grad()
 def generate_videos(pipe, items: Sequence[EvalItem], s: DemoSettings, *, image: bool, seed: int,
                     num_frames: Optional[int] = None, batch: int = 20, images=None,
-                    image_prompt_scale: Optional[float] = None, plain_prompts: bool = False) -> torch.Tensor:
+                    image_prompt_scale: Optional[float] = None, plain_prompts: bool = False,
+                    coarse_input: str = "image", swapped: bool = False) -> torch.Tensor:
     """One video per item: (N, F, 3, H, W) in [-1, 1]. image=True: with the item's image prompt
     (or `images[i]` when given); False: text only (a grey image prompt). Item i's initial noise
     depends on (seed, i) only, so both arms start from the same noise.
 
     image_prompt_scale: the pipeline's fine-path strength for these calls (0: no image branch,
     for a model trained without the fine path). plain_prompts: the captions' own embeddings,
-    without subject-token injection (for a model trained without the coarse path)."""
+    without subject-token injection (for a model trained without the coarse path).
+    coarse_input: the task's ``model.coarse_input``; other than "image", the coarse path's tokens
+    come from `vb_train.videobooth_task.coarse_subject_tokens` (what the task trained on) and reach
+    the pipeline as its ``prompt_embeds``. swapped: every item's swapped prompt (``image_paired``)
+    instead of its prompt, for both paths (the paired flip contrast)."""
     from tqdm.auto import tqdm
 
     f = num_frames or s.frames
@@ -62,11 +75,19 @@ def generate_videos(pipe, items: Sequence[EvalItem], s: DemoSettings, *, image: 
                disable=not s.progress)
     for lo in chunks:
         part = items[lo:lo + batch]
+        paired = None
         if image:
-            src = [it.image for it in part] if images is None else list(images[lo:lo + batch])
+            if swapped and any(it.image_paired is None for it in part):
+                raise ValueError("swapped: the items have no swapped prompt (data.paired_transform)")
+            src = ([it.image_paired if swapped else it.image for it in part] if images is None
+                   else list(images[lo:lo + batch]))
             prompts = torch.stack([(x + 1) / 2 for x in src]).clamp(0, 1)
+            if all(it.image_paired is not None for it in part) and images is None:
+                paired = torch.stack([(it.image if swapped else it.image_paired) + 1 for it in part]).div(2).clamp(0, 1)
         else:
             prompts = torch.full((len(part), 3, s.image_size, s.image_size), GREY)
+        if paired is None:
+            paired = prompts
         lat_shape = (pipe.backbone.in_channels, f, s.size // pipe.vae_scale_factor, s.size // pipe.vae_scale_factor)
         latents = torch.stack([torch.randn(lat_shape, generator=torch.Generator().manual_seed(seed * 100003 + lo + j))
                                for j in range(len(part))])
@@ -74,6 +95,13 @@ def generate_videos(pipe, items: Sequence[EvalItem], s: DemoSettings, *, image: 
         if plain_prompts:
             from vb.coarse import encode_prompt
             text = dict(prompt_embeds=encode_prompt(pipe.text_encoder, pipe.tokenizer, text["prompt"])[0])
+        elif coarse_input != "image":
+            from vb.coarse import encode_prompt
+
+            from ..videobooth_task import coarse_subject_tokens
+            tokens, _ = coarse_subject_tokens(pipe.image_encoder, pipe.mapper, prompts, paired, coarse_input)
+            text = dict(prompt_embeds=encode_prompt(pipe.text_encoder, pipe.tokenizer, text["prompt"],
+                                                    text["subject_word"], tokens)[0])
         res = pipe(**text, image_prompt=prompts, image_prompt_scale=image_prompt_scale,
                    num_frames=f, height=s.size, width=s.size, num_inference_steps=s.inference_steps,
                    guidance_scale=s.guidance_scale, uncond_image=s.uncond_image,
@@ -82,6 +110,41 @@ def generate_videos(pipe, items: Sequence[EvalItem], s: DemoSettings, *, image: 
         bar.update(len(part))
     bar.close()
     return torch.cat(out).clamp(-1, 1)
+
+
+@torch.no_grad()
+def flip_loss_gap(task, items: Sequence[EvalItem], *, seed: int = 0,
+                  timesteps: Sequence[int] = (100, 200, 300, 400, 500, 600, 700, 800, 900)) -> List[float]:
+    """Per item: the denoising loss with the swapped prompt minus with the true one, averaged
+    over `timesteps`; the same clean latents, noise, image-branch noise and caption for both
+    (everything drawn from `seed`). Positive: the model's prediction is better with the true
+    arrangement, i.e. it uses the arrangement. Both paths get the swapped prompt (a coarse input
+    averaged over the prompt and its swap gets the same tokens either way, so a coarse-only model
+    scores 0 by construction). The prompts are fed as they are, also to a model trained on grey
+    prompts (``grey_prompt``, the negative control), as sampling feeds them."""
+    if any(it.image_paired is None for it in items):
+        raise ValueError("items: flip_loss_gap needs each item's swapped prompt (data.paired_transform)")
+    b = len(items)
+    true = {"video": torch.stack([it.video for it in items]), "image": torch.stack([it.image for it in items]),
+            "image_paired": torch.stack([it.image_paired for it in items]),
+            "caption": [it.caption for it in items], "subject": [it.subject for it in items]}
+    true["drop_text"] = torch.zeros(b, dtype=torch.bool)
+    flip = dict(true, image=true["image_paired"], image_paired=true["image"])
+    g = torch.Generator().manual_seed(seed * 7919 + 17)
+    x0 = task.latents(true, g)
+    gaps = torch.zeros(b, dtype=torch.float64)
+    for t in timesteps:
+        tt = torch.full((b,), int(t), dtype=torch.long)
+        noise = torch.randn(x0.shape, generator=g)
+        noisy = task.add_noise(x0, noise, tt)
+        target = noise if task.prediction_type == "epsilon" else task.noise_scheduler.get_velocity(x0, noise, tt)
+        branch_seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=g))
+        losses = []
+        for batch in (true, flip):
+            pred = task.predict(noisy, tt, batch, torch.Generator().manual_seed(branch_seed))
+            losses.append(((pred.float() - target.float()) ** 2).flatten(1).mean(1).double())
+        gaps += losses[1] - losses[0]
+    return [float(x) for x in gaps / len(timesteps)]
 
 
 @torch.no_grad()

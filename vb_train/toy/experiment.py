@@ -45,6 +45,10 @@ class DemoSettings:
     two_tone_side: Optional[int] = None   # the two-tone square's side at data_size (px)
     clips_per_subject: int = 1       # held-out clips evaluated per identity (different motion,
                                      # background and noise)
+    colours: Optional[tuple] = None  # two-tone only: draw every identity (training and evaluation)
+                                     # from the ordered pairs of these colours (None: the split's)
+    eval_split: str = "heldout"      # evaluate on "heldout" identities, or "train" (seen ones,
+                                     # new clips); with `colours` both sets use those identities
     # the tiny VAE (an autoencoder trained first)
     vae_steps: int = 1000
     vae_batch: int = 32
@@ -90,6 +94,7 @@ class EvalItem:
     subject: str               # the subject word (the shape)
     identity: tuple            # (shape, pattern, colour)
     video_id: str
+    image_paired: Optional[torch.Tensor] = None   # the swapped prompt (data.paired_transform)
 
 
 def _rows_by_id(root: Path) -> Dict[str, dict]:
@@ -107,13 +112,25 @@ def make_data(s: DemoSettings, root: Path) -> tuple[Path, Path]:
     from .synthetic import IDENTITY_KINDS, TWO_TONE, generate, subject_split, two_tone_split
 
     split = two_tone_split() if s.identity_kind == TWO_TONE else subject_split()
-    n_held = sum(1 for v in split.values() if v == "heldout")
+    if s.eval_split not in ("heldout", "train"):
+        raise ValueError(f"eval_split: expected 'heldout' or 'train', got {s.eval_split!r}")
+    n_held = sum(1 for v in split.values() if v == s.eval_split)
     sets = {
         # held-out: oversampled, then one clip per identity is evaluated (make_eval_items)
         "train": dict(num=s.train_clips, seed=s.seed, split="train"),
         "heldout": dict(num=max(8, 8 * min(s.heldout_subjects, n_held * s.clips_per_subject)), seed=s.seed + 1000,
-                        split="heldout"),
+                        split=s.eval_split),
     }
+    if s.colours is not None:
+        if s.identity_kind != TWO_TONE:
+            raise ValueError("colours: only with identity_kind='two-tone'")
+        ids = [(sh, TWO_TONE, f"{a}/{b}") for sh in ("square",) for a in s.colours for b in s.colours if a != b]
+        if len(ids) < 2:
+            raise ValueError(f"colours: expected at least 2 colours, got {s.colours!r}")
+        n_held = len(ids)
+        sets["heldout"]["num"] = max(8, 8 * min(s.heldout_subjects, n_held * s.clips_per_subject))
+        for kw in sets.values():
+            kw["identities"] = [list(i) for i in ids]
     paths = []
     for name, kw in sets.items():
         out = root / name
@@ -126,12 +143,21 @@ def make_data(s: DemoSettings, root: Path) -> tuple[Path, Path]:
             args["identity_kind"] = s.identity_kind
         if s.two_tone_side is not None:
             args["two_tone_side"] = s.two_tone_side
+        ids = args.pop("identities", None)
+        if meta.is_file() and ids is not None:   # (generate records the identities it drew from)
+            m = json.loads(meta.read_text())
+            if m.get("pool") != ids:
+                meta.unlink()
         if meta.is_file():   # the generator records its arguments in meta.json
             m = json.loads(meta.read_text())
             if m.get("complete") and all(m.get(k) == v for k, v in args.items()):
                 paths.append(out)
                 continue
-        generate(out, overwrite=True, progress=s.progress, **args)
+        generate(out, overwrite=True, progress=s.progress, identities=ids, **args)
+        if ids is not None:
+            m = json.loads(meta.read_text())
+            m["pool"] = ids
+            meta.write_text(json.dumps(m, indent=1))
         paths.append(out)
     return paths[0], paths[1]
 
@@ -142,8 +168,13 @@ def make_eval_items(s: DemoSettings, heldout_root: Path) -> List[EvalItem]:
     augmentation). Items are ordered by each identity's first clip, then by clip."""
     from ..data import VideoBoothDataset
 
+    paired = s.extra.get("data.paired_transform")
+    if paired:
+        from ..videobooth_task import import_object
+        paired = import_object(paired, "data.paired_transform")
     ds = VideoBoothDataset(heldout_root, num_frames=s.frames, frame_stride=s.frame_stride, size=s.size,
-                           image_size=s.image_size, train=False, caption_column="short_caption", seed=s.seed)
+                           image_size=s.image_size, train=False, caption_column="short_caption", seed=s.seed,
+                           paired_transform=paired or None)
     rows = _rows_by_id(heldout_root)
     # clip order = generation order (video ids are s{seed}_{i:06d})
     order = sorted(range(len(ds.records)), key=lambda i: ds.records[i].videoid)
@@ -160,7 +191,7 @@ def make_eval_items(s: DemoSettings, heldout_root: Path) -> List[EvalItem]:
             r = rows[ds.records[i].videoid]
             it = ds[i]
             items.append(EvalItem(it["video"], it["image"], it["caption"], r["full_caption"], it["subject"], ident,
-                                  it["video_id"]))
+                                  it["video_id"], it.get("image_paired")))
             if len(items) == s.heldout_subjects:
                 return items
     return items
@@ -285,7 +316,9 @@ def run_stage(cfg) -> dict:
     if out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    summary = Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    summary = trainer.train()
+    summary["exemplars_cloned"] = getattr(trainer.task, "exemplars_cloned", None)
     hist = summary.pop("history")
     n = max(1, len(hist) // 10)
     summary.update(seconds=round(time.perf_counter() - t0, 1), steps=len(hist),

@@ -16,6 +16,11 @@ attn2 processor that is installed (VideoBooth's, with its new text K/V), untouch
 is forward hooks on the attn2 modules, so no parameter of the backbone is renamed and the
 backbone's checkpoints load as they are.
 
+IP-Adapter-Plus (``kind="plus"``, the variant practitioners use for detail: diffusers'
+``IPAdapterPlusImageProjection``) replaces the pooled embedding by a *resampler*: learned query
+tokens cross-attend (perceiver layers) to one tower layer's tokens, class and patch tokens, each
+with its position, so its image tokens can carry where things are in the prompt.
+
 Where the image embedding comes from: the backbone's ``image_embeds`` argument, which
 ``vb.VideoBoothPipeline`` always passes (the image encoder's pooled embedding), or
 :meth:`IPAdapter.set_image_embeds` before a call (the training task does that).
@@ -41,6 +46,42 @@ def _attn2_modules(backbone: nn.Module) -> List[nn.Module]:
     return mods
 
 
+class Resampler(nn.Module):
+    """IP-Adapter-Plus's image projection, small: ``num_tokens`` learned queries, ``depth``
+    perceiver layers (the queries attend to [image tokens; queries], then an MLP, both
+    residual), a projection to the text width and a LayerNorm.
+
+    Args:
+        in_dim: the tower's token width C_vis. dim: the resampler's width. out_dim: D_text.
+    """
+
+    def __init__(self, in_dim: int, dim: int, out_dim: int, num_tokens: int = 4, depth: int = 2, heads: int = 4):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim: expected a multiple of heads={heads}, got {dim}")
+        self.queries = nn.Parameter(torch.randn(1, num_tokens, dim) / dim ** 0.5)
+        self.proj_in = nn.Linear(in_dim, dim)
+        self.layers = nn.ModuleList()
+        for _ in range(depth):
+            self.layers.append(nn.ModuleDict({
+                "norm_x": nn.LayerNorm(dim), "norm_q": nn.LayerNorm(dim),
+                "attn": nn.MultiheadAttention(dim, heads, batch_first=True),
+                "ff": nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))}))
+        self.proj_out = nn.Linear(dim, out_dim)
+        self.norm_out = nn.LayerNorm(out_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T, C_vis) -> (B, num_tokens, D_text)."""
+        x = self.proj_in(tokens)
+        q = self.queries.expand(x.shape[0], -1, -1).to(x.dtype)
+        for layer in self.layers:
+            qn = layer["norm_q"](q)
+            kv = torch.cat([layer["norm_x"](x), qn], dim=1)
+            q = q + layer["attn"](qn, kv, kv, need_weights=False)[0]
+            q = q + layer["ff"](q)
+        return self.norm_out(self.proj_out(q))
+
+
 class IPAdapter(nn.Module):
     """Decoupled image cross-attention on every attn2 of `backbone` (module docstring).
 
@@ -56,8 +97,14 @@ class IPAdapter(nn.Module):
     IP-Adapter does.
     """
 
-    def __init__(self, backbone: nn.Module, image_embed_dim: int, num_tokens: int = 4, scale: float = 1.0):
+    def __init__(self, backbone: nn.Module, image_embed_dim: int, num_tokens: int = 4, scale: float = 1.0, *,
+                 kind: str = "pooled", image_encoder: Optional[nn.Module] = None, layer: int = -1):
         super().__init__()
+        if kind not in ("pooled", "plus"):
+            raise ValueError(f"kind: expected 'pooled' or 'plus', got {kind!r}")
+        if kind == "plus" and image_encoder is None:
+            raise ValueError("image_encoder: required with kind='plus' (the resampler reads its layer tokens)")
+        self.kind, self.layer = kind, int(layer)
         if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1:
             raise ValueError(f"num_tokens: expected an int >= 1, got {num_tokens!r}")
         if not isinstance(image_embed_dim, int) or image_embed_dim < 1:
@@ -65,8 +112,11 @@ class IPAdapter(nn.Module):
         attns = _attn2_modules(backbone)
         cross = attns[0].to_k.in_features
         self.num_tokens, self.scale, self.cross_dim = num_tokens, float(scale), cross
-        self.proj = nn.Linear(image_embed_dim, num_tokens * cross)
-        self.norm = nn.LayerNorm(cross)
+        if kind == "pooled":
+            self.proj = nn.Linear(image_embed_dim, num_tokens * cross)
+            self.norm = nn.LayerNorm(cross)
+        else:
+            self.resampler = Resampler(int(image_encoder.hidden_size), 64, cross, num_tokens)
         self.to_k_ip = nn.ModuleList()
         self.to_v_ip = nn.ModuleList()
         for a in attns:
@@ -80,10 +130,37 @@ class IPAdapter(nn.Module):
         self._handles = [a.register_forward_hook(self._attn_hook(i), with_kwargs=True) for i, a in enumerate(attns)]
         self._handles.append(backbone.register_forward_pre_hook(self._capture, with_kwargs=True))
         self._handles.append(backbone.register_forward_hook(self._release))
+        # plus: the encoder's layer tokens of each prompt it encodes, found again by the pooled
+        # embedding the pipeline hands the backbone (kept for the last few encoder calls)
+        self._seen: List[tuple] = []
+        if kind == "plus":
+            self._handles.append(image_encoder.register_forward_hook(self._remember))
+
+    def _remember(self, module, args, out):
+        self._seen = (self._seen + [(out.image_embeds.detach(), out.layer_tokens[:, self.layer].detach())])[-4:]
+
+    def _lookup(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for e in image_embeds:
+            for pooled, tokens in reversed(self._seen):
+                hit = (pooled == e.to(pooled.dtype)).all(-1).nonzero()
+                if len(hit):
+                    rows.append(tokens[int(hit[0])])
+                    break
+            else:
+                raise RuntimeError("IP-Adapter-Plus: the backbone got an image embedding the image encoder did not "
+                                   "produce (call the backbone through the pipeline, or set_layer_tokens first)")
+        return torch.stack(rows)
 
     # ---- the image tokens of the current call ----------------------------------------------------
     def image_tokens(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, E) pooled image embeddings -> (B, num_tokens, D_text) (IP-Adapter's ImageProjModel)."""
+        """(B, E) pooled image embeddings -> (B, num_tokens, D_text) (IP-Adapter's ImageProjModel);
+        plus: (B, T, C_vis) layer tokens -> (B, num_tokens, D_text) (the resampler)."""
+        if self.kind == "plus":
+            if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3:
+                raise ValueError(f"image_embeds: expected (B, T, C_vis) layer tokens for IP-Adapter-Plus, got "
+                                 f"{getattr(image_embeds, 'shape', type(image_embeds).__name__)}")
+            return self.resampler(image_embeds.to(self.resampler.proj_in.weight.dtype))
         if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 2:
             raise ValueError(f"image_embeds: expected a (B, {self.proj.in_features}) tensor, got "
                              f"{getattr(image_embeds, 'shape', type(image_embeds).__name__)}")
@@ -97,8 +174,8 @@ class IPAdapter(nn.Module):
 
     def _capture(self, module, args, kwargs):
         emb = kwargs.get("image_embeds")
-        if emb is not None:
-            self._tokens = self.image_tokens(emb)
+        if emb is not None and self._tokens is None:  # (tokens set for this call take precedence)
+            self._tokens = self.image_tokens(self._lookup(emb) if self.kind == "plus" else emb)
 
     def _release(self, module, args, output):
         self._tokens = None
@@ -141,15 +218,18 @@ class IPAdapter(nn.Module):
 class IPAdapterTask(VideoBoothTask):
     """The VideoBooth task with an :class:`IPAdapter` on the backbone (``task: vb_train.toy.ip_adapter:IPAdapterTask``).
 
-    cfg.model: ``ip_tokens`` [4], ``ip_scale`` [1.0]; use it with ``coarse_path: false`` and
+    cfg.model: ``ip_tokens`` [4], ``ip_scale`` [1.0], ``ip_kind`` ["pooled"; "plus": IP-Adapter-Plus],
+    ``ip_layer`` [-1: the deepest of the image encoder's mapped layers]; use it with ``coarse_path: false`` and
     ``fine_path: false`` for the plain IP-Adapter baseline. The adapter's parameters train in
     every stage, beside what the VideoBooth task trains."""
 
     def __init__(self, cfg, components=None):
         super().__init__(cfg, components)
         m = cfg.model
+        kind = m.get("ip_kind", "pooled")
         self.ip_adapter = IPAdapter(self.backbone, int(self.image_encoder.embed_dim),
-                                    num_tokens=int(m.get("ip_tokens", 4)), scale=float(m.get("ip_scale", 1.0)))
+                                    num_tokens=int(m.get("ip_tokens", 4)), scale=float(m.get("ip_scale", 1.0)),
+                                    kind=kind, image_encoder=self.image_encoder, layer=int(m.get("ip_layer", -1)))
 
     def trainable_parameters(self, stage: int):
         return list(super().trainable_parameters(stage)) + list(self.ip_adapter.parameters())
@@ -158,7 +238,8 @@ class IPAdapterTask(VideoBoothTask):
         # the coarse path may be off (then the task passes no image_embeds): give them here
         with torch.no_grad():
             enc = self.image_encoder((batch["image"].float() + 1) / 2)
-        self.ip_adapter.set_image_embeds(enc.image_embeds)
+        ip = self.ip_adapter
+        ip.set_image_embeds(enc.layer_tokens[:, ip.layer] if ip.kind == "plus" else enc.image_embeds)
         try:
             return super().predict(noisy, timesteps, batch, generator)
         finally:

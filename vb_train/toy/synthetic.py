@@ -91,7 +91,7 @@ __all__ = [
     "BACKGROUNDS", "COLOURS", "MOTIONS", "PATTERNS", "SHAPES",
     "TWO_TONE", "TWO_TONE_COLOURS", "TWO_TONE_SHAPES",
     "all_identities", "generate", "main", "render_clip", "subject_phrase", "subject_split",
-    "two_tone_colours", "two_tone_identities", "two_tone_split",
+    "swap_two_tone", "two_tone_colours", "two_tone_identities", "two_tone_split",
 ]
 
 
@@ -138,6 +138,30 @@ def two_tone_colours(colour: str) -> tuple[str, str]:
         raise ValueError(f"identity: a two-tone colour is 'upper/lower' with two different colours of "
                          f"{tuple(COLOURS)}, got {colour!r}")
     return parts[0], parts[1]
+
+
+def swap_two_tone(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The frame with its two-tone subject's two colours exchanged (A over B -> B over A), pixel
+    for pixel: every pixel under `mask` holding one of the two colours gets the other; the rest
+    is unchanged. frame uint8 (H, W, 3) (lossless: PNG frames); mask bool (H, W).
+
+    It is the toy's "swapped prompt" (`VideoBoothDataset(paired_transform=swap_two_tone)`): the
+    loader crops and augments it with the same draws as the prompt, so a coarse input averaged
+    over the two is the same for (A over B) and (B over A) up to float rounding."""
+    if frame.ndim != 3 or frame.shape[-1] != 3 or frame.dtype != np.uint8:
+        raise ValueError(f"frame: expected uint8 (H, W, 3), got {frame.dtype} {tuple(frame.shape)}")
+    if mask.shape != frame.shape[:2]:
+        raise ValueError(f"mask: expected shape {frame.shape[:2]}, got {tuple(mask.shape)}")
+    colours, counts = np.unique(frame[mask].reshape(-1, 3), axis=0, return_counts=True)
+    if len(colours) != 2:
+        raise ValueError(f"frame: a two-tone subject has exactly 2 colours under its mask, found {len(colours)} "
+                         f"(a lossy frame, or not a two-tone subject)")
+    a, b = colours
+    out = frame.copy()
+    is_a = mask & (frame == a).all(-1)
+    is_b = mask & (frame == b).all(-1)
+    out[is_a], out[is_b] = b, a
+    return out
 
 
 def two_tone_identities() -> list[tuple[str, str, str]]:

@@ -1,0 +1,361 @@
+"""Does the fine path carry the detail the coarse path cannot? The two-tone study, with controls.
+
+    python -m vb_train.toy.study --gate --out study_gate --jobs 2    # the gate (about 20 min, 2-core CPU)
+    python -m vb_train.toy.study --full --out study_full --jobs 2    # the full table (longer)
+    python -m vb_train.toy.study --gate --quick --out /tmp/q         # a smoke run (numbers mean nothing)
+
+The toy is the ablations' two-tone square (`vb_train.toy.ablations`, docs/demo.md): upper half colour
+A, lower half colour B, the identity is the ordered pair. What changed against the ablations:
+
+- the coarse path is blind to the order *on the tensor it is fed*: it encodes the prompt and the
+  prompt with its two colours swapped (`vb_train.toy.synthetic.swap_two_tone`, made by the loader
+  with the same crop and augmentation draws) and averages the tower's outputs
+  (``model.coarse_input: swap-average``), in training and in sampling alike; the image tower keeps
+  its positional embedding;
+- the exemplar projections start stage 2 as copies of the trained attn1 K/V (as the official code
+  does; ``model.exemplar_init``);
+- controls: an oracle arm whose coarse path is told the arrangement (the mapper's tokens of the
+  upper half, then of the lower half: ``model.coarse_input: halves``) is the positive control, a
+  grey-prompt arm (no prompt ever reaches the model in training) the negative one;
+- metrics that can see the order: the flip-loss gap (the denoising loss with the swapped prompt
+  minus with the true one, same noisy input, t = 100..900; 0 by construction without a path
+  that sees the order), the paired flip contrast on samples from the same noise (threshold-free
+  `two_tone_order_soft` with the true prompt minus with the swapped one), the thresholded
+  `two_tone_order` as before, colour identity, and frame-one copying as the subject's centroid
+  motion along the caption's direction;
+- intervals: per seed, clips are averaged within an identity and identities averaged (clips of
+  one identity are not independent); the interval is a t interval over the seed means.
+
+Gate (`--gate`): seen colour pairs of four high-contrast colours (red, green, blue, yellow: 12
+ordered pairs, training and evaluation clips drawn from the same identities), arms reference,
+coarse only, oracle, grey; it passes when the oracle's flip contrast is above 0 in every seed
+(each seed's interval over identities). Full table (`--full`): held-out colour pairs as in the
+ablations, arms reference, coarse only, fine only, one-stage joint, oracle, grey, IP-Adapter-Plus,
+and the clean-latent fine path (loss-based scores only: sampling noises the image latent).
+
+Outputs under --out: study.md, study.json, study.png, units/ (per arm and seed; a rerun skips the
+finished ones) and the run directories.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import ablations as A
+from . import experiment as X
+
+GATE_ARMS = ("ref", "coarse_only", "oracle", "grey")
+FULL_ARMS = ("ref", "coarse_only", "fine_only", "joint", "oracle", "grey", "ipplus", "clean")
+GATE_COLOURS = ("red", "green", "blue", "yellow")
+STUDY_EXTRA = {"model.coarse_input": "swap-average", "data.paired_transform": "vb_train.toy.synthetic:swap_two_tone"}
+# two-sided 95% t quantiles by degrees of freedom (no scipy here)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    if df < 1:
+        return float("nan")
+    return T975.get(df) or T975[max(k for k in T975 if k <= df)]
+
+
+def settings(kind: str, quick: bool = False, **demo_kw) -> A.AblationSettings:
+    """The gate's or the full table's settings (module docstring); quick: a smoke run."""
+    if kind not in ("gate", "full"):
+        raise ValueError(f"kind: expected 'gate' or 'full', got {kind!r}")
+    extra = dict(STUDY_EXTRA)
+    kw = dict(identity_kind="two-tone", clips_per_subject=2, data_size=48, two_tone_side=32, data_frames=8,
+              steps1=300, steps2=500, vae_steps=600)
+    if kind == "gate":
+        # seen pairs: the 12 ordered pairs of 4 colours, in training and in evaluation (new clips);
+        # the CSV's split column is the ablations' held-out split, so no row filter
+        kw.update(colours=GATE_COLOURS, eval_split="train", heldout_subjects=24)
+        extra["data.split"] = None
+    else:
+        kw.update(heldout_subjects=40)
+    kw["extra"] = extra
+    if quick:
+        kw.update(train_clips=12, heldout_subjects=4, data_size=32, two_tone_side=16, vae_steps=5, vae_batch=16,
+                  steps1=2, steps2=2, batch_size=2, inference_steps=2, gif_rows=3)
+    kw.update(demo_kw)
+    arms = GATE_ARMS if kind == "gate" else FULL_ARMS
+    return A.AblationSettings(X.DemoSettings(**kw), seeds=1 if quick else 3, arms=arms)
+
+
+# ================================================================================================
+# numbers
+# ================================================================================================
+def seed_means(values: Sequence[float], identities: Sequence[str]) -> float:
+    """The mean over identities of the mean over each identity's clips."""
+    groups: Dict[str, List[float]] = {}
+    for v, i in zip(values, identities):
+        groups.setdefault(i, []).append(float(v))
+    return float(np.mean([np.mean(g) for g in groups.values()]))
+
+
+def t_interval(x: Sequence[float]) -> dict:
+    """Mean of x (one value per seed) with its two-sided 95% t interval."""
+    x = np.asarray(x, np.float64)
+    m = float(x.mean())
+    if len(x) < 2:
+        return {"mean": m, "ci95": [float("nan"), float("nan")], "per_seed": x.tolist()}
+    h = t975(len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return {"mean": m, "ci95": [m - h, m + h], "per_seed": x.tolist()}
+
+
+def within_seed_interval(values: Sequence[float], identities: Sequence[str]) -> List[float]:
+    """A 95% t interval of one seed's mean over identities (identity means as the units)."""
+    groups: Dict[str, List[float]] = {}
+    for v, i in zip(values, identities):
+        groups.setdefault(i, []).append(float(v))
+    g = np.array([np.mean(v) for v in groups.values()])
+    if len(g) < 2:
+        return [float("nan"), float("nan")]
+    h = t975(len(g) - 1) * float(g.std(ddof=1)) / math.sqrt(len(g))
+    return [float(g.mean() - h), float(g.mean() + h)]
+
+
+def unit_metrics(u: dict) -> Dict[str, List[float]]:
+    """Per clip, every score of one unit (arm x seed)."""
+    m: Dict[str, List[float]] = {"flip_loss_gap": u["flip_loss_gap"]}
+    if "image" in u:
+        im, tx, sw = u["image"], u["text"], u["swapped"]
+        m["flip_contrast"] = [a["order_soft"] - b["order_soft"] for a, b in zip(im, sw)]
+        m["order_soft_image"] = [a["order_soft"] for a in im]
+        m["order_image"] = [a["order"] for a in im]
+        m["delta_order"] = [a["order"] - b["order"] for a, b in zip(im, tx)]
+        m["order_contrast"] = [a["order"] - b["order"] for a, b in zip(im, sw)]
+        m["color_image"] = [a["color"] for a in im]
+        m["delta_color"] = [a["color"] - b["color"] for a, b in zip(im, tx)]
+        m["motion_image"] = u["motion"]["image"]
+        m["motion_text"] = u["motion"]["text"]
+        m["frame_change_image"] = [a["frame_change"] for a in im]
+    return m
+
+
+METRICS = ("flip_loss_gap", "flip_contrast", "order_contrast", "order_soft_image", "delta_order", "color_image",
+           "delta_color", "motion_image", "motion_text", "frame_change_image")
+
+
+def summarise(per_arm: Dict[str, List[dict]]) -> Dict[str, dict]:
+    out: Dict[str, dict] = {}
+    for key, units in per_arm.items():
+        arm = A.ARM_BY_KEY[key]
+        per = [unit_metrics(u) for u in units]
+        r = {"name": arm.name, "seeds": len(units), "steps": units[0]["steps"], "n": len(units[0]["subjects"]),
+             "identities": len(set(units[0]["identities"])), "seconds": sum(u["seconds"] for u in units)}
+        for m in METRICS:
+            if m in per[0]:
+                r[m] = t_interval([seed_means(p[m], u["identities"]) for p, u in zip(per, units)])
+        r["flip_contrast_within_seed"] = ([within_seed_interval(p["flip_contrast"], u["identities"])
+                                           for p, u in zip(per, units)] if "flip_contrast" in per[0] else None)
+        r["flip_gap_within_seed"] = [within_seed_interval(p["flip_loss_gap"], u["identities"])
+                                     for p, u in zip(per, units)]
+        out[key] = r
+    # the paper's claim and the baselines, as differences of seed means against coarse only / the reference
+    for base in ("coarse_only", "ref"):
+        if base not in per_arm:
+            continue
+        bseeds = {u["seed"]: unit_metrics(u) for u in per_arm[base]}
+        bunits = {u["seed"]: u for u in per_arm[base]}
+        for key, units in per_arm.items():
+            if key == base or (base == "ref" and key == "coarse_only"):
+                continue
+            diffs = {}
+            for m in ("flip_loss_gap", "flip_contrast", "order_contrast", "delta_order", "color_image"):
+                xs = [seed_means(unit_metrics(u)[m], u["identities"])
+                      - seed_means(bseeds[u["seed"]][m], bunits[u["seed"]]["identities"])
+                      for u in units if u["seed"] in bseeds and m in unit_metrics(u) and m in bseeds[u["seed"]]]
+                if xs:
+                    diffs[m] = t_interval(xs)
+            out[key][f"vs_{base}"] = diffs
+    return out
+
+
+def gate_verdict(summary: Dict[str, dict]) -> dict:
+    """The gate passes when the oracle's flip contrast is above 0 in every seed (the lower end of
+    each seed's interval over identities) and the negative control's seed intervals hold 0."""
+    o = summary.get("oracle", {})
+    per = o.get("flip_contrast_within_seed") or []
+    ok = bool(per) and all(lo > 0 for lo, _ in per)
+    g = summary.get("grey", {}).get("flip_contrast_within_seed") or []
+    null_ok = bool(g) and all(lo <= 0 <= hi for lo, hi in g)
+    return {"oracle_learns_every_seed": ok, "oracle_per_seed": per, "grey_holds_zero_every_seed": null_ok,
+            "grey_per_seed": g}
+
+
+# ================================================================================================
+# tables and plots
+# ================================================================================================
+def _ci(d: Optional[dict], digits: int = 3) -> str:
+    if not d:
+        return "-"
+    lo, hi = d["ci95"]
+    if math.isnan(lo):
+        return f"{d['mean']:+.{digits}f}"
+    return f"{d['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def tables(summary: Dict[str, dict]) -> Dict[str, str]:
+    md = A._md
+    main = md(["arm", "seeds", "steps", "flip-loss gap (x1e3)", "flip contrast (soft order)",
+               "order: true - swapped prompt", "Δ order image - text", "colour (image)", "Δ colour image - text",
+               "motion along caption (image)", "(text only)"],
+              ([r["name"], str(r["seeds"]), r["steps"],
+                _ci({"mean": r["flip_loss_gap"]["mean"] * 1e3, "ci95": [v * 1e3 for v in r["flip_loss_gap"]["ci95"]]}),
+                _ci(r.get("flip_contrast")), _ci(r.get("order_contrast")), _ci(r.get("delta_order")),
+                _ci(r.get("color_image")), _ci(r.get("delta_color")), _ci(r.get("motion_image")),
+                _ci(r.get("motion_text"))] for r in summary.values()))
+    rows = []
+    for key, r in summary.items():
+        for base in ("coarse_only", "ref"):
+            d = r.get(f"vs_{base}")
+            if d:
+                rows.append([f"{r['name']} - {summary[base]['name']}", str(len(d.get('flip_loss_gap', {}).get('per_seed', []))),
+                             _ci({"mean": d["flip_loss_gap"]["mean"] * 1e3,
+                                  "ci95": [v * 1e3 for v in d["flip_loss_gap"]["ci95"]]}) if "flip_loss_gap" in d else "-",
+                             _ci(d.get("flip_contrast")), _ci(d.get("order_contrast")), _ci(d.get("color_image"))])
+    contrasts = md(["contrast (differences of seed means)", "seeds", "flip-loss gap (x1e3)", "flip contrast",
+                    "order: true - swapped", "colour (image)"], rows)
+    per_seed = md(["arm", "flip contrast per seed [95% over identities]", "flip-loss gap per seed (x1e3)"],
+                  ([r["name"], "; ".join(f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in (r["flip_contrast_within_seed"] or [])) or "-",
+                    ", ".join(f"{x * 1e3:+.2f}" for x in r["flip_loss_gap"]["per_seed"])] for r in summary.values()))
+    return {"main": main, "contrasts": contrasts, "per_seed": per_seed}
+
+
+def plot(summary: Dict[str, dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(summary)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 0.45 * len(keys) + 1.6), dpi=110, sharey=True)
+    for ax, (m, title, k) in zip(axes, (("flip_loss_gap", "flip-loss gap (x1e3)", 1e3),
+                                        ("flip_contrast", "flip contrast (soft order)", 1.0),
+                                        ("delta_color", "Δ colour image - text", 1.0))):
+        for i, key in enumerate(keys):
+            d = summary[key].get(m)
+            if not d:
+                continue
+            y = len(keys) - 1 - i
+            lo, hi = (v * k for v in d["ci95"])
+            mean = d["mean"] * k
+            err = None if math.isnan(lo) else [[mean - lo], [hi - mean]]
+            ax.barh(y, mean, xerr=err, color="tab:grey" if key in ("oracle", "grey") else "tab:blue", alpha=0.85,
+                    capsize=3)
+            ax.scatter([v * k for v in d["per_seed"]], [y] * len(d["per_seed"]), color="black", s=8, zorder=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(keys)))
+    axes[0].set_yticklabels([summary[k]["name"] for k in reversed(keys)], fontsize=7)
+    fig.supxlabel("mean over seeds, 95% t interval over seed means; dots: seeds", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def report(kind: str, summary: Dict[str, dict], verdict: Optional[dict], a: A.AblationSettings, total: float,
+           out: Path) -> str:
+    t = tables(summary)
+    p = plot(summary, out / "study.png")
+    s = a.demo
+    what = (f"seen pairs of {', '.join(s.colours or ())} (new clips of the training identities)"
+            if s.eval_split == "train" else "held-out colour pairs in both orders")
+    md = [f"# Fine-path study on the two-tone toy: {kind}", "",
+          f"Tiny VideoBooth, {s.size} px, {s.frames} frames, {s.steps1} + {s.steps2} steps, batch {s.batch_size}; "
+          f"evaluation on {what}, {summary[next(iter(summary))]['n']} clips of "
+          f"{summary[next(iter(summary))]['identities']} identities per seed, the same initial noise for every arm. "
+          f"The coarse input is the mean of the tower's outputs for the prompt and its colour-swapped version "
+          f"(order-blind on the fed tensor) except in the oracle (the upper and the lower half as separate "
+          f"tokens). Intervals: 95% t over seed means (clips averaged within an identity first). Reading: "
+          f"docs/demo.md.", ""]
+    if verdict is not None:
+        md += [f"**Gate:** oracle learns the arrangement in every seed: **{verdict['oracle_learns_every_seed']}** "
+               f"(flip contrast per seed, 95% over identities: "
+               f"{'; '.join(f'[{lo:+.3f}, {hi:+.3f}]' for lo, hi in verdict['oracle_per_seed'])}); the grey control's "
+               f"intervals hold 0 in every seed: {verdict['grey_holds_zero_every_seed']}.", ""]
+    md += ["## Every arm", "", t["main"], "", "## Contrasts", "", t["contrasts"], "", "## Per seed", "", t["per_seed"],
+           "", f"![study]({p.name})", "",
+           f"Wall time of this invocation {total:.0f} s (finished units are read, not rerun); the arms' own "
+           f"train + evaluation times sum to {sum(r['seconds'] for r in summary.values()):.0f} s."]
+    return "\n".join(md) + "\n"
+
+
+# ================================================================================================
+# the command
+# ================================================================================================
+def run_study(kind: str, a: A.AblationSettings, out: Path, jobs: int = 1, threads: int = 1) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    keys = list(dict.fromkeys(a.arms))
+    unknown = set(keys) - {x.key for x in A.STUDY_ARMS}
+    if unknown:
+        raise ValueError(f"arms: unknown {sorted(unknown)}; the study's: {[x.key for x in A.STUDY_ARMS]}")
+    arms = [A.ARM_BY_KEY[k] for k in keys]
+    paths, vae_stats = A.prepare(a, out)
+    A.run_units_of(a, out, arms, keys, paths, jobs, threads)
+    per_arm = {arm.key: [json.loads(A._unit_file(out, f"{arm.key}-s{seed}").read_text())
+                         for seed in A.seeds_of(a, arm)] for arm in arms}
+    total = round(time.perf_counter() - t0, 1)
+    summary = summarise(per_arm)
+    verdict = gate_verdict(summary) if kind == "gate" else None
+    md = report(kind, summary, verdict, a, total, out)
+    res = {"kind": kind, "settings": {"demo": dataclasses.asdict(a.demo), "seeds": a.seeds, "arms": list(a.arms)},
+           "summary": summary, "gate": verdict, "vae": vae_stats, "seconds": total}
+    (out / "study.json").write_text(json.dumps(res, indent=1))
+    (out / "study.md").write_text(md)
+    return res
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vb_train.toy.study", description=__doc__.split("\n")[0])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--gate", action="store_true", help="the gate: seen pairs, reference / coarse only / oracle / grey")
+    g.add_argument("--full", action="store_true", help="the full table: held-out pairs, every arm")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help="tiny everything (a smoke run; numbers mean nothing)")
+    p.add_argument("--arms", help="comma-separated subset of the suite's arms")
+    p.add_argument("--seeds", type=int, help="seeds (default 3)")
+    p.add_argument("--steps1", type=int)
+    p.add_argument("--steps2", type=int)
+    p.add_argument("--jobs", type=int, default=1, help="training runs at once, each in its own process")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("threads", "jobs"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name}: expected an int >= 1, got {getattr(args, name)}")
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    kind = "gate" if args.gate else "full"
+    kw = {k: getattr(args, k) for k in ("steps1", "steps2") if getattr(args, k) is not None}
+    if args.no_progress or args.jobs > 1:
+        kw["progress"] = False
+    a = settings(kind, args.quick, **kw)
+    if args.arms:
+        a.arms = tuple(args.arms.split(","))
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise SystemExit(f"--seeds: expected an int >= 1, got {args.seeds}")
+        a.seeds = args.seeds
+    res = run_study(kind, a, Path(args.out), jobs=args.jobs, threads=args.threads)
+    print((Path(args.out) / "study.md").read_text())
+    print(f"wrote {args.out}/study.md, study.json, study.png ({res['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
