@@ -43,6 +43,15 @@ def test_demo_quick_writes_gifs_and_table_and_is_reproducible(tmp_path):
     assert demo.main(["--out", str(out2), "--quick", "--no-progress"]) == 0
     res2 = json.loads((out2 / "metrics.json").read_text())
     assert res2["arms"] == res["arms"]
+    assert res["training"]["stage2"]["exemplars_cloned"] == 8   # from stage 1's trained attn1 K/V
+
+    # the guidance sweep on the trained run: guidance 1 with a grey unconditional image is the table's
+    assert demo.main(["--out", str(out), "--quick", "--no-progress", "--guidance-sweep"]) == 0
+    sweep = json.loads((out / "guidance_sweep.json").read_text())
+    assert [(r["guidance"], r["uncond_image"]) for r in sweep] == list(demo.GUIDANCE_SWEEP)
+    assert abs(sweep[0]["color_id_image"] - res["arms"][demo.ARM_IMAGE]["color_id"]["mean"]) < 1e-6
+    with pytest.raises(FileNotFoundError, match="no trained demo run"):
+        demo.guidance_sweep(demo.DemoSettings.quick(), tmp_path / "none")
 
 
 def test_demo_settings_from_command_line():

@@ -174,6 +174,35 @@ def run_demo(s: DemoSettings, out: Path, *, clip=None, dino=None, encoder_names:
     return results
 
 
+GUIDANCE_SWEEP = ((1.0, "grey"), (2.0, "grey"), (4.0, "grey"), (4.0, "none"))
+
+
+def guidance_sweep(s: DemoSettings, out: Path, points=GUIDANCE_SWEEP) -> list:
+    """Classifier-free guidance on the demo's trained run (out/runs/stage2): per (guidance,
+    unconditional image) point, color_id with the image prompt and text only from the same
+    noise, their paired difference and colour top-1; written to out/guidance_sweep.json."""
+    out = Path(out)
+    if not (out / "runs" / "stage2").is_dir():
+        raise FileNotFoundError(f"out: no trained demo run in {out}/runs/stage2 (run the demo first)")
+    cfg2 = stage_config(s, 2, data_root=out / "data" / "train", output_dir=out / "runs" / "stage2",
+                        vae_file=out / "vae" / "vae.safetensors", init_from=out / "runs" / "stage1")
+    items = make_eval_items(s, out / "data" / "heldout")
+    pipe = load_trained_pipeline(cfg2, out / "runs" / "stage2")
+    rows = []
+    for g, uncond in points:
+        gs = dataclasses.replace(s, guidance_scale=g, uncond_image=uncond)
+        im = identity_scores(generate_videos(pipe, items, gs, image=True, seed=s.seed), items)
+        tx = identity_scores(generate_videos(pipe, items, gs, image=False, seed=s.seed), items)
+        mean = (lambda rs, k: float(sum(r[k] for r in rs) / len(rs)))
+        rows.append({"guidance": g, "uncond_image": uncond, "color_id_image": mean(im, "color_id"),
+                     "color_id_text": mean(tx, "color_id"), "diff": paired_difference(im, tx),
+                     "top1_image": mean(im, "color_top1"), "top1_text": mean(tx, "color_top1")})
+        print(f"[demo] guidance {g} ({uncond}): color_id {rows[-1]['color_id_image']:.3f} / "
+              f"{rows[-1]['color_id_text']:.3f}", flush=True)
+    (out / "guidance_sweep.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 # ================================================================================================
 # command line
 # ================================================================================================
@@ -207,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default 1: the float rounding, so the table's digits, depends on "
                         "the thread count, and one thread is also the fastest on a shared CPU)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--guidance-sweep", action="store_true", dest="guidance_sweep",
+                   help="only the guidance sweep on the trained run already in --out (guidance_sweep.json)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="more trainer config overrides for both stages (model.fine_path=true, ...)")
     return p
@@ -237,6 +268,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     s = settings_from_args(args)
     clip, dino = load_encoders(args)
+    if args.guidance_sweep:
+        guidance_sweep(s, Path(args.out))
+        print(f"wrote {args.out}/guidance_sweep.json")
+        return 0
     names = {"clip": f"{args.clip}/{args.clip_pretrained}" if args.clip else None, "dino": args.dino}
     res = run_demo(s, Path(args.out), clip=clip, dino=dino, encoder_names=names)
     print()
