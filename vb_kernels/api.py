@@ -66,7 +66,8 @@ def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule 
 
     Returns:
         out: (B, F, N, H, D), dtype of q. With ``return_lse``: (out, lse), lse (B, F, N, H)
-        float32, natural log, of the scaled scores of each query row over its keys (a
+        float32 (the triton backend's is a view of (B, H, F, N) memory: ``.contiguous()``
+        before ``.view``), natural log, of the scaled scores of each query row over its keys (a
         duplicated reference counts twice, as in the literal concat). Both are differentiable
         on every backend, so partial attentions can be merged through the LSE in training.
     """

@@ -85,7 +85,7 @@ def _bwd_dq_kernel(
     stride_vib, stride_vim, stride_vih,
     stride_ob, stride_of, stride_on, stride_oh,
     stride_gb, stride_gf, stride_gn, stride_gh,
-    stride_lb, stride_lf, stride_ln,
+    stride_lb, stride_lf, stride_ln, stride_lh,
     H, N, M, S_MAX, qk_scale, scale,
     HAS_IMG: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
     ALIGN: tl.constexpr,
@@ -108,7 +108,7 @@ def _bwd_dq_kernel(
     b_delta = tl.sum(b_do0.to(tl.float32) * b_o0.to(tl.float32), 1)
     if SPLIT:
         b_delta += tl.sum(b_do1.to(tl.float32) * b_o1.to(tl.float32), 1)
-    o_l = i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h
+    o_l = i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h * stride_lh
     if HAS_DLSE:  # d lse_i / d s_ij = P_ij: a gradient of the LSE shifts Delta
         b_delta -= tl.load(DLSE + o_l, mask=m_m, other=0.0)
     tl.store(DELTA + o_l, b_delta, mask=m_m)
@@ -230,7 +230,7 @@ def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n,
 @triton.jit
 def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
                  rd_logw, stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
-                 stride_oh, stride_lb, stride_lf, stride_ln, N, RD_MAX, qk_scale,
+                 stride_oh, stride_lb, stride_lf, stride_ln, stride_lh, N, RD_MAX, qk_scale,
                  DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh,
                  HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
@@ -252,7 +252,7 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
         i_qf = tl.load(row_qframe + i_row).to(tl.int64)
         p_q = Q + i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh
         p_do = DO + i_b * stride_ob + i_row * stride_of + i_h * stride_oh
-        o_l = i_b * stride_lb + i_row * stride_lf + i_h
+        o_l = i_b * stride_lb + i_row * stride_lf + i_h * stride_lh
         if FUSED_DQ:
             i_slot = tl.load(rd_slot + i_t * RD_MAX + i_r).to(tl.int64)
         for start in range(0, N, BLOCK_M):
@@ -305,7 +305,7 @@ def _bwd_dkv_kernel(
     stride_kib, stride_kim, stride_kih,
     stride_vib, stride_vim, stride_vih,
     stride_ob, stride_of, stride_on, stride_oh,
-    stride_lb, stride_lf, stride_ln,
+    stride_lb, stride_lf, stride_ln, stride_lh,
     stride_gb, stride_gf, stride_gn, stride_gh,
     stride_gub, stride_guf, stride_gun, stride_guh,
     stride_gib, stride_gim, stride_gih,
@@ -341,7 +341,7 @@ def _bwd_dkv_kernel(
                 b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
                 rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
                 stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN, stride_oh * ALIGN, stride_lb, stride_lf,
-                stride_ln, N, RD_MAX, qk_scale,
+                stride_ln, stride_lh, N, RD_MAX, qk_scale,
                 DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt,
                 tl.num_programs(1),
                 HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET, THREADS)
@@ -371,7 +371,7 @@ def _bwd_dkv_kernel(
             b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
             rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
             stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN, stride_oh * ALIGN, stride_lb, stride_lf,
-            stride_ln, N, RD_MAX, qk_scale,
+            stride_ln, stride_lh, N, RD_MAX, qk_scale,
             DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt,
             tl.num_programs(1),
             HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET, THREADS)
@@ -448,7 +448,7 @@ def _bwd_reduce_kernel(
 def _bwd_delta_kernel(
     DO, O, DLSE, DELTA,
     stride_ob, stride_of, stride_on, stride_oh,
-    stride_lb, stride_lf, stride_ln,
+    stride_lb, stride_lf, stride_ln, stride_lh,
     H, N,
     HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -465,7 +465,7 @@ def _bwd_delta_kernel(
     b_do = load_tile(DO + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, BLOCK_D)
     b_o = load_tile(O + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, BLOCK_D)
     b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)
-    o_l = i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h
+    o_l = i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h * stride_lh
     if HAS_DLSE:
         b_delta -= tl.load(DLSE + o_l, mask=m_m, other=0.0)
     tl.store(DELTA + o_l, b_delta, mask=m_m)
@@ -595,8 +595,8 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
         raise ValueError(f"VB_BWD: expected 'auto', 'fused' or 'split', got {build!r}")
     b, _, n, h, d = q.shape
     m = 0 if k_img is None else k_img.shape[1]
-    # the kernels read O with dO's strides and the LSE / Delta with head stride 1
-    assert do.stride() == out.stride() and lse.stride(-1) == 1
+    # the kernels read O with dO's strides and Delta with the LSE's (token-contiguous, see _lse_buffer)
+    assert do.stride() == out.stride()
     assert dlse is None or dlse.stride() == lse.stride()
     qk_scale = scale * math.log2(math.e)
     prec = dot_precision(q.dtype)
@@ -613,7 +613,7 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     if not fused:
         cfg = block_config(d, q.device, "dq", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
         dq_launch = ((cdiv(n, cfg["BLOCK_M"]), b * h, rows),
-                     (*common, *st_dq, *lse.stride()[:3], h, n, m, tables["n_src_max"], qk_scale, scale),
+                     (*common, *st_dq, *lse.stride(), h, n, m, tables["n_src_max"], qk_scale, scale),
                      dict(HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al,
                           PREC=prec, **cfg))
     cfg = block_config(d, q.device, "dkvq" if fused else "dkv", n_queries=n, n_keys=max(n, m),
@@ -634,7 +634,7 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
         block_d = max(16, triton.next_power_of_2(d))
         block_r = (64 if d <= 64 else 32 if d <= 128 else 16) if cuda else 16
         extra = dict(
-            delta=((cdiv(n, block_r), b * h, rows), (*common[22:26], *lse.stride()[:3], h, n),
+            delta=((cdiv(n, block_r), b * h, rows), (*common[22:26], *lse.stride(), h, n),
                    dict(HAS_DLSE=dlse is not None, HEAD_DIM=d, ALIGN=al, BLOCK_D=block_d, BLOCK_M=block_r,
                         num_warps=4 if cuda else 1)),
             dq_reduce=((cdiv(n, block_r), b * h, rows), (ps, pb, pr, pn, *st_dq, h, n, scale),
@@ -651,7 +651,7 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     # accumulators, so one warpgroup owns a 64-key tile without spills or m64n16 wgmma.
     parts = (1, 2) if width > 128 and q.element_size() == 2 and cfg["BLOCK_N"] >= 64 else (0,)
     grid = (key_blocks, b * h, t["n_targets"])
-    scalars = (*common, *lse.stride()[:3], *st_g, h, n, m, t["n_rd_max"], max(n, m), qk_scale, scale, *p_strides)
+    scalars = (*common, *lse.stride(), *st_g, h, n, m, t["n_rd_max"], max(n, m), qk_scale, scale, *p_strides)
     consts = dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, CHUNKED=cap is not None, **cfg)
     if fused:
         consts.update(FUSED_DQ=True, DETERMINISTIC=deterministic, INTERPRET=interpreting(),

@@ -32,7 +32,7 @@ def _fwd_kernel(
     stride_kib, stride_kim, stride_kih,
     stride_vib, stride_vim, stride_vih,
     stride_ob, stride_of, stride_on, stride_oh,
-    stride_lb, stride_lf, stride_ln,
+    stride_lb, stride_lf, stride_ln, stride_lh,
     H, N, M, S_MAX, qk_scale,
     HAS_IMG: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
@@ -85,7 +85,7 @@ def _fwd_kernel(
                acc1 / l_safe[:, None], o_m, stride_on * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, False)
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     # LSE is allocated (B, rows, N, H) contiguous: its head stride is 1.
-    tl.store(LSE + i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h, lse, mask=o_m < N)
+    tl.store(LSE + i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h * stride_lh, lse, mask=o_m < N)
 
 
 def split_head_dim(head_dim: int, min_chunk: int = 16) -> tuple[int, int]:
@@ -270,9 +270,8 @@ def fwd_spec(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float, env
     b, _, n, h, d = q.shape
     m = 0 if k_img is None else k_img.shape[1]
     cfg = block_config(d, q.device, "fwd", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
-    assert lse.stride(-1) == 1, "the kernel writes the LSE with head stride 1"
     grid = (cdiv(n, cfg["BLOCK_M"]), b * h, tables["n_rows"])
     al, strides = launch_strides((q, 4), (k, 4), (v, 4), (u, 4), (k_img, 3), (v_img, 3), (out, 4))
-    scalars = (*strides, *lse.stride()[:3], h, n, m, tables["n_src_max"], scale * _LOG2E)
+    scalars = (*strides, *lse.stride(), h, n, m, tables["n_src_max"], scale * _LOG2E)
     consts = dict(HAS_IMG=m > 0, HEAD_DIM=d, ALIGN=al, PREC=dot_precision(q.dtype), **cfg)
     return grid, scalars, consts

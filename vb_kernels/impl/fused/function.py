@@ -62,6 +62,13 @@ def _inputs_key(q, k, v, k_img, v_img, tables, scale, env) -> tuple:
             v.stride(), img, scale, env, dot_precision(q.dtype))
 
 
+def _lse_buffer(b: int, rows: int, n: int, h: int, like: Tensor) -> Tensor:
+    """A (B, rows, N, H) fp32 LSE whose memory is (B, H, rows, N): contiguous along tokens, so
+    the backward loads a block of rows' LSE and Delta (which has the LSE's strides) as one
+    vector instead of a gather with stride H. Shape and values are the public (B, F, N, H)."""
+    return like.new_empty((b, h, rows, n), dtype=torch.float32).permute(0, 2, 3, 1)
+
+
 def _remember(cache: dict, key, value):
     if len(cache) >= _MAX_PLANS:
         cache.clear()
@@ -81,9 +88,9 @@ def _fused_fwd(q, k, v, k_img, v_img, schedule, scale):
     u = lse1 = None
     if n_key:
         u = _alloc((b, n_key, n, h, d), dtype=q.dtype, device=q.device)
-        lse1 = _alloc((b, n_key, n, h), dtype=torch.float32, device=q.device)
+        lse1 = _lse_buffer(b, n_key, n, h, q)
     out = _alloc_like(q, memory_format=_DENSE)
-    lse = _alloc((b, n_frames, n, h), dtype=torch.float32, device=q.device)
+    lse = _lse_buffer(b, n_frames, n, h, q)
     if plan is None or plan[0] is not tables[0] or plan[1] is not tables[1]:
         spec1 = fwd_spec(q, k, v, None, k_img, v_img, u, lse1, tables1, scale, env) if n_key else None
         plan = _remember(_FWD_PLANS, key, (*tables, spec1, fwd_spec(q, k, v, u, k_img, v_img, out, lse, tables2,
@@ -135,7 +142,8 @@ def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, 
     tables = schedule.fused_tables(k_img is not None, q.device)
     tables1, tables2 = tables
     dout = dout.contiguous()  # autograd may hand an expanded (stride 0) gradient
-    dlse = None if dlse is None else dlse.contiguous()
+    if dlse is not None and dlse.stride() != lse.stride():  # the kernels read it with the LSE's strides
+        dlse = _alloc_like(lse).copy_(dlse)
     env = tile_env()
     build = bwd_build()
     key = _inputs_key(q, k, v, k_img, v_img, tables, scale, env) + (out.stride(), dlse is not None, deterministic,
@@ -205,9 +213,9 @@ def _(q, k, v, k_img, v_img, refs, num_refs, keyframes, image_everywhere, scale,
     phase1, _ = _schedule(refs, num_refs, keyframes, image_everywhere).plan(k_img is not None)
     n_key = len(phase1.rows)  # keyframes that some frame reads
     out = q.new_empty(q.shape)
-    lse = q.new_empty((b, n_frames, n, h), dtype=torch.float32)
+    lse = _lse_buffer(b, n_frames, n, h, q)
     u = q.new_empty((b, n_key, n, h, d)) if n_key else q.new_empty((0,))
-    lse1 = q.new_empty((b, n_key, n, h), dtype=torch.float32) if n_key else lse.new_empty((0,))
+    lse1 = _lse_buffer(b, n_key, n, h, q) if n_key else lse.new_empty((0,))
     return out, lse, u, lse1
 
 
