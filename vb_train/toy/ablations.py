@@ -342,7 +342,9 @@ def run_arm(a: AblationSettings, out: Path, arm_key: str, seed: int, paths: dict
     res = {"arm": arm.key, "seed": seed, "steps": steps, "loss_last": summ["loss_last"],
            "subjects": [it.video_id for it in items], "identities": ["/".join(it.identity) for it in items]}
     if arm.group == "study":
-        res["flip_loss_gap"] = E.flip_loss_gap(task, items, seed=seed)
+        by_t = E.flip_loss_gap(task, items, seed=seed, per_t=True)
+        res["flip_loss_gap"] = [float(np.mean(g)) for g in by_t]
+        res["flip_loss_gap_by_t"] = [float(np.mean([g[i] for g in by_t])) for i in range(len(by_t[0]))]
         res["exemplars_cloned"] = summ.get("exemplars_cloned")
     if arm.generate:
         pipe = E.load_trained_pipeline(cfg, Path(cfg.output_dir), task=task)

@@ -160,6 +160,8 @@ def summarise(per_arm: Dict[str, List[dict]]) -> Dict[str, dict]:
                                            for p, u in zip(per, units)] if "flip_contrast" in per[0] else None)
         r["flip_gap_within_seed"] = [within_seed_interval(p["flip_loss_gap"], u["identities"])
                                      for p, u in zip(per, units)]
+        if all("flip_loss_gap_by_t" in u for u in units):  # mean over seeds (and clips) per timestep
+            r["flip_loss_gap_by_t"] = np.mean([u["flip_loss_gap_by_t"] for u in units], axis=0).tolist()
         out[key] = r
     # the paper's claim and the baselines, as differences of seed means against coarse only / the reference
     for base in ("coarse_only", "ref"):
@@ -229,7 +231,11 @@ def tables(summary: Dict[str, dict]) -> Dict[str, str]:
     per_seed = md(["arm", "flip contrast per seed [95% over identities]", "flip-loss gap per seed (x1e3)"],
                   ([r["name"], "; ".join(f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in (r["flip_contrast_within_seed"] or [])) or "-",
                     ", ".join(f"{x * 1e3:+.2f}" for x in r["flip_loss_gap"]["per_seed"])] for r in summary.values()))
-    return {"main": main, "contrasts": contrasts, "per_seed": per_seed}
+    ts = (100, 200, 300, 400, 500, 600, 700, 800, 900)
+    by_t = md(["arm"] + [f"t={t}" for t in ts],
+              ([r["name"]] + [f"{x * 1e3:+.3f}" for x in r["flip_loss_gap_by_t"]]
+               for r in summary.values() if r.get("flip_loss_gap_by_t")))
+    return {"main": main, "contrasts": contrasts, "per_seed": per_seed, "by_t": by_t}
 
 
 def plot(summary: Dict[str, dict], path: Path) -> Path:
@@ -266,8 +272,25 @@ def plot(summary: Dict[str, dict], path: Path) -> Path:
     return path
 
 
+def real_clip_scores(a: A.AblationSettings, paths: dict) -> dict:
+    """The evaluated clips themselves, scored as the generated ones (what a model that draws the
+    arrangement and the motion would reach): order and soft order against their own prompt and
+    against the swapped one, colour, centroid motion along the caption."""
+    items = X.make_eval_items(a.demo, paths["heldout"])
+    videos = torch.stack([it.video for it in items])
+    own = A.video_scores(videos, items)
+    swapped = [dataclasses.replace(it, image=it.image_paired) for it in items]
+    other = A.video_scores(videos, swapped)
+    ids = ["/".join(it.identity) for it in items]
+    return {"order": seed_means([r["order"] for r in own], ids),
+            "order_soft": seed_means([r["order_soft"] for r in own], ids),
+            "flip_contrast": seed_means([x["order_soft"] - y["order_soft"] for x, y in zip(own, other)], ids),
+            "color": seed_means([r["color"] for r in own], ids),
+            "motion": seed_means([A.centroid_motion(v, it) for v, it in zip(videos, items)], ids)}
+
+
 def report(kind: str, summary: Dict[str, dict], verdict: Optional[dict], a: A.AblationSettings, total: float,
-           out: Path) -> str:
+           out: Path, ceiling: Optional[dict] = None) -> str:
     t = tables(summary)
     p = plot(summary, out / "study.png")
     s = a.demo
@@ -286,7 +309,12 @@ def report(kind: str, summary: Dict[str, dict], verdict: Optional[dict], a: A.Ab
                f"(flip contrast per seed, 95% over identities: "
                f"{'; '.join(f'[{lo:+.3f}, {hi:+.3f}]' for lo, hi in verdict['oracle_per_seed'])}); the grey control's "
                f"intervals hold 0 in every seed: {verdict['grey_holds_zero_every_seed']}.", ""]
+    if ceiling:
+        md += [f"Real clips against their own prompt (the ceiling): order {ceiling['order']:+.3f}, soft order "
+               f"{ceiling['order_soft']:+.3f}, flip contrast (own - swapped prompt) {ceiling['flip_contrast']:+.3f}, "
+               f"colour {ceiling['color']:.3f}, motion along the caption {ceiling['motion']:+.3f}.", ""]
     md += ["## Every arm", "", t["main"], "", "## Contrasts", "", t["contrasts"], "", "## Per seed", "", t["per_seed"],
+           "", "## Flip-loss gap by noise level (x1e3, mean over seeds and clips)", "", t["by_t"],
            "", f"![study]({p.name})", "",
            f"Wall time of this invocation {total:.0f} s (finished units are read, not rerun); the arms' own "
            f"train + evaluation times sum to {sum(r['seconds'] for r in summary.values()):.0f} s."]
@@ -312,9 +340,10 @@ def run_study(kind: str, a: A.AblationSettings, out: Path, jobs: int = 1, thread
     total = round(time.perf_counter() - t0, 1)
     summary = summarise(per_arm)
     verdict = gate_verdict(summary) if kind == "gate" else None
-    md = report(kind, summary, verdict, a, total, out)
+    ceiling = real_clip_scores(a, paths)
+    md = report(kind, summary, verdict, a, total, out, ceiling)
     res = {"kind": kind, "settings": {"demo": dataclasses.asdict(a.demo), "seeds": a.seeds, "arms": list(a.arms)},
-           "summary": summary, "gate": verdict, "vae": vae_stats, "seconds": total}
+           "summary": summary, "gate": verdict, "real_clips": ceiling, "vae": vae_stats, "seconds": total}
     (out / "study.json").write_text(json.dumps(res, indent=1))
     (out / "study.md").write_text(md)
     return res
