@@ -289,6 +289,30 @@ def real_clip_scores(a: A.AblationSettings, paths: dict) -> dict:
             "motion": seed_means([A.centroid_motion(v, it) for v, it in zip(videos, items)], ids)}
 
 
+def flip_grid(a: A.AblationSettings, out: Path, paths: dict, keys: Sequence[str], rows: int = 8) -> Optional[Path]:
+    """study_flip.gif (+ .png): per clip (seed 0), its prompt, then per arm the video from the
+    prompt and from the swapped prompt, same noise (what the flip contrast scores)."""
+    from . import evaluation as E
+
+    items = X.make_eval_items(a.demo, paths["heldout"])[:rows]
+    cols = {}
+    for k in keys:
+        f = A._unit_file(out, f"{k}-s0").with_suffix(".pt")
+        if not f.is_file():
+            continue
+        v = torch.load(f)
+        if "swapped" not in v:
+            continue
+        for side, tag in (("image", "prompt"), ("swapped", "swap")):
+            cols[f"{k} {tag}"] = v[side][: len(items)].float() / 127.5 - 1
+    if not cols:
+        return None
+    labels = [it.identity[2] for it in items]
+    side = a.demo.size * a.demo.gif_scale
+    return E.write_grid(out / "study_flip.gif", cols, torch.stack([it.image for it in items]), side=side,
+                        labels=labels)[0]
+
+
 def report(kind: str, summary: Dict[str, dict], verdict: Optional[dict], a: A.AblationSettings, total: float,
            out: Path, ceiling: Optional[dict] = None) -> str:
     t = tables(summary)
@@ -314,8 +338,14 @@ def report(kind: str, summary: Dict[str, dict], verdict: Optional[dict], a: A.Ab
                f"{ceiling['order_soft']:+.3f}, flip contrast (own - swapped prompt) {ceiling['flip_contrast']:+.3f}, "
                f"colour {ceiling['color']:.3f}, motion along the caption {ceiling['motion']:+.3f}.", ""]
     md += ["## Every arm", "", t["main"], "", "## Contrasts", "", t["contrasts"], "", "## Per seed", "", t["per_seed"],
-           "", "## Flip-loss gap by noise level (x1e3, mean over seeds and clips)", "", t["by_t"],
-           "", f"![study]({p.name})", "",
+           ""]
+    if any(r.get("flip_loss_gap_by_t") for r in summary.values()):
+        md += ["## Flip-loss gap by noise level (x1e3, mean over seeds and clips)", "", t["by_t"], ""]
+    md += [f"![study]({p.name})", ""]
+    if (out / "study_flip.png").is_file():
+        md += ["Seed 0, first clips: the prompt, then per arm the video from the prompt and from the swapped "
+               "prompt (same noise); animated in `study_flip.gif`.", "", "![flip](study_flip.png)", ""]
+    md += [
            f"Wall time of this invocation {total:.0f} s (finished units are read, not rerun); the arms' own "
            f"train + evaluation times sum to {sum(r['seconds'] for r in summary.values()):.0f} s."]
     return "\n".join(md) + "\n"
@@ -341,6 +371,7 @@ def run_study(kind: str, a: A.AblationSettings, out: Path, jobs: int = 1, thread
     summary = summarise(per_arm)
     verdict = gate_verdict(summary) if kind == "gate" else None
     ceiling = real_clip_scores(a, paths)
+    flip_grid(a, out, paths, [k for k in ("ref", "coarse_only", "oracle", "ipplus") if k in per_arm])
     md = report(kind, summary, verdict, a, total, out, ceiling)
     res = {"kind": kind, "settings": {"demo": dataclasses.asdict(a.demo), "seeds": a.seeds, "arms": list(a.arms)},
            "summary": summary, "gate": verdict, "real_clips": ceiling, "vae": vae_stats, "seconds": total}
