@@ -134,12 +134,12 @@ def test_triton_path_allocates_no_concatenated_or_repeated_kv():
     with _OpLog() as outer:  # the public call: nothing but allocations and launches
         videobooth_attention(*ins, schedule=sched, backend="triton")
     # eager: the host functions directly (allocations only); compiled: the custom op
-    assert {name for name, _ in outer.calls} <= {"videobooth.fused_fwd", "aten.detach", "aten.empty",
-                                                 "aten.empty_like"}
+    allocs = {"aten.empty", "aten.empty_like", "aten.empty_strided"}  # (the LSEs: token-contiguous strides)
+    assert {name for name, _ in outer.calls} <= {"videobooth.fused_fwd", "aten.detach"} | allocs
     with _OpLog() as log:  # what runs inside it: allocations and Triton launches only
         fused_fwd(*ins, sched, d ** -0.5)
     ops = {name for name, _ in log.calls}
-    assert ops <= {"aten.empty", "aten.empty_like"}, ops
+    assert ops <= allocs, ops
     allocated = sorted(s for _, shapes in log.calls for s in shapes)
     assert allocated == sorted([(b, f, n, h, d), (b, f, n, h), (b, 2, n, h, d), (b, 2, n, h)])
 

@@ -66,7 +66,8 @@ def _lse_buffer(b: int, rows: int, n: int, h: int, like: Tensor) -> Tensor:
     """A (B, rows, N, H) fp32 LSE whose memory is (B, H, rows, N): contiguous along tokens, so
     the backward loads a block of rows' LSE and Delta (which has the LSE's strides) as one
     vector instead of a gather with stride H. Shape and values are the public (B, F, N, H)."""
-    return like.new_empty((b, h, rows, n), dtype=torch.float32).permute(0, 2, 3, 1)
+    return torch.empty_strided((b, rows, n, h), (h * rows * n, n, 1, rows * n), dtype=torch.float32,
+                               device=like.device)
 
 
 def _remember(cache: dict, key, value):
