@@ -25,7 +25,10 @@ def register_task(name: str, factory: Union[str, Callable[[TrainConfig], TrainTa
     TASKS[name] = factory
 
 
-def _import_factory(spec: str):
+def import_object(spec: str, what: str):
+    """``"package.module:name"`` -> the object; errors name the setting ``what``."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"{what}: expected 'package.module:name', got {spec!r}")
     mod, _, attr = spec.partition(":")
     try:
         return getattr(importlib.import_module(mod), attr)
@@ -33,7 +36,11 @@ def _import_factory(spec: str):
         hint = ""
         if mod.split(".")[0] in RENAMED:  # a config written before the packages were renamed
             hint = f"; the package is now {RENAMED[mod.split('.')[0]]!r}"
-        raise ValueError(f"task: cannot import {spec!r} ({e}){hint}") from e
+        raise ValueError(f"{what}: cannot import {spec!r} ({e}){hint}") from e
+
+
+def _import_factory(spec: str):
+    return import_object(spec, "task")
 
 
 def build_task(cfg: TrainConfig) -> TrainTask:

@@ -40,7 +40,7 @@ cfg.model keys (defaults in brackets):
                   patches: the two-tone ablations' coarse encoder, docs/demo.md)
     ip_tokens, ip_scale  the IP-Adapter task only (vb_train.toy.ip_adapter) [4, 1.0]
     ip_kind, ip_layer   the IP-Adapter task only: "pooled" (IP-Adapter) or "plus" (IP-Adapter-Plus:
-                  a resampler over one tower layer's patch tokens, with positions) [pooled, -2]
+                  a resampler over one mapped tower layer's tokens, with positions) [pooled, -1]
     exemplar_init "attn1" or "construction" ["attn1"]: at stage 2's start (init_from), attn1's
                   ``to_k_exemplar``/``to_v_exemplar`` are cloned from the trained attn1 K/V
                   (``to_k_new``/``to_v_new``), as the official code does at its stage-2 set-up,
@@ -51,8 +51,8 @@ cfg.model keys (defaults in brackets):
                   prompt and its paired version give the same tokens: the toy's order-blind coarse
                   path), "halves" (the oracle control: the mapper's tokens of the upper and of the
                   lower half of the prompt, in that order, 2K tokens)
-    grey_prompt   bool [False]: every image prompt is grey, in training and sampling (the negative
-                  control)
+    grey_prompt   bool [False]: every image prompt is grey in training (the negative control; the
+                  toy's evaluation then feeds it real prompts, as every arm)
     fine_latent   "noised" (the image latent noised to the video's timestep, the paper's) or
                   "clean" (the diagnostic: the clean latent at every step) ["noised"]
 cfg.data keys: root (required), categories, video_root, num_frames [4], frame_stride [1],
@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
+from .registry import import_object
 from .tasks import DiffusionTask
 
 log = logging.getLogger(__name__)
@@ -87,19 +88,6 @@ DATA_KEYS = {"root", "categories", "video_root", "num_frames", "frame_stride", "
              "caption_column", "split", "prompt_augment", "prompt_augment_vae", "max_skips", "paired_transform"}
 COARSE_INPUTS = ("image", "swap-average", "halves")
 IMAGE_KEYS = ("image", "image_vae", "image_paired")   # every image prompt a batch may hold
-
-
-def import_object(spec: str, what: str):
-    """``"package.module:name"`` -> the object (``what`` names the setting in errors)."""
-    import importlib
-
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ValueError(f"{what}: expected 'package.module:name', got {spec!r}")
-    mod, name = spec.split(":")
-    try:
-        return getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"{what}: cannot import {spec!r} ({e})") from e
 
 
 def coarse_subject_tokens(image_encoder, mapper, image01: torch.Tensor, paired01: Optional[torch.Tensor] = None,

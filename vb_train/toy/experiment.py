@@ -170,7 +170,7 @@ def make_eval_items(s: DemoSettings, heldout_root: Path) -> List[EvalItem]:
 
     paired = s.extra.get("data.paired_transform")
     if paired:
-        from ..videobooth_task import import_object
+        from ..registry import import_object
         paired = import_object(paired, "data.paired_transform")
     ds = VideoBoothDataset(heldout_root, num_frames=s.frames, frame_stride=s.frame_stride, size=s.size,
                            image_size=s.image_size, train=False, caption_column="short_caption", seed=s.seed,
