@@ -255,6 +255,26 @@ def test_image_prompt_scale(pipe):
         pipe.set_image_prompt_scale("strong")
 
 
+def test_noise_image_latents_false_feeds_the_clean_latent_at_every_step(pipe):
+    """The clean-latent diagnostic: every backbone call gets the prompt's VAE latent itself."""
+    seen = []
+    h = pipe.backbone.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("image_latents")),
+                                                with_kwargs=True)
+    try:
+        clean = gen(pipe, noise_image_latents=False)
+        n_clean = len(seen)
+        noisy = gen(pipe)
+    finally:
+        h.remove()
+    lat = pipe.encode_vae(pipe.prepare_image(image(), 1, KW["height"], KW["width"]))
+    got = [x for x in seen[:n_clean] if x is not None]
+    assert len(got) >= KW["num_inference_steps"] and all(torch.equal(x, lat) for x in got)
+    assert not any(x is not None and torch.equal(x, lat) for x in seen[n_clean:])
+    assert not torch.equal(clean, noisy)
+    with pytest.raises(TypeError, match="noise_image_latents"):
+        gen(pipe, noise_image_latents="no")
+
+
 @pytest.mark.parametrize("backbone", ["unet", "dit"])
 def test_image_scale_is_saved_and_survives_the_round_trip(tmp_path, backbone):
     p = make_pipe(backbone)

@@ -231,7 +231,7 @@ class VideoBoothPipeline(DiffusionPipeline):
                      uncond_image="none", output_type="pil", *, negative_prompt=None, num_videos_per_prompt=1,
                      eta=0.0, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt_embeds=None,
                      negative_pooled_prompt_embeds=None, callback_on_step_end=None,
-                     callback_on_step_end_tensor_inputs=("latents",)) -> None:
+                     callback_on_step_end_tensor_inputs=("latents",), noise_image_latents=True) -> None:
         """Every argument of :meth:`__call__` that can be checked before any work; a bad one
         raises an error that names it and what was expected."""
         if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
@@ -253,6 +253,8 @@ class VideoBoothPipeline(DiffusionPipeline):
             raise ValueError(f"num_videos_per_prompt: expected an int >= 1, got {n!r}")
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
             raise ValueError(f"eta: expected a float >= 0, got {eta!r}")
+        if not isinstance(noise_image_latents, bool):
+            raise TypeError(f"noise_image_latents: expected a bool, got {type(noise_image_latents).__name__}")
         tensor_inputs = _tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         bad = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
         if bad:
@@ -342,7 +344,7 @@ class VideoBoothPipeline(DiffusionPipeline):
                  pooled_prompt_embeds: Optional[torch.Tensor] = None,
                  negative_prompt_embeds: Optional[torch.Tensor] = None,
                  negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
-                 image_prompt_scale: Optional[float] = None,
+                 image_prompt_scale: Optional[float] = None, noise_image_latents: bool = True,
                  callback_on_step_end: Optional[Callable] = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)):
         """Generate B * ``num_videos_per_prompt`` videos of ``num_frames`` frames.
@@ -372,6 +374,9 @@ class VideoBoothPipeline(DiffusionPipeline):
                 unconditional pass.
             image_prompt_scale: strength of the image prompt's fine path for this call (see
                 :meth:`set_image_prompt_scale`); None keeps the backbone's.
+            noise_image_latents: the fine path's image latent noised to every step's timestep
+                (True, the paper's, as trained); False feeds the clean latent at every step
+                (a diagnostic, for a model trained so: ``model.fine_latent: clean``).
             callback_on_step_end: ``f(pipe, step, timestep, callback_kwargs) -> dict`` called
                 after every step with the tensors named in ``callback_on_step_end_tensor_inputs``
                 (``"latents"``); a returned ``"latents"`` replaces them. Set
@@ -388,7 +393,8 @@ class VideoBoothPipeline(DiffusionPipeline):
                           pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                           negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                           callback_on_step_end=callback_on_step_end,
-                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          noise_image_latents=noise_image_latents)
         tensor_inputs = _tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device, dtype = self._execution_device, next(self.backbone.parameters()).dtype
         do_cfg = guidance_scale > 1.0
@@ -427,6 +433,8 @@ class VideoBoothPipeline(DiffusionPipeline):
             return [None if t is None else t.to(dtype) for t in ts]
 
         def noised(lat, t, tb):
+            if not noise_image_latents:
+                return lat.to(dtype)
             return self.scheduler.scale_model_input(self.scheduler.add_noise(lat.to(dtype), image_noise, tb), t)
 
         # 4. Denoise, with the call's image-prompt strength (the backbone's own comes back after).

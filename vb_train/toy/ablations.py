@@ -120,7 +120,7 @@ STUDY_ARMS: List[Arm] = [
     Arm("ipplus", "study", "IP-Adapter-Plus (resampler over patch tokens)", IP_PLUS, IP_PLUS, shares_stage1=False,
         multi_seed=True),
     Arm("clean", "study", "diagnostic: fine path reads the clean image latent", {},
-        {"model.fine_latent": "clean"}, multi_seed=True, generate=False),
+        {"model.fine_latent": "clean"}, multi_seed=True),
 ]
 ARM_BY_KEY = {a.key: a for a in ARMS + STUDY_ARMS}
 
@@ -222,6 +222,8 @@ def generate_for_arm(pipe, items, s: X.DemoSettings, arm: Arm, *, image: bool, s
         kw["plain_prompts"] = True
     else:
         kw["coarse_input"] = arm.setting("model.coarse_input", s, "image")
+    if arm.setting("model.fine_latent", s, "noised") == "clean":
+        kw["noise_image_latents"] = False
     return E.generate_videos(pipe, items, s, image=image, seed=seed, num_frames=num_frames, swapped=swapped, **kw)
 
 

@@ -31,7 +31,7 @@ ordered pairs, training and evaluation clips drawn from the same identities), ar
 coarse only, oracle, grey; it passes when the oracle's flip contrast is above 0 in every seed
 (each seed's interval over identities). Full table (`--full`): held-out colour pairs as in the
 ablations, arms reference, coarse only, fine only, one-stage joint, oracle, grey, IP-Adapter-Plus,
-and the clean-latent fine path (loss-based scores only: sampling noises the image latent).
+and the clean-latent fine path (a diagnostic: the image latent un-noised in training and sampling).
 
 Outputs under --out: study.md, study.json, study.png, units/ (per arm and seed; a rerun skips the
 finished ones) and the run directories.
