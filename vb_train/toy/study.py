@@ -346,7 +346,7 @@ def report(kind: str, summary: Dict[str, dict], verdict: Optional[dict], a: A.Ab
         md += ["Seed 0, first clips: the prompt, then per arm the video from the prompt and from the swapped "
                "prompt (same noise); animated in `study_flip.gif`.", "", "![flip](study_flip.png)", ""]
     md += [
-           f"Wall time of this invocation {total:.0f} s (finished units are read, not rerun); the arms' own "
+           f"Wall time {total:.0f} s (the longest invocation; finished units are read, not rerun); the arms' own "
            f"train + evaluation times sum to {sum(r['seconds'] for r in summary.values()):.0f} s."]
     return "\n".join(md) + "\n"
 
@@ -368,6 +368,9 @@ def run_study(kind: str, a: A.AblationSettings, out: Path, jobs: int = 1, thread
     per_arm = {arm.key: [json.loads(A._unit_file(out, f"{arm.key}-s{seed}").read_text())
                          for seed in A.seeds_of(a, arm)] for arm in arms}
     total = round(time.perf_counter() - t0, 1)
+    prev = out / "study.json"   # a rerun that only read finished units keeps the training run's wall time
+    if prev.is_file():
+        total = max(total, float(json.loads(prev.read_text()).get("seconds", 0.0)))
     summary = summarise(per_arm)
     verdict = gate_verdict(summary) if kind == "gate" else None
     ceiling = real_clip_scores(a, paths)
