@@ -13,8 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("vb", "vb_kernels", "vb_train", "bench")
 
 
-def import_graph(root: Path, packages) -> dict:
-    """module -> the project modules its file imports (with the packages that import runs)."""
+def import_graph(root: Path, packages, strings: bool = False) -> dict:
+    """module -> the project modules its file imports (with the packages that import runs);
+    ``strings``: also ``"package.module:name"`` literals (what importlib loads: task and
+    ``data.paired_transform`` paths)."""
     mods = {}
     for pkg in packages:
         for path in (root / pkg).rglob("*.py"):
@@ -32,6 +34,9 @@ def import_graph(root: Path, packages) -> dict:
                 base = here[: len(here) - node.level + 1] if node.level else []
                 target = ".".join(base + ([node.module] if node.module else []))
                 names = [target] + [f"{target}.{a.name}" for a in node.names]
+            elif strings and isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and node.value.count(":") == 1 and node.value.split(":")[0] in mods:
+                names = [node.value.split(":")[0]]
             else:
                 continue
             for name in names:

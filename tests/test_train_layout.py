@@ -2,29 +2,20 @@
 is a test fixture, not in vb_train/. (Import cycles: tests/test_imports.py, every package.)"""
 from __future__ import annotations
 
-import ast
+import importlib.util
 from pathlib import Path
 
-TRAIN = Path(__file__).resolve().parents[1] / "vb_train"
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "vb_train"
 
 
-def _imports(path: Path) -> set[str]:
-    """vb_train modules that `path` imports anywhere (module level or inside functions)."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1:  # from .x import y / from . import x
-                names = [node.module] if node.module else [a.name for a in node.names]
-            elif node.level == 0 and node.module and (node.module == "vb_train" or node.module.startswith("vb_train.")):
-                names = [node.module[len("vb_train."):]] if node.module != "vb_train" else [a.name for a in node.names]
-            else:
-                continue
-            out.update(n.split(".")[0] for n in names)
-        elif isinstance(node, ast.Import):
-            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("vb_train."))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("vb_train."):
-            out.add(node.value.split(":")[0].split(".")[1])  # "vb_train.x:factory" strings (importlib)
-    return out
+def _graph() -> dict:
+    """tests/test_imports.py's reader (every import, function-level ones and importlib
+    "package.module:name" strings too), over vb_train."""
+    spec = importlib.util.spec_from_file_location("_test_imports", Path(__file__).with_name("test_imports.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.import_graph(ROOT, ("vb_train",), strings=True)
 
 
 def test_the_core_never_imports_the_toy_experiments():
@@ -35,10 +26,12 @@ def test_the_core_never_imports_the_toy_experiments():
     assert {"trainer", "config", "tasks", "registry", "videobooth_task", "checkpoint", "data", "metrics"} <= core
     assert {"synthetic", "experiment", "evaluation", "demo", "ablations", "ip_adapter", "probe"} <= toy
     assert not core & toy
+    graph = _graph()
     for m in core:
-        assert "toy" not in _imports(TRAIN / f"{m}.py"), m
-    toy_imports = {m: _imports(TRAIN / "toy" / f"{m}.py") for m in toy}
-    assert "demo" not in toy_imports["ablations"]
+        assert not {d for d in graph[f"vb_train.{m}"] if d.startswith("vb_train.toy")}, m
+    assert "vb_train.toy.demo" not in graph["vb_train.toy.ablations"]
+    # the reader sees an importlib path string (the study names the toy's swap by one)
+    assert "vb_train.toy.synthetic" in graph["vb_train.toy.study"]
     assert "ema" not in core  # diffusers' EMAModel instead
 
 
