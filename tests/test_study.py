@@ -186,3 +186,21 @@ def test_t_interval_and_identity_clustering():
     r = study.t_interval([1.0, 2.0, 3.0])
     assert r["mean"] == 2.0 and abs(r["ci95"][1] - (2.0 + 4.303 * 1.0 / 3 ** 0.5)) < 1e-9
     assert np.isnan(study.t_interval([1.0])["ci95"][0])
+
+
+def test_study_full_quick_ip_adapter_plus_and_clean_latent_arms(tmp_path):
+    """The full table's IP-Adapter-Plus arm samples through the pipeline (its resampler finds the
+    encoder's layer tokens by the pooled embedding the pipeline passes) and its adapter trains;
+    the clean-latent diagnostic samples with the clean image latent."""
+    from vb_train.toy import study
+
+    out = tmp_path / "full"
+    assert study.main(["--full", "--quick", "--arms", "ipplus,clean", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "study.json").read_text())
+    assert set(res["summary"]) == {"ipplus", "clean"}
+    for key in ("ipplus", "clean"):
+        u = json.loads((out / "units" / f"{key}-s0.json").read_text())
+        assert len(u["swapped"]) == len(u["image"]) == len(u["flip_loss_gap"])
+    from safetensors.torch import load_file
+    names = load_file(str(next((out / "runs" / "ipplus-s0").rglob("trainable.safetensors"))))
+    assert any(k.startswith("ip_adapter.resampler.") for k in names)
