@@ -325,9 +325,7 @@ class Trainer:
         src = ckpt.resolve_checkpoint(path)
         weights = ckpt.load_weights(src, self.cfg.init_weights)
         ckpt.copy_named(self.task, weights, f"init_from: {src}")
-        hook = getattr(self.task, "after_init_from", None)
-        if hook is not None:  # e.g. VideoBooth's exemplar projections, cloned at stage 2's start
-            hook(set(weights))
+        self.task.after_init_from(set(weights))  # e.g. VideoBooth's exemplars, cloned at stage 2's start
         if self.main:
             log.info("initialised %d tensors from %s (%s)", len(weights), src, self.cfg.init_weights)
         self.init_source = str(src)

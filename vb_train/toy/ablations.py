@@ -104,7 +104,7 @@ ARMS: List[Arm] = [
 # The fine-path study (issue 21, `vb_train.toy.study`): every arm's coarse input averages the prompt
 # with its swapped version (exactly order-blind) unless the arm says otherwise; the oracle's coarse
 # path is told the arrangement (the upper and lower half as separate tokens), the grey arm never
-# sees a prompt. Run with `AblationSettings.gate()` / `.full()`.
+# sees a prompt. Run them with `python -m vb_train.toy.study` (`study.settings("gate" / "full")`).
 ORACLE = {"model.coarse_input": "halves"}
 GREY = {"model.grey_prompt": True}
 IP_PLUS = dict(IP, **{"model.ip_kind": "plus"})
@@ -344,9 +344,9 @@ def run_arm(a: AblationSettings, out: Path, arm_key: str, seed: int, paths: dict
     res = {"arm": arm.key, "seed": seed, "steps": steps, "loss_last": summ["loss_last"],
            "subjects": [it.video_id for it in items], "identities": ["/".join(it.identity) for it in items]}
     if arm.group == "study":
-        by_t = E.flip_loss_gap(task, items, seed=seed, per_t=True)
-        res["flip_loss_gap"] = [float(np.mean(g)) for g in by_t]
-        res["flip_loss_gap_by_t"] = [float(np.mean([g[i] for g in by_t])) for i in range(len(by_t[0]))]
+        by_t = np.asarray(E.flip_loss_gap(task, items, seed=seed))   # (clips, timesteps)
+        res["flip_loss_gap"] = by_t.mean(1).tolist()
+        res["flip_loss_gap_by_t"] = by_t.mean(0).tolist()
         res["exemplars_cloned"] = summ.get("exemplars_cloned")
     if arm.generate:
         pipe = E.load_trained_pipeline(cfg, Path(cfg.output_dir), task=task)

@@ -117,14 +117,13 @@ def generate_videos(pipe, items: Sequence[EvalItem], s: DemoSettings, *, image: 
 
 @torch.no_grad()
 def flip_loss_gap(task, items: Sequence[EvalItem], *, seed: int = 0,
-                  timesteps: Sequence[int] = (100, 200, 300, 400, 500, 600, 700, 800, 900),
-                  per_t: bool = False) -> list:
-    """Per item: the denoising loss with the swapped prompt minus with the true one, averaged
-    over `timesteps`; the same clean latents, noise, image-branch noise and caption for both
+                  timesteps: Sequence[int] = (100, 200, 300, 400, 500, 600, 700, 800, 900)) -> List[List[float]]:
+    """Per item, per timestep of `timesteps`: the denoising loss with the swapped prompt minus
+    with the true one; the same clean latents, noise, image-branch noise and caption for both
     (everything drawn from `seed`). Positive: the model's prediction is better with the true
     arrangement, i.e. it uses the arrangement. Both paths get the swapped prompt (a coarse input
     averaged over the prompt and its swap gets the same tokens either way, so a coarse-only model
-    scores 0 by construction). per_t: a list per item of its gap at each timestep instead. The prompts are fed as they are, also to a model trained on grey
+    scores 0 by construction). The prompts are fed as they are, also to a model trained on grey
     prompts (``grey_prompt``, the negative control), as sampling feeds them."""
     if any(it.image_paired is None for it in items):
         raise ValueError("items: flip_loss_gap needs each item's swapped prompt (data.paired_transform)")
@@ -148,10 +147,7 @@ def flip_loss_gap(task, items: Sequence[EvalItem], *, seed: int = 0,
             pred = task.predict(noisy, tt, batch, torch.Generator().manual_seed(branch_seed))
             losses.append(((pred.float() - target.float()) ** 2).flatten(1).mean(1).double())
         gaps.append(losses[1] - losses[0])
-    by_t = torch.stack(gaps, dim=1)   # (items, timesteps)
-    if per_t:
-        return by_t.tolist()
-    return [float(x) for x in by_t.mean(1)]
+    return torch.stack(gaps, dim=1).tolist()   # (items, timesteps)
 
 
 @torch.no_grad()

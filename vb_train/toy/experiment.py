@@ -144,20 +144,13 @@ def make_data(s: DemoSettings, root: Path) -> tuple[Path, Path]:
         if s.two_tone_side is not None:
             args["two_tone_side"] = s.two_tone_side
         ids = args.pop("identities", None)
-        if meta.is_file() and ids is not None:   # (generate records the identities it drew from)
-            m = json.loads(meta.read_text())
-            if m.get("pool") != ids:
-                meta.unlink()
+        recorded = dict(args, pool=ids) if ids is not None else args   # generate records its pool as "pool"
         if meta.is_file():   # the generator records its arguments in meta.json
             m = json.loads(meta.read_text())
-            if m.get("complete") and all(m.get(k) == v for k, v in args.items()):
+            if m.get("complete") and all(m.get(k) == v for k, v in recorded.items()):
                 paths.append(out)
                 continue
         generate(out, overwrite=True, progress=s.progress, identities=ids, **args)
-        if ids is not None:
-            m = json.loads(meta.read_text())
-            m["pool"] = ids
-            meta.write_text(json.dumps(m, indent=1))
         paths.append(out)
     return paths[0], paths[1]
 

@@ -149,7 +149,7 @@ class IPAdapter(nn.Module):
                     break
             else:
                 raise RuntimeError("IP-Adapter-Plus: the backbone got an image embedding the image encoder did not "
-                                   "produce (call the backbone through the pipeline, or set_layer_tokens first)")
+                                   "produce (call the backbone through the pipeline, or set_image_embeds first)")
         return torch.stack(rows)
 
     # ---- the image tokens of the current call ----------------------------------------------------
@@ -168,7 +168,8 @@ class IPAdapter(nn.Module):
         return self.norm(x.view(x.shape[0], self.num_tokens, self.cross_dim))
 
     def set_image_embeds(self, image_embeds: Optional[torch.Tensor]) -> None:
-        """Condition the next backbone call on these (B, E) embeddings (None: no image term).
+        """Condition the next backbone call on these (B, E) embeddings, or (B, T, C_vis) layer
+        tokens for IP-Adapter-Plus (None: no image term).
         Cleared when that call returns."""
         self._tokens = None if image_embeds is None else self.image_tokens(image_embeds)
 

@@ -94,12 +94,18 @@ def settings(kind: str, quick: bool = False, **demo_kw) -> A.AblationSettings:
 # ================================================================================================
 # numbers
 # ================================================================================================
-def seed_means(values: Sequence[float], identities: Sequence[str]) -> float:
-    """The mean over identities of the mean over each identity's clips."""
+def identity_means(values: Sequence[float], identities: Sequence[str]) -> List[float]:
+    """The mean of each identity's clips (clips of one identity are not independent), in the
+    order the identities first appear."""
     groups: Dict[str, List[float]] = {}
     for v, i in zip(values, identities):
         groups.setdefault(i, []).append(float(v))
-    return float(np.mean([np.mean(g) for g in groups.values()]))
+    return [float(np.mean(g)) for g in groups.values()]
+
+
+def seed_means(values: Sequence[float], identities: Sequence[str]) -> float:
+    """The mean over identities of the mean over each identity's clips."""
+    return float(np.mean(identity_means(values, identities)))
 
 
 def t_interval(x: Sequence[float]) -> dict:
@@ -114,14 +120,7 @@ def t_interval(x: Sequence[float]) -> dict:
 
 def within_seed_interval(values: Sequence[float], identities: Sequence[str]) -> List[float]:
     """A 95% t interval of one seed's mean over identities (identity means as the units)."""
-    groups: Dict[str, List[float]] = {}
-    for v, i in zip(values, identities):
-        groups.setdefault(i, []).append(float(v))
-    g = np.array([np.mean(v) for v in groups.values()])
-    if len(g) < 2:
-        return [float("nan"), float("nan")]
-    h = t975(len(g) - 1) * float(g.std(ddof=1)) / math.sqrt(len(g))
-    return [float(g.mean() - h), float(g.mean() + h)]
+    return t_interval(identity_means(values, identities))["ci95"]
 
 
 def unit_metrics(u: dict) -> Dict[str, List[float]]:
@@ -148,14 +147,18 @@ METRICS = ("flip_loss_gap", "flip_contrast", "order_contrast", "order_soft_image
 
 def summarise(per_arm: Dict[str, List[dict]]) -> Dict[str, dict]:
     out: Dict[str, dict] = {}
+    # per arm, per seed: every metric's mean over identities (each unit's clips read once)
+    means: Dict[str, Dict[int, Dict[str, float]]] = {}
     for key, units in per_arm.items():
         arm = A.ARM_BY_KEY[key]
         per = [unit_metrics(u) for u in units]
+        means[key] = {u["seed"]: {m: seed_means(v, u["identities"]) for m, v in p.items()}
+                      for p, u in zip(per, units)}
         r = {"name": arm.name, "seeds": len(units), "steps": units[0]["steps"], "n": len(units[0]["subjects"]),
              "identities": len(set(units[0]["identities"])), "seconds": sum(u["seconds"] for u in units)}
         for m in METRICS:
             if m in per[0]:
-                r[m] = t_interval([seed_means(p[m], u["identities"]) for p, u in zip(per, units)])
+                r[m] = t_interval([means[key][u["seed"]][m] for u in units])
         r["flip_contrast_within_seed"] = ([within_seed_interval(p["flip_contrast"], u["identities"])
                                            for p, u in zip(per, units)] if "flip_contrast" in per[0] else None)
         r["flip_gap_within_seed"] = [within_seed_interval(p["flip_loss_gap"], u["identities"])
@@ -167,16 +170,13 @@ def summarise(per_arm: Dict[str, List[dict]]) -> Dict[str, dict]:
     for base in ("coarse_only", "ref"):
         if base not in per_arm:
             continue
-        bseeds = {u["seed"]: unit_metrics(u) for u in per_arm[base]}
-        bunits = {u["seed"]: u for u in per_arm[base]}
         for key, units in per_arm.items():
             if key == base or (base == "ref" and key == "coarse_only"):
                 continue
             diffs = {}
             for m in ("flip_loss_gap", "flip_contrast", "order_contrast", "delta_order", "color_image"):
-                xs = [seed_means(unit_metrics(u)[m], u["identities"])
-                      - seed_means(bseeds[u["seed"]][m], bunits[u["seed"]]["identities"])
-                      for u in units if u["seed"] in bseeds and m in unit_metrics(u) and m in bseeds[u["seed"]]]
+                xs = [means[key][u["seed"]][m] - means[base][u["seed"]][m] for u in units
+                      if u["seed"] in means[base] and m in means[key][u["seed"]] and m in means[base][u["seed"]]]
                 if xs:
                     diffs[m] = t_interval(xs)
             out[key][f"vs_{base}"] = diffs

@@ -152,7 +152,7 @@ def swap_two_tone(frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
         raise ValueError(f"frame: expected uint8 (H, W, 3), got {frame.dtype} {tuple(frame.shape)}")
     if mask.shape != frame.shape[:2]:
         raise ValueError(f"mask: expected shape {frame.shape[:2]}, got {tuple(mask.shape)}")
-    colours, counts = np.unique(frame[mask].reshape(-1, 3), axis=0, return_counts=True)
+    colours = np.unique(frame[mask].reshape(-1, 3), axis=0)
     if len(colours) != 2:
         raise ValueError(f"frame: a two-tone subject has exactly 2 colours under its mask, found {len(colours)} "
                          f"(a lossy frame, or not a two-tone subject)")
@@ -449,6 +449,8 @@ def generate(out: str | os.PathLike, num: int, seed: int = 0, *, split: str = "a
         meta["identity_kind"] = identity_kind
     if two_tone_side is not None:
         meta["two_tone_side"] = two_tone_side
+    if identities is not None:  # the identities drawn from (a reuse check compares them)
+        meta["pool"] = [list(i) for i in pool]
     # written first, so that a run that dies half-way can still be overwritten
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
 

@@ -84,7 +84,7 @@ def _fwd_kernel(
     store_pair(O + (i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh) * ALIGN, acc0 / l_safe[:, None],
                acc1 / l_safe[:, None], o_m, stride_on * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, False)
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
-    # LSE is allocated (B, rows, N, H) contiguous: its head stride is 1.
+    # LSE: (B, rows, N, H) indexed through its strides (allocated token-contiguous, function._lse_buffer).
     tl.store(LSE + i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h * stride_lh, lse, mask=o_m < N)
 
 
@@ -123,7 +123,7 @@ _TILES = {
     ("dkv", 4, 64): (32, 32, 4, 2), ("dkv", 4, 96): (16, 32, 4, 1), ("dkv", 4, 128): (16, 32, 4, 1),
     ("dkv", 4, 192): (16, 32, 4, 1), ("dkv", 4, 256): (16, 32, 4, 1),
     # the fused backward's KV-major pass (dK, dV and dQ's contributions): 64 is the compile
-    # report's leanest loop (bf16, N = 4096; 24 B of spill, see docs/kernels.md); wider buckets
+    # report's leanest loop (16-bit, N = 4096; 28 B of spill, see docs/kernels.md); wider buckets
     # run fused only when VB_BWD=fused forces it (they spill). The GPU sweep tunes them
     ("dkvq", 2, 64): (64, 128, 8, 2), ("dkvq", 2, 96): (32, 64, 4, 2), ("dkvq", 2, 128): (32, 64, 4, 2),
     ("dkvq", 2, 192): (32, 64, 8, 2), ("dkvq", 2, 256): (32, 64, 8, 2),
