@@ -137,22 +137,22 @@ def test_official_config_maps_3d_block_names():
 
 # ---- architecture options against literal formulas ----------------------------------------------------------
 def test_clip_groupnorm_is_groupnorm_over_the_whole_clip():
-    ctx = vb.VideoBoothContext()
     gn = torch.nn.GroupNorm(4, 8).requires_grad_(False)
     torch.nn.init.normal_(gn.weight)
     torch.nn.init.normal_(gn.bias)
-    norm = ClipGroupNorm(gn, ctx)
+    norm = ClipGroupNorm(gn)
     b, f, c, h, w = 2, 3, 8, 5, 4
     x = torch.randn(b * f, c, h, w)
-    with ctx.activate(vb.VideoBoothState.video(f, (h, w))):
-        out = norm(x)
+    out = norm(x, f)
     # Literal: view the clip as (B, C, F*H, W), normalise 4 groups over (C/4, F*H, W).
     clip = x.view(b, f, c, h, w).permute(0, 2, 1, 3, 4).reshape(b, 4, -1)
     lit = (clip - clip.mean(-1, keepdim=True)) / torch.sqrt(clip.var(-1, unbiased=False, keepdim=True) + gn.eps)
     lit = lit.view(b, c, f, h, w) * gn.weight.view(1, c, 1, 1, 1) + gn.bias.view(1, c, 1, 1, 1)
     assert rel(out, lit.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)) < 1e-6
     assert rel(out, gn(x)) > 1e-2  # per frame differs
-    assert ctx.mode == "off" and torch.equal(norm(x), gn(x))  # outside a pass: per frame
+    assert torch.equal(norm(x), gn(x))  # called as a plain GroupNorm (diffusers' forward): per frame
+    with pytest.raises(ValueError, match="num_frames: 4 does not divide the batch of 6"):
+        norm(x, 4)
 
 
 def test_temporal_attention_without_positions_is_plain_attention_over_frames():
@@ -233,12 +233,12 @@ def test_watermark_term_is_added_before_conv_norm_out():
     x, t, text, null, _ = _inputs()
     seen = {}
     h1 = bb.unet.conv_norm_out.register_forward_hook(lambda m, a, o: seen.__setitem__("in", a[0]))
-    h2 = bb.unet.up_blocks[-1].register_forward_hook(lambda m, a, o: seen.__setitem__("up", o))
+    # The last up block ends in its last attention (no upsampler): its output is the block's.
+    h2 = bb.unet.up_blocks[-1].attentions[-1].register_forward_hook(lambda m, a, o: seen.__setitem__("up", o[0]))
     h3 = bb.unet.time_embedding.register_forward_hook(lambda m, a, o: seen.__setitem__("temb", o))
     with torch.no_grad():
         bb(x, t, text)
-        with bb.context.activate(vb.VideoBoothState.video(x.shape[2], (8, 8))):  # the watermark's ResNets
-            lit = seen["up"] + bb.watermark(seen["up"], seen["temb"])            # normalise over the clip
+        lit = seen["up"] + bb.watermark(seen["up"], seen["temb"], x.shape[2])  # its ResNets: clip statistics
     for h in (h1, h2, h3):
         h.remove()
     assert torch.equal(seen["in"], lit) and rel(seen["in"], seen["up"]) > 1e-3

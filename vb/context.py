@@ -1,27 +1,25 @@
-"""Per-call state of the VideoBooth processors, and the per-backbone context that holds them.
+"""Per-call state of the VideoBooth layers, and the per-backbone record of what was installed.
 
 diffusers calls an attention processor with the layer's hidden states plus whatever is in
 ``cross_attention_kwargs``. The fine path needs more than hidden states: which pass this is
 (image branch or video), how many frames the batch holds, and the image branch's hidden states
 at the same layer. Each backbone forward builds one small :class:`VideoBoothState` per pass and
 hands it to every processor as ``cross_attention_kwargs={"vb_state": state}`` (IP-Adapter's
-route for its image tensors). Because the state travels with the call's arguments, a gradient
-checkpoint (diffusers' ``enable_gradient_checkpointing``, ``torch.utils.checkpoint``) replays an
-attention block with exactly the state it saw in the forward, long after the forward returned.
-The older design kept the state only on a shared object that the forward reset, so the
-recompute ran plain 2D attention and ``torch.utils.checkpoint`` failed with a ``CheckpointError``.
+route for its image tensors); the temporal layers read it from their transformer block's
+arguments. Because the state travels with the call's arguments, a gradient checkpoint
+(diffusers' ``enable_gradient_checkpointing``, ``torch.utils.checkpoint``) replays a block with
+exactly the state it saw in the forward, long after the forward returned.
 
-Layers that diffusers calls without ``cross_attention_kwargs`` (the official preset's clip-level
-GroupNorms inside the ResNets, the watermark module) read the pass's state from the backbone's
-:class:`VideoBoothContext`, where the backbone *activates* it for the duration of the pass
-(:meth:`VideoBoothContext.activate`). A checkpoint's recompute runs after that, so the
-backbones checkpoint with :meth:`VideoBoothContext.checkpoint`, which activates the same state
-again around the recompute (``torch.utils.checkpoint``'s ``context_fn``).
+That is the only road: no layer reads a "current pass" from a shared object. The layers that
+diffusers' forward calls without those arguments (the official preset's clip-level GroupNorms
+inside the ResNets, the watermark before ``conv_norm_out``, a motion U-Net's image branch that
+skips the motion modules) are run by :func:`vb.unet_forward.unet_forward`, which passes the
+frame count and time embedding to them as arguments. A processor called without a state (a
+user calling the U-Net directly) acts as the model it was installed on (mode ``off``).
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -101,62 +99,27 @@ def state_kwargs(state: VideoBoothState) -> Dict[str, VideoBoothState]:
     return {STATE_KWARG: state}
 
 
-def _proxy(name):
-    return property(lambda self: getattr(self.active, name), doc=f"``active.{name}``: the active pass's {name} (read-only).")
+def resolve_state(vb_state: Optional[VideoBoothState]) -> VideoBoothState:
+    """The state a layer acts on: the call's ``vb_state``; without one, the model it was
+    installed on (mode ``off``)."""
+    if vb_state is None:
+        return VideoBoothState()
+    if not isinstance(vb_state, VideoBoothState):
+        raise TypeError(f"{STATE_KWARG}: expected a vb.VideoBoothState, got {type(vb_state).__name__}")
+    return vb_state
 
 
 class VideoBoothContext:
-    """Per-backbone object shared by its processors and other VideoBooth layers.
-
-    ``active`` is the state of the pass the backbone is running (``off`` outside a backbone
-    forward). Processors prefer the state of their call (``vb_state``) and fall back to
-    ``active``; layers that diffusers calls without ``cross_attention_kwargs`` read ``active``
-    (``mode``, ``num_frames``, ``grid``, ``inject``, ``record``, ``image_states`` are shortcuts
-    to it). Only :meth:`activate` sets it, for the scope of one pass (and :meth:`checkpoint`
-    again around a recompute).
-    """
-
-    mode = _proxy("mode")
-    num_frames = _proxy("num_frames")
-    grid = _proxy("grid")
-    inject = _proxy("inject")
-    record = _proxy("record")
-    image_states = _proxy("image_states")
+    """Per-backbone record of an install, shared by its processors: what
+    :func:`vb.uninstall_videobooth` needs to give the model back (``hooks``, ``requires_grad``).
+    It holds no per-call state (see the module docstring)."""
 
     def __init__(self):
-        self.active = VideoBoothState()
-        self.in_image_branch = False
+        self.hooks = []
+        self.requires_grad = {}
 
     def __repr__(self):
-        return f"VideoBoothContext(active={self.active!r}, in_image_branch={self.in_image_branch})"
-
-    def state(self, vb_state: Optional[VideoBoothState]) -> VideoBoothState:
-        """The state a processor acts on: the call's ``vb_state``, else the active one."""
-        if vb_state is None:
-            return self.active
-        if not isinstance(vb_state, VideoBoothState):
-            raise TypeError(f"{STATE_KWARG}: expected a vb.VideoBoothState, got {type(vb_state).__name__}")
-        return vb_state
-
-    @contextmanager
-    def activate(self, state: VideoBoothState, image_branch: bool = False):
-        """Scope of one pass: ``state`` is active inside, the previous state after.
-        ``image_branch`` also sets :attr:`in_image_branch` (motion modules skip)."""
-        prev, prev_ib = self.active, self.in_image_branch
-        self.active, self.in_image_branch = state, bool(image_branch)
-        try:
-            yield state
-        finally:
-            self.active, self.in_image_branch = prev, prev_ib
-
-    def checkpoint(self, module, *args):
-        """``torch.utils.checkpoint`` of ``module(*args)`` (non-reentrant) whose recompute runs
-        with the state that was active in the forward: the ``gradient_checkpointing_func`` the
-        backbones give diffusers' ``enable_gradient_checkpointing``."""
-        saved, saved_ib = self.active, self.in_image_branch
-        return torch.utils.checkpoint.checkpoint(
-            module.__call__, *args, use_reentrant=False,
-            context_fn=lambda: (nullcontext(), self.activate(saved, saved_ib)))
+        return f"VideoBoothContext(hooks={len(self.hooks)}, parameters={len(self.requires_grad)})"
 
 
 def token_grid(num_tokens: int, grid: Optional[Tuple[int, int]]) -> Tuple[int, int]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from vb_kernels import BACKENDS, Schedule, videobooth_attention
 
-from .context import VideoBoothContext, VideoBoothState, token_grid
+from .context import VideoBoothContext, VideoBoothState, resolve_state, token_grid
 
 ScheduleSpec = Union[str, Schedule, Callable[[int], Schedule]]
 _NAMED = re.compile(r"^(videobooth|first|self|window|keyframes)(?::?(\d+))?(\+img)?$")
@@ -173,7 +173,7 @@ def copy_linear(layer: nn.Linear) -> nn.Linear:
 
 
 class _BaseProcessor(nn.Module):
-    """Holds the context and the processor that was installed before (used in ``off`` mode)."""
+    """Holds the install record and the processor that was installed before (used in ``off`` mode)."""
 
     def __init__(self, context: VideoBoothContext, name: str, base_processor):
         super().__init__()
@@ -241,7 +241,7 @@ class VideoBoothAttnProcessor(_BaseProcessor):
         attn: the diffusers ``Attention`` this processor is installed on (its ``to_k``/``to_v``
             are copied).
         context: the backbone's shared :class:`VideoBoothContext`.
-        name: unique key of this layer in ``context.image_states``.
+        name: unique key of this layer in the pass state's ``image_states``.
         schedule: schedule spec (see :func:`resolve_schedule`).
         backend: ``vb_kernels`` backend: ``"reference"``, ``"sdpa"``, ``"flex"``, ``"triton"``, ``"auto"``.
         image_bank: None (all image tokens), ``"pool:<f>"`` or ``"learned:<M>"``.
@@ -280,7 +280,7 @@ class VideoBoothAttnProcessor(_BaseProcessor):
                  vb_state: Optional[VideoBoothState] = None, *args, **kwargs):
         """diffusers' processor call; ``vb_state`` (from ``cross_attention_kwargs``) says which
         pass this is. Without it the context's fallback state applies (``off`` by default)."""
-        st = self.context.state(vb_state)
+        st = resolve_state(vb_state)
         if st.mode == "off":
             return self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if encoder_hidden_states is not None or attention_mask is not None:
@@ -382,7 +382,7 @@ class VideoBoothTextAttnProcessor(_BaseProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  vb_state: Optional[VideoBoothState] = None, *args, **kwargs):
-        if self.context.state(vb_state).mode == "off":
+        if resolve_state(vb_state).mode == "off":
             return self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if encoder_hidden_states is None:
             raise ValueError(f"{self.name}: encoder_hidden_states is required for text cross-attention")

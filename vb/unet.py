@@ -28,11 +28,12 @@ from torch import nn
 
 from .backbone import (VideoBackboneMixin, batch_timesteps, check_backbone_inputs, check_image_scale, check_tensor,
                        expand_batch)
-from .context import STATE_KWARG, VideoBoothContext, VideoBoothState, state_kwargs
+from .context import STATE_KWARG, VideoBoothContext, VideoBoothState, resolve_state, state_kwargs
 from .official.layers import ClipGroupNorm, WatermarkModule, use_clip_groupnorm
 from .processors import (ScheduleSpec, VideoBoothAttnProcessor, VideoBoothTextAttnProcessor, _BaseProcessor,
                          check_backend, check_schedule_spec, parse_image_bank)
 from .temporal import TemporalAttention
+from .unet_forward import check_walkable, unet_forward
 
 
 def _block_state(block, args, kwargs) -> VideoBoothState:
@@ -41,7 +42,7 @@ def _block_state(block, args, kwargs) -> VideoBoothState:
     cak = kwargs.get("cross_attention_kwargs")
     if cak is None and len(args) > 5:  # forward(hidden, mask, enc, enc_mask, timestep, cross_attention_kwargs, ...)
         cak = args[5]
-    return block.vb_temporal.context.state((cak or {}).get(STATE_KWARG))
+    return resolve_state((cak or {}).get(STATE_KWARG))
 
 
 def _temporal_hook(block, args, kwargs, output):
@@ -56,24 +57,6 @@ def _temporal_hook(block, args, kwargs, output):
     if st.mode == "image" and temporal.in_image:
         return temporal(output, 1)
     return output
-
-
-_SKIPPING_CLASSES = {}
-
-
-def _skipping_class(cls):
-    """A subclass of a motion-module class whose forward returns its input inside the
-    context's image branch (the paper's image branch is 2D only) and is the original otherwise.
-    Swapping the class keeps the module's parameters, names and state_dict as they were."""
-    if cls not in _SKIPPING_CLASSES:
-        def forward(self, hidden_states, *args, **kwargs):
-            if self.vb_context.in_image_branch:
-                return hidden_states
-            return cls.forward(self, hidden_states, *args, **kwargs)
-
-        _SKIPPING_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": __name__,
-                                                             "__qualname__": f"skipping.{cls.__name__}"})
-    return _SKIPPING_CLASSES[cls]
 
 
 # Names of the modules that hold a video model's own temporal attention: AnimateDiff's motion
@@ -279,18 +262,9 @@ def install_videobooth(unet: nn.Module, *, schedule: ScheduleSpec = "videobooth"
                 ref = a.to_q.weight
                 t = TemporalAttention(a.to_q.in_features, a.heads, a.to_q.out_features // a.heads,
                                       positions=temporal_positions)
-                t.context = ctx
                 t.in_image = bool(temporal_in_image)
                 module.vb_temporal = t.to(device=ref.device, dtype=ref.dtype)
                 ctx.hooks.append(module.register_forward_hook(_temporal_hook, with_kwargs=True))
-    if is_motion_unet(unet):
-        # Motion modules are called without cross_attention_kwargs: the image branch reaches
-        # them through the context's switch.
-        for name, module in unet.named_modules():
-            if name.endswith("motion_modules") and isinstance(module, nn.ModuleList):
-                for mm in module:
-                    mm.vb_context = ctx
-                    mm.__class__ = _skipping_class(type(mm))
     unet.vb_context = ctx
     if hasattr(type(unet), "set_attn_processor"):
         unet.__dict__["set_attn_processor"] = KeepVideoBoothProcessors(unet)
@@ -318,9 +292,6 @@ def uninstall_videobooth(unet: nn.Module) -> nn.Module:
             module.set_processor(proc.base_processor)
         if "vb_temporal" in getattr(module, "_modules", {}):
             del module.vb_temporal
-        if type(module) in _SKIPPING_CLASSES.values():
-            module.__class__ = type(module).__mro__[1]
-            del module.vb_context
         for name, child in list(module.named_children()):
             if isinstance(child, ClipGroupNorm):  # the official preset's
                 norm = nn.GroupNorm(child.num_groups, child.num_channels, eps=child.eps, affine=child.affine)
@@ -387,7 +358,6 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
                                           temporal_in_image=arch["temporal_in_image"])
         self.arch = arch
         self.watermark = None
-        self._temb = None
         if arch["watermark"] is not None:
             cfg = unet.config
             self.watermark = WatermarkModule(
@@ -396,12 +366,18 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
                 norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
                 downsample_padding=cfg.downsample_padding).to(device=unet.device, dtype=unet.dtype)
         if arch["clip_groupnorm"]:
-            use_clip_groupnorm(unet, self.context, [unet] + ([self.watermark] if self.watermark is not None else []))
-        if self.watermark is not None:  # after the GroupNorm swap: the hook goes on the final conv_norm_out
-            self.context.hooks += [unet.time_embedding.register_forward_hook(self._keep_temb),
-                                   unet.conv_norm_out.register_forward_pre_hook(self._add_watermark)]
-        # What an adapter file needs to rebuild the same set of weights.
+            use_clip_groupnorm(unet, [unet] + ([self.watermark] if self.watermark is not None else []))
         self.motion = is_motion_unet(unet)
+        # Clip-level norms and the watermark need the pass's frame count and time embedding,
+        # which diffusers' forward does not hand to them: such passes (and a motion U-Net's 2D
+        # image branch) take vb.unet_forward's forward over the same modules.
+        self._own_forward = bool(arch["clip_groupnorm"] or self.watermark is not None)
+        if self.motion and self._own_forward:
+            raise ValueError("clip_groupnorm/watermark: the official architecture options are for an inflated 2D "
+                             "U-Net, not a UNetMotionModel")
+        if self.motion or self._own_forward:
+            check_walkable(unet)
+        # What an adapter file needs to rebuild the same set of weights.
         self.image_scale = check_image_scale("image_scale", image_scale)
         has_temporal = any(hasattr(m, "vb_temporal") for m in unet.modules())
         self.install_config = {"backbone": "unet", "image_bank": parse_image_bank(image_bank),
@@ -419,17 +395,17 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
             image_bank=parse_image_bank(image_bank), learn_query=bool(learn_query), temporal=has_temporal,
             freeze_base=bool(freeze_base), arch=self.install_config["arch"], image_scale=self.image_scale)
 
-    # -- watermark module: the time embedding is kept from the U-Net's own forward --------------
-    def _keep_temb(self, _module, _args, out):
-        self._temb = out
-
-    def _add_watermark(self, _module, args):
-        ctx = self.context
-        if ctx.mode != "video" or ctx.record:  # its output is read in (non-recording) video passes only
-            return None
-        x = args[0]
-        temb, self._temb = self._temb, None
-        return (x + self.watermark(x, temb.to(x.dtype)),)
+    def _unet_pass(self, st: VideoBoothState, frames: torch.Tensor, t: torch.Tensor, text: torch.Tensor):
+        """The U-Net on frame-major ``frames`` (B*F, C, H, W) in the pass ``st`` (``t``, ``text``
+        one row per frame): diffusers' forward, or vb.unet_forward's where clip-level norms, the
+        watermark or a motion U-Net's 2D image branch need what that forward does not pass."""
+        cak = state_kwargs(st)
+        if self._own_forward or (self.motion and st.mode == "image"):
+            f = st.num_frames if st.mode == "video" else 1
+            # The watermark's output is read in (non-recording) video passes only.
+            wm = self.watermark if st.mode == "video" and not st.record else None
+            return unet_forward(self.unet, frames, t, text, cak, num_frames=f, watermark=wm)
+        return self.unet(frames, t, encoder_hidden_states=text, cross_attention_kwargs=cak).sample
 
     @classmethod
     def from_motion_adapter(cls, unet: nn.Module, motion_adapter: nn.Module, **kwargs) -> "VideoBoothUNet":
@@ -466,15 +442,7 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
         """diffusers' gradient checkpointing of the U-Net (its resnets and transformer blocks,
         the VideoBooth processors and temporal layers inside them are recomputed in backward);
         the loss and every gradient stay those of the plain forward."""
-        self.unet.enable_gradient_checkpointing(self.context.checkpoint)
-
-    def _checkpoint_with_context(self) -> None:
-        # A user may have called unet.enable_gradient_checkpointing() directly: the layers that
-        # read the active state (clip-level GroupNorm, watermark) need the context's checkpoint.
-        fn = self.context.checkpoint
-        for m in self.unet.modules():
-            if getattr(m, "gradient_checkpointing", False) and getattr(m, "_gradient_checkpointing_func", None) != fn:
-                m._gradient_checkpointing_func = fn
+        self.unet.enable_gradient_checkpointing()
 
     def disable_gradient_checkpointing(self) -> None:
         self.unet.disable_gradient_checkpointing()
@@ -541,53 +509,37 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
         check_tensor("encoder_hidden_states", encoder_hidden_states, 3, "(B, L, D_text)")
         text = expand_batch("encoder_hidden_states", encoder_hidden_states, b)
         t = batch_timesteps(timestep, b, sample.device)
-        # One state per pass: carried by cross_attention_kwargs to the processors and temporal
-        # layers, and active on the context for the layers diffusers calls without them
+        # One state per pass, carried by the call's arguments to every layer that reads it
         # (vb/context.py says why).
-        ctx = self.context
-        if torch.is_grad_enabled():  # (checkpointing only runs with grad: no module walk when sampling)
-            self._checkpoint_with_context()
         if self.image_scale == 0.0:  # strength 0: the fine path contributes nothing; skip its branch
             image_latents = None
         image_states = None
-        try:
-            if image_latents is not None:
-                if null_encoder_hidden_states is None:
-                    raise ValueError("null_encoder_hidden_states: required with image_latents (the image "
-                                     "branch runs with the null prompt)")
-                null = expand_batch("null_encoder_hidden_states", null_encoder_hidden_states, b)
-                image_states = {}
-                if image5:
-                    if self.motion:
-                        raise ValueError("image_latents: a (B, C, F_img, H, W) image clip is for an inflated 2D "
-                                         "U-Net; give a UNetMotionModel backbone (B, C, H, W)")
-                    # The official structure: the image latent as an F_img-frame clip through every
-                    # layer (clip-level norms, temporal layers, sparse-causal attn1 without image);
-                    # the video pass reads frame 0's attn1 inputs. F_img times the work of the
-                    # one-frame branch below; equal to it when the F_img frames are identical.
-                    fi = image_latents.shape[2]
-                    st = VideoBoothState.recording(fi, (h, w), image_states)
-                    frames = image_latents.transpose(1, 2).reshape(b * fi, c, h, w)
-                    with ctx.activate(st):
-                        self.unet(frames, t.repeat_interleave(fi), encoder_hidden_states=null.repeat_interleave(fi, 0),
-                                  cross_attention_kwargs=state_kwargs(st))
-                else:
-                    # Image branch: once per sample (B images, not B*F), 2D only (a motion U-Net's
-                    # motion modules are skipped); the attn1 processors record their inputs. Its
-                    # own prediction is not needed.
-                    st = VideoBoothState.image((h, w), image_states)
-                    with ctx.activate(st, image_branch=self.motion):
-                        self.unet(image_latents[:, :, None] if self.motion else image_latents, t,
-                                  encoder_hidden_states=null, cross_attention_kwargs=state_kwargs(st))
-            st = VideoBoothState.video(f, (h, w), image_states, self.image_scale)
-            text_f = text.repeat_interleave(f, 0)
-            with ctx.activate(st):
-                if self.motion:  # UNetMotionModel folds the frames itself, timestep per clip
-                    return self.unet(sample, t, encoder_hidden_states=text_f,
-                                     cross_attention_kwargs=state_kwargs(st)).sample
-                frames = sample.transpose(1, 2).reshape(b * f, c, h, w)
-                out = self.unet(frames, t.repeat_interleave(f), encoder_hidden_states=text_f,
-                                cross_attention_kwargs=state_kwargs(st)).sample
-        finally:
-            self._temb = None
+        if image_latents is not None:
+            if null_encoder_hidden_states is None:
+                raise ValueError("null_encoder_hidden_states: required with image_latents (the image "
+                                 "branch runs with the null prompt)")
+            null = expand_batch("null_encoder_hidden_states", null_encoder_hidden_states, b)
+            image_states = {}
+            if image5:
+                if self.motion:
+                    raise ValueError("image_latents: a (B, C, F_img, H, W) image clip is for an inflated 2D "
+                                     "U-Net; give a UNetMotionModel backbone (B, C, H, W)")
+                # The official structure: the image latent as an F_img-frame clip through every
+                # layer (clip-level norms, temporal layers, sparse-causal attn1 without image);
+                # the video pass reads frame 0's attn1 inputs. F_img times the work of the
+                # one-frame branch below; equal to it when the F_img frames are identical.
+                fi = image_latents.shape[2]
+                self._unet_pass(VideoBoothState.recording(fi, (h, w), image_states),
+                                image_latents.transpose(1, 2).reshape(b * fi, c, h, w), t.repeat_interleave(fi),
+                                null.repeat_interleave(fi, 0))
+            else:
+                # Image branch: once per sample (B images, not B*F), 2D only (a motion U-Net's
+                # motion modules are not run); the attn1 processors record their inputs. Its
+                # own prediction is not needed.
+                self._unet_pass(VideoBoothState.image((h, w), image_states), image_latents, t, null)
+        st = VideoBoothState.video(f, (h, w), image_states, self.image_scale)
+        text_f = text.repeat_interleave(f, 0)
+        if self.motion:  # UNetMotionModel folds the frames itself, timestep per clip
+            return self.unet(sample, t, encoder_hidden_states=text_f, cross_attention_kwargs=state_kwargs(st)).sample
+        out = self._unet_pass(st, sample.transpose(1, 2).reshape(b * f, c, h, w), t.repeat_interleave(f), text_f)
         return out.view(b, f, -1, h, w).transpose(1, 2)

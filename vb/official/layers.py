@@ -7,35 +7,39 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..context import VideoBoothContext
+from ..unet_forward import down_block_forward, up_block_forward
 
 
 class ClipGroupNorm(nn.GroupNorm):
     """GroupNorm whose statistics cover the whole clip, as ``nn.GroupNorm`` applied to a
     (B, C, F, H, W) tensor does in the official model's ResnetBlock3D and ``conv_norm_out``.
 
-    Input is frame-major (B*F, C, H, W) as everywhere in the inflated U-Net; F comes from the
-    shared context (1 outside a video pass). Equal to ``group_norm`` of the clip viewed as
-    (B, C, F*H, W). Same parameters (and state-dict keys) as the GroupNorm it replaces.
+    Input is frame-major (B*F, C, H, W) as everywhere in the inflated U-Net; F is the call's
+    ``num_frames`` (:func:`vb.unet_forward.unet_forward` passes the pass's; called as a plain
+    GroupNorm it is per frame). Equal to ``group_norm`` of the clip viewed as (B, C, F*H, W).
+    Same parameters (and state-dict keys) as the GroupNorm it replaces.
     """
 
-    def __init__(self, norm: nn.GroupNorm, context: VideoBoothContext):
+    per_clip = True  # what the VideoBooth forward looks for
+
+    def __init__(self, norm: nn.GroupNorm):
         super().__init__(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine)
         if norm.affine:
             self.weight, self.bias = norm.weight, norm.bias
-        self.__dict__["context"] = context  # not a submodule
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.context.num_frames if self.context.mode == "video" else 1
+    def forward(self, x: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+        f = int(num_frames)
         if f == 1 or x.dim() != 4:
             return super().forward(x)
         bf, c, h, w = x.shape
+        if bf % f:
+            raise ValueError(f"num_frames: {f} does not divide the batch of {bf} frames")
         clip = x.view(bf // f, f, c, h, w).transpose(1, 2).reshape(bf // f, c, f * h, w)
         out = super().forward(clip)
         return out.view(bf // f, c, f, h, w).transpose(1, 2).reshape(bf, c, h, w)
 
 
-def use_clip_groupnorm(unet: nn.Module, context: VideoBoothContext, modules) -> int:
+def use_clip_groupnorm(unet: nn.Module, modules) -> int:
     """Replace the ResNet GroupNorms (norm1, norm2) of ``modules`` and ``unet.conv_norm_out`` by
     :class:`ClipGroupNorm`; the attention blocks' GroupNorm stays per frame (as in the official
     Transformer3DModel). Returns the number replaced."""
@@ -48,10 +52,10 @@ def use_clip_groupnorm(unet: nn.Module, context: VideoBoothContext, modules) -> 
                 for attr in ("norm1", "norm2"):
                     norm = getattr(m, attr)
                     if type(norm) is nn.GroupNorm:
-                        setattr(m, attr, ClipGroupNorm(norm, context))
+                        setattr(m, attr, ClipGroupNorm(norm))
                         n += 1
     if type(getattr(unet, "conv_norm_out", None)) is nn.GroupNorm:
-        unet.conv_norm_out = ClipGroupNorm(unet.conv_norm_out, context)
+        unet.conv_norm_out = ClipGroupNorm(unet.conv_norm_out)
         n += 1
     return n
 
@@ -99,16 +103,17 @@ class WatermarkModule(nn.Module):
         nn.init.zeros_(self.zero_out.weight)
         nn.init.zeros_(self.zero_out.bias)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """x: (B*F, C0, H, W), temb: (B*F, T) -> the (B*F, C0, H, W) term added to x."""
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+        """x: (B*F, C0, H, W), temb: (B*F, T) -> the (B*F, C0, H, W) term added to x; its
+        GroupNorms span ``num_frames``-frame clips where they are clip-level."""
         res = (x,)
         h = x
         for block in self.down_blocks:
-            h, r = block(hidden_states=h, temb=temb)
+            h, r = down_block_forward(block, h, temb, num_frames)
             res += r
         for i, block in enumerate(self.up_blocks):
             skips = res[-len(block.resnets):]
             res = res[:-len(block.resnets)]
             size = res[-1].shape[2:] if res else None  # the next skip's size (odd sizes round trip)
-            h = block(hidden_states=h, res_hidden_states_tuple=skips, temb=temb, upsample_size=size)
+            h = up_block_forward(block, h, skips, temb, num_frames, upsample_size=size)
         return self.zero_out(h)
