@@ -58,6 +58,7 @@ def _check_rows(rows: list[dict]) -> None:
         assert r["spill"] == 0, f"{name}: {r['spill']} bytes of register spills"
         assert r["mma"] == "wgmma", f"{name}: {r['mma']}, expected Hopper's warpgroup MMA"
         assert r["loop_insts"] > 0, f"{name}: no inner MMA loop found in the SASS"
+        assert r["ctas_per_sm"] >= 1, f"{name}: one CTA does not fit an SM"
 
 
 def _check_targets(rows: list[dict]) -> None:
@@ -93,7 +94,7 @@ def test_fused_backward_compiles_as_designed(tmp_path):
     exponential per score (the split pair takes two), and its deterministic build's only
     atomics are the semaphore's (wait + release); the atomic build adds dQ with atomics. Its
     loop is leaner per score than the split pair's dq + dK/dV loops together. Spills: the
-    deterministic build spills 24 B at these tiles (docs/kernels.md), held here to at most 32;
+    deterministic build spills 28 B at these tiles (docs/kernels.md), held here to at most 32;
     the default (split) build's rows are held to 0 by the test above."""
     det, atomic = _reports(tmp_path, ("--head-dim", "40", "--dtype", "fp16", "--tokens", "4096"),
                                   ("--head-dim", "40", "--dtype", "fp16", "--tokens", "4096", "--atomic"),
@@ -124,6 +125,19 @@ def test_real_launch_compile_all_head_dims(tmp_path, dtype, layout):
                    "--layout", layout)
     _check_rows(rows)
     _check_targets(rows)
+
+
+def test_ctas_per_sm_follows_the_occupancy_rule():
+    """The compile report's CTAs per SM: registers per warp in units of 256, then shared memory
+    (228 KiB on sm_90, 164 KiB on sm_80, 1 KiB reserved per CTA), threads and the 32-CTA cap."""
+    from vb_kernels.impl.fused.aot import ctas_per_sm
+
+    assert ctas_per_sm(255, 61440, 8) == 1  # the forward: 256 registers x 256 threads fill the file
+    assert ctas_per_sm(251, 37376, 4) == 2  # the dK/dV pass at (64, 64, 4, 2)
+    assert ctas_per_sm(168, 24832, 4) == 3  # 168 x 32 = 21 units of 256: 12 warps
+    assert ctas_per_sm(32, 0, 4) == 16 and ctas_per_sm(32, 0, 1) == 32  # threads, then the CTA cap
+    assert ctas_per_sm(64, 100000, 4) == 2 and ctas_per_sm(64, 100000, 4, arch=80) == 1  # shared memory
+    assert ctas_per_sm(64, 240000, 4) == 0  # does not fit
 
 
 def test_unaligned_strides_fall_back_to_align_1():

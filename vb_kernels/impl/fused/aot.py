@@ -195,6 +195,23 @@ def steady_loops(loops: list[list[str]]) -> list[list[str]]:
     return unmasked or loops
 
 
+# Per-SM limits of the occupancy estimate (sm_80 and sm_90 alike, CUDA occupancy calculator):
+# registers, shared memory (228 KiB on Hopper, 164 KiB on A100: the smaller is taken below sm_90),
+# threads, resident CTAs; registers are allocated per warp in units of 256.
+_SM_REGS, _SM_THREADS, _SM_CTAS, _REG_UNIT = 65536, 2048, 32, 256
+_SM_SHARED = {90: 233472, 80: 167936}
+_CTA_RESERVED_SHARED = 1024
+
+
+def ctas_per_sm(regs: int, shared: int, num_warps: int, arch: int = 90) -> int:
+    """Resident CTAs per SM that registers, shared memory and threads allow (the occupancy
+    calculator's rule; 0 when one CTA does not fit)."""
+    per_warp = -(-max(regs, 1) * 32 // _REG_UNIT) * _REG_UNIT
+    by_regs = (_SM_REGS // per_warp) // num_warps
+    by_shared = _SM_SHARED.get(arch, _SM_SHARED[80]) // (shared + _CTA_RESERVED_SHARED)
+    return min(by_regs, by_shared, _SM_THREADS // (32 * num_warps), _SM_CTAS)
+
+
 @dataclasses.dataclass
 class KernelReport:
     """What one launch compiles to. ``loop_insts``: SASS instructions of the largest innermost MMA
@@ -219,6 +236,7 @@ class KernelReport:
     loop_mix: dict
     mufu_per_score: float = 0.0  # MUFU (ex2, rcp, ...) lane-instructions per score in the loop
     atomics: int = 0  # atom./red. instructions in the PTX (the fused backward's ordered dQ: the semaphore)
+    ctas_per_sm: int = 0  # resident CTAs per SM by registers, shared memory and threads (:func:`ctas_per_sm`)
 
     def row(self) -> dict:
         return dataclasses.asdict(self)
@@ -249,7 +267,8 @@ def analyse(kernel, grid, args, kwargs, arch: int = 90, phase: int = 0, bound=No
     atomics = len(re.findall(r"\b(?:atom|red)\.", ptx))
     return KernelReport(kind, phase, tuple(grid), tiles, regs, spill, k.metadata.shared,
                         mma, dict(shapes), cp_async, tma, scalar16, len(body),
-                        round(len(body) * norm, 1), dict(mix.most_common(12)), round(per_score, 2), atomics)
+                        round(len(body) * norm, 1), dict(mix.most_common(12)), round(per_score, 2), atomics,
+                        ctas_per_sm(regs, k.metadata.shared, warps, arch))
 
 
 def report(batch=2, frames=16, tokens=4096, heads=8, head_dim=40, image_tokens=None, dtype="fp16",
@@ -287,7 +306,7 @@ def markdown(rows: list[dict]) -> str:
     ``--json`` file); docs/kernels.md's compile table is this, from ``--from-json``."""
     head = ("| D | dtype | layout | kernel | phase | tiles (M, N, warps, stages) | regs | spill B | shared KiB "
             "| MMA (wgmma shapes) | cp.async | TMA | scalar 16-bit loads | SASS / loop | per 128x64 tile "
-            "| MUFU / score | atomics |")
+            "| MUFU / score | atomics | CTAs / SM |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         t = r["tiles"]
@@ -296,7 +315,7 @@ def markdown(rows: list[dict]) -> str:
                      f"| {t.get('BLOCK_M')}, {t.get('BLOCK_N')}, {t.get('num_warps')}, {t.get('num_stages')} "
                      f"| {r['regs']} | {r['spill']} | {r['shared'] / 1024:.0f} | {shapes} | {r['cp_async']} | {r['tma']} "
                      f"| {r['scalar16']} | {r['loop_insts']} | {r['per64']:g} | {r.get('mufu_per_score', '')} "
-                     f"| {r.get('atomics', '')} |")
+                     f"| {r.get('atomics', '')} | {r.get('ctas_per_sm', '')} |")
     return "\n".join(lines)
 
 
@@ -347,7 +366,7 @@ def main(argv=None) -> int:
                               f"phase={r.phase} tiles={tuple(r.tiles.values())} regs={r.regs} spill={r.spill} B "
                               f"shared={r.shared} B mma={r.mma} {r.wgmma} cp.async={r.cp_async} tma={r.tma} "
                               f"scalar16={r.scalar16} loop={r.loop_insts} per64={r.per64:g} "
-                              f"mufu/score={r.mufu_per_score:g} atomics={r.atomics}", flush=True)
+                              f"mufu/score={r.mufu_per_score:g} atomics={r.atomics} ctas/sm={r.ctas_per_sm}", flush=True)
                         if args.verbose:
                             print("    mix:", r.loop_mix)
     if args.markdown:
