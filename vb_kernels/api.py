@@ -6,7 +6,6 @@ once per distinct reference set + PyTorch SDPA), ``flex`` (FlexAttention with a 
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
@@ -102,11 +101,18 @@ def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule 
     return (out, lse) if return_lse else out
 
 
-@functools.lru_cache(maxsize=1)
+_FUSED = None
+
+
 def _fused():
-    # imported at first use (triton and the kernels load only for this backend), then one lookup
-    from .impl.fused.function import fused_attention
-    return fused_attention
+    # imported at first use (triton and the kernels load only for this backend), then one lookup;
+    # a module global rather than functools.lru_cache, which torch.compile warns about when it
+    # traces a model calling the op
+    global _FUSED
+    if _FUSED is None:
+        from .impl.fused.function import fused_attention
+        _FUSED = fused_attention
+    return _FUSED
 
 
 def _validate_inputs(q, k, v, k_img, v_img, schedule, scale, backend):

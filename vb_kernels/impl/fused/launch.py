@@ -11,7 +11,6 @@ the CPU (the report builds real-size arguments in host memory).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from typing import Callable
 
@@ -49,11 +48,17 @@ def cuda_tiles():
         _cuda_tiles = old
 
 
-@functools.lru_cache(maxsize=1)
+_interpreting = None
+
+
 def interpreting() -> bool:
     """Whether the kernels run through Triton's CPU interpreter: Triton reads TRITON_INTERPRET
-    once, when the kernels are defined (at import), so this reads it once too."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    once, when the kernels are defined (their first use), so this reads it once too (into a
+    module global, not functools.lru_cache: torch.compile traces the callers)."""
+    global _interpreting
+    if _interpreting is None:
+        _interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    return _interpreting
 
 
 def tiles_for_cuda(device) -> bool:
