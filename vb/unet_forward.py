@@ -15,9 +15,11 @@ num_frames=...)`` and ``conv_norm_out(sample)``. Three things of VideoBooth need
 :func:`unet_forward` walks the same modules in the same order as diffusers' forward (and gives
 the same result, bit for bit, where none of the three applies: tested) and passes these by
 argument, so no layer reads a shared, mutable "current pass". It covers the Stable Diffusion
-1.x/2.x family that VideoBooth uses; a config it does not cover (class or addition embeddings,
-FreeU, ResNets with their own up/down sampling, other time-embedding norms) is refused with the
-reason rather than run differently. Everything else takes diffusers' own forward.
+1.x/2.x family that VideoBooth uses; :func:`check_walkable` names what it does not cover (class or
+addition embeddings, ResNets with their own up/down sampling, other time-embedding norms), and
+:class:`vb.VideoBoothUNet` runs it when it is built, so such a config is refused with the reason
+rather than run differently (FreeU, which can be switched on later, is refused per call).
+Passes that need none of the three take diffusers' own forward.
 """
 from __future__ import annotations
 
