@@ -256,3 +256,16 @@ def test_int64_offsets_on_gpu():
     ref = videobooth_attention(q[:, -1:].contiguous(), k[:, :1], v[:, :1],
                                schedule=Schedule([[0]], keyframes=()), backend="reference")
     assert rel_err(out[:, -1:], ref) < 5e-3
+
+
+def test_interpreter_version_check_names_the_fix():
+    """triton <= 3.6's interpreter cannot run the kernels' loops with numpy >= 2.4: the first call
+    says so and names the fix, instead of an InterpreterError from inside a kernel."""
+    from vb_kernels.impl.fused.launch import check_interpreter
+
+    for ok in (("3.8.0", "2.4.6"), ("3.7.1", "2.4.6"), ("3.6.0", "2.3.5"), ("3.6.0+git1a2b", "1.26.4")):
+        check_interpreter(*ok)
+    with pytest.raises(RuntimeError, match=r"triton 3\.6\.0's interpreter .* numpy 2\.4\.6 .* numpy<2\.4 or triton>=3\.7"):
+        check_interpreter("3.6.0", "2.4.6")
+    with pytest.raises(RuntimeError, match="numpy 2.5.0rc1"):
+        check_interpreter("3.5.1", "2.5.0rc1")

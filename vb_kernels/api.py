@@ -11,7 +11,7 @@ import numbers
 
 import torch
 
-from .impl.fused.launch import interpreting
+from .impl.fused.launch import check_interpreter, interpreting
 from .schedule import Schedule
 
 BACKENDS = ("auto", "reference", "sdpa", "flex", "triton")
@@ -110,6 +110,11 @@ def _fused():
     # traces a model calling the op
     global _FUSED
     if _FUSED is None:
+        if interpreting():
+            import numpy
+            import triton
+
+            check_interpreter(triton.__version__, numpy.__version__)
         from .impl.fused.function import fused_attention
         _FUSED = fused_attention
     return _FUSED

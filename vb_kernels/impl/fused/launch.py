@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from typing import Callable
 
 _hook: Callable | None = None
@@ -59,6 +60,21 @@ def interpreting() -> bool:
     if _interpreting is None:
         _interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     return _interpreting
+
+
+def _major_minor(version: str) -> tuple:
+    return tuple(int(re.match(r"\d+", part).group()) for part in version.split(".")[:2])
+
+
+def check_interpreter(triton_version: str, numpy_version: str) -> None:
+    """Raise RuntimeError where Triton's interpreter cannot run these kernels: triton <= 3.6 turns
+    a loop bound into a Python int from a one-element array, which numpy >= 2.4 refuses (every
+    kernel with a runtime loop fails with "only 0-dimensional arrays can be converted to Python
+    scalars"; seen with triton 3.6.0 and numpy 2.4.6; numpy 2.3.5 and triton 3.7.1 work)."""
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        raise RuntimeError(f"TRITON_INTERPRET=1: triton {triton_version}'s interpreter cannot run the kernels with "
+                           f"numpy {numpy_version} (it converts one-element arrays to Python ints, which numpy >= "
+                           f"2.4 refuses); install numpy<2.4 or triton>=3.7")
 
 
 def tiles_for_cuda(device) -> bool:
