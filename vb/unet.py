@@ -230,7 +230,6 @@ def install_videobooth(unet: nn.Module, *, schedule: ScheduleSpec = "videobooth"
     ctx = VideoBoothContext()
     # What uninstall_videobooth needs to give the model back as it was.
     ctx.requires_grad = {n: p.requires_grad for n, p in unet.named_parameters()}
-    ctx.hooks = []
     if freeze_base:
         unet.requires_grad_(False)
     own_temporal = temporal_module_names(unet)
