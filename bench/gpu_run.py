@@ -1,6 +1,6 @@
 """Everything a short GPU allocation should run, in one command, within a fixed time budget:
 
-    python -m bench.gpu_run                 # on an H100/H200: about 8 minutes at most
+    python -m bench.gpu_run                 # on an H100/H200: about 9 minutes at most
     python -m bench.gpu_run --dry-run       # tiny shapes on CPU through the interpreter (CI)
 
 Stages (each with its own share of the budget; a stage that runs out is cut and says so):
@@ -9,7 +9,9 @@ Stages (each with its own share of the budget; a stage that runs out is cut and 
 2. Headline rows: the 8 VideoBooth shapes (256 and 512 px U-Net levels), fwd and fwd+bwd, bf16,
    for reference, the SDPA backends (the report picks the best), flex and triton; and the
    attention peak memory of a training step (the attn1 block rows of bench_model.py).
-   ``python -m bench.report`` then writes report.md and the plots.
+   ``python -m bench.report`` then writes report.md and the plots. Then the triton fwd+bwd rows
+   again with ``VB_BWD=fused`` (the 5-matmul backward), compared shape by shape with the
+   default build's (bwd_builds.md): what the fused backward's default switch waits for.
 3. Tile sweep: for D in {40, 64, 72, 80, 128, 160}, candidate (BLOCK_M, BLOCK_N, warps,
    stages) per kernel (``VB_TILES``; ``dkvq``: the fused 5-matmul backward, ``VB_BWD=fused``,
    against the split pair's ``dq`` / ``dkv`` rows), timed with ``triton.testing.do_bench``; the winners go to
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,7 +46,7 @@ CANDIDATES = {
     "dq": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
     "dkv": [(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2), (32, 64, 8, 2)],
 }
-BUDGET_S = {"tests": 150, "headline": 150, "sweep": 120, "e2e": 45}  # 465 s + start-up < 8 min
+BUDGET_S = {"tests": 150, "headline": 150, "bwd_builds": 40, "sweep": 120, "e2e": 45}  # 505 s + start-up < 9 min
 HEADLINE_K = "(vb256 or vb512) and bf16 and (reference or sdpa or flex or triton)"
 MEMORY_K = "down0 and fwd+bwd and bf16"
 
@@ -83,7 +86,46 @@ def stage_headline(out: Path, dry: bool) -> dict:
     if jsons:
         res["report"] = _run([sys.executable, "-m", "bench.report", *jsons, "--out", str(out)], 60,
                              out / "report.log")
+    # the fused 5-matmul backward on the same triton fwd+bwd rows, for the same-run comparison
+    js = out / "headline_fused.json"
+    k_fused = "smoke.vb and triton and fwd+bwd" if dry else f"({HEADLINE_K}) and triton and fwd+bwd"
+    res["headline_fused"] = _run([sys.executable, "-m", "pytest", "bench/bench_attention.py", "-q", "-m", marker,
+                                  "-k", k_fused, f"--benchmark-json={js}", "-p", "no:cacheprovider"],
+                                 BUDGET_S["bwd_builds"], out / "headline_fused.log", env=dict(os.environ, VB_BWD="fused"))
+    if js.exists() and (out / "headline.json").exists():
+        rows = compare_builds(json.loads((out / "headline.json").read_text()), json.loads(js.read_text()))
+        (out / "bwd_builds.md").write_text(builds_markdown(rows))
+        res["bwd_builds"] = {"rows": len(rows), "summary": builds_summary(rows)}
     return res
+
+
+def _medians(bench_json: dict) -> dict:
+    # median seconds of each triton fwd+bwd row, by the row's name without the build
+    return {b["name"]: b["stats"]["median"] for b in bench_json.get("benchmarks", [])
+            if "-triton-fwd+bwd-" in b["name"]}
+
+
+def compare_builds(split_json: dict, fused_json: dict) -> list:
+    """(row, split ms, fused ms, split / fused) for the triton fwd+bwd rows both pytest-benchmark
+    JSON files hold (split: the default build's headline run; fused: ``VB_BWD=fused``)."""
+    split, fused = _medians(split_json), _medians(fused_json)
+    return [(name, split[name] * 1e3, fused[name] * 1e3, split[name] / fused[name])
+            for name in sorted(split) if name in fused and fused[name] > 0]
+
+
+def builds_summary(rows: list) -> str:
+    if not rows:
+        return "no row in both runs"
+    geo = math.exp(sum(math.log(r[3]) for r in rows) / len(rows))
+    return (f"fused vs split fwd+bwd over {len(rows)} shapes: geometric mean speed-up {geo:.2f}x, "
+            f"range {min(r[3] for r in rows):.2f}x .. {max(r[3] for r in rows):.2f}x")
+
+
+def builds_markdown(rows: list) -> str:
+    lines = ["# The backward's builds, same run: split (7 matmuls, the default) vs fused (VB_BWD=fused)", "",
+             builds_summary(rows), "", "| row | split ms | fused ms | split / fused |", "|---|---|---|---|"]
+    lines += [f"| {name} | {s:.4f} | {f:.4f} | {x:.2f} |" for name, s, f, x in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _bench_ms(fn, dry: bool) -> float:
@@ -212,8 +254,9 @@ def readme(out: Path, env: dict, stages: dict, total_s: float) -> None:
     t = stages.get("tests", {})
     lines.append(f"| pytest tests -m gpu | rc={t.get('rc')}: {t.get('summary', '')} | {t.get('seconds')} | tests.log |")
     for name, r in stages.get("headline", {}).items():
-        files = "report.md, plots, report.log" if name == "report" else f"{name}.json, {name}.log"
-        lines.append(f"| {name} | rc={r.get('rc')}: {r.get('summary', '')} | {r.get('seconds')} | {files} |")
+        files = {"report": "report.md, plots, report.log", "bwd_builds": "bwd_builds.md"}.get(
+            name, f"{name}.json, {name}.log")
+        lines.append(f"| {name} | rc={r.get('rc', '')}: {r.get('summary', '')} | {r.get('seconds', '')} | {files} |")
     sw = stages.get("sweep", {})
     if "error" in sw:
         lines.append(f"| tile sweep | {sw['error']} | | |")

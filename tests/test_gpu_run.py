@@ -17,7 +17,10 @@ def test_gpu_run_dry_run_writes_every_stage(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     stages = json.loads((tmp_path / "stages.json").read_text())
     assert not any("error" in s for s in stages.values() if isinstance(s, dict)), stages
-    assert stages["tests"]["rc"] == 0 and all(r["rc"] == 0 for r in stages["headline"].values()), stages
+    runs = {n: r for n, r in stages["headline"].items() if n != "bwd_builds"}
+    assert stages["tests"]["rc"] == 0 and all(r["rc"] == 0 for r in runs.values()), stages
+    assert stages["headline"]["bwd_builds"]["rows"] >= 1, stages["headline"]  # fused vs split, same run
+    assert "fused vs split fwd+bwd over" in (tmp_path / "bwd_builds.md").read_text()
     for name in ("README.md", "env.json", "headline.json", "memory.json", "report.md", "tiles.md", "tiles.json",
                  "e2e.json"):
         assert (tmp_path / name).exists(), name
@@ -27,3 +30,22 @@ def test_gpu_run_dry_run_writes_every_stage(tmp_path):
     assert e2e["triton"]["finite"] and e2e["triton"]["rel_err_vs_reference"] < 1e-4, e2e
     readme = (tmp_path / "README.md").read_text()
     assert "pytest tests -m gpu" in readme and "tile sweep D=40" in readme and "denoising step" in readme
+
+
+def test_compare_builds_pairs_rows_by_name():
+    """The fused-vs-split table pairs the triton fwd+bwd rows of the two runs by name."""
+    from bench.gpu_run import builds_markdown, builds_summary, compare_builds
+
+    def run(rows):
+        return {"benchmarks": [{"name": n, "stats": {"median": m}} for n, m in rows.items()]}
+
+    a = "test_attention[vb512.down0-up3.B1F16N4096H8D40M4096.videobooth-triton-fwd+bwd-bf16]"
+    b = "test_attention[vb256.mid.B1F16N16H8D160M16.videobooth-triton-fwd+bwd-bf16]"
+    fwd = "test_attention[vb256.mid.B1F16N16H8D160M16.videobooth-triton-fwd-bf16]"
+    split = run({a: 0.020, b: 0.001, fwd: 0.004})
+    fused = run({a: 0.010, fwd: 0.002, b: 0.002})
+    rows = compare_builds(split, fused)
+    assert [(r[0], round(r[3], 6)) for r in rows] == [(b, 0.5), (a, 2.0)]
+    assert "geometric mean speed-up 1.00x, range 0.50x .. 2.00x" in builds_summary(rows)
+    assert builds_markdown(rows).count("\n| test_attention[") == 2
+    assert compare_builds(split, run({})) == [] and builds_summary([]) == "no row in both runs"
