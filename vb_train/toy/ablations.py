@@ -672,6 +672,26 @@ def plot_groups(summary: Dict[str, dict], out: Path) -> List[Path]:
     return paths
 
 
+def add_run_options(p: argparse.ArgumentParser, threads_help: str) -> None:
+    """The CLIs' options for how training runs are executed (the ablations' and the study's)."""
+    p.add_argument("--jobs", type=int, default=1, help="training runs at once, each in its own process")
+    p.add_argument("--threads", type=int, default=1, help=threads_help)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def apply_run_options(args: argparse.Namespace, settings_kw: dict) -> dict:
+    """Check ``--jobs``/``--threads``, set torch's threads and the log format; ``settings_kw``
+    with ``progress=False`` added where bars would interleave (or were turned off)."""
+    for name in ("threads", "jobs"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name}: expected an int >= 1, got {getattr(args, name)}")
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if args.no_progress or args.jobs > 1:
+        settings_kw = dict(settings_kw, progress=False)
+    return settings_kw
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vb_train.toy.ablations", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="ablations_out")
@@ -684,19 +704,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--data-size", type=int, dest="data_size", help="synthetic frames' side before loading (64)")
     p.add_argument("--two-tone-side", type=int, dest="two_tone_side",
                    help="the two-tone square's side at --data-size (default half of it)")
-    p.add_argument("--jobs", type=int, default=1, help="training runs at once, each in its own process")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1, as the demo's)")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_options(p, "torch CPU threads per run (default 1, as the demo's)")
     args = p.parse_args(argv)
-    for name in ("threads", "jobs"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name}: expected an int >= 1, got {getattr(args, name)}")
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    kw = {k: getattr(args, k) for k in ("steps1", "steps2", "data_size", "two_tone_side")
-          if getattr(args, k) is not None}
-    if args.no_progress or args.jobs > 1:
-        kw["progress"] = False
+    kw = apply_run_options(args, {k: getattr(args, k) for k in ("steps1", "steps2", "data_size", "two_tone_side")
+                                  if getattr(args, k) is not None})
     if args.quick:
         a = AblationSettings.quick(**kw) if not args.arms else AblationSettings.quick(args.arms.split(","), **kw)
     else:

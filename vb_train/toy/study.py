@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import math
 import time
 from pathlib import Path
@@ -394,19 +393,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seeds", type=int, help="seeds (default 3)")
     p.add_argument("--steps1", type=int)
     p.add_argument("--steps2", type=int)
-    p.add_argument("--jobs", type=int, default=1, help="training runs at once, each in its own process")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
-    p.add_argument("--no-progress", action="store_true")
+    A.add_run_options(p, "torch CPU threads per run (default 1)")
     args = p.parse_args(argv)
-    for name in ("threads", "jobs"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name}: expected an int >= 1, got {getattr(args, name)}")
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     kind = "gate" if args.gate else "full"
-    kw = {k: getattr(args, k) for k in ("steps1", "steps2") if getattr(args, k) is not None}
-    if args.no_progress or args.jobs > 1:
-        kw["progress"] = False
+    kw = A.apply_run_options(args, {k: getattr(args, k) for k in ("steps1", "steps2") if getattr(args, k) is not None})
     a = settings(kind, args.quick, **kw)
     if args.arms:
         a.arms = tuple(args.arms.split(","))
