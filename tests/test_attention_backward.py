@@ -480,3 +480,22 @@ def test_fp32_gradients_at_full_tiles_on_gpu(d):
 def test_gradients_on_gpu(backend, schedule_name, dtype):
     for shape in [(2, 5, 257, 4, 80, 77), (1, 3, 1024, 2, 40, 1024), (1, 2, 64, 8, 160, 0)]:
         _check_grads(backend, named_schedule(schedule_name, shape[1]), shape, dtype)
+
+
+@pytest.mark.parametrize("schedule_name, shape, dtype", [
+    ("videobooth", (1, 3, 150, 2, 40, 70), torch.float16),   # U-Net head dim, tails in every tile kind
+    ("keyframes2", (1, 5, 97, 1, 64, 130), torch.float16),   # phase 1, M > N
+    ("random2", (2, 4, 65, 1, 40, 0), torch.float32),        # fp32 tiles, no image
+], ids=["D40-fp16", "D64-fp16-phase1", "D40-fp32"])
+@pytest.mark.parametrize("build", ["split", "fused"])
+def test_gpu_default_tiles_match_reference(monkeypatch, schedule_name, shape, dtype, build):
+    """The tiles a CUDA launch takes by default (``_TILES``, shrunk to the sequence), run through
+    the interpreter: its block sizes are the GPU's (warps and stages aside), so a default tile
+    that breaks the masking or the tails fails here before it reaches a GPU."""
+    from vb_kernels.impl.fused import launch
+
+    if DEV != "cpu":
+        pytest.skip("on a GPU the default tiles are what every other test runs")
+    monkeypatch.setenv("VB_BWD", build)
+    with launch.cuda_tiles():
+        _check_grads("triton", named_schedule(schedule_name, shape[1]), shape, dtype)

@@ -426,10 +426,12 @@ def _bwd_reduce_kernel(
             o_p = ((i_first + i_c) * tl.num_programs(1) + i_bh).to(tl.int64) * L_MAX * HEAD_DIM
             p0, p1 = load_pair(PK + o_p, o_n, HEAD_DIM, L, HEAD_DIM, D0, D1, SPLIT)
             b_dk0 += p0
-            b_dk1 += p1
+            if SPLIT:  # without SPLIT, p1 is chunk 0 again (D0 wide, not D1)
+                b_dk1 += p1
             p0, p1 = load_pair(PV + o_p, o_n, HEAD_DIM, L, HEAD_DIM, D0, D1, SPLIT)
             b_dv0 += p0
-            b_dv1 += p1
+            if SPLIT:
+                b_dv1 += p1
         if i_src < 0:
             o_g = (i_b * stride_gib + i_h * stride_gih) * ALIGN
             store_pair(DKI + o_g, b_dk0, b_dk1, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
