@@ -486,7 +486,9 @@ def test_gradients_on_gpu(backend, schedule_name, dtype):
     ("videobooth", (1, 3, 150, 2, 40, 70), torch.float16),   # U-Net head dim, tails in every tile kind
     ("keyframes2", (1, 5, 97, 1, 64, 130), torch.float16),   # phase 1, M > N
     ("random2", (2, 4, 65, 1, 40, 0), torch.float32),        # fp32 tiles, no image
-], ids=["D40-fp16", "D64-fp16-phase1", "D40-fp32"])
+    ("keyframes2", (1, 5, 70, 1, 128, 90), torch.float16),   # one 128 chunk, split targets reduced
+    ("videobooth", (1, 3, 33, 2, 160, 0), torch.float16),    # 128 + 32 chunks, dK and dV in two launches
+], ids=["D40-fp16", "D64-fp16-phase1", "D40-fp32", "D128-fp16", "D160-fp16"])
 @pytest.mark.parametrize("build", ["split", "fused"])
 def test_gpu_default_tiles_match_reference(monkeypatch, schedule_name, shape, dtype, build):
     """The tiles a CUDA launch takes by default (``_TILES``, shrunk to the sequence), run through
