@@ -78,12 +78,17 @@ def test_real_launch_compile_fast(tmp_path):
     no tensor-core MMA) by default, TF32 wgmma only after the PyTorch opt-in
     (``torch.set_float32_matmul_precision("high")``)."""
     fp32 = ("--head-dim", "64", "--dtype", "fp32", "--tokens", "256", "--forward-only")
-    d40, d80, small, ieee, tf32 = _reports(
+    d40, d80, small, ieee, tf32, split = _reports(
         tmp_path, ("--head-dim", "40", "--dtype", "fp16", "--tokens", "4096"),
         ("--head-dim", "80", "--dtype", "bf16", "--layout", "strided", "--tokens", "1024"),
-        ("--head-dim", "160", "--dtype", "bf16", "--tokens", "16"), fp32, (*fp32, "--tf32"))
+        ("--head-dim", "160", "--dtype", "bf16", "--tokens", "16"), fp32, (*fp32, "--tf32"),
+        # few programs per key tile: the reader cap splits the anchor frame, whose partial dK/dV
+        # the reduction adds (at a one-chunk head dim it once failed to compile)
+        ("--head-dim", "64", "--dtype", "bf16", "--tokens", "128", "--batch", "1", "--heads", "2"))
     _check_rows(d40 + d80)
     assert all(r["spill"] == 0 and r["scalar16"] == 0 for r in small), small
+    assert "reduce" in {r["kernel"] for r in split}, split
+    assert all(r["spill"] == 0 and r["scalar16"] == 0 for r in split), split
     _check_targets(d40 + d80)
     assert {r["mma"] for r in ieee} == {"none"} and {r["mma"] for r in tf32} == {"wgmma"}, (ieee, tf32)
 
