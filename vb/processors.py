@@ -279,7 +279,7 @@ class VideoBoothAttnProcessor(_BaseProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  vb_state: Optional[VideoBoothState] = None, *args, **kwargs):
         """diffusers' processor call; ``vb_state`` (from ``cross_attention_kwargs``) says which
-        pass this is. Without it the context's fallback state applies (``off`` by default)."""
+        pass this is. Without it the processor that was installed before runs (``off``)."""
         st = resolve_state(vb_state)
         if st.mode == "off":
             return self.base_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
