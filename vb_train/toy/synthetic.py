@@ -32,7 +32,7 @@ different seeds and `split="train"` / `split="heldout"` never share an identity.
 
 Determinism: clip i draws everything from `numpy.random.default_rng([seed, i])`; the same
 arguments give the same frames, masks, CSVs and JSON (PNG frames are byte-identical; mp4
-decodes to the same frames with the same encoder build).
+files are byte-identical with the same encoder build).
 
 CLI: ``python -m vb_train.toy.synthetic --out DIR --num N --seed S [--split train|heldout|all]``.
 """
@@ -359,7 +359,12 @@ def _write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int) -> None:
         # thread count to its swscale reformatter, which slices frames across threads): the
         # file then depends only on its input (and small clips gain nothing from threads)
         stream.codec_context.thread_count = 1
-        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        # no lookahead: x264's lowres lookahead (macroblock tree, B-frame decision) reads
+        # uninitialised memory on frames this small (<= 48 px; found with MALLOC_PERTURB_), so
+        # without this the bytes, and the decoded pixels, depended on what the process had
+        # freed before (a decode in between was enough)
+        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1",
+                          "x264-params": "rc-lookahead=0"}
         for a in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
                 container.mux(packet)
