@@ -235,7 +235,8 @@ class KernelReport:
     per64: float
     loop_mix: dict
     mufu_per_score: float = 0.0  # MUFU (ex2, rcp, ...) lane-instructions per score in the loop
-    atomics: int = 0  # atom./red. instructions in the PTX (the fused backward's ordered dQ: the semaphore)
+    atomics: int = 0  # atom./red. instructions in the PTX (the fused backward's dQ adds and semaphore)
+    unordered_adds: int = 0  # float atomics outside a wait-release window (:func:`unordered_float_atomics`)
     ctas_per_sm: int = 0  # resident CTAs per SM by registers, shared memory and threads (:func:`ctas_per_sm`)
 
     def row(self) -> dict:
@@ -268,7 +269,29 @@ def analyse(kernel, grid, args, kwargs, arch: int = 90, phase: int = 0, bound=No
     return KernelReport(kind, phase, tuple(grid), tiles, regs, spill, k.metadata.shared,
                         mma, dict(shapes), cp_async, tma, scalar16, len(body),
                         round(len(body) * norm, 1), dict(mix.most_common(12)), round(per_score, 2), atomics,
-                        ctas_per_sm(regs, k.metadata.shared, warps, arch))
+                        unordered_float_atomics(ptx), ctas_per_sm(regs, k.metadata.shared, warps, arch))
+
+
+_ATOMIC = re.compile(r"\b(?:atom|red)\.[\w.:]*")
+
+
+def unordered_float_atomics(ptx: str) -> int:
+    """Float atomics (the dQ adds) outside an ordered window, in PTX program order: a window opens
+    at an acquire load (the semaphore wait) and closes at a release atomic (the block's count).
+    The deterministic fused backward must have none (its adds run only after the wait for the
+    previous key block, before its own release); the atomic build's adds are all outside."""
+    ordered, out = False, 0
+    for line in ptx.splitlines():
+        if re.search(r"\bld\.global\.acquire\b", line) or re.search(r"\bld\.acquire\.", line):
+            ordered = True
+        op = _ATOMIC.search(line)
+        if op is None:
+            continue
+        if ".release" in op.group(0):
+            ordered = False
+        elif ".f32" in op.group(0) or ".f16" in op.group(0) or ".bf16" in op.group(0) or ".f64" in op.group(0):
+            out += not ordered
+    return out
 
 
 def report(batch=2, frames=16, tokens=4096, heads=8, head_dim=40, image_tokens=None, dtype="fp16",
@@ -306,7 +329,7 @@ def markdown(rows: list[dict]) -> str:
     ``--json`` file); docs/kernels.md's compile table is this, from ``--from-json``."""
     head = ("| D | dtype | layout | kernel | phase | tiles (M, N, warps, stages) | regs | spill B | shared KiB "
             "| MMA (wgmma shapes) | cp.async | TMA | scalar 16-bit loads | SASS / loop | per 128x64 tile "
-            "| MUFU / score | atomics | CTAs / SM |")
+            "| MUFU / score | atomics (unordered float) | CTAs / SM |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         t = r["tiles"]
@@ -315,7 +338,7 @@ def markdown(rows: list[dict]) -> str:
                      f"| {t.get('BLOCK_M')}, {t.get('BLOCK_N')}, {t.get('num_warps')}, {t.get('num_stages')} "
                      f"| {r['regs']} | {r['spill']} | {r['shared'] / 1024:.0f} | {shapes} | {r['cp_async']} | {r['tma']} "
                      f"| {r['scalar16']} | {r['loop_insts']} | {r['per64']:g} | {r.get('mufu_per_score', '')} "
-                     f"| {r.get('atomics', '')} | {r.get('ctas_per_sm', '')} |")
+                     f"| {r.get('atomics', '')} ({r.get('unordered_adds', '')}) | {r.get('ctas_per_sm', '')} |")
     return "\n".join(lines)
 
 
@@ -366,7 +389,8 @@ def main(argv=None) -> int:
                               f"phase={r.phase} tiles={tuple(r.tiles.values())} regs={r.regs} spill={r.spill} B "
                               f"shared={r.shared} B mma={r.mma} {r.wgmma} cp.async={r.cp_async} tma={r.tma} "
                               f"scalar16={r.scalar16} loop={r.loop_insts} per64={r.per64:g} "
-                              f"mufu/score={r.mufu_per_score:g} atomics={r.atomics} ctas/sm={r.ctas_per_sm}", flush=True)
+                              f"mufu/score={r.mufu_per_score:g} atomics={r.atomics} unordered={r.unordered_adds} "
+                              f"ctas/sm={r.ctas_per_sm}", flush=True)
                         if args.verbose:
                             print("    mix:", r.loop_mix)
     if args.markdown:

@@ -149,17 +149,27 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _wait_count(p_sem, target):
-    """Spin until the int32 at ``p_sem`` equals ``target`` (acquire, GPU scope); returns it. One
-    inline-PTX op rather than a Triton while loop: a loop nested in the query-tile loop would
-    stop Triton from software-pipelining that loop's loads (cp.async). The label is local to
-    the braces, so the op may be inlined more than once."""
+    """Spin until the int32 at ``p_sem`` equals ``target`` (acquire, GPU scope); returns it.
+    After 2^26 polls (each an L2 round trip, about a microsecond: over a minute) the wait
+    gives up and traps, a CUDA error the caller sees, rather than hang the process: a block
+    that never comes is a bug, not a slow GPU. One inline-PTX op rather than a Triton while loop: a
+    loop nested in the query-tile loop would stop Triton from software-pipelining that loop's
+    loads (cp.async). The labels are local to the braces, so the op may be inlined more than
+    once."""
     return tl.inline_asm_elementwise(
         """{
         .reg .pred p_wait;
+        .reg .u32 n_poll;
+        mov.u32 n_poll, 0;
         vb_wait_dq:
         ld.global.acquire.gpu.b32 $0, [$1];
-        setp.ne.s32 p_wait, $0, $2;
-        @p_wait bra vb_wait_dq;
+        setp.eq.s32 p_wait, $0, $2;
+        @p_wait bra vb_wait_done;
+        add.u32 n_poll, n_poll, 1;
+        setp.ge.u32 p_wait, n_poll, 67108864;
+        @p_wait trap;
+        bra vb_wait_dq;
+        vb_wait_done:
         }""",
         "=r,l,r", [p_sem, target], dtype=tl.int32, is_pure=False, pack=1)
 
@@ -191,11 +201,6 @@ def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n,
     # The partials are padded to whole query tiles and to the chunks' width (D0 + D1): full tiles,
     # no masks (padded rows and columns hold zeros: P^T is 0 past N, K's masked columns are 0).
     p = DQP + i_slot * stride_ps + i_b * stride_pb + i_row * stride_pr + i_h * (D0 + D1 if SPLIT else D0)
-    o_d0 = tl.arange(0, D0)
-    p0 = p + o_m[:, None] * stride_pn + o_d0[None, :]
-    if SPLIT:
-        o_d1 = tl.arange(0, D1)
-        p1 = p + D0 + o_m[:, None] * stride_pn + o_d1[None, :]
     if DETERMINISTIC:
         p_sem = SEM + ((i_slot * n_bh + i_bh) * n_rows + i_row) * n_qt + i_qt
         if INTERPRET:
@@ -206,19 +211,26 @@ def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n,
             tl.assume(seen == i_n)
         else:
             seen = _wait_count(p_sem, (i_n * THREADS).to(tl.int32)) // THREADS
-        # the partial's address depends on the count read (seen - i_n == 0), so its load cannot be
-        # scheduled (or software-pipelined) before the wait
-        p0 += seen - i_n
+        # the partial's address depends on the count read (seen - i_n == 0), so no access to it
+        # can be scheduled before the wait; times 4, so the base keeps its 16-byte alignment and
+        # the adds stay 4-wide vectors
+        p += (seen - i_n) * 4
+    o_d0 = tl.arange(0, D0)
+    p0 = p + o_m[:, None] * stride_pn + o_d0[None, :]
+    if SPLIT:
+        o_d1 = tl.arange(0, D1)
+        p1 = p + D0 + o_m[:, None] * stride_pn + o_d1[None, :]
+    if DETERMINISTIC:
+        # key block 0 writes (the buffer is never filled), the later ones add after it: the
+        # adds of one element happen in key-block order whatever the timing, so the sum is
+        # bit-reproducible (a uniform branch: no load of the partial, no masked twins)
+        first = (i_n == 0) & (o_m[:, None] >= 0)
+        tl.store(p0, b_dq0, mask=first)
+        tl.atomic_add(p0, b_dq0, mask=~first, sem="relaxed")
         if SPLIT:
-            p1 += seen - i_n
-        later = i_n > 0  # key block 0 writes: the buffer is never filled (a uniform predicate)
-        b_dq0 += tl.load(p0, mask=later, other=0.0)
-        if SPLIT:
-            b_dq1 += tl.load(p1, mask=later, other=0.0)
-        tl.store(p0, b_dq0)
-        if SPLIT:
-            tl.store(p1, b_dq1)
-        # every thread publishes its own stores: one release add per thread (no CTA barrier,
+            tl.store(p1, b_dq1, mask=first)
+            tl.atomic_add(p1, b_dq1, mask=~first, sem="relaxed")
+        # every thread publishes its own adds: one release add per thread (no CTA barrier,
         # which would stop the loop's software pipelining); the next block waits for all of them
         tl.atomic_add(p_sem + tl.zeros([THREADS], tl.int32), 1, sem="release")
     else:
