@@ -274,14 +274,20 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
             b_do0, b_do1 = load_pair(p_do, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
             # P^T = exp2(s * qk_scale + bias - lse2): one FFMA per score, the shift (lse2 - bias)
             # per query. Padded query rows get lse = +inf, so their P^T column is exactly 0.
-            b_shift = tl.load(LSE + o_l + o_m * stride_ln, mask=m_m, other=float("inf")) * LOG2E - bias
+            if FUSED_DQ:  # LSE: the padded base-2 copy (_bwd_delta_kernel): no mask, no scaling
+                b_shift = tl.load(LSE + o_l + o_m * stride_ln) - bias
+            else:
+                b_shift = tl.load(LSE + o_l + o_m * stride_ln, mask=m_m, other=float("inf")) * LOG2E - bias
             b_pt = tl.exp2(dot_pair(b_k0, b_k1, b_q0, b_q1, SPLIT, PREC) * qk_scale - b_shift[None, :])
             if PART != 2:
                 b_dv0 += tl.dot(b_pt.to(b_do0.dtype), b_do0, input_precision=PREC)
                 if SPLIT:
                     b_dv1 += tl.dot(b_pt.to(b_do1.dtype), b_do1, input_precision=PREC)
             if PART != 1:
-                b_delta = tl.load(DELTA + o_l + o_m * stride_ln, mask=m_m, other=0.0)
+                if FUSED_DQ:
+                    b_delta = tl.load(DELTA + o_l + o_m * stride_ln)
+                else:
+                    b_delta = tl.load(DELTA + o_l + o_m * stride_ln, mask=m_m, other=0.0)
                 b_dst = b_pt * (dot_pair(b_v0, b_v1, b_do0, b_do1, SPLIT, PREC) - b_delta[None, :])
                 b_dk0 += tl.dot(b_dst.to(b_q0.dtype), b_q0, input_precision=PREC)
                 if SPLIT:
@@ -460,15 +466,19 @@ def _bwd_reduce_kernel(
 
 @triton.jit
 def _bwd_delta_kernel(
-    DO, O, DLSE, DELTA,
+    DO, O, LSE, DLSE, DELTA, SHIFT,
     stride_ob, stride_of, stride_on, stride_oh,
     stride_lb, stride_lf, stride_ln, stride_lh,
-    H, N,
+    stride_sb, stride_sf, stride_sn, stride_sh,
+    H, N, N_PAD,
     HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """Delta = rowsum(dO * O) (minus the LSE's gradient) of each query row, before the fused
-    dK/dV/dQ pass reads it: d lse_i / d s_ij = P_ij, so a gradient of the LSE shifts Delta."""
+    """The row statistics the fused dK/dV/dQ pass reads, per query row, token-contiguous and
+    padded to whole query tiles (N_PAD), so its loop loads them without masks or conversion:
+    Delta = rowsum(dO * O) (minus the LSE's gradient: d lse_i / d s_ij = P_ij, so a gradient of
+    the LSE shifts Delta), 0 past N; and the LSE in base 2 (lse * log2 e), +inf past N (so a
+    padded query's P is exactly 0)."""
     i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
@@ -478,11 +488,14 @@ def _bwd_delta_kernel(
     o_o = (i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh) * ALIGN
     b_do = load_tile(DO + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, BLOCK_D)
     b_o = load_tile(O + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, BLOCK_D)
-    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)
+    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)  # 0 past N (masked loads)
     o_l = i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h * stride_lh
     if HAS_DLSE:
         b_delta -= tl.load(DLSE + o_l, mask=m_m, other=0.0)
-    tl.store(DELTA + o_l, b_delta, mask=m_m)
+    b_lse2 = tl.load(LSE + o_l, mask=m_m, other=float("inf")) * LOG2E
+    o_s = i_b * stride_sb + i_r64 * stride_sf + o_m * stride_sn + i_h * stride_sh
+    tl.store(DELTA + o_s, b_delta, mask=o_m < N_PAD)
+    tl.store(SHIFT + o_s, b_lse2, mask=o_m < N_PAD)
 
 
 @triton.jit
@@ -518,13 +531,14 @@ def _bwd_dq_reduce_kernel(
 
 
 def launch_bwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq, dk, dv, du,
-               dk_img, dv_img, pk=None, pv=None, dqp=None, sem=None) -> None:
+               dk_img, dv_img, pk=None, pv=None, dqp=None, sem=None, stats=None) -> None:
     """Backward of one phase (see module docstring). ``spec``: :func:`bwd_spec` of these tensors
     (cached by the caller). ``do``/``out``/``lse``/``dlse`` (gradient of the LSE or None) and
     ``delta`` (written here, fp32) are indexed by row; gradient buffers dq/dk/dv (B,F,N,H,D),
     du (B,K,N,H,D), dk_img/dv_img (B,M,H,D) share the strides of dk (frames) and dk_img (image).
     ``pk``/``pv``: fp32 partial buffers of shape ``spec[4]`` when the spec splits targets, else None.
-    ``dqp``/``sem``: the fused build's fp32 dQ partials and int32 semaphores (``spec[5]``)."""
+    ``dqp``/``sem``/``stats``: the fused build's fp32 dQ partials, int32 semaphores and fp32 row
+    statistics (Delta, base-2 LSE; ``spec[5]``; ``delta`` is then not used)."""
     dq_launch, dkv_launches, reduce_launch, dkv_tables, _, fused = spec
     dummy = q  # never dereferenced
     u_ = u if u is not None else dummy
@@ -542,7 +556,9 @@ def launch_bwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, do, out, lse
             *dq_launch[1], **dq_launch[2])
     else:
         grid, scalars, consts = fused["delta"]
-        launch(_bwd_delta_kernel, grid, do, out, dlse if dlse is not None else lse, delta, *scalars, **consts)
+        launch(_bwd_delta_kernel, grid, do, out, lse, dlse if dlse is not None else lse, stats[0], stats[1],
+               *scalars, **consts)
+        lse, delta = stats[1], stats[0]  # what the fused pass reads (its scalars carry their strides)
     t = dkv_tables
     for grid, scalars, consts in dkv_launches:
         launch(
@@ -645,16 +661,19 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
         pn, pr = h * width, n_pad * h * width
         pb, ps = rows * pr, b * rows * pr
         p_strides = (ps if deterministic else 0, pb, pr, pn, rows, n_qt)
+        # row statistics (Delta, base-2 LSE) of shape (2, B, H, rows, N padded), as the LSE's
+        # stride order (batch, row, token, head)
+        st_stats = (h * rows * n_pad, n_pad, 1, rows * n_pad)
         block_d = max(16, triton.next_power_of_2(d))
         block_r = (64 if d <= 64 else 32 if d <= 128 else 16) if cuda else 16
         extra = dict(
-            delta=((cdiv(n, block_r), b * h, rows), (*common[22:26], *lse.stride(), h, n),
+            delta=((cdiv(n_pad, block_r), b * h, rows), (*common[22:26], *lse.stride(), *st_stats, h, n, n_pad),
                    dict(HAS_DLSE=dlse is not None, HEAD_DIM=d, ALIGN=al, BLOCK_D=block_d, BLOCK_M=block_r,
                         num_warps=4 if cuda else 1)),
             dq_reduce=((cdiv(n, block_r), b * h, rows), (ps, pb, pr, pn, *st_dq, h, n, scale),
                        dict(ONE_SLOT=not deterministic, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, BLOCK_D=block_d,
                             BLOCK_M=block_r, WIDTH=width, num_warps=4 if cuda else 1)),
-            dqp_shape=(slots, b, rows, n_pad, h, width), sem_numel=slots * b * h * rows * n_qt if deterministic else 0,
+            dqp_shape=(slots, b, rows, n_pad, h, width), stats_shape=(2, b, h, rows, n_pad), sem_numel=slots * b * h * rows * n_qt if deterministic else 0,
             deterministic=deterministic)
     if tables["n_targets"] == 0:
         return dq_launch, (), None, tables, None, extra
@@ -665,7 +684,7 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     # accumulators, so one warpgroup owns a 64-key tile without spills or m64n16 wgmma.
     parts = (1, 2) if width > 128 and q.element_size() == 2 and cfg["BLOCK_N"] >= 64 else (0,)
     grid = (key_blocks, b * h, t["n_targets"])
-    scalars = (*common, *lse.stride(), *st_g, h, n, m, t["n_rd_max"], max(n, m), qk_scale, scale, *p_strides)
+    scalars = (*common, *(st_stats if fused else lse.stride()), *st_g, h, n, m, t["n_rd_max"], max(n, m), qk_scale, scale, *p_strides)
     consts = dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, CHUNKED=cap is not None, **cfg)
     if fused:
         consts.update(FUSED_DQ=True, DETERMINISTIC=deterministic, INTERPRET=interpreting(),

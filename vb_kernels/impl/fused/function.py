@@ -107,19 +107,21 @@ def _fused_fwd(q, k, v, k_img, v_img, schedule, scale):
 
 def _partials(spec, q):
     """Scratch of one backward phase: fp32 dK and dV partial sums of the split dK/dV targets (small
-    grids only; see reader_cap), then the fused build's fp32 dQ partials and int32 semaphores."""
+    grids only; see reader_cap), then the fused build's fp32 dQ partials, int32 semaphores and
+    fp32 row statistics."""
     shape, fused = spec[4], spec[5]
-    pk = pv = dqp = sem = None
+    pk = pv = dqp = sem = stats = None
     if shape is not None:
         pk, pv = (_alloc(shape, dtype=torch.float32, device=q.device),
                   _alloc(shape, dtype=torch.float32, device=q.device))
     if fused is not None:
+        stats = _alloc(fused["stats_shape"], dtype=torch.float32, device=q.device)  # written whole
         if fused["deterministic"]:  # every slot a row reads is written first (key block 0), never filled
             dqp = _alloc(fused["dqp_shape"], dtype=torch.float32, device=q.device)
             sem = _zeros(fused["sem_numel"], dtype=torch.int32, device=q.device)
         else:  # atomic adds into one zeroed slot
             dqp = _zeros(fused["dqp_shape"], dtype=torch.float32, device=q.device)
-    return pk, pv, dqp, sem
+    return pk, pv, dqp, sem, stats
 
 
 def fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule: Schedule, scale: float, dlse=None,
