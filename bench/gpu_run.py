@@ -3,22 +3,23 @@
     python -m bench.gpu_run                 # on an H100/H200: about 9 minutes at most
     python -m bench.gpu_run --dry-run       # tiny shapes on CPU through the interpreter (CI)
 
-Stages (each with its own share of the budget; a stage that runs out is cut and says so):
-1. ``pytest tests -m gpu``: the GPU-only tests (bf16, every head dim at full tiles, int64
-   offsets, flex gradients).
-2. Headline rows: the 8 VideoBooth shapes (256 and 512 px U-Net levels), fwd and fwd+bwd, bf16,
+Stages, in this order (the figures people wait for first; each with its own share of the
+budget; a stage that runs out is cut and says so):
+1. Headline rows: the 8 VideoBooth shapes (256 and 512 px U-Net levels), fwd and fwd+bwd, bf16,
    for reference, the SDPA backends (the report picks the best), flex and triton; and the
    attention peak memory of a training step (the attn1 block rows of bench_model.py).
    ``python -m bench.report`` then writes report.md and the plots. Then the triton fwd+bwd rows
    again with ``VB_BWD=fused`` (the 5-matmul backward), compared shape by shape with the
    default build's (bwd_builds.md): what the fused backward's default switch waits for.
-3. Tile sweep: for D in {40, 64, 72, 80, 128, 160}, candidate (BLOCK_M, BLOCK_N, warps,
+2. ``pytest tests -m gpu``: the GPU-only tests (bf16, every head dim at full tiles, int64
+   offsets, flex gradients, the 100-run determinism test), within 120 s.
+3. One end-to-end denoising step of the SD-1.4-sized VideoBooth U-Net (random weights, 256 px,
+   16 frames, classifier-free guidance batch of 2, image prompt), per attn1 backend.
+4. Tile sweep: for D in {40, 64, 72, 80, 128, 160}, candidate (BLOCK_M, BLOCK_N, warps,
    stages) per kernel (``VB_TILES``; ``dkvq``: the fused 5-matmul backward, ``VB_BWD=fused``,
    against the split pair's ``dq`` / ``dkv`` rows), timed with ``triton.testing.do_bench``; the winners go to
    tiles.json / tiles.md (copy them into ``_TILES`` in vb_kernels/impl/fused/forward.py by hand,
    after a look at the compile report).
-4. One end-to-end denoising step of the SD-1.4-sized VideoBooth U-Net (random weights, 256 px,
-   16 frames, classifier-free guidance batch of 2, image prompt), per attn1 backend.
 Everything lands in ``bench/results/<device>/`` (``--out``) with a README.md table.
 The GPU machine has its own torch/triton and no registry: carry missing wheels as
 ``shared/tools/device-wheels.sh`` does.
@@ -46,7 +47,7 @@ CANDIDATES = {
     "dq": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
     "dkv": [(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2), (32, 64, 8, 2)],
 }
-BUDGET_S = {"tests": 150, "headline": 150, "bwd_builds": 40, "sweep": 120, "e2e": 45}  # 505 s + start-up < 9 min
+BUDGET_S = {"headline": 150, "bwd_builds": 40, "tests": 120, "e2e": 45, "sweep": 120}  # 475 s + start-up < 9 min
 HEADLINE_K = "(vb256 or vb512) and bf16 and (reference or sdpa or flex or triton)"
 MEMORY_K = "down0 and fwd+bwd and bf16"
 
@@ -275,8 +276,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu_run", description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU through the interpreter (CI)")
     ap.add_argument("--out", type=Path, help="results folder (default: bench/results/<device>/)")
-    ap.add_argument("--stages", nargs="+", default=["tests", "headline", "sweep", "e2e"],
-                    choices=["tests", "headline", "sweep", "e2e"])
+    ap.add_argument("--stages", nargs="+", default=["headline", "tests", "e2e", "sweep"],
+                    choices=["headline", "tests", "e2e", "sweep"])
     ap.add_argument("--budget", type=float, default=sum(BUDGET_S.values()),
                     help="seconds for all stages together, shared in the default proportions "
                          f"(default {sum(BUDGET_S.values()):.0f}; lower it when less device time is left)")
