@@ -223,7 +223,8 @@ def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n,
     if DETERMINISTIC:
         # key block 0 writes (the buffer is never filled), the later ones add after it: the
         # adds of one element happen in key-block order whatever the timing, so the sum is
-        # bit-reproducible (a uniform branch: no load of the partial, no masked twins)
+        # bit-reproducible. Masked twins on a uniform predicate, not an if/else (triton 3.6's
+        # software pipeliner fails on that branch)
         first = (i_n == 0) & (o_m[:, None] >= 0)
         tl.store(p0, b_dq0, mask=first)
         tl.atomic_add(p0, b_dq0, mask=~first, sem="relaxed")
@@ -673,7 +674,8 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
             dq_reduce=((cdiv(n, block_r), b * h, rows), (ps, pb, pr, pn, *st_dq, h, n, scale),
                        dict(ONE_SLOT=not deterministic, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, BLOCK_D=block_d,
                             BLOCK_M=block_r, WIDTH=width, num_warps=4 if cuda else 1)),
-            dqp_shape=(slots, b, rows, n_pad, h, width), stats_shape=(2, b, h, rows, n_pad), sem_numel=slots * b * h * rows * n_qt if deterministic else 0,
+            dqp_shape=(slots, b, rows, n_pad, h, width), stats_shape=(2, b, h, rows, n_pad),
+            sem_numel=slots * b * h * rows * n_qt if deterministic else 0,
             deterministic=deterministic)
     if tables["n_targets"] == 0:
         return dq_launch, (), None, tables, None, extra
@@ -684,7 +686,8 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     # accumulators, so one warpgroup owns a 64-key tile without spills or m64n16 wgmma.
     parts = (1, 2) if width > 128 and q.element_size() == 2 and cfg["BLOCK_N"] >= 64 else (0,)
     grid = (key_blocks, b * h, t["n_targets"])
-    scalars = (*common, *(st_stats if fused else lse.stride()), *st_g, h, n, m, t["n_rd_max"], max(n, m), qk_scale, scale, *p_strides)
+    scalars = (*common, *(st_stats if fused else lse.stride()), *st_g, h, n, m, t["n_rd_max"], max(n, m), qk_scale,
+               scale, *p_strides)
     consts = dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, CHUNKED=cap is not None, **cfg)
     if fused:
         consts.update(FUSED_DQ=True, DETERMINISTIC=deterministic, INTERPRET=interpreting(),
