@@ -75,7 +75,7 @@ def _dq_source(b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k, p_v
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, U, KI, VI, DO, O, LSE, DLSE, DELTA, DQ,
+    Q, K, V, U, KI, VI, DO, O, LSE, DLSE, DELTA, SHIFT, DQ,
     row_qframe, n_src, src_frame, src_vslot, src_logw,
     stride_qb, stride_qf, stride_qn, stride_qh,
     stride_kb, stride_kf, stride_kn, stride_kh,
@@ -86,7 +86,8 @@ def _bwd_dq_kernel(
     stride_ob, stride_of, stride_on, stride_oh,
     stride_gb, stride_gf, stride_gn, stride_gh,
     stride_lb, stride_lf, stride_ln, stride_lh,
-    H, N, M, S_MAX, qk_scale, scale,
+    stride_sb, stride_sf, stride_sn, stride_sh,
+    H, N, N_PAD, M, S_MAX, qk_scale, scale,
     HAS_IMG: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
     ALIGN: tl.constexpr,
     D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -111,8 +112,12 @@ def _bwd_dq_kernel(
     o_l = i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h * stride_lh
     if HAS_DLSE:  # d lse_i / d s_ij = P_ij: a gradient of the LSE shifts Delta
         b_delta -= tl.load(DLSE + o_l, mask=m_m, other=0.0)
-    tl.store(DELTA + o_l, b_delta, mask=m_m)
     b_lse2 = tl.load(LSE + o_l, mask=m_m, other=0.0) * LOG2E
+    # the row statistics the dK/dV pass reads (see _bwd_delta_kernel): Delta (0 past N) and the
+    # base-2 LSE (+inf past N), padded to its query tiles
+    o_s = i_b * stride_sb + i_r64 * stride_sf + o_m * stride_sn + i_h * stride_sh
+    tl.store(DELTA + o_s, b_delta, mask=o_m < N_PAD)
+    tl.store(SHIFT + o_s, tl.where(m_m, b_lse2, float("inf")), mask=o_m < N_PAD)
 
     b_dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
     b_dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
@@ -275,20 +280,16 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
             b_do0, b_do1 = load_pair(p_do, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
             # P^T = exp2(s * qk_scale + bias - lse2): one FFMA per score, the shift (lse2 - bias)
             # per query. Padded query rows get lse = +inf, so their P^T column is exactly 0.
-            if FUSED_DQ:  # LSE: the padded base-2 copy (_bwd_delta_kernel): no mask, no scaling
-                b_shift = tl.load(LSE + o_l + o_m * stride_ln) - bias
-            else:
-                b_shift = tl.load(LSE + o_l + o_m * stride_ln, mask=m_m, other=float("inf")) * LOG2E - bias
+            # LSE, DELTA: the padded row statistics (written by the dq or delta kernel): no
+            # mask, no scaling
+            b_shift = tl.load(LSE + o_l + o_m * stride_ln) - bias
             b_pt = tl.exp2(dot_pair(b_k0, b_k1, b_q0, b_q1, SPLIT, PREC) * qk_scale - b_shift[None, :])
             if PART != 2:
                 b_dv0 += tl.dot(b_pt.to(b_do0.dtype), b_do0, input_precision=PREC)
                 if SPLIT:
                     b_dv1 += tl.dot(b_pt.to(b_do1.dtype), b_do1, input_precision=PREC)
             if PART != 1:
-                if FUSED_DQ:
-                    b_delta = tl.load(DELTA + o_l + o_m * stride_ln)
-                else:
-                    b_delta = tl.load(DELTA + o_l + o_m * stride_ln, mask=m_m, other=0.0)
+                b_delta = tl.load(DELTA + o_l + o_m * stride_ln)
                 b_dst = b_pt * (dot_pair(b_v0, b_v1, b_do0, b_do1, SPLIT, PREC) - b_delta[None, :])
                 b_dk0 += tl.dot(b_dst.to(b_q0.dtype), b_q0, input_precision=PREC)
                 if SPLIT:
@@ -531,16 +532,17 @@ def _bwd_dq_reduce_kernel(
     store_tile(p_g, b_dq, o_m, stride_gn * ALIGN, N, HEAD_DIM, BLOCK_D)
 
 
-def launch_bwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, do, out, lse, dlse, delta, dq, dk, dv, du,
-               dk_img, dv_img, pk=None, pv=None, dqp=None, sem=None, stats=None) -> None:
+def launch_bwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du,
+               dk_img, dv_img, stats, pk=None, pv=None, dqp=None, sem=None) -> None:
     """Backward of one phase (see module docstring). ``spec``: :func:`bwd_spec` of these tensors
-    (cached by the caller). ``do``/``out``/``lse``/``dlse`` (gradient of the LSE or None) and
-    ``delta`` (written here, fp32) are indexed by row; gradient buffers dq/dk/dv (B,F,N,H,D),
-    du (B,K,N,H,D), dk_img/dv_img (B,M,H,D) share the strides of dk (frames) and dk_img (image).
-    ``pk``/``pv``: fp32 partial buffers of shape ``spec[4]`` when the spec splits targets, else None.
-    ``dqp``/``sem``/``stats``: the fused build's fp32 dQ partials, int32 semaphores and fp32 row
-    statistics (Delta, base-2 LSE; ``spec[5]``; ``delta`` is then not used)."""
-    dq_launch, dkv_launches, reduce_launch, dkv_tables, _, fused = spec
+    (cached by the caller). ``do``/``out``/``lse``/``dlse`` (gradient of the LSE or None) are
+    indexed by row; gradient buffers dq/dk/dv (B,F,N,H,D), du (B,K,N,H,D), dk_img/dv_img
+    (B,M,H,D) share the strides of dk (frames) and dk_img (image). ``stats``: fp32 row statistics
+    of shape ``spec[6]`` (Delta and the base-2 LSE, padded to the dK/dV pass's query tiles;
+    written here by the dq or delta kernel). ``pk``/``pv``: fp32 partial buffers of shape
+    ``spec[4]`` when the spec splits targets, else None. ``dqp``/``sem``: the fused build's fp32
+    dQ partials and int32 semaphores (``spec[5]``)."""
+    dq_launch, dkv_launches, reduce_launch, dkv_tables, _, fused, _ = spec
     dummy = q  # never dereferenced
     u_ = u if u is not None else dummy
     ki_, vi_ = (k_img, v_img) if k_img is not None else (dummy, dummy)
@@ -552,19 +554,18 @@ def launch_bwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, do, out, lse
     if fused is None:  # the split build: Q-major dQ pass (writes Delta), then KV-major dK/dV
         launch(
             _bwd_dq_kernel, dq_launch[0],
-            q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, delta, dq,
+            q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, stats[0], stats[1], dq,
             tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
             *dq_launch[1], **dq_launch[2])
     else:
         grid, scalars, consts = fused["delta"]
         launch(_bwd_delta_kernel, grid, do, out, lse, dlse if dlse is not None else lse, stats[0], stats[1],
                *scalars, **consts)
-        lse, delta = stats[1], stats[0]  # what the fused pass reads (its scalars carry their strides)
     t = dkv_tables
     for grid, scalars, consts in dkv_launches:
         launch(
             _bwd_dkv_kernel, grid,
-            q, k, v, u_, ki_, vi_, do, lse, delta, dk, dv, du_, dki_, dvi_, pk_, pv_, dqp_, sem_,
+            q, k, v, u_, ki_, vi_, do, stats[1], stats[0], dk, dv, du_, dki_, dvi_, pk_, pv_, dqp_, sem_,
             t["row_qframe"], t["tgt_frame"], t["tgt_vslot"], t["tgt_part"], t["n_rd"], t["rd_row"], t["rd_logw"],
             t["rd_slot"], *scalars, **consts)
     if reduce_launch is not None:
@@ -610,7 +611,7 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
              build: str = "split") -> tuple:
     """(dq launch or None, dK/dV launches, reduction launch or None, the dK/dV launches' tables,
     shape of the fp32 dK/dV partial buffers or None, the fused build's launches and buffers or
-    None) of one backward phase, each launch as (grid, non-tensor arguments, constexpr/launch
+    None, shape of the fp32 row statistics) of one backward phase, each launch as (grid, non-tensor arguments, constexpr/launch
     keywords); arguments as :func:`launch_bwd`'s, ``accumulate``: add into the gradient buffers
     (phase 1, after phase 2) instead of writing them.
 
@@ -640,15 +641,24 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
         build = "fused" if d0 + d1 <= FUSED_MAX_WIDTH else "split"
     fused = build == "fused"
     rows = tables["n_rows"]
-    dq_launch = None
-    if not fused:
-        cfg = block_config(d, q.device, "dq", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
-        dq_launch = ((cdiv(n, cfg["BLOCK_M"]), b * h, rows),
-                     (*common, *st_dq, *lse.stride(), h, n, m, tables["n_src_max"], qk_scale, scale),
-                     dict(HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al,
-                          PREC=prec, **cfg))
     cfg = block_config(d, q.device, "dkvq" if fused else "dkv", n_queries=n, n_keys=max(n, m),
                        elem_bytes=q.element_size(), env=env)
+    dq_cfg = None if fused else block_config(d, q.device, "dq", n_queries=n, n_keys=max(n, m),
+                                             elem_bytes=q.element_size(), env=env)
+    # Row statistics (Delta, base-2 LSE) for the dK/dV pass: fp32 (2, B, H, rows, N padded to its
+    # query tiles, and to the dq pass's, whose programs write them: powers of two, so the larger
+    # tile is a multiple of the smaller), in the LSE's stride order (batch, row, token, head)
+    tile = cfg["BLOCK_M"] if fused else max(cfg["BLOCK_M"], dq_cfg["BLOCK_M"])
+    n_pad = cdiv(n, tile) * tile
+    st_stats = (h * rows * n_pad, n_pad, 1, rows * n_pad)
+    stats_shape = (2, b, h, rows, n_pad)
+    dq_launch = None
+    if not fused:
+        dq_launch = ((cdiv(n_pad, dq_cfg["BLOCK_M"]), b * h, rows),
+                     (*common, *st_dq, *lse.stride(), *st_stats, h, n, n_pad, m, tables["n_src_max"], qk_scale,
+                      scale),
+                     dict(HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al,
+                          PREC=prec, **dq_cfg))
     extra = None
     p_strides = (0, 0, 0, 0, rows, 1)
     width = cfg["D0"] + (cfg["D1"] if cfg["SPLIT"] else 0)  # the head dim's chunks, as the kernels see it
@@ -658,13 +668,9 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
         slots = tables["n_src_max"] if deterministic else 1
         # dQ partials (slots, B, rows, N padded to whole query tiles, H, D padded to the chunks'
         # width) fp32, token-major like dq; one slot when atomic
-        n_pad = n_qt * cfg["BLOCK_M"]
         pn, pr = h * width, n_pad * h * width
         pb, ps = rows * pr, b * rows * pr
         p_strides = (ps if deterministic else 0, pb, pr, pn, rows, n_qt)
-        # row statistics (Delta, base-2 LSE) of shape (2, B, H, rows, N padded), as the LSE's
-        # stride order (batch, row, token, head)
-        st_stats = (h * rows * n_pad, n_pad, 1, rows * n_pad)
         block_d = max(16, triton.next_power_of_2(d))
         block_r = (64 if d <= 64 else 32 if d <= 128 else 16) if cuda else 16
         extra = dict(
@@ -674,11 +680,10 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
             dq_reduce=((cdiv(n, block_r), b * h, rows), (ps, pb, pr, pn, *st_dq, h, n, scale),
                        dict(ONE_SLOT=not deterministic, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, BLOCK_D=block_d,
                             BLOCK_M=block_r, WIDTH=width, num_warps=4 if cuda else 1)),
-            dqp_shape=(slots, b, rows, n_pad, h, width), stats_shape=(2, b, h, rows, n_pad),
-            sem_numel=slots * b * h * rows * n_qt if deterministic else 0,
+            dqp_shape=(slots, b, rows, n_pad, h, width), sem_numel=slots * b * h * rows * n_qt if deterministic else 0,
             deterministic=deterministic)
     if tables["n_targets"] == 0:
-        return dq_launch, (), None, tables, None, extra
+        return dq_launch, (), None, tables, None, extra, stats_shape
     key_blocks = cdiv(max(n, m), cfg["BLOCK_N"])
     cap = reader_cap(tables["reader_counts"], key_blocks, b * h, tiles_for_cuda(q.device), q.device, env)
     t = tables if cap is None else tables["plan"].tables(q.device, cap)
@@ -686,7 +691,7 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     # accumulators, so one warpgroup owns a 64-key tile without spills or m64n16 wgmma.
     parts = (1, 2) if width > 128 and q.element_size() == 2 and cfg["BLOCK_N"] >= 64 else (0,)
     grid = (key_blocks, b * h, t["n_targets"])
-    scalars = (*common, *(st_stats if fused else lse.stride()), *st_g, h, n, m, t["n_rd_max"], max(n, m), qk_scale,
+    scalars = (*common, *st_stats, *st_g, h, n, m, t["n_rd_max"], max(n, m), qk_scale,
                scale, *p_strides)
     consts = dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, CHUNKED=cap is not None, **cfg)
     if fused:
@@ -694,11 +699,11 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
                       THREADS=32 * cfg["num_warps"])
     dkv = tuple((grid, scalars, dict(consts, PART=part)) for part in parts)
     if cap is None:
-        return dq_launch, dkv, None, t, None, extra
+        return dq_launch, dkv, None, t, None, extra, stats_shape
     d0, d1 = split_head_dim(d)
     block_r = 64 if d <= 64 else 32 if d <= 128 else 16
     reduce = ((cdiv(max(n, m), block_r), b * h, t["n_reductions"]), (*st_g, h, n, m, max(n, m)),
               dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, D0=d0, D1=max(d1, 16), SPLIT=d1 > 0,
                    BLOCK_N=block_r, num_warps=4))
-    return dq_launch, dkv, reduce, t, (t["n_partials"], b * h, max(n, m), d), extra
+    return dq_launch, dkv, reduce, t, (t["n_partials"], b * h, max(n, m), d), extra, stats_shape
 

@@ -106,22 +106,23 @@ def _fused_fwd(q, k, v, k_img, v_img, schedule, scale):
 
 
 def _partials(spec, q):
-    """Scratch of one backward phase: fp32 dK and dV partial sums of the split dK/dV targets (small
-    grids only; see reader_cap), then the fused build's fp32 dQ partials, int32 semaphores and
-    fp32 row statistics."""
+    """Scratch of one backward phase: the fp32 row statistics (Delta, base-2 LSE; every element
+    written by the phase's first kernel), fp32 dK and dV partial sums of the split dK/dV targets
+    (small grids only; see reader_cap), then the fused build's fp32 dQ partials and int32
+    semaphores."""
     shape, fused = spec[4], spec[5]
-    pk = pv = dqp = sem = stats = None
+    stats = _alloc(spec[6], dtype=torch.float32, device=q.device)
+    pk = pv = dqp = sem = None
     if shape is not None:
         pk, pv = (_alloc(shape, dtype=torch.float32, device=q.device),
                   _alloc(shape, dtype=torch.float32, device=q.device))
     if fused is not None:
-        stats = _alloc(fused["stats_shape"], dtype=torch.float32, device=q.device)  # written whole
         if fused["deterministic"]:  # every slot a row reads is written first (key block 0), never filled
             dqp = _alloc(fused["dqp_shape"], dtype=torch.float32, device=q.device)
             sem = _zeros(fused["sem_numel"], dtype=torch.int32, device=q.device)
         else:  # atomic adds into one zeroed slot
             dqp = _zeros(fused["dqp_shape"], dtype=torch.float32, device=q.device)
-    return pk, pv, dqp, sem, stats
+    return stats, pk, pv, dqp, sem
 
 
 def fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule: Schedule, scale: float, dlse=None,
@@ -158,14 +159,12 @@ def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, 
     dq = _alloc_like(q, memory_format=_DENSE)
     dk = _alloc_like(q, memory_format=_DENSE)
     dv = _alloc_like(q, memory_format=_DENSE)
-    dk_img = dv_img = du = delta1 = None
+    dk_img = dv_img = du = None
     if k_img is not None:
         dk_img = _alloc_like(k_img, memory_format=_DENSE)
         dv_img = _alloc_like(k_img, memory_format=_DENSE)
-    delta = _alloc_like(lse)  # the kernels index Delta with the LSE's strides
     if u is not None:  # every slot of U is a phase-2 target (only read keyframes are refreshed): no fill
         du = _alloc_like(u)
-        delta1 = _alloc_like(lse1)
     if plan is None or plan[0] is not tables[0] or plan[1] is not tables[1]:
         spec2 = bwd_spec(q, k, v, u, k_img, v_img, dout, out, lse, dlse, dq, dk, dv, du, dk_img, dv_img, tables2,
                          scale, False, env, deterministic, build)
@@ -174,11 +173,11 @@ def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, 
         plan = _remember(_BWD_PLANS, key, (*tables, spec2, spec1))
     spec2, spec1 = plan[2:]
     with nvtx_range("vb.phase2.cross_frame.bwd"):
-        launch_bwd(spec2, tables2, q, k, v, u, k_img, v_img, dout, out, lse, dlse, delta, dq, dk, dv, du,
+        launch_bwd(spec2, tables2, q, k, v, u, k_img, v_img, dout, out, lse, dlse, dq, dk, dv, du,
                    dk_img, dv_img, *_partials(spec2, q))
     if u is not None:
         with nvtx_range("vb.phase1.refresh.bwd"):
-            launch_bwd(spec1, tables1, q, k, v, None, k_img, v_img, du, u, lse1, None, delta1, dq, dk, dv, None,
+            launch_bwd(spec1, tables1, q, k, v, None, k_img, v_img, du, u, lse1, None, dq, dk, dv, None,
                        dk_img, dv_img, *_partials(spec1, q))
     return dq, dk, dv, dk_img, dv_img
 
