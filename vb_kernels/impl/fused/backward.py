@@ -155,7 +155,7 @@ def _bwd_dq_kernel(
 @triton.jit
 def _wait_count(p_sem, target):
     """Spin until the int32 at ``p_sem`` equals ``target`` (acquire, GPU scope); returns it.
-    After 2^26 polls (each an L2 round trip, about a microsecond: over a minute) the wait
+    After 2^28 polls (each an L2 round trip, a few hundred ns to a microsecond: minutes) the wait
     gives up and traps, a CUDA error the caller sees, rather than hang the process: a block
     that never comes is a bug, not a slow GPU. One inline-PTX op rather than a Triton while loop: a
     loop nested in the query-tile loop would stop Triton from software-pipelining that loop's
@@ -171,7 +171,7 @@ def _wait_count(p_sem, target):
         setp.eq.s32 p_wait, $0, $2;
         @p_wait bra vb_wait_done;
         add.u32 n_poll, n_poll, 1;
-        setp.ge.u32 p_wait, n_poll, 67108864;
+        setp.ge.u32 p_wait, n_poll, 268435456;
         @p_wait trap;
         bra vb_wait_dq;
         vb_wait_done:
