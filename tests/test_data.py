@@ -287,9 +287,9 @@ def test_synthetic_is_deterministic(tmp_path):
 def test_synthetic_mp4_does_not_read_uninitialised_memory(tmp_path):
     """The same mp4 bytes whatever the heap held before: two processes that fill fresh and
     freed memory with different bytes (glibc's MALLOC_PERTURB_) must write the same files.
-    x264's lookahead read uninitialised memory at 32 px: clips 2 and 3 here differed between
-    the two processes (and, in one process, after a decode in between: a CI failure) until the
-    encoder was told not to look ahead (checked)."""
+    x264's lookahead read uninitialised memory at 32 px: these files differed between the two
+    processes (and, in one process, after a decode in between: a CI failure) until the encoder
+    was told not to look ahead (checked)."""
     code = ("import sys; from pathlib import Path; from vb_train.toy import synthetic; "
             "synthetic.generate(Path(sys.argv[1]), 4, seed=7, size=32, num_frames=8, progress=False)")
     files = []
