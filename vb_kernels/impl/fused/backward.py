@@ -74,6 +74,22 @@ def _dq_source(b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k, p_v
 
 
 @triton.jit
+def _row_stats(LSE, DLSE, DELTA, SHIFT, b_delta, o_l, o_s, o_m, N, N_PAD, HAS_DLSE: tl.constexpr):
+    """The row statistics the dK/dV pass reads, written by the phase's first kernel (dq or delta):
+    Delta (rowsum(dO * O), 0 past N, minus the LSE's gradient: d lse_i / d s_ij = P_ij) and the
+    LSE in base 2 (lse * log2 e, +inf past N, so a padded query's P is exactly 0), token-
+    contiguous and padded to whole query tiles (N_PAD), so that pass loads them without masks or
+    scaling. ``o_l``: the rows' offsets in LSE / DLSE; ``o_s``: in DELTA / SHIFT. Returns both."""
+    m_m = o_m < N
+    if HAS_DLSE:
+        b_delta -= tl.load(DLSE + o_l, mask=m_m, other=0.0)
+    b_lse2 = tl.load(LSE + o_l, mask=m_m, other=float("inf")) * LOG2E
+    tl.store(DELTA + o_s, b_delta, mask=o_m < N_PAD)
+    tl.store(SHIFT + o_s, b_lse2, mask=o_m < N_PAD)
+    return b_delta, b_lse2
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, U, KI, VI, DO, O, LSE, DLSE, DELTA, SHIFT, DQ,
     row_qframe, n_src, src_frame, src_vslot, src_logw,
@@ -99,7 +115,6 @@ def _bwd_dq_kernel(
     i_r64 = i_row.to(tl.int64)
     i_qf = tl.load(row_qframe + i_row).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < N
 
     b_q0, b_q1 = load_pair(Q + (i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh) * ALIGN, o_m,
                            stride_qn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
@@ -109,15 +124,10 @@ def _bwd_dq_kernel(
     b_delta = tl.sum(b_do0.to(tl.float32) * b_o0.to(tl.float32), 1)
     if SPLIT:
         b_delta += tl.sum(b_do1.to(tl.float32) * b_o1.to(tl.float32), 1)
-    o_l = i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h * stride_lh
-    if HAS_DLSE:  # d lse_i / d s_ij = P_ij: a gradient of the LSE shifts Delta
-        b_delta -= tl.load(DLSE + o_l, mask=m_m, other=0.0)
-    b_lse2 = tl.load(LSE + o_l, mask=m_m, other=0.0) * LOG2E
-    # the row statistics the dK/dV pass reads (see _bwd_delta_kernel): Delta (0 past N) and the
-    # base-2 LSE (+inf past N), padded to its query tiles
-    o_s = i_b * stride_sb + i_r64 * stride_sf + o_m * stride_sn + i_h * stride_sh
-    tl.store(DELTA + o_s, b_delta, mask=o_m < N_PAD)
-    tl.store(SHIFT + o_s, tl.where(m_m, b_lse2, float("inf")), mask=o_m < N_PAD)
+    b_delta, b_lse2 = _row_stats(LSE, DLSE, DELTA, SHIFT, b_delta,
+                                 i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h * stride_lh,
+                                 i_b * stride_sb + i_r64 * stride_sf + o_m * stride_sn + i_h * stride_sh,
+                                 o_m, N, N_PAD, HAS_DLSE)
 
     b_dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
     b_dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
@@ -275,7 +285,6 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
             i_slot = tl.load(rd_slot + i_t * RD_MAX + i_r).to(tl.int64)
         for start in range(0, N, BLOCK_M):
             o_m = start + tl.arange(0, BLOCK_M)
-            m_m = o_m < N
             b_q0, b_q1 = load_pair(p_q, o_m, stride_qn, N, HEAD_DIM, D0, D1, SPLIT)
             b_do0, b_do1 = load_pair(p_do, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
             # P^T = exp2(s * qk_scale + bias - lse2): one FFMA per score, the shift (lse2 - bias)
@@ -476,28 +485,21 @@ def _bwd_delta_kernel(
     HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """The row statistics the fused dK/dV/dQ pass reads, per query row, token-contiguous and
-    padded to whole query tiles (N_PAD), so its loop loads them without masks or conversion:
-    Delta = rowsum(dO * O) (minus the LSE's gradient: d lse_i / d s_ij = P_ij, so a gradient of
-    the LSE shifts Delta), 0 past N; and the LSE in base 2 (lse * log2 e), +inf past N (so a
-    padded query's P is exactly 0)."""
+    """The fused build's first kernel: the row statistics (:func:`_row_stats`) its dK/dV/dQ pass
+    reads; the split build's dq kernel writes them itself."""
     i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     i_r64 = i_row.to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < N
     o_o = (i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh) * ALIGN
     b_do = load_tile(DO + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, BLOCK_D)
     b_o = load_tile(O + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, BLOCK_D)
     b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)  # 0 past N (masked loads)
-    o_l = i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h * stride_lh
-    if HAS_DLSE:
-        b_delta -= tl.load(DLSE + o_l, mask=m_m, other=0.0)
-    b_lse2 = tl.load(LSE + o_l, mask=m_m, other=float("inf")) * LOG2E
-    o_s = i_b * stride_sb + i_r64 * stride_sf + o_m * stride_sn + i_h * stride_sh
-    tl.store(DELTA + o_s, b_delta, mask=o_m < N_PAD)
-    tl.store(SHIFT + o_s, b_lse2, mask=o_m < N_PAD)
+    _row_stats(LSE, DLSE, DELTA, SHIFT, b_delta,
+               i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h * stride_lh,
+               i_b * stride_sb + i_r64 * stride_sf + o_m * stride_sn + i_h * stride_sh,
+               o_m, N, N_PAD, HAS_DLSE)
 
 
 @triton.jit
