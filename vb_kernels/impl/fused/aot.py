@@ -273,6 +273,8 @@ def analyse(kernel, grid, args, kwargs, arch: int = 90, phase: int = 0, bound=No
 
 
 _ATOMIC = re.compile(r"\b(?:atom|red)\.[\w.:]*")
+_ACQUIRE_LOAD = re.compile(r"\bld\.(?:global\.)?acquire\.")
+_FLOAT_TYPE = re.compile(r"\.(?:f16|bf16|f32|f64)\b")
 
 
 def unordered_float_atomics(ptx: str) -> int:
@@ -282,14 +284,14 @@ def unordered_float_atomics(ptx: str) -> int:
     previous key block, before its own release); the atomic build's adds are all outside."""
     ordered, out = False, 0
     for line in ptx.splitlines():
-        if re.search(r"\bld\.global\.acquire\b", line) or re.search(r"\bld\.acquire\.", line):
+        if _ACQUIRE_LOAD.search(line):
             ordered = True
         op = _ATOMIC.search(line)
         if op is None:
             continue
         if ".release" in op.group(0):
             ordered = False
-        elif ".f32" in op.group(0) or ".f16" in op.group(0) or ".bf16" in op.group(0) or ".f64" in op.group(0):
+        elif _FLOAT_TYPE.search(op.group(0)):
             out += not ordered
     return out
 
