@@ -118,7 +118,6 @@ def _plan_tables(plan: Plan, device: torch.device, max_readers: int | None = Non
     tgt_part = [p for _, _, p in targets]
     n_rd = [len(rd) for _, rd, _ in targets]
     rd_row = [[r for r, _ in rd] + [0] * (n_rd_max - len(rd)) for _, rd, _ in targets]
-    rd_logw = [[math.log(c) for _, c in rd] + [0.0] * (n_rd_max - len(rd)) for _, rd, _ in targets]
     # the target's place in each reader's source list: the reader's dQ partial slot (fused backward)
     place = [{(s.frame, s.value_slot): j for j, s in enumerate(srcs)} for _, srcs in rows]
     rd_slot = [[place[r][(t.frame, t.value_slot)] for r, _ in rd] + [0] * (n_rd_max - len(rd)) for t, rd, _ in targets]
@@ -134,7 +133,7 @@ def _plan_tables(plan: Plan, device: torch.device, max_readers: int | None = Non
         "src_vslot": i32(src_vslot), "src_logw": f32(src_logw),
         "tgt_frame": i32(tgt_frame or [0]), "tgt_vslot": i32(tgt_vslot or [0]), "tgt_part": i32(tgt_part or [-1]),
         "n_rd": i32(n_rd or [0]), "rd_row": i32(rd_row if targets else [[0]]),
-        "rd_logw": f32(rd_logw if targets else [[0.0]]), "rd_slot": i32(rd_slot if targets else [[0]]),
+        "rd_slot": i32(rd_slot if targets else [[0]]),
         "red_frame": i32([t.frame for t, _, _ in reductions] or [0]),
         "red_vslot": i32([t.value_slot for t, _, _ in reductions] or [-1]),
         "red_first": i32([first for _, first, _ in reductions] or [0]),

@@ -74,18 +74,24 @@ def _dq_source(b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k, p_v
 
 
 @triton.jit
-def _row_stats(LSE, DLSE, DELTA, SHIFT, b_delta, o_l, o_s, o_m, N, N_PAD, HAS_DLSE: tl.constexpr):
+def _row_stats(LSE, DLSE, DELTA, SHIFT, b_delta, o_l, o_s, o_m, N, N_PAD, n_src, p_logw, stride_ss,
+               HAS_DLSE: tl.constexpr):
     """The row statistics the dK/dV pass reads, written by the phase's first kernel (dq or delta):
-    Delta (rowsum(dO * O), 0 past N, minus the LSE's gradient: d lse_i / d s_ij = P_ij) and the
-    LSE in base 2 (lse * log2 e, +inf past N, so a padded query's P is exactly 0), token-
-    contiguous and padded to whole query tiles (N_PAD), so that pass loads them without masks or
-    scaling. ``o_l``: the rows' offsets in LSE / DLSE; ``o_s``: in DELTA / SHIFT. Returns both."""
+    Delta (rowsum(dO * O), 0 past N, minus the LSE's gradient: d lse_i / d s_ij = P_ij) and, for
+    each of the row's ``n_src`` sources, the shift lse2 - bias (lse2 = lse * log2 e, +inf past N,
+    so a padded query's P is exactly 0; bias = log2 of the source's multiplicity, ``p_logw``:
+    the row's natural log-counts), token-contiguous and padded to whole query tiles (N_PAD), so
+    that pass loads the shift for its (target, reader) pair with no mask, scaling or subtraction.
+    ``o_l``: the rows' offsets in LSE / DLSE; ``o_s``: in DELTA / SHIFT (slot s at SHIFT +
+    s * stride_ss). Returns Delta and lse2."""
     m_m = o_m < N
+    m_s = o_m < N_PAD
     if HAS_DLSE:
         b_delta -= tl.load(DLSE + o_l, mask=m_m, other=0.0)
     b_lse2 = tl.load(LSE + o_l, mask=m_m, other=float("inf")) * LOG2E
-    tl.store(DELTA + o_s, b_delta, mask=o_m < N_PAD)
-    tl.store(SHIFT + o_s, b_lse2, mask=o_m < N_PAD)
+    tl.store(DELTA + o_s, b_delta, mask=m_s)
+    for i_s in range(0, n_src):
+        tl.store(SHIFT + i_s * stride_ss + o_s, b_lse2 - tl.load(p_logw + i_s) * LOG2E, mask=m_s)
     return b_delta, b_lse2
 
 
@@ -102,7 +108,7 @@ def _bwd_dq_kernel(
     stride_ob, stride_of, stride_on, stride_oh,
     stride_gb, stride_gf, stride_gn, stride_gh,
     stride_lb, stride_lf, stride_ln, stride_lh,
-    stride_sb, stride_sf, stride_sn, stride_sh,
+    stride_sb, stride_sf, stride_sn, stride_sh, stride_ss,
     H, N, N_PAD, M, S_MAX, qk_scale, scale,
     HAS_IMG: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
     ALIGN: tl.constexpr,
@@ -124,14 +130,14 @@ def _bwd_dq_kernel(
     b_delta = tl.sum(b_do0.to(tl.float32) * b_o0.to(tl.float32), 1)
     if SPLIT:
         b_delta += tl.sum(b_do1.to(tl.float32) * b_o1.to(tl.float32), 1)
+    o_tab = i_row * S_MAX
     b_delta, b_lse2 = _row_stats(LSE, DLSE, DELTA, SHIFT, b_delta,
                                  i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h * stride_lh,
                                  i_b * stride_sb + i_r64 * stride_sf + o_m * stride_sn + i_h * stride_sh,
-                                 o_m, N, N_PAD, HAS_DLSE)
+                                 o_m, N, N_PAD, tl.load(n_src + i_row), src_logw + o_tab, stride_ss, HAS_DLSE)
 
     b_dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
     b_dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
-    o_tab = i_row * S_MAX
     i_first = 0
     if HAS_IMG:
         if tl.load(src_frame + o_tab) < 0:
@@ -259,8 +265,8 @@ def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n,
 
 @triton.jit
 def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
-                 rd_logw, stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
-                 stride_oh, stride_lb, stride_lf, stride_ln, stride_lh, N, RD_MAX, qk_scale,
+                 stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
+                 stride_oh, stride_lb, stride_lf, stride_ln, stride_lh, stride_ls, N, RD_MAX, qk_scale,
                  DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh,
                  HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
@@ -278,21 +284,22 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
     b_dv1 = tl.zeros([BLOCK_N, D1], tl.float32)
     for i_r in range(0, tl.load(n_rd + i_t)):
         i_row = tl.load(rd_row + i_t * RD_MAX + i_r).to(tl.int64)
-        bias = tl.load(rd_logw + i_t * RD_MAX + i_r) * LOG2E
         i_qf = tl.load(row_qframe + i_row).to(tl.int64)
         p_q = Q + i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh
         p_do = DO + i_b * stride_ob + i_row * stride_of + i_h * stride_oh
         o_l = i_b * stride_lb + i_row * stride_lf + i_h * stride_lh
-        if FUSED_DQ:
-            i_slot = tl.load(rd_slot + i_t * RD_MAX + i_r).to(tl.int64)
+        # the target's place in the reader's source list: its dQ partial slot, and its shift's
+        i_slot = tl.load(rd_slot + i_t * RD_MAX + i_r).to(tl.int64)
+        p_shift = LSE + i_slot * stride_ls + o_l
         for start in range(0, N, BLOCK_M):
             o_m = start + tl.arange(0, BLOCK_M)
             b_q0, b_q1 = load_pair(p_q, o_m, stride_qn, N, HEAD_DIM, D0, D1, SPLIT)
             b_do0, b_do1 = load_pair(p_do, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
             # P^T = exp2(s * qk_scale + bias - lse2): one FFMA per score, the shift (lse2 - bias)
-            # per query. LSE and DELTA are the padded row statistics (_row_stats): no mask, no
-            # scaling; padded query rows hold lse2 = +inf, so their P^T column is exactly 0.
-            b_shift = tl.load(LSE + o_l + o_m * stride_ln) - bias
+            # per query. LSE (the reader's shifts, one per source) and DELTA are the padded row
+            # statistics (_row_stats): no mask, scaling or subtraction; padded query rows hold
+            # +inf, so their P^T column is exactly 0.
+            b_shift = tl.load(p_shift + o_m * stride_ln)
             b_pt = tl.exp2(dot_pair(b_k0, b_k1, b_q0, b_q1, SPLIT, PREC) * qk_scale - b_shift[None, :])
             if PART != 2:
                 b_dv0 += tl.dot(b_pt.to(b_do0.dtype), b_do0, input_precision=PREC)
@@ -327,7 +334,7 @@ def _store_partials(PK, PV, i_part, o_n, L, L_MAX, b_dk0, b_dk1, b_dv0, b_dv1, H
 @triton.jit
 def _bwd_dkv_kernel(
     Q, K, V, U, KI, VI, DO, LSE, DELTA, DK, DV, DU, DKI, DVI, PK, PV, DQP, SEM,
-    row_qframe, tgt_frame, tgt_vslot, tgt_part, n_rd, rd_row, rd_logw, rd_slot,
+    row_qframe, tgt_frame, tgt_vslot, tgt_part, n_rd, rd_row, rd_slot,
     stride_qb, stride_qf, stride_qn, stride_qh,
     stride_kb, stride_kf, stride_kn, stride_kh,
     stride_vb, stride_vf, stride_vn, stride_vh,
@@ -335,7 +342,7 @@ def _bwd_dkv_kernel(
     stride_kib, stride_kim, stride_kih,
     stride_vib, stride_vim, stride_vih,
     stride_ob, stride_of, stride_on, stride_oh,
-    stride_lb, stride_lf, stride_ln, stride_lh,
+    stride_lb, stride_lf, stride_ln, stride_lh, stride_ls,
     stride_gb, stride_gf, stride_gn, stride_gh,
     stride_gub, stride_guf, stride_gun, stride_guh,
     stride_gib, stride_gim, stride_gih,
@@ -369,9 +376,9 @@ def _bwd_dkv_kernel(
                 b_v0, b_v1 = b_k0, b_k1
             b_dk0, b_dk1, b_dv0, b_dv1 = _dkv_readers(
                 b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
-                rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
+                stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
                 stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN, stride_oh * ALIGN, stride_lb, stride_lf,
-                stride_ln, stride_lh, N, RD_MAX, qk_scale,
+                stride_ln, stride_lh, stride_ls, N, RD_MAX, qk_scale,
                 DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt,
                 tl.num_programs(1),
                 HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET, THREADS)
@@ -399,9 +406,9 @@ def _bwd_dkv_kernel(
                                    stride_un * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
         b_dk0, b_dk1, b_dv0, b_dv1 = _dkv_readers(
             b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
-            rd_logw, stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
+            stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
             stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN, stride_oh * ALIGN, stride_lb, stride_lf,
-            stride_ln, stride_lh, N, RD_MAX, qk_scale,
+            stride_ln, stride_lh, stride_ls, N, RD_MAX, qk_scale,
             DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt,
             tl.num_programs(1),
             HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET, THREADS)
@@ -478,11 +485,11 @@ def _bwd_reduce_kernel(
 
 @triton.jit
 def _bwd_delta_kernel(
-    DO, O, LSE, DLSE, DELTA, SHIFT,
+    DO, O, LSE, DLSE, DELTA, SHIFT, n_src, src_logw,
     stride_ob, stride_of, stride_on, stride_oh,
     stride_lb, stride_lf, stride_ln, stride_lh,
-    stride_sb, stride_sf, stride_sn, stride_sh,
-    H, N, N_PAD,
+    stride_sb, stride_sf, stride_sn, stride_sh, stride_ss,
+    H, N, N_PAD, S_MAX,
     HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -500,7 +507,7 @@ def _bwd_delta_kernel(
     _row_stats(LSE, DLSE, DELTA, SHIFT, b_delta,
                i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h * stride_lh,
                i_b * stride_sb + i_r64 * stride_sf + o_m * stride_sn + i_h * stride_sh,
-               o_m, N, N_PAD, HAS_DLSE)
+               o_m, N, N_PAD, tl.load(n_src + i_row), src_logw + i_row * S_MAX, stride_ss, HAS_DLSE)
 
 
 @triton.jit
@@ -541,8 +548,8 @@ def launch_bwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, do, out, lse
     (cached by the caller). ``do``/``out``/``lse``/``dlse`` (gradient of the LSE or None) are
     indexed by row; gradient buffers dq/dk/dv (B,F,N,H,D), du (B,K,N,H,D), dk_img/dv_img
     (B,M,H,D) share the strides of dk (frames) and dk_img (image). ``stats``: fp32 row statistics
-    of shape ``spec[6]`` (Delta and the base-2 LSE, padded to the dK/dV pass's query tiles;
-    written here by the dq or delta kernel). ``pk``/``pv``: fp32 partial buffers of shape
+    of shape ``spec[6]`` (Delta, then per source slot the base-2 LSE minus the source's bias,
+    padded to the dK/dV pass's query tiles; written here by the dq or delta kernel). ``pk``/``pv``: fp32 partial buffers of shape
     ``spec[4]`` when the spec splits targets, else None. ``dqp``/``sem``: the fused build's fp32
     dQ partials and int32 semaphores (``spec[5]``)."""
     dq_launch, dkv_launches, reduce_launch, dkv_tables, _, fused, _ = spec
@@ -563,14 +570,14 @@ def launch_bwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, do, out, lse
     else:
         grid, scalars, consts = fused["delta"]
         launch(_bwd_delta_kernel, grid, do, out, lse, dlse if dlse is not None else lse, stats[0], stats[1],
-               *scalars, **consts)
+               tables["n_src"], tables["src_logw"], *scalars, **consts)
     t = dkv_tables
     for grid, scalars, consts in dkv_launches:
         launch(
             _bwd_dkv_kernel, grid,
             q, k, v, u_, ki_, vi_, do, stats[1], stats[0], dk, dv, du_, dki_, dvi_, pk_, pv_, dqp_, sem_,
-            t["row_qframe"], t["tgt_frame"], t["tgt_vslot"], t["tgt_part"], t["n_rd"], t["rd_row"], t["rd_logw"],
-            t["rd_slot"], *scalars, **consts)
+            t["row_qframe"], t["tgt_frame"], t["tgt_vslot"], t["tgt_part"], t["n_rd"], t["rd_row"], t["rd_slot"],
+            *scalars, **consts)
     if reduce_launch is not None:
         grid, scalars, consts = reduce_launch
         launch(_bwd_reduce_kernel, grid, pk, pv, dk, dv, du_, dki_, dvi_,
@@ -615,8 +622,8 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     """(dq launch or None, dK/dV launches, reduction launch or None, the dK/dV launches' tables,
     shape of the fp32 dK/dV partial buffers or None, the fused build's launches and buffers or
     None, shape of the fp32 row statistics) of one backward phase, each launch as (grid,
-    non-tensor arguments, constexpr/launch keywords); arguments as :func:`launch_bwd`'s, ``accumulate``: add into the gradient buffers
-    (phase 1, after phase 2) instead of writing them.
+    non-tensor arguments, constexpr/launch keywords); arguments as :func:`launch_bwd`'s,
+    ``accumulate``: add into the gradient buffers (phase 1, after phase 2) instead of writing them.
 
     ``build``: ``"fused"``: Delta from a small kernel, then one KV-major pass computing dK, dV
     and each key tile's dQ contribution (5 matmuls, 1 exponential per score), the dQ partials
@@ -648,18 +655,19 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
                        elem_bytes=q.element_size(), env=env)
     dq_cfg = None if fused else block_config(d, q.device, "dq", n_queries=n, n_keys=max(n, m),
                                              elem_bytes=q.element_size(), env=env)
-    # Row statistics (Delta, base-2 LSE) for the dK/dV pass: fp32 (2, B, H, rows, N padded to its
+    # Row statistics for the dK/dV pass: fp32 (1 + sources per row, B, H, rows, N padded to its
     # query tiles, and to the dq pass's, whose programs write them: powers of two, so the larger
-    # tile is a multiple of the smaller), in the LSE's stride order (batch, row, token, head)
+    # tile is a multiple of the smaller), Delta then one shift (base-2 LSE minus the source's
+    # bias) per source slot, each in the LSE's stride order (batch, row, token, head)
     tile = cfg["BLOCK_M"] if fused else max(cfg["BLOCK_M"], dq_cfg["BLOCK_M"])
     n_pad = cdiv(n, tile) * tile
-    st_stats = (h * rows * n_pad, n_pad, 1, rows * n_pad)
-    stats_shape = (2, b, h, rows, n_pad)
+    s_max = tables["n_src_max"]
+    st_stats = (h * rows * n_pad, n_pad, 1, rows * n_pad, b * h * rows * n_pad)
+    stats_shape = (1 + s_max, b, h, rows, n_pad)
     dq_launch = None
     if not fused:
         dq_launch = ((cdiv(n_pad, dq_cfg["BLOCK_M"]), b * h, rows),
-                     (*common, *st_dq, *lse.stride(), *st_stats, h, n, n_pad, m, tables["n_src_max"], qk_scale,
-                      scale),
+                     (*common, *st_dq, *lse.stride(), *st_stats, h, n, n_pad, m, s_max, qk_scale, scale),
                      dict(HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al,
                           PREC=prec, **dq_cfg))
     extra = None
@@ -677,7 +685,7 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
         block_d = max(16, triton.next_power_of_2(d))
         block_r = (64 if d <= 64 else 32 if d <= 128 else 16) if cuda else 16
         extra = dict(
-            delta=((cdiv(n_pad, block_r), b * h, rows), (*common[22:26], *lse.stride(), *st_stats, h, n, n_pad),
+            delta=((cdiv(n_pad, block_r), b * h, rows), (*common[22:26], *lse.stride(), *st_stats, h, n, n_pad, s_max),
                    dict(HAS_DLSE=dlse is not None, HEAD_DIM=d, ALIGN=al, BLOCK_D=block_d, BLOCK_M=block_r,
                         num_warps=4 if cuda else 1)),
             dq_reduce=((cdiv(n, block_r), b * h, rows), (ps, pb, pr, pn, *st_dq, h, n, scale),

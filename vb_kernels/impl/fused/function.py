@@ -106,8 +106,9 @@ def _fused_fwd(q, k, v, k_img, v_img, schedule, scale):
 
 
 def _partials(spec, q):
-    """Scratch of one backward phase: the fp32 row statistics (Delta, base-2 LSE; every element
-    written by the phase's first kernel), fp32 dK and dV partial sums of the split dK/dV targets
+    """Scratch of one backward phase: the fp32 row statistics (Delta, and the base-2 LSE minus
+    the bias per source slot: every element the dK/dV pass reads is written by the phase's
+    first kernel), fp32 dK and dV partial sums of the split dK/dV targets
     (small grids only; see reader_cap), then the fused build's fp32 dQ partials and int32
     semaphores."""
     shape, fused = spec[4], spec[5]
