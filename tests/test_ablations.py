@@ -5,6 +5,11 @@ downloaded."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -201,3 +206,45 @@ def test_ablations_cli_quick_with_a_long_clip_arm(tmp_path):
     assert "order_last8" in long and len(long["order_f_image"]) == res["settings"]["long_frames"]
     assert "order_last8" not in res["summary"]["both"]
     assert (out / "ablations_schedule.png").stat().st_size > 0 and "ablations_schedule.png" in md
+
+
+# ---- the parallel unit runner stops its workers -------------------------------------------------
+def test_failed_unit_stops_the_running_units_at_once():
+    """With --jobs 2, a unit that fails ends the run with its error without waiting for the other
+    running unit (a 120 s sleep here); the old runner waited for it (the pool's shutdown)."""
+    from vb_train.toy import ablations as A
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="invalid literal"):
+        A._run_units({"slow": ("time:sleep", (120,)), "bad": ("builtins:int", ("x",))}, {}, jobs=2, threads=1)
+    assert time.perf_counter() - t0 < 60
+
+
+def test_sigterm_ends_the_workers_with_the_runner(tmp_path):
+    """SIGTERM to a runner with two units running: it exits and takes its spawned workers with it
+    (before, they went on running orphaned). The runner gets a session of its own, so that every
+    process it started is in its process group: none may be left."""
+    script = tmp_path / "run.py"
+    script.write_text("from vb_train.toy import ablations as A\n"
+                      "if __name__ == '__main__':\n"
+                      "    A._run_units({'a': ('time:sleep', (300,)), 'b': ('time:sleep', (300,))}, {}, jobs=2, threads=1)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        started = [proc.stdout.readline() for _ in range(2)]
+        assert all("start" in line for line in started), started
+        time.sleep(3)  # the workers are up: the pool spawns them as the units are submitted
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
+        raise AssertionError("processes of the runner's group outlived it")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left, even when an assertion failed
+        except ProcessLookupError:
+            pass

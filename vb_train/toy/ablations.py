@@ -371,29 +371,61 @@ def run_arm(a: AblationSettings, out: Path, arm_key: str, seed: int, paths: dict
     return res
 
 
+def _unit_fn(fn_name: str):
+    """A unit's function: a name in this module, or ``"module:function"``."""
+    if ":" in fn_name:
+        import importlib
+        mod, _, attr = fn_name.partition(":")
+        return getattr(importlib.import_module(mod), attr)
+    return globals()[fn_name]
+
+
 def _call(fn_name: str, args: tuple, threads: int):
     """Worker entry (a fresh process): torch threads, then the unit."""
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
-    return globals()[fn_name](*args)
+    return _unit_fn(fn_name)(*args)
+
+
+def _sigterm_to_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _stop_workers(ex) -> None:
+    """Cancel the units not started and end the running ones' processes: a failed unit, Ctrl-C or
+    SIGTERM stops the whole run now, rather than after the other units finish (minutes), and
+    leaves no worker computing after the parent is gone."""
+    procs = list((getattr(ex, "_processes", None) or {}).values())  # no public handle before 3.14;
+    ex.shutdown(wait=False, cancel_futures=True)  # (shutdown drops it)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=10)
 
 
 def _run_units(units: Dict[str, tuple], deps: Dict[str, List[str]], jobs: int, threads: int) -> None:
     """Run named (fn_name, args) units, each once every unit it depends on (`deps`) is done,
     `jobs` at a time in spawned processes (1: in this process, in order). Ready units start in
-    the order given, so put the long ones first."""
+    the order given, so put the long ones first. A failed unit (its error is raised), Ctrl-C or
+    SIGTERM ends the running units' processes too."""
     if jobs <= 1:
         for name, (fn, args) in units.items():
-            globals()[fn](*args)
+            _unit_fn(fn)(*args)
         return
     import multiprocessing as mp
+    import signal
+    import threading
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     done: set = set()
     pending = dict(units)
     running: Dict[object, str] = {}
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _sigterm_to_exit) if main else None
+    ex = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
+    try:
         while pending or running:
             for name in list(pending):
                 if len(running) >= jobs:
@@ -410,6 +442,14 @@ def _run_units(units: Dict[str, tuple], deps: Dict[str, List[str]], jobs: int, t
                 fut.result()   # a failed unit stops the run, with its error
                 done.add(name)
                 print(f"[ablations] {time.perf_counter() - t0:6.0f} s  done  {name}", flush=True)
+    except BaseException:
+        _stop_workers(ex)
+        raise
+    else:
+        ex.shutdown(wait=True)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
 
 
 # ================================================================================================
