@@ -196,7 +196,7 @@ def _wait_count(p_sem, target):
 
 
 @triton.jit
-def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n, i_qt, o_m, N, stride_ps, stride_pb,
+def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n, i_qt, o_m, stride_ps, stride_pb,
                 stride_pr, stride_pn, n_rows, n_qt, n_bh, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                 SPLIT: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr,
                 THREADS: tl.constexpr):
@@ -313,7 +313,7 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
                     b_dk1 += tl.dot(b_dst.to(b_q1.dtype), b_q1, input_precision=PREC)
                 if FUSED_DQ:
                     _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n, start // BLOCK_M,
-                                o_m, N, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh, HEAD_DIM,
+                                o_m, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh, HEAD_DIM,
                                 D0, D1, SPLIT, PREC, DETERMINISTIC, INTERPRET, THREADS)
     return b_dk0, b_dk1, b_dv0, b_dv1
 
