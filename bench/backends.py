@@ -4,7 +4,9 @@ Every callable has the op's signature, ``fn(q, k, v, k_img, v_img, *, schedule) 
 BFNHD frames and BMHD image tokens:
 
 - ``reference``, ``sdpa``, ``flex``, ``triton``: :func:`vb_kernels.videobooth_attention` with that
-  backend, the same entry the tests call.
+  backend, the same entry the tests call. ``VB_BENCH_DQ=atomic`` makes the ``triton`` rows call it
+  with ``deterministic=False`` (atomic dQ adds; it matters only with ``VB_BWD=fused``), so that
+  ``bench.gpu_run`` can weigh what the fused backward's ordered adds cost (default: ``ordered``).
 - ``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``: the ``sdpa`` backend with PyTorch's SDPA
   forced to one kernel (``torch.nn.attention.sdpa_kernel``). The backward runs the kernel the
   forward chose. A kernel that refuses a shape or dtype makes the row skip, with PyTorch's reason.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from typing import Callable
 
 import torch
@@ -29,6 +32,13 @@ Attention = Callable[..., torch.Tensor]
 
 def _op(backend: str) -> Attention:
     return functools.partial(videobooth_attention, backend=backend)
+
+
+def _triton() -> Attention:
+    mode = os.environ.get("VB_BENCH_DQ", "ordered")
+    if mode not in ("ordered", "atomic"):
+        raise ValueError(f"VB_BENCH_DQ: expected 'ordered' or 'atomic', got {mode!r}")
+    return functools.partial(videobooth_attention, backend="triton", deterministic=mode == "ordered")
 
 
 def _forced_sdpa(kind: str) -> Attention:
@@ -85,7 +95,7 @@ _FACTORIES: dict[str, Callable[[], Attention]] = {
     "flex": lambda: _op("flex"),
     "flash-attn": lambda: _swapped_sdpa(_flash_attn_primitive),
     "xformers": lambda: _swapped_sdpa(_xformers_primitive),
-    "triton": lambda: _op("triton"),
+    "triton": _triton,
 }
 _PACKAGES = {"flash-attn": "flash_attn", "xformers": "xformers"}
 NAMES = tuple(_FACTORIES)

@@ -9,8 +9,9 @@ budget; a stage that runs out is cut and says so):
    for reference, the SDPA backends (the report picks the best), flex and triton; and the
    attention peak memory of a training step (the attn1 block rows of bench_model.py).
    ``python -m bench.report`` then writes report.md and the plots. Then the triton fwd+bwd rows
-   again with ``VB_BWD=fused`` (the 5-matmul backward), compared shape by shape with the
-   default build's (bwd_builds.md): what the fused backward's default switch waits for.
+   again with ``VB_BWD=fused`` (the 5-matmul backward), with its ordered dQ adds and with atomic
+   ones (``VB_BENCH_DQ=atomic``), compared shape by shape with the default build's
+   (bwd_builds.md): what the fused backward's default switch waits for, and what the order costs.
 2. ``pytest tests -m gpu``: the GPU-only tests (bf16, every head dim at full tiles, int64
    offsets, flex gradients, the 100-run determinism test), within 120 s.
 3. One end-to-end denoising step of the SD-1.4-sized VideoBooth U-Net (random weights, 256 px,
@@ -47,7 +48,7 @@ CANDIDATES = {
     "dq": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
     "dkv": [(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2), (32, 64, 8, 2)],
 }
-BUDGET_S = {"headline": 150, "bwd_builds": 40, "tests": 120, "e2e": 45, "sweep": 120}  # 475 s + start-up < 9 min
+BUDGET_S = {"headline": 150, "bwd_builds": 90, "tests": 120, "e2e": 45, "sweep": 100}  # 505 s + start-up < 9 min
 HEADLINE_K = "(vb256 or vb512) and bf16 and (reference or sdpa or flex or triton)"
 MEMORY_K = "down0 and fwd+bwd and bf16"
 
@@ -87,14 +88,19 @@ def stage_headline(out: Path, dry: bool) -> dict:
     if jsons:
         res["report"] = _run([sys.executable, "-m", "bench.report", *jsons, "--out", str(out)], 60,
                              out / "report.log")
-    # the fused 5-matmul backward on the same triton fwd+bwd rows, for the same-run comparison
-    js = out / "headline_fused.json"
+    # the fused 5-matmul backward on the same triton fwd+bwd rows, for the same-run comparison: its
+    # ordered dQ adds (the default), then atomic ones (what the order costs)
     k_fused = "smoke.vb and triton and fwd+bwd" if dry else f"({HEADLINE_K}) and triton and fwd+bwd"
-    res["headline_fused"] = _run([sys.executable, "-m", "pytest", "bench/bench_attention.py", "-q", "-m", marker,
-                                  "-k", k_fused, f"--benchmark-json={js}", "-p", "no:cacheprovider"],
-                                 BUDGET_S["bwd_builds"], out / "headline_fused.log", env=dict(os.environ, VB_BWD="fused"))
-    if js.exists() and (out / "headline.json").exists():
-        rows = compare_builds(json.loads((out / "headline.json").read_text()), json.loads(js.read_text()))
+    fused = {}
+    for name, dq in (("headline_fused", "ordered"), ("headline_fused_atomic", "atomic")):
+        js = out / f"{name}.json"
+        res[name] = _run([sys.executable, "-m", "pytest", "bench/bench_attention.py", "-q", "-m", marker,
+                          "-k", k_fused, f"--benchmark-json={js}", "-p", "no:cacheprovider"],
+                         BUDGET_S["bwd_builds"] / 2, out / f"{name}.log",
+                         env=dict(os.environ, VB_BWD="fused", VB_BENCH_DQ=dq))
+        fused[dq] = json.loads(js.read_text()) if js.exists() else None
+    if fused["ordered"] is not None and (out / "headline.json").exists():
+        rows = compare_builds(json.loads((out / "headline.json").read_text()), fused["ordered"], fused["atomic"])
         (out / "bwd_builds.md").write_text(builds_markdown(rows))
         res["bwd_builds"] = {"rows": len(rows), "summary": builds_summary(rows)}
     return res
@@ -106,26 +112,43 @@ def _medians(bench_json: dict) -> dict:
             if "-triton-fwd+bwd-" in b["name"]}
 
 
-def compare_builds(split_json: dict, fused_json: dict) -> list:
-    """(row, split ms, fused ms, split / fused) for the triton fwd+bwd rows both pytest-benchmark
-    JSON files hold (split: the default build's headline run; fused: ``VB_BWD=fused``)."""
+def compare_builds(split_json: dict, fused_json: dict, atomic_json: dict | None = None) -> list:
+    """(row, split ms, fused ms, fused-atomic ms or None, split / fused) for the triton fwd+bwd
+    rows both the split and the fused pytest-benchmark JSON hold (split: the default build's
+    headline run; fused: ``VB_BWD=fused``, ordered dQ adds; atomic: the same with
+    ``VB_BENCH_DQ=atomic``, where it has the row)."""
     split, fused = _medians(split_json), _medians(fused_json)
-    return [(name, split[name] * 1e3, fused[name] * 1e3, split[name] / fused[name])
+    atomic = _medians(atomic_json or {})
+    return [(name, split[name] * 1e3, fused[name] * 1e3, atomic[name] * 1e3 if atomic.get(name) else None,
+             split[name] / fused[name])
             for name in sorted(split) if name in fused and fused[name] > 0]
+
+
+def _geomean(xs: list) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
 def builds_summary(rows: list) -> str:
     if not rows:
         return "no row in both runs"
-    geo = math.exp(sum(math.log(r[3]) for r in rows) / len(rows))
-    return (f"fused vs split fwd+bwd over {len(rows)} shapes: geometric mean speed-up {geo:.2f}x, "
-            f"range {min(r[3] for r in rows):.2f}x .. {max(r[3] for r in rows):.2f}x")
+    speed = [r[4] for r in rows]
+    out = (f"fused vs split fwd+bwd over {len(rows)} shapes: geometric mean speed-up {_geomean(speed):.2f}x, "
+           f"range {min(speed):.2f}x .. {max(speed):.2f}x")
+    cost = [r[2] / r[3] for r in rows if r[3]]
+    if cost:
+        out += (f"; the ordered dQ adds take {_geomean(cost):.2f}x the atomic build's time "
+                f"(geometric mean over {len(cost)} shapes, range {min(cost):.2f}x .. {max(cost):.2f}x)")
+    return out
 
 
 def builds_markdown(rows: list) -> str:
-    lines = ["# The backward's builds, same run: split (7 matmuls, the default) vs fused (VB_BWD=fused)", "",
-             builds_summary(rows), "", "| row | split ms | fused ms | split / fused |", "|---|---|---|---|"]
-    lines += [f"| {name} | {s:.4f} | {f:.4f} | {x:.2f} |" for name, s, f, x in rows]
+    lines = ["# The backward's builds, same run: split (7 matmuls, the default) vs fused (VB_BWD=fused: ordered "
+             "dQ adds, and atomic ones with VB_BENCH_DQ=atomic)", "",
+             builds_summary(rows), "",
+             "| row | split ms | fused ms | fused atomic ms | split / fused | fused / atomic |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {s:.4f} | {f:.4f} | {'' if a is None else f'{a:.4f}'} | {x:.2f} | "
+              f"{'' if a is None else f'{f / a:.2f}'} |" for name, s, f, a, x in rows]
     return "\n".join(lines) + "\n"
 
 

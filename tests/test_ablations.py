@@ -228,7 +228,8 @@ def test_sigterm_ends_the_workers_with_the_runner(tmp_path):
     script.write_text("from vb_train.toy import ablations as A\n"
                       "if __name__ == '__main__':\n"
                       "    A._run_units({'a': ('time:sleep', (300,)), 'b': ('time:sleep', (300,))}, {}, jobs=2, threads=1)\n")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         started = [proc.stdout.readline() for _ in range(2)]
         assert all("start" in line for line in started), started

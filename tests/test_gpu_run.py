@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,6 +23,7 @@ def test_gpu_run_dry_run_writes_every_stage(tmp_path):
     assert stages["tests"]["rc"] == 0 and all(r["rc"] == 0 for r in runs.values()), stages
     assert stages["headline"]["bwd_builds"]["rows"] >= 1, stages["headline"]  # fused vs split, same run
     assert "fused vs split fwd+bwd over" in (tmp_path / "bwd_builds.md").read_text()
+    assert "the ordered dQ adds take" in (tmp_path / "bwd_builds.md").read_text()  # the atomic build ran too
     for name in ("README.md", "env.json", "headline.json", "memory.json", "report.md", "tiles.md", "tiles.json",
                  "e2e.json"):
         assert (tmp_path / name).exists(), name
@@ -45,7 +48,27 @@ def test_compare_builds_pairs_rows_by_name():
     split = run({a: 0.020, b: 0.001, fwd: 0.004})
     fused = run({a: 0.010, fwd: 0.002, b: 0.002})
     rows = compare_builds(split, fused)
-    assert [(r[0], round(r[3], 6)) for r in rows] == [(b, 0.5), (a, 2.0)]
+    assert [(r[0], round(r[4], 6)) for r in rows] == [(b, 0.5), (a, 2.0)]
     assert "geometric mean speed-up 1.00x, range 0.50x .. 2.00x" in builds_summary(rows)
+    assert "atomic" not in builds_summary(rows)
     assert builds_markdown(rows).count("\n| test_attention[") == 2
     assert compare_builds(split, run({})) == [] and builds_summary([]) == "no row in both runs"
+    # with the atomic build's run: the ordering cost, fused (ordered) / atomic, where it has the row
+    rows = compare_builds(split, fused, run({a: 0.008}))
+    assert [r[3] for r in rows] == [None, 8.0]
+    assert "ordered dQ adds take 1.25x the atomic build's time (geometric mean over 1 shapes" in builds_summary(rows)
+    assert "| 10.0000 | 8.0000 | 2.00 | 1.25 |" in builds_markdown(rows)
+
+
+def test_bench_triton_rows_take_the_dq_mode_from_the_environment(monkeypatch):
+    """VB_BENCH_DQ=atomic: the bench's triton callable passes deterministic=False (what gpu_run's
+    atomic build run relies on); anything but ordered / atomic is refused by name."""
+    from bench import backends
+
+    monkeypatch.delenv("VB_BENCH_DQ", raising=False)
+    assert backends.attention("triton").keywords == {"backend": "triton", "deterministic": True}
+    monkeypatch.setenv("VB_BENCH_DQ", "atomic")
+    assert backends.attention("triton").keywords == {"backend": "triton", "deterministic": False}
+    monkeypatch.setenv("VB_BENCH_DQ", "fast")
+    with pytest.raises(ValueError, match="VB_BENCH_DQ: expected 'ordered' or 'atomic', got 'fast'"):
+        backends.attention("triton")

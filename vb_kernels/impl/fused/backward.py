@@ -549,9 +549,9 @@ def launch_bwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, do, out, lse
     indexed by row; gradient buffers dq/dk/dv (B,F,N,H,D), du (B,K,N,H,D), dk_img/dv_img
     (B,M,H,D) share the strides of dk (frames) and dk_img (image). ``stats``: fp32 row statistics
     of shape ``spec[6]`` (Delta, then per source slot the base-2 LSE minus the source's bias,
-    padded to the dK/dV pass's query tiles; written here by the dq or delta kernel). ``pk``/``pv``: fp32 partial buffers of shape
-    ``spec[4]`` when the spec splits targets, else None. ``dqp``/``sem``: the fused build's fp32
-    dQ partials and int32 semaphores (``spec[5]``)."""
+    padded to the dK/dV pass's query tiles; written here by the dq or delta kernel).
+    ``pk``/``pv``: fp32 partial buffers of shape ``spec[4]`` when the spec splits targets, else
+    None. ``dqp``/``sem``: the fused build's fp32 dQ partials and int32 semaphores (``spec[5]``)."""
     dq_launch, dkv_launches, reduce_launch, dkv_tables, _, fused, _ = spec
     dummy = q  # never dereferenced
     u_ = u if u is not None else dummy
