@@ -54,3 +54,41 @@ def oracle(q, k, v, k_img, v_img, schedule, **kw):
 def needs_cuda():
     import pytest
     return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# ---- the GPU tests' cases, as data --------------------------------------------------------------
+# The GPU tests (pytest -m gpu) parametrise over these, and `python -m bench.warm` (the first step
+# of bench.gpu_run's tests stage) compiles every kernel binary their triton calls launch, in
+# parallel, into Triton's cache before pytest runs them one after another.
+GPU_GRAD_SHAPES = [(2, 5, 257, 4, 80, 77), (1, 3, 1024, 2, 40, 1024), (1, 2, 64, 8, 160, 0)]
+# every schedule and 16-bit dtype for both triton backward builds; FlexAttention, a baseline whose
+# every schedule is a new compile, on two of them in bf16 (what the benches time)
+GPU_GRAD_CASES = [(impl, s, dt) for impl in ("split", "fused") for s in SCHEDULES
+                  for dt in (torch.float16, torch.bfloat16)]
+GPU_GRAD_CASES += [("flex", s, torch.bfloat16) for s in ("videobooth", "keyframes2")]
+GPU_DETERMINISM_SHAPE = (2, 16, 1024, 8, 40, 1024)  # the U-Net's 512 px top level: every SM busy
+GPU_FP32_HEAD_DIMS = (40, 80, 128, 160)
+GPU_HEAD_DIMS = (40, 64, 72, 80, 128, 160, 256)
+GPU_BF16_SHAPE = (2, 5, 257, 4, 80, 77)
+
+
+def gpu_fp32_shape(d: int, backward: bool) -> tuple:
+    """fp32 at full tiles (N large enough that no tile shrinks to the sequence)."""
+    return (1, 3, 300, 2, d, 257) if backward else (1, 4, 300, 2, d, 257)
+
+
+def gpu_head_dim_shape(d: int) -> tuple:
+    return (1, 4, 1000, 2, d, 300)
+
+
+def gpu_triton_calls() -> list[tuple]:
+    """(backward build, schedule name, shape (B, F, N, H, D, M), dtype, with backward) of every
+    triton call the GPU tests make (the int64-offset tests aside: 2**31-element tensors)."""
+    calls = [(impl, s, shape, dt, True) for impl, s, dt in GPU_GRAD_CASES if impl != "flex"
+             for shape in GPU_GRAD_SHAPES]
+    calls += [(build, "videobooth", GPU_DETERMINISM_SHAPE, torch.bfloat16, True) for build in ("split", "fused")]
+    calls += [("split", "videobooth", gpu_fp32_shape(d, True), torch.float32, True) for d in GPU_FP32_HEAD_DIMS]
+    calls += [("split", "random1", gpu_fp32_shape(d, False), torch.float32, False) for d in GPU_FP32_HEAD_DIMS]
+    calls += [("split", s, GPU_BF16_SHAPE, torch.bfloat16, False) for s in SCHEDULES]
+    calls += [("split", "random1", gpu_head_dim_shape(d), torch.float16, False) for d in GPU_HEAD_DIMS]
+    return calls

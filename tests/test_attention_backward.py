@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from attention_cases import SCHEDULES, named_schedule, needs_cuda
+from attention_cases import (GPU_DETERMINISM_SHAPE, GPU_FP32_HEAD_DIMS, GPU_GRAD_CASES, GPU_GRAD_SHAPES, SCHEDULES,
+                             gpu_fp32_shape, named_schedule, needs_cuda)
 from vb_kernels import Schedule, videobooth_attention
 from vb_kernels.testing import TOLERANCE, make_inputs, rel_err
 
@@ -453,7 +454,7 @@ def test_backward_is_bitwise_deterministic_over_100_runs_on_gpu(monkeypatch, bui
     contributions meet in the ordered partials (semaphores), where a race would show."""
     monkeypatch.setenv("VB_BWD", build)
     torch.manual_seed(0)
-    shape = (2, 16, 1024, 8, 40, 1024)
+    shape = GPU_DETERMINISM_SHAPE
     ins = make_inputs(*shape, dtype=torch.bfloat16, device=DEV, strided=True)
     g = torch.randn(*shape[:5], device=DEV)
     sched = named_schedule("videobooth", shape[1])
@@ -466,28 +467,22 @@ def test_backward_is_bitwise_deterministic_over_100_runs_on_gpu(monkeypatch, bui
 
 @needs_cuda()
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [40, 80, 128, 160])
+@pytest.mark.parametrize("d", GPU_FP32_HEAD_DIMS)
 def test_fp32_gradients_at_full_tiles_on_gpu(d):
     """fp32 takes its own (smaller) tiles: N large enough that none shrinks to the sequence."""
-    _check_grads("triton", named_schedule("videobooth", 3), (1, 3, 300, 2, d, 257), torch.float32)
-
-
-# Every schedule and 16-bit dtype for both triton backward builds (the fused one has run on no
-# GPU yet); FlexAttention, a baseline whose every schedule is a new compile, on two of them in
-# bf16 (what the benches time): the GPU stage of bench.gpu_run has 120 s for all GPU tests.
-_GPU_GRAD_CASES = [(impl, s, dt) for impl in ("split", "fused") for s in SCHEDULES
-                   for dt in (torch.float16, torch.bfloat16)]
-_GPU_GRAD_CASES += [("flex", s, torch.bfloat16) for s in ("videobooth", "keyframes2")]
+    _check_grads("triton", named_schedule("videobooth", 3), gpu_fp32_shape(d, True), torch.float32)
 
 
 @needs_cuda()
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl, schedule_name, dtype", _GPU_GRAD_CASES,
-                         ids=[f"{i}-{s}-{str(d)[6:]}" for i, s, d in _GPU_GRAD_CASES])
+@pytest.mark.parametrize("impl, schedule_name, dtype", GPU_GRAD_CASES,
+                         ids=[f"{i}-{s}-{str(d)[6:]}" for i, s, d in GPU_GRAD_CASES])
 def test_gradients_on_gpu(monkeypatch, impl, schedule_name, dtype):
+    """Every schedule and 16-bit dtype for both triton backward builds (the fused one has run on
+    no GPU yet), FlexAttention on two (attention_cases.GPU_GRAD_CASES)."""
     if impl != "flex":
         monkeypatch.setenv("VB_BWD", impl)
-    for shape in [(2, 5, 257, 4, 80, 77), (1, 3, 1024, 2, 40, 1024), (1, 2, 64, 8, 160, 0)]:
+    for shape in GPU_GRAD_SHAPES:
         _check_grads("flex" if impl == "flex" else "triton", named_schedule(schedule_name, shape[1]), shape, dtype)
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attention_cases import SCHEDULES, named_schedule, needs_cuda, oracle
+from attention_cases import (GPU_BF16_SHAPE, GPU_FP32_HEAD_DIMS, GPU_HEAD_DIMS, SCHEDULES, gpu_fp32_shape,
+                             gpu_head_dim_shape, named_schedule, needs_cuda, oracle)
 from vb_kernels import Schedule, videobooth_attention
 from vb_kernels.testing import TOLERANCE, make_inputs, rel_err
 
@@ -202,7 +203,7 @@ def test_reference_equals_transcription_of_original_code():
 @pytest.mark.parametrize("schedule_name", SCHEDULES)
 @pytest.mark.parametrize("backend", ["sdpa", "flex", "triton"])
 def test_bf16_on_gpu(backend, schedule_name):
-    _check(backend, named_schedule(schedule_name, 5), (2, 5, 257, 4, 80, 77), torch.bfloat16)
+    _check(backend, named_schedule(schedule_name, GPU_BF16_SHAPE[1]), GPU_BF16_SHAPE, torch.bfloat16)
 
 
 def test_bf16_is_gpu_only():
@@ -214,17 +215,17 @@ def test_bf16_is_gpu_only():
 
 @needs_cuda()
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [40, 64, 72, 80, 128, 160, 256])
+@pytest.mark.parametrize("d", GPU_HEAD_DIMS)
 def test_head_dims_fp16_on_gpu(d):
-    _check("triton", named_schedule("random1", 4), (1, 4, 1000, 2, d, 300), torch.float16)
+    _check("triton", named_schedule("random1", 4), gpu_head_dim_shape(d), torch.float16)
 
 
 @needs_cuda()
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [40, 80, 128, 160])
+@pytest.mark.parametrize("d", GPU_FP32_HEAD_DIMS)
 def test_fp32_at_full_tiles_on_gpu(d):
     """fp32 takes its own tiles (twice the bytes): they must fit the device's shared memory."""
-    _check("triton", named_schedule("random1", 4), (1, 4, 300, 2, d, 257), torch.float32)
+    _check("triton", named_schedule("random1", 4), gpu_fp32_shape(d, False), torch.float32)
 
 
 @needs_cuda()

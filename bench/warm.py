@@ -1,0 +1,149 @@
+"""Compile the GPU tests' kernels before the tests run them: every triton call of
+``pytest tests -m gpu`` (``tests/attention_cases.gpu_triton_calls``) is run through the op's real
+host code with every launch recorded (:func:`vb_kernels.impl.fused.aot.record_launches`: host
+tensors laid out as the tests lay them out on the GPU), bound by Triton's own launch binder, and
+each distinct binary compiled for sm_90 (``--arch``) by ``--workers`` processes at once into
+Triton's cache, where the tests' launches find them. Why: the GPU tests launch about 210 distinct
+binaries (phases, builds, dtypes, head dims, the schedules' specialisations) at 1-3 s of compile
+each, one after another, against the 120 s bench.gpu_run gives the stage.
+
+    python -m bench.warm --workers 32          # on the GPU machine, before pytest tests -m gpu
+    python -m bench.warm --dry-run             # record and count only (any machine)
+
+The binder is the one ``kernel[grid](...)`` runs and ``triton.compile`` keys its cache on the
+source, the specialisation, the options and the target, so a launch with the same arguments on an
+sm_90 device reads the binary compiled here. Whether it did shows in the tests stage's time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _host_inputs(b, f, n, h, d, m, dtype):
+    """Uninitialised host tensors with the strides ``make_inputs(strided=True)`` gives on a GPU:
+    a view of the first D columns of a (..., 2D) buffer."""
+    import torch
+
+    def view(*shape):
+        return torch.empty(*shape[:-1], 2 * shape[-1], dtype=dtype)[..., :shape[-1]]
+    q, k, v = view(b, f, n, h, d), view(b, f, n, h, d), view(b, f, n, h, d)
+    return (q, k, v, None, None) if not m else (q, k, v, view(b, m, h, d), view(b, m, h, d))
+
+
+def binaries(calls=None, arch: int = 90) -> list:
+    """The distinct binaries of ``calls`` (default: the GPU tests'), in a fixed order: a list of
+    (key, kernel, args, kwargs, bound launch)."""
+    from vb_kernels.impl.fused import aot
+
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
+    from attention_cases import gpu_triton_calls, named_schedule
+
+    found = {}
+    old = os.environ.get("VB_BWD")
+    try:
+        for build, schedule, shape, dtype, backward in gpu_triton_calls() if calls is None else calls:
+            os.environ["VB_BWD"] = build
+            b, f, n, h, d, m = shape
+            for kern, _grid, args, kwargs in aot.record_launches(*_host_inputs(b, f, n, h, d, m, dtype),
+                                                                 schedule=named_schedule(schedule, f),
+                                                                 backward=backward):
+                bound = aot.bind_launch(kern, args, kwargs, arch)
+                key = (kern.__name__, repr(bound[3]), repr(sorted(bound[1].items())))
+                found.setdefault(key, (key, kern, args, kwargs, bound))
+    finally:
+        if old is None:
+            os.environ.pop("VB_BWD", None)
+        else:
+            os.environ["VB_BWD"] = old
+    return [found[k] for k in sorted(found)]
+
+
+_FOUND: list = []  # a worker's binaries, recorded once by its initializer
+
+
+def _record_in_worker(calls, arch: int) -> None:
+    _FOUND[:] = binaries(calls, arch)
+
+
+def _compile_one(i: int, arch: int) -> float:
+    """In a worker (a fresh process): compile binary ``i`` of the recorded list; its seconds."""
+    from vb_kernels.impl.fused import aot
+
+    _key, kern, args, kwargs, bound = _FOUND[i]
+    t0 = time.perf_counter()
+    aot.compile_launch(kern, args, kwargs, arch, bound=bound)
+    return time.perf_counter() - t0
+
+
+def warm(workers: int, budget_s: float, arch: int = 90, dry: bool = False, calls=None, limit=None) -> dict:
+    """Compile the binaries of ``calls`` (default: the GPU tests') with ``workers`` processes,
+    within ``budget_s`` seconds (then the workers stop: what they compiled stays in the cache);
+    ``limit``: the first that many only (largest kernels first)."""
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    found = binaries(calls, arch)
+    res = {"binaries": len(found), "kernels": sorted({k[0] for k, *_ in found}),
+           "record_s": round(time.perf_counter() - t0, 1)}
+    if dry:
+        return res
+    workers = max(1, min(workers, len(found)))
+    took = []
+    ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                             initializer=_record_in_worker, initargs=(calls, arch))
+    # the largest kernels (the backward's dK/dV pass) first, so that a cut leaves the small ones
+    order = sorted(range(len(found)), key=lambda i: found[i][0][0] != "_bwd_dkv_kernel")[:limit]
+    pending = {ex.submit(_compile_one, i, arch) for i in order}
+    deadline = t0 + budget_s
+    try:
+        while pending and time.perf_counter() < deadline:
+            finished, pending = wait(pending, timeout=max(0.0, deadline - time.perf_counter()),
+                                     return_when=FIRST_COMPLETED)
+            took += [fut.result() for fut in finished]
+    finally:
+        procs = list((getattr(ex, "_processes", None) or {}).values())
+        ex.shutdown(wait=False, cancel_futures=True)
+        if pending:  # budget spent: stop the workers (what they compiled is in the cache)
+            for p in procs:
+                p.terminate()
+    res.update(workers=workers, compiled=len(took), seconds=round(time.perf_counter() - t0, 1),
+               compile_s_each=round(sum(took) / len(took), 2) if took else None)
+    if pending:
+        res["cut"] = f"budget of {budget_s:.0f} s spent"
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.warm", description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="compile processes (default: one per CPU)")
+    ap.add_argument("--budget", type=float, default=600.0, help="seconds, then the workers still running stop")
+    ap.add_argument("--arch", type=int, default=90,
+                    help="the target's compute capability x10 (default 90: H100/H200)")
+    ap.add_argument("--dry-run", action="store_true", help="record and count the binaries, compile none")
+    ap.add_argument("--limit", type=int, help="compile only the first N binaries (largest kernels first)")
+    ap.add_argument("--json", type=Path, help="write the result here too")
+    a = ap.parse_args(argv)
+    if a.workers < 1:
+        ap.error(f"--workers: expected at least 1, got {a.workers}")
+    os.environ.pop("TRITON_INTERPRET", None)  # compiled binaries, not the interpreter
+    if a.limit is not None and a.limit < 1:
+        ap.error(f"--limit: expected at least 1, got {a.limit}")
+    res = warm(a.workers, a.budget, a.arch, a.dry_run, limit=a.limit)
+    print(json.dumps(res))
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
