@@ -38,6 +38,16 @@ def _host_inputs(b, f, n, h, d, m, dtype):
     return (q, k, v, None, None) if not m else (q, k, v, view(b, m, h, d), view(b, m, h, d))
 
 
+def launcher_kwargs(kernel, kwargs: dict) -> dict:
+    """A launch's keywords as ``JITFunction.run`` completes them before it binds them (triton 3.6
+    to 3.8): the debug flag and the instrumentation mode (part of the options, so of the cache
+    key: with TRITON_DEBUG=1 the launcher looks up debug binaries)."""
+    from triton import knobs
+
+    return dict(kwargs, debug=kwargs.get("debug", kernel.debug) or knobs.runtime.debug,
+                instrumentation_mode=knobs.compilation.instrumentation_mode)
+
+
 def binaries(calls=None, arch: int = 90) -> list:
     """The distinct binaries of ``calls`` (default: the GPU tests'), in a fixed order: a list of
     (key, kernel, args, kwargs, bound launch)."""
@@ -56,7 +66,7 @@ def binaries(calls=None, arch: int = 90) -> list:
             for kern, _grid, args, kwargs in aot.record_launches(*_host_inputs(b, f, n, h, d, m, dtype),
                                                                  schedule=named_schedule(schedule, f),
                                                                  backward=backward):
-                bound = aot.bind_launch(kern, args, kwargs, arch)
+                bound = aot.bind_launch(kern, args, launcher_kwargs(kern, kwargs), arch)
                 key = (kern.__name__, repr(bound[3]), repr(sorted(bound[1].items())))
                 found.setdefault(key, (key, kern, args, kwargs, bound))
     finally:

@@ -90,3 +90,48 @@ def test_warm_compiles_the_gpu_tests_binaries_into_the_cache(tmp_path):
     assert "_bwd_dkv_kernel" in out["kernels"] and "_fwd_kernel" in out["kernels"]
     cubins = list((tmp_path / "cache").rglob("*.cubin"))
     assert len(cubins) == 1 and cubins[0].stem == "_bwd_dkv_kernel", cubins
+
+
+_KEY_CHECK = r"""
+import inspect, json, re
+from triton import knobs
+from triton.compiler.compiler import ASTSource, get_cache_invalidating_env_vars, get_cache_key
+from triton.runtime.jit import JITFunction
+from bench import warm
+from vb_kernels.impl.fused import aot
+
+def cache_key(kern, bound):
+    backend, kwargs, bound_args, spec, options = bound
+    options, sig, consts, attrs = kern._pack_args(backend, kwargs, bound_args, spec, options)
+    src = ASTSource(kern, sig, consts, attrs)
+    return get_cache_key(src, backend, backend.parse_options(dict(options.__dict__, **src.parse_options())),
+                         get_cache_invalidating_env_vars())
+
+added = sorted(set(re.findall(r"kwargs\[.(\w+).\]\s*=", inspect.getsource(JITFunction.run))))
+found = warm.binaries()
+same = 0
+for _key, kern, args, kwargs, bound in found:
+    # what JITFunction.run adds to a launch's keywords before it binds them
+    launch = dict(kwargs, debug=kwargs.get("debug", kern.debug) or knobs.runtime.debug,
+                  instrumentation_mode=knobs.compilation.instrumentation_mode)
+    same += cache_key(kern, bound) == cache_key(kern, aot.bind_launch(kern, args, launch))
+print(json.dumps([added, same, len(found)]))
+"""
+
+
+@pytest.mark.parametrize("debug", ["", "1"], ids=["default", "TRITON_DEBUG"])
+def test_warm_compiles_what_the_launcher_looks_up(debug):
+    """Triton's cache key (source, specialisation, options, target, env) of every binary
+    bench.warm compiles equals the key a launch with the same arguments looks up, also under
+    TRITON_DEBUG=1 (debug binaries), so that the GPU tests read the warm binaries instead of
+    compiling them again; and the launcher (``JITFunction.run``) adds no keyword but the two
+    bench.warm adds too: a triton that keys on more fails here, not silently on the GPU."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VB_BWD", "VB_TILES", "TRITON_DEBUG")}
+    if debug:
+        env["TRITON_DEBUG"] = debug
+    res = subprocess.run([sys.executable, "-c", _KEY_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    added, same, total = json.loads(res.stdout.strip().splitlines()[-1])
+    assert added == ["debug", "instrumentation_mode"], added
+    assert total > 100 and same == total, (same, total)
