@@ -48,10 +48,14 @@ def launcher_kwargs(kernel, kwargs: dict) -> dict:
                 instrumentation_mode=knobs.compilation.instrumentation_mode)
 
 
-def binaries(calls=None, arch: int = 90) -> list:
+def binaries(calls=None, arch: int = 90, sms: int | None = None) -> list:
     """The distinct binaries of ``calls`` (default: the GPU tests'), in a fixed order: a list of
-    (key, kernel, args, kwargs, bound launch)."""
-    from vb_kernels.impl.fused import aot
+    (key, kernel, args, kwargs, bound launch). ``sms``: the device's SM count, which decides the
+    reader split of small grids (default: 132, an H100 SXM's or an H200's)."""
+    import contextlib
+    from unittest import mock
+
+    from vb_kernels.impl.fused import aot, backward
 
     if str(REPO / "tests") not in sys.path:
         sys.path.insert(0, str(REPO / "tests"))
@@ -59,16 +63,18 @@ def binaries(calls=None, arch: int = 90) -> list:
 
     found = {}
     old = os.environ.get("VB_BWD")
+    sm_count = mock.patch.object(backward, "_sm_count", lambda device: sms) if sms else contextlib.nullcontext()
     try:
-        for build, schedule, shape, dtype, backward in gpu_triton_calls() if calls is None else calls:
-            os.environ["VB_BWD"] = build
-            b, f, n, h, d, m = shape
-            for kern, _grid, args, kwargs in aot.record_launches(*_host_inputs(b, f, n, h, d, m, dtype),
-                                                                 schedule=named_schedule(schedule, f),
-                                                                 backward=backward):
-                bound = aot.bind_launch(kern, args, launcher_kwargs(kern, kwargs), arch)
-                key = (kern.__name__, repr(bound[3]), repr(sorted(bound[1].items())))
-                found.setdefault(key, (key, kern, args, kwargs, bound))
+        with sm_count:
+            for build, schedule, shape, dtype, backward_too in gpu_triton_calls() if calls is None else calls:
+                os.environ["VB_BWD"] = build
+                b, f, n, h, d, m = shape
+                for kern, _grid, args, kwargs in aot.record_launches(*_host_inputs(b, f, n, h, d, m, dtype),
+                                                                     schedule=named_schedule(schedule, f),
+                                                                     backward=backward_too):
+                    bound = aot.bind_launch(kern, args, launcher_kwargs(kern, kwargs), arch)
+                    key = (kern.__name__, repr(bound[3]), repr(sorted(bound[1].items())))
+                    found.setdefault(key, (key, kern, args, kwargs, bound))
     finally:
         if old is None:
             os.environ.pop("VB_BWD", None)
@@ -80,8 +86,8 @@ def binaries(calls=None, arch: int = 90) -> list:
 _FOUND: list = []  # a worker's binaries, recorded once by its initializer
 
 
-def _record_in_worker(calls, arch: int) -> None:
-    _FOUND[:] = binaries(calls, arch)
+def _record_in_worker(calls, arch: int, sms) -> None:
+    _FOUND[:] = binaries(calls, arch, sms)
 
 
 def _compile_one(i: int, arch: int) -> float:
@@ -94,14 +100,15 @@ def _compile_one(i: int, arch: int) -> float:
     return time.perf_counter() - t0
 
 
-def warm(workers: int, budget_s: float, arch: int = 90, dry: bool = False, calls=None, limit=None) -> dict:
+def warm(workers: int, budget_s: float, arch: int = 90, dry: bool = False, calls=None, limit=None,
+         sms: int | None = None) -> dict:
     """Compile the binaries of ``calls`` (default: the GPU tests') with ``workers`` processes,
     within ``budget_s`` seconds (then the workers stop: what they compiled stays in the cache);
     ``limit``: the first that many only (largest kernels first)."""
     import multiprocessing as mp
 
     t0 = time.perf_counter()
-    found = binaries(calls, arch)
+    found = binaries(calls, arch, sms)
     res = {"binaries": len(found), "kernels": sorted({k[0] for k, *_ in found}),
            "record_s": round(time.perf_counter() - t0, 1)}
     if dry:
@@ -109,7 +116,7 @@ def warm(workers: int, budget_s: float, arch: int = 90, dry: bool = False, calls
     workers = max(1, min(workers, len(found)))
     took = []
     ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=_record_in_worker, initargs=(calls, arch))
+                             initializer=_record_in_worker, initargs=(calls, arch, sms))
     # the largest kernels (the backward's dK/dV pass) first, so that a cut leaves the small ones
     order = sorted(range(len(found)), key=lambda i: found[i][0][0] != "_bwd_dkv_kernel")[:limit]
     pending = {ex.submit(_compile_one, i, arch) for i in order}
@@ -148,7 +155,11 @@ def main(argv=None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)  # compiled binaries, not the interpreter
     if a.limit is not None and a.limit < 1:
         ap.error(f"--limit: expected at least 1, got {a.limit}")
-    res = warm(a.workers, a.budget, a.arch, a.dry_run, limit=a.limit)
+    import torch
+
+    # the SM count of the GPU the tests will run on (it decides the reader split of small grids)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else None
+    res = warm(a.workers, a.budget, a.arch, a.dry_run, limit=a.limit, sms=sms)
     print(json.dumps(res))
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))
