@@ -1,10 +1,13 @@
 """Everything a short GPU allocation should run, in one command, within a fixed time budget:
 
-    python -m bench.gpu_run                 # on an H100/H200: about 9.5 minutes at most
+    python -m bench.gpu_run                 # on an H100/H200: about 10 minutes at most
     python -m bench.gpu_run --dry-run       # tiny shapes on CPU through the interpreter (CI)
 
 Stages, in this order (the figures people wait for first; each with its own share of the
 budget; a stage that runs out is cut and says so):
+0. ``python -m bench.warm``: the triton binaries the headline rows and the GPU tests launch
+   (about 280) compiled in parallel, one process per CPU, into Triton's cache, in order of first
+   use, so that the stages after it time and test kernels instead of compiling them.
 1. Headline rows: the 8 VideoBooth shapes (256 and 512 px U-Net levels), fwd and fwd+bwd, bf16,
    for reference, the SDPA backends (the report picks the best), flex and triton; and the
    attention peak memory of a training step (the attn1 block rows of bench_model.py).
@@ -12,10 +15,8 @@ budget; a stage that runs out is cut and says so):
    again with ``VB_BWD=fused`` (the 5-matmul backward), with its ordered dQ adds and with atomic
    ones (``VB_BENCH_DQ=atomic``), compared shape by shape with the default build's
    (bwd_builds.md): what the fused backward's default switch waits for, and what the order costs.
-2. ``python -m bench.warm``: the GPU tests' kernels (about 210 binaries) compiled in parallel, one
-   process per CPU, into Triton's cache (60 s); then ``pytest tests -m gpu``: the GPU-only tests
-   (bf16, every head dim at full tiles, int64 offsets, flex gradients, the 100-run determinism
-   test), within 120 s.
+2. ``pytest tests -m gpu``: the GPU-only tests (bf16, every head dim at full tiles, int64
+   offsets, flex gradients, the 100-run determinism test), within 120 s.
 3. One end-to-end denoising step of the SD-1.4-sized VideoBooth U-Net (random weights, 256 px,
    16 frames, classifier-free guidance batch of 2, image prompt), per attn1 backend.
 4. Tile sweep: for D in {40, 64, 72, 80, 128, 160}, candidate (BLOCK_M, BLOCK_N, warps,
@@ -50,8 +51,8 @@ CANDIDATES = {
     "dq": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
     "dkv": [(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2), (32, 64, 8, 2)],
 }
-BUDGET_S = {"headline": 150, "bwd_builds": 90, "warm": 60, "tests": 120, "e2e": 45, "sweep": 80}  # 545 s
-# + start-up: about 9.5 minutes
+BUDGET_S = {"warm": 75, "headline": 150, "bwd_builds": 90, "tests": 120, "e2e": 45, "sweep": 80}  # 560 s
+# + start-up: about 10 minutes
 HEADLINE_K = "(vb256 or vb512) and bf16 and (reference or sdpa or flex or triton)"
 MEMORY_K = "down0 and fwd+bwd and bf16"
 
@@ -70,16 +71,21 @@ def _run(cmd: list[str], timeout: float, log: Path, env: dict | None = None) -> 
     return {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.perf_counter() - t0, 1), "summary": tail[0]}
 
 
+def stage_warm(out: Path, dry: bool) -> dict:
+    """bench.warm (the dry run records and counts the binaries only)."""
+    cmd = [sys.executable, "-m", "bench.warm", "--budget", f"{BUDGET_S['warm']:.0f}", "--json", str(out / "warm.json")]
+    res = _run(cmd + (["--dry-run"] if dry else []), BUDGET_S["warm"] + 30, out / "warm.log")
+    if (out / "warm.json").exists():
+        res["warm"] = json.loads((out / "warm.json").read_text())
+    return res
+
+
 def stage_tests(out: Path, dry: bool) -> dict:
-    """The GPU tests' kernels compiled in parallel first (bench.warm; the dry run records and
-    counts them only), then the tests, which find the binaries in Triton's cache."""
-    warm = [sys.executable, "-m", "bench.warm", "--budget", f"{BUDGET_S['warm']:.0f}", "--json", str(out / "warm.json")]
-    warm = _run(warm + (["--dry-run"] if dry else []), BUDGET_S["warm"] + 30, out / "warm.log")
     if dry:  # the GPU tests skip on a CPU; run one fast test file to exercise the stage
         cmd = [sys.executable, "-m", "pytest", "tests/test_schedule_and_inputs.py", "-q", "-x", "-k", "named"]
     else:
         cmd = [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
-    return dict(_run(cmd, BUDGET_S["tests"], out / "tests.log"), warm=warm)
+    return _run(cmd, BUDGET_S["tests"], out / "tests.log")
 
 
 def stage_headline(out: Path, dry: bool) -> dict:
@@ -282,11 +288,11 @@ def readme(out: Path, env: dict, stages: dict, total_s: float) -> None:
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit {env['commit']}, "
              f"{total_s:.0f} s in all (`python -m bench.gpu_run`).", "",
              "| stage | result | seconds | files |", "|---|---|---|---|"]
-    t = stages.get("tests", {})
-    w = t.get("warm", {})
+    w = stages.get("warm", {})
     if w:
-        lines.append(f"| compile the GPU tests' kernels (bench.warm) | rc={w.get('rc')}: {w.get('summary', '')} | "
+        lines.append(f"| bench.warm: compile the run's triton binaries | rc={w.get('rc')}: {w.get('summary', '')} | "
                      f"{w.get('seconds')} | warm.json, warm.log |")
+    t = stages.get("tests", {})
     lines.append(f"| pytest tests -m gpu | rc={t.get('rc')}: {t.get('summary', '')} | {t.get('seconds')} | tests.log |")
     for name, r in stages.get("headline", {}).items():
         files = {"report": "report.md, plots, report.log", "bwd_builds": "bwd_builds.md"}.get(
@@ -310,8 +316,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu_run", description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU through the interpreter (CI)")
     ap.add_argument("--out", type=Path, help="results folder (default: bench/results/<device>/)")
-    ap.add_argument("--stages", nargs="+", default=["headline", "tests", "e2e", "sweep"],
-                    choices=["headline", "tests", "e2e", "sweep"])
+    ap.add_argument("--stages", nargs="+", default=["warm", "headline", "tests", "e2e", "sweep"],
+                    choices=["warm", "headline", "tests", "e2e", "sweep"])
     ap.add_argument("--budget", type=float, default=sum(BUDGET_S.values()),
                     help="seconds for all stages together, shared in the default proportions "
                          f"(default {sum(BUDGET_S.values()):.0f}; lower it when less device time is left)")
@@ -339,7 +345,9 @@ def main(argv=None) -> int:
     for name in args.stages:
         print(f"[gpu_run] {name} ...", flush=True)
         try:
-            if name == "tests":
+            if name == "warm":
+                stages[name] = stage_warm(out, args.dry_run)
+            elif name == "tests":
                 stages[name] = stage_tests(out, args.dry_run)
             elif name == "headline":
                 stages[name] = stage_headline(out, args.dry_run)

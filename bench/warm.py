@@ -1,18 +1,17 @@
-"""Compile the GPU tests' kernels before the tests run them: every triton call of
-``pytest tests -m gpu`` (``tests/attention_cases.gpu_triton_calls``) is run through the op's real
-host code with every launch recorded (:func:`vb_kernels.impl.fused.aot.record_launches`: host
-tensors laid out as the tests lay them out on the GPU), bound by Triton's own launch binder, and
-each distinct binary compiled for sm_90 (``--arch``) by ``--workers`` processes at once into
-Triton's cache, where the tests' launches find them. Why: the GPU tests launch about 210 distinct
-binaries (phases, builds, dtypes, head dims, the schedules' specialisations) at 1-3 s of compile
-each, one after another, against the 120 s bench.gpu_run gives the stage.
+"""Compile a GPU run's kernels before it times or tests them: every triton call of the headline
+benchmark rows (the 8 VideoBooth U-Net shapes, bf16, fwd and fwd+bwd, with each backward build:
+``bench_calls``) and of ``pytest tests -m gpu`` (``tests/attention_cases.gpu_triton_calls``) is
+run through the op's real host code with every launch recorded
+(:func:`vb_kernels.impl.fused.aot.record_launches`: host tensors laid out as the benches and the
+tests lay them out on the GPU), bound as Triton's launcher binds it, and each distinct binary
+compiled for sm_90 (``--arch``) by ``--workers`` processes at once into Triton's cache, where the
+launches find them (the cache key is the same: ``tests/test_gpu_run.py`` checks it). Why: the
+GPU tests alone launch about 210 distinct binaries (phases, builds, dtypes, head dims, the
+schedules' specialisations) at 1-3 s of compile each, one after another, against the 120 s
+bench.gpu_run gives them; the headline rows' compiles came out of their timing budget.
 
-    python -m bench.warm --workers 32          # on the GPU machine, before pytest tests -m gpu
+    python -m bench.warm --workers 32          # on the GPU machine (bench.gpu_run's first stage)
     python -m bench.warm --dry-run             # record and count only (any machine)
-
-The binder is the one ``kernel[grid](...)`` runs and ``triton.compile`` keys its cache on the
-source, the specialisation, the options and the target, so a launch with the same arguments on an
-sm_90 device reads the binary compiled here. Whether it did shows in the tests stage's time.
 """
 from __future__ import annotations
 
@@ -27,12 +26,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _host_inputs(b, f, n, h, d, m, dtype):
-    """Uninitialised host tensors with the strides ``make_inputs(strided=True)`` gives on a GPU:
-    a view of the first D columns of a (..., 2D) buffer."""
+def _host_inputs(b, f, n, h, d, m, dtype, strided: bool):
+    """Uninitialised host tensors with the strides ``make_inputs`` gives on a GPU: contiguous (the
+    benches), or with ``strided`` (the tests) a view of the first D columns of a (..., 2D) buffer."""
     import torch
 
     def view(*shape):
+        if not strided:
+            return torch.empty(*shape, dtype=dtype)
         return torch.empty(*shape[:-1], 2 * shape[-1], dtype=dtype)[..., :shape[-1]]
     q, k, v = view(b, f, n, h, d), view(b, f, n, h, d), view(b, f, n, h, d)
     return (q, k, v, None, None) if not m else (q, k, v, view(b, m, h, d), view(b, m, h, d))
@@ -48,30 +49,66 @@ def launcher_kwargs(kernel, kwargs: dict) -> dict:
                 instrumentation_mode=knobs.compilation.instrumentation_mode)
 
 
+def bench_calls() -> list[tuple]:
+    """The headline rows' triton calls (bench.gpu_run's first stage; what ``bench_calls`` and
+    ``test_calls`` return is a list of (backward build, schedule name, shape (B, F, N, H, D, M),
+    dtype, with backward, deterministic dQ, source), source ``"bench"``: contiguous inputs,
+    bench.shapes' schedules; ``"tests"``: strided inputs, the tests' schedules). The split build
+    with and without backward, then the fused build with ordered and with atomic dQ adds."""
+    import torch
+
+    from .shapes import vb_cases
+
+    cases = vb_cases(256) + vb_cases(512)
+    calls = []
+    for build, deterministic in (("split", True), ("fused", True), ("fused", False)):
+        calls += [(build, c.schedule, (c.b, c.f, c.n, c.h, c.d, c.m), torch.bfloat16, True, deterministic, "bench")
+                  for c in cases]
+    return calls
+
+
+def test_calls() -> list[tuple]:
+    """The GPU tests' triton calls (``tests/attention_cases.gpu_triton_calls``), as :func:`bench_calls`."""
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
+    from attention_cases import gpu_triton_calls
+
+    return [(*call, True, "tests") for call in gpu_triton_calls()]
+
+
+def _schedule(name: str, frames: int, source: str):
+    if source == "bench":
+        from .shapes import make_schedule
+        return make_schedule(name, frames)
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
+    from attention_cases import named_schedule
+    return named_schedule(name, frames)
+
+
 def binaries(calls=None, arch: int = 90, sms: int | None = None) -> list:
-    """The distinct binaries of ``calls`` (default: the GPU tests'), in a fixed order: a list of
-    (key, kernel, args, kwargs, bound launch). ``sms``: the device's SM count, which decides the
-    reader split of small grids (default: 132, an H100 SXM's or an H200's)."""
+    """The distinct binaries of ``calls`` (default: the headline rows', then the GPU tests'), in
+    that order, each once: a list of (key, kernel, args, kwargs, bound launch). ``sms``: the
+    device's SM count, which decides the reader split of small grids (default: 132, an H100
+    SXM's or an H200's)."""
     import contextlib
     from unittest import mock
 
     from vb_kernels.impl.fused import aot, backward
-
-    if str(REPO / "tests") not in sys.path:
-        sys.path.insert(0, str(REPO / "tests"))
-    from attention_cases import gpu_triton_calls, named_schedule
 
     found = {}
     old = os.environ.get("VB_BWD")
     sm_count = mock.patch.object(backward, "_sm_count", lambda device: sms) if sms else contextlib.nullcontext()
     try:
         with sm_count:
-            for build, schedule, shape, dtype, backward_too in gpu_triton_calls() if calls is None else calls:
+            for build, schedule, shape, dtype, backward_too, deterministic, source in (
+                    bench_calls() + test_calls() if calls is None else calls):
                 os.environ["VB_BWD"] = build
                 b, f, n, h, d, m = shape
-                for kern, _grid, args, kwargs in aot.record_launches(*_host_inputs(b, f, n, h, d, m, dtype),
-                                                                     schedule=named_schedule(schedule, f),
-                                                                     backward=backward_too):
+                for kern, _grid, args, kwargs in aot.record_launches(
+                        *_host_inputs(b, f, n, h, d, m, dtype, strided=source == "tests"),
+                        schedule=_schedule(schedule, f, source), backward=backward_too,
+                        deterministic=deterministic):
                     bound = aot.bind_launch(kern, args, launcher_kwargs(kern, kwargs), arch)
                     key = (kern.__name__, repr(bound[3]), repr(sorted(bound[1].items())))
                     found.setdefault(key, (key, kern, args, kwargs, bound))
@@ -80,7 +117,8 @@ def binaries(calls=None, arch: int = 90, sms: int | None = None) -> list:
             os.environ.pop("VB_BWD", None)
         else:
             os.environ["VB_BWD"] = old
-    return [found[k] for k in sorted(found)]
+    return list(found.values())  # first use first: the headline's binaries, then the tests'
+
 
 
 _FOUND: list = []  # a worker's binaries, recorded once by its initializer
@@ -104,7 +142,7 @@ def warm(workers: int, budget_s: float, arch: int = 90, dry: bool = False, calls
          sms: int | None = None) -> dict:
     """Compile the binaries of ``calls`` (default: the GPU tests') with ``workers`` processes,
     within ``budget_s`` seconds (then the workers stop: what they compiled stays in the cache);
-    ``limit``: the first that many only (largest kernels first)."""
+    ``limit``: the first that many only."""
     import multiprocessing as mp
 
     t0 = time.perf_counter()
@@ -117,8 +155,8 @@ def warm(workers: int, budget_s: float, arch: int = 90, dry: bool = False, calls
     took = []
     ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                              initializer=_record_in_worker, initargs=(calls, arch, sms))
-    # the largest kernels (the backward's dK/dV pass) first, so that a cut leaves the small ones
-    order = sorted(range(len(found)), key=lambda i: found[i][0][0] != "_bwd_dkv_kernel")[:limit]
+    # in order of first use: the headline's binaries are ready first; a cut leaves the tests' last
+    order = list(range(len(found)))[:limit]
     pending = {ex.submit(_compile_one, i, arch) for i in order}
     deadline = t0 + budget_s
     try:
@@ -147,7 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90,
                     help="the target's compute capability x10 (default 90: H100/H200)")
     ap.add_argument("--dry-run", action="store_true", help="record and count the binaries, compile none")
-    ap.add_argument("--limit", type=int, help="compile only the first N binaries (largest kernels first)")
+    ap.add_argument("--limit", type=int, help="compile only the first N binaries (in order of first use)")
     ap.add_argument("--json", type=Path, help="write the result here too")
     a = ap.parse_args(argv)
     if a.workers < 1:
