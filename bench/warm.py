@@ -50,11 +50,11 @@ def launcher_kwargs(kernel, kwargs: dict) -> dict:
 
 
 def bench_calls() -> list[tuple]:
-    """The headline rows' triton calls (bench.gpu_run's first stage; what ``bench_calls`` and
-    ``test_calls`` return is a list of (backward build, schedule name, shape (B, F, N, H, D, M),
-    dtype, with backward, deterministic dQ, source), source ``"bench"``: contiguous inputs,
-    bench.shapes' schedules; ``"tests"``: strided inputs, the tests' schedules). The split build
-    with and without backward, then the fused build with ordered and with atomic dQ adds."""
+    """The headline rows' triton calls, forward and backward (the fwd rows launch the same
+    forward): the split build, then the fused build with ordered and with atomic dQ adds. A call
+    here and in :func:`gpu_test_calls` is (backward build, schedule name, shape (B, F, N, H, D, M),
+    dtype, with backward, deterministic dQ, source); source ``"bench"``: contiguous inputs,
+    bench.shapes' schedules; ``"tests"``: strided inputs, the tests' schedules."""
     import torch
 
     from .shapes import vb_cases
@@ -67,23 +67,24 @@ def bench_calls() -> list[tuple]:
     return calls
 
 
-def test_calls() -> list[tuple]:
-    """The GPU tests' triton calls (``tests/attention_cases.gpu_triton_calls``), as :func:`bench_calls`."""
+def _attention_cases():
+    """tests/attention_cases.py, the GPU tests' cases (tests/ is not a package)."""
     if str(REPO / "tests") not in sys.path:
         sys.path.insert(0, str(REPO / "tests"))
-    from attention_cases import gpu_triton_calls
+    import attention_cases
+    return attention_cases
 
-    return [(*call, True, "tests") for call in gpu_triton_calls()]
+
+def gpu_test_calls() -> list[tuple]:
+    """The GPU tests' triton calls (``tests/attention_cases.gpu_triton_calls``), as :func:`bench_calls`."""
+    return [(*call, True, "tests") for call in _attention_cases().gpu_triton_calls()]
 
 
 def _schedule(name: str, frames: int, source: str):
     if source == "bench":
         from .shapes import make_schedule
         return make_schedule(name, frames)
-    if str(REPO / "tests") not in sys.path:
-        sys.path.insert(0, str(REPO / "tests"))
-    from attention_cases import named_schedule
-    return named_schedule(name, frames)
+    return _attention_cases().named_schedule(name, frames)
 
 
 def binaries(calls=None, arch: int = 90, sms: int | None = None) -> list:
@@ -102,7 +103,7 @@ def binaries(calls=None, arch: int = 90, sms: int | None = None) -> list:
     try:
         with sm_count:
             for build, schedule, shape, dtype, backward_too, deterministic, source in (
-                    bench_calls() + test_calls() if calls is None else calls):
+                    bench_calls() + gpu_test_calls() if calls is None else calls):
                 os.environ["VB_BWD"] = build
                 b, f, n, h, d, m = shape
                 for kern, _grid, args, kwargs in aot.record_launches(
@@ -118,7 +119,6 @@ def binaries(calls=None, arch: int = 90, sms: int | None = None) -> list:
         else:
             os.environ["VB_BWD"] = old
     return list(found.values())  # first use first: the headline's binaries, then the tests'
-
 
 
 _FOUND: list = []  # a worker's binaries, recorded once by its initializer
