@@ -70,6 +70,10 @@ GPU_DETERMINISM_SHAPE = (2, 16, 1024, 8, 40, 1024)  # the U-Net's 512 px top lev
 GPU_FP32_HEAD_DIMS = (40, 80, 128, 160)
 GPU_HEAD_DIMS = (40, 64, 72, 80, 128, 160, 256)
 GPU_BF16_SHAPE = (2, 5, 257, 4, 80, 77)
+# the forward in bf16: every schedule for sdpa and triton; FlexAttention on the same two as above
+# (its forward is checked on every schedule on the CPU, in fp32 and fp16)
+GPU_BF16_CASES = [(b, s) for b in ("sdpa", "triton") for s in SCHEDULES]
+GPU_BF16_CASES += [("flex", s) for s in ("videobooth", "keyframes2")]
 
 
 def gpu_fp32_shape(d: int, backward: bool) -> tuple:
@@ -89,6 +93,6 @@ def gpu_triton_calls() -> list[tuple]:
     calls += [(build, "videobooth", GPU_DETERMINISM_SHAPE, torch.bfloat16, True) for build in ("split", "fused")]
     calls += [("split", "videobooth", gpu_fp32_shape(d, True), torch.float32, True) for d in GPU_FP32_HEAD_DIMS]
     calls += [("split", "random1", gpu_fp32_shape(d, False), torch.float32, False) for d in GPU_FP32_HEAD_DIMS]
-    calls += [("split", s, GPU_BF16_SHAPE, torch.bfloat16, False) for s in SCHEDULES]
+    calls += [("split", s, GPU_BF16_SHAPE, torch.bfloat16, False) for b, s in GPU_BF16_CASES if b == "triton"]
     calls += [("split", "random1", gpu_head_dim_shape(d), torch.float16, False) for d in GPU_HEAD_DIMS]
     return calls

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attention_cases import (GPU_BF16_SHAPE, GPU_FP32_HEAD_DIMS, GPU_HEAD_DIMS, SCHEDULES, gpu_fp32_shape,
-                             gpu_head_dim_shape, named_schedule, needs_cuda, oracle)
+from attention_cases import (GPU_BF16_CASES, GPU_BF16_SHAPE, GPU_FP32_HEAD_DIMS, GPU_HEAD_DIMS, SCHEDULES,
+                             gpu_fp32_shape, gpu_head_dim_shape, named_schedule, needs_cuda, oracle)
 from vb_kernels import Schedule, videobooth_attention
 from vb_kernels.testing import TOLERANCE, make_inputs, rel_err
 
@@ -200,8 +200,7 @@ def test_reference_equals_transcription_of_original_code():
 
 @needs_cuda()
 @pytest.mark.gpu
-@pytest.mark.parametrize("schedule_name", SCHEDULES)
-@pytest.mark.parametrize("backend", ["sdpa", "flex", "triton"])
+@pytest.mark.parametrize("backend, schedule_name", GPU_BF16_CASES, ids=[f"{b}-{s}" for b, s in GPU_BF16_CASES])
 def test_bf16_on_gpu(backend, schedule_name):
     _check(backend, named_schedule(schedule_name, GPU_BF16_SHAPE[1]), GPU_BF16_SHAPE, torch.bfloat16)
 
