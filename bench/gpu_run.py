@@ -6,8 +6,8 @@
 Stages, in this order (the figures people wait for first; each with its own share of the
 budget; a stage that runs out is cut and says so):
 0. ``python -m bench.warm``: the triton binaries the headline rows and the GPU tests launch
-   (about 280) compiled in parallel, one process per CPU, into Triton's cache, in order of first
-   use, so that the stages after it time and test kernels instead of compiling them.
+   (about 280) compiled in parallel, one process per CPU (at most 32), into Triton's cache, in
+   order of first use, so that the stages after it time and test kernels instead of compiling.
 1. Headline rows: the 8 VideoBooth shapes (256 and 512 px U-Net levels), fwd and fwd+bwd, bf16,
    for reference, the SDPA backends (the report picks the best), flex and triton; and the
    attention peak memory of a training step (the attn1 block rows of bench_model.py).

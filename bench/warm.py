@@ -1,7 +1,9 @@
-"""Compile a GPU run's kernels before it times or tests them: every triton call of the headline
-benchmark rows (the 8 VideoBooth U-Net shapes, bf16, fwd and fwd+bwd, with each backward build:
-``bench_calls``) and of ``pytest tests -m gpu`` (``tests/attention_cases.gpu_triton_calls``) is
-run through the op's real host code with every launch recorded
+"""Compile a GPU run's triton kernels in parallel into Triton's cache before it times or tests them.
+
+Every triton call of the headline benchmark rows (the 8 VideoBooth U-Net shapes, bf16, fwd and
+fwd+bwd, with each backward build: ``bench_calls``) and of ``pytest tests -m gpu``
+(``tests/attention_cases.gpu_triton_calls``) is run through the op's real host code with every
+launch recorded
 (:func:`vb_kernels.impl.fused.aot.record_launches`: host tensors laid out as the benches and the
 tests lay them out on the GPU), bound as Triton's launcher binds it, and each distinct binary
 compiled for sm_90 (``--arch``) by ``--workers`` processes at once into Triton's cache, where the
@@ -179,8 +181,9 @@ def warm(workers: int, budget_s: float, arch: int = 90, dry: bool = False, calls
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.warm", description=__doc__.splitlines()[0])
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                    help="compile processes (default: one per CPU)")
+    ap.add_argument("--workers", type=int, default=min(32, os.cpu_count() or 1),
+                    help="compile processes (default: one per CPU, at most 32: each holds torch and triton, "
+                         "about 0.5 GB)")
     ap.add_argument("--budget", type=float, default=600.0, help="seconds, then the workers still running stop")
     ap.add_argument("--arch", type=int, default=90,
                     help="the target's compute capability x10 (default 90: H100/H200)")
