@@ -199,7 +199,7 @@ def _wait_count(p_sem, target):
 def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n, i_qt, o_m, stride_ps, stride_pb,
                 stride_pr, stride_pn, n_rows, n_qt, n_bh, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                 SPLIT: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr,
-                THREADS: tl.constexpr):
+                THREADS: tl.constexpr, DQ_WIDTH: tl.constexpr):
     """This key tile's dQ contribution dS K (unscaled, fp32) to query tile ``i_qt`` of row
     ``i_row``, added into the row's partial slot ``i_slot`` (the slot of this target's source in
     the row's source list): the 5th matmul, with dS^T already in registers from dK.
@@ -219,9 +219,10 @@ def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n,
         b_dq1 = tl.dot(b_ds, b_k1, input_precision=PREC)
     else:
         b_dq1 = b_dq0
-    # The partials are padded to whole query tiles and to the chunks' width (D0 + D1): full tiles,
-    # no masks (padded rows and columns hold zeros: P^T is 0 past N, K's masked columns are 0).
-    p = DQP + i_slot * stride_ps + i_b * stride_pb + i_row * stride_pr + i_h * (D0 + D1 if SPLIT else D0)
+    # The partials are padded to whole query tiles (padded rows hold zeros: P^T is 0 past N), and
+    # are DQ_WIDTH wide: the head dim when it is a multiple of 4 (a column mask then keeps or drops
+    # whole 4-wide vectors: the adds stay vectors), else the chunks' width D0 + D1 (no mask).
+    p = DQP + i_slot * stride_ps + i_b * stride_pb + i_row * stride_pr + i_h * DQ_WIDTH
     if DETERMINISTIC:
         p_sem = SEM + ((i_slot * n_bh + i_bh) * n_rows + i_row) * n_qt + i_qt
         if INTERPRET:
@@ -237,10 +238,14 @@ def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n,
         # the adds stay 4-wide vectors
         p += (seen - i_n) * 4
     o_d0 = tl.arange(0, D0)
-    p0 = p + o_m[:, None] * stride_pn + o_d0[None, :]
+    # stride_pn arrives divided by 4 (rows are 16-byte aligned: the compiler must know it to keep
+    # the adds 4-wide, and it only learns divisibility by 16 from an argument)
+    p0 = p + o_m[:, None] * (stride_pn * 4) + o_d0[None, :]
+    m0 = o_d0[None, :] < DQ_WIDTH  # all true unless D0 > DQ_WIDTH
     if SPLIT:
         o_d1 = tl.arange(0, D1)
-        p1 = p + D0 + o_m[:, None] * stride_pn + o_d1[None, :]
+        p1 = p + D0 + o_m[:, None] * (stride_pn * 4) + o_d1[None, :]
+        m1 = o_d1[None, :] < DQ_WIDTH - D0
     if DETERMINISTIC:
         # key block 0 writes (the buffer is never filled), the later ones add after it: the
         # adds of one element happen in key-block order whatever the timing, so the sum is
@@ -249,18 +254,32 @@ def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n,
         # purpose: scalar masks compiled to 499 / 458 SASS per tile at D = 40 / 64 against 493 /
         # 465, and 533 / 483 against 510 / 456 under triton 3.6
         first = (i_n == 0) & (o_m[:, None] >= 0)
-        tl.store(p0, b_dq0, mask=first)
-        tl.atomic_add(p0, b_dq0, mask=~first, sem="relaxed")
+        if D0 > DQ_WIDTH:
+            tl.store(p0, b_dq0, mask=first & m0)
+            tl.atomic_add(p0, b_dq0, mask=~first & m0, sem="relaxed")
+        else:
+            tl.store(p0, b_dq0, mask=first)
+            tl.atomic_add(p0, b_dq0, mask=~first, sem="relaxed")
         if SPLIT:
-            tl.store(p1, b_dq1, mask=first)
-            tl.atomic_add(p1, b_dq1, mask=~first, sem="relaxed")
+            if D0 + D1 > DQ_WIDTH:
+                tl.store(p1, b_dq1, mask=first & m1)
+                tl.atomic_add(p1, b_dq1, mask=~first & m1, sem="relaxed")
+            else:
+                tl.store(p1, b_dq1, mask=first)
+                tl.atomic_add(p1, b_dq1, mask=~first, sem="relaxed")
         # every thread publishes its own adds: one release add per thread (no CTA barrier,
         # which would stop the loop's software pipelining); the next block waits for all of them
         tl.atomic_add(p_sem + tl.zeros([THREADS], tl.int32), 1, sem="release")
     else:
-        tl.atomic_add(p0, b_dq0, sem="relaxed")
+        if D0 > DQ_WIDTH:
+            tl.atomic_add(p0, b_dq0, mask=m0, sem="relaxed")
+        else:
+            tl.atomic_add(p0, b_dq0, sem="relaxed")
         if SPLIT:
-            tl.atomic_add(p1, b_dq1, sem="relaxed")
+            if D0 + D1 > DQ_WIDTH:
+                tl.atomic_add(p1, b_dq1, mask=m1, sem="relaxed")
+            else:
+                tl.atomic_add(p1, b_dq1, sem="relaxed")
 
 
 @triton.jit
@@ -271,7 +290,7 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
                  HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
                  FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr,
-                 THREADS: tl.constexpr):
+                 THREADS: tl.constexpr, DQ_WIDTH: tl.constexpr):
     """dK (unscaled), dV of one key tile, summed over every row that reads it, in row order.
     PART 0: both; 1: dV only (no V, no Delta needed); 2: dK only. Split launches halve the
     accumulators where dK and dV of a 64-key tile would not fit one warpgroup (D = 160).
@@ -314,7 +333,7 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
                 if FUSED_DQ:
                     _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n, start // BLOCK_M,
                                 o_m, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh, HEAD_DIM,
-                                D0, D1, SPLIT, PREC, DETERMINISTIC, INTERPRET, THREADS)
+                                D0, D1, SPLIT, PREC, DETERMINISTIC, INTERPRET, THREADS, DQ_WIDTH)
     return b_dk0, b_dk1, b_dv0, b_dv1
 
 
@@ -351,7 +370,7 @@ def _bwd_dkv_kernel(
     ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
     CHUNKED: tl.constexpr, FUSED_DQ: tl.constexpr = False, DETERMINISTIC: tl.constexpr = True,
-    INTERPRET: tl.constexpr = False, THREADS: tl.constexpr = 128,
+    INTERPRET: tl.constexpr = False, THREADS: tl.constexpr = 128, DQ_WIDTH: tl.constexpr = 0,
 ):
     i_n, i_bh, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
@@ -381,7 +400,8 @@ def _bwd_dkv_kernel(
                 stride_ln, stride_lh, stride_ls, N, RD_MAX, qk_scale,
                 DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt,
                 tl.num_programs(1),
-                HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET, THREADS)
+                HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET, THREADS,
+                DQ_WIDTH)
             o_g = (i_b * stride_gib + i_h * stride_gih) * ALIGN
             if i_part >= 0:
                 _store_partials(PK, PV, i_part, o_n, M, L_MAX, b_dk0 * scale, b_dk1 * scale, b_dv0, b_dv1,
@@ -411,7 +431,8 @@ def _bwd_dkv_kernel(
             stride_ln, stride_lh, stride_ls, N, RD_MAX, qk_scale,
             DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt,
             tl.num_programs(1),
-            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET, THREADS)
+            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET, THREADS,
+            DQ_WIDTH)
         o_g = (i_b * stride_gb + i_src * stride_gf + i_h * stride_gh) * ALIGN
         if not ACCUMULATE and PART != 2:
             if i_slot >= 0:  # phase 2 writes every gradient: a keyframe's own V is read in phase 1 only
@@ -673,15 +694,18 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     extra = None
     p_strides = (0, 0, 0, 0, rows, 1)
     width = cfg["D0"] + (cfg["D1"] if cfg["SPLIT"] else 0)  # the head dim's chunks, as the kernels see it
+    # the dQ partials' width: the head dim itself when its columns split into whole 4-wide vectors
+    # (a column mask keeps the adds vectors), else the chunks' (no mask); fp32 rows 16-byte aligned
+    dq_width = d if d % 4 == 0 else width
     if fused:
         cuda = tiles_for_cuda(q.device)
         n_qt = cdiv(n, cfg["BLOCK_M"])
         slots = tables["n_src_max"] if deterministic else 1
-        # dQ partials (slots, B, rows, N padded to whole query tiles, H, D padded to the chunks'
-        # width) fp32, token-major like dq; one slot when atomic
-        pn, pr = h * width, n_pad * h * width
+        # dQ partials (slots, B, rows, N padded to whole query tiles, H, dq_width) fp32, token-major
+        # like dq; one slot when atomic
+        pn, pr = h * dq_width, n_pad * h * dq_width
         pb, ps = rows * pr, b * rows * pr
-        p_strides = (ps if deterministic else 0, pb, pr, pn, rows, n_qt)
+        p_strides = (ps if deterministic else 0, pb, pr, pn // 4, rows, n_qt)  # pn: see _dq_partial
         block_d = max(16, triton.next_power_of_2(d))
         block_r = (64 if d <= 64 else 32 if d <= 128 else 16) if cuda else 16
         extra = dict(
@@ -690,9 +714,9 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
                         num_warps=4 if cuda else 1)),
             dq_reduce=((cdiv(n, block_r), b * h, rows), (ps, pb, pr, pn, *st_dq, h, n, scale),
                        dict(ONE_SLOT=not deterministic, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, BLOCK_D=block_d,
-                            BLOCK_M=block_r, WIDTH=width, num_warps=4 if cuda else 1)),
-            dqp_shape=(slots, b, rows, n_pad, h, width), sem_numel=slots * b * h * rows * n_qt if deterministic else 0,
-            deterministic=deterministic)
+                            BLOCK_M=block_r, WIDTH=dq_width, num_warps=4 if cuda else 1)),
+            dqp_shape=(slots, b, rows, n_pad, h, dq_width),
+            sem_numel=slots * b * h * rows * n_qt if deterministic else 0, deterministic=deterministic)
     if tables["n_targets"] == 0:
         return dq_launch, (), None, tables, None, extra, stats_shape
     key_blocks = cdiv(max(n, m), cfg["BLOCK_N"])
@@ -707,7 +731,7 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     consts = dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, CHUNKED=cap is not None, **cfg)
     if fused:
         consts.update(FUSED_DQ=True, DETERMINISTIC=deterministic, INTERPRET=interpreting(),
-                      THREADS=32 * cfg["num_warps"])
+                      THREADS=32 * cfg["num_warps"], DQ_WIDTH=dq_width)
     dkv = tuple((grid, scalars, dict(consts, PART=part)) for part in parts)
     if cap is None:
         return dq_launch, dkv, None, t, None, extra, stats_shape
