@@ -57,9 +57,9 @@ def needs_cuda():
 
 
 # ---- the GPU tests' cases, as data --------------------------------------------------------------
-# The GPU tests (pytest -m gpu) parametrise over these, and `python -m bench.warm` (the first step
-# of bench.gpu_run's tests stage) compiles every kernel binary their triton calls launch, in
-# parallel, into Triton's cache before pytest runs them one after another.
+# The GPU tests (pytest -m gpu) parametrise over these, and `python -m bench.warm` (bench.gpu_run's
+# first stage) compiles every kernel binary their triton calls launch, in parallel, into Triton's
+# cache before pytest runs them one after another.
 GPU_GRAD_SHAPES = [(2, 5, 257, 4, 80, 77), (1, 3, 1024, 2, 40, 1024), (1, 2, 64, 8, 160, 0)]
 # every schedule and 16-bit dtype for both triton backward builds; FlexAttention, a baseline whose
 # every schedule is a new compile, on two of them in bf16 (what the benches time)
