@@ -28,19 +28,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _host_inputs(b, f, n, h, d, m, dtype, strided: bool):
-    """Uninitialised host tensors with the strides ``make_inputs`` gives on a GPU: contiguous (the
-    benches), or with ``strided`` (the tests) a view of the first D columns of a (..., 2D) buffer."""
-    import torch
-
-    def view(*shape):
-        if not strided:
-            return torch.empty(*shape, dtype=dtype)
-        return torch.empty(*shape[:-1], 2 * shape[-1], dtype=dtype)[..., :shape[-1]]
-    q, k, v = view(b, f, n, h, d), view(b, f, n, h, d), view(b, f, n, h, d)
-    return (q, k, v, None, None) if not m else (q, k, v, view(b, m, h, d), view(b, m, h, d))
-
-
 def launcher_kwargs(kernel, kwargs: dict) -> dict:
     """A launch's keywords as ``JITFunction.run`` completes them before it binds them (triton 3.6
     to 3.8): the debug flag and the instrumentation mode (part of the options, so of the cache
@@ -108,8 +95,10 @@ def binaries(calls=None, arch: int = 90, sms: int | None = None) -> list:
                     bench_calls() + gpu_test_calls() if calls is None else calls):
                 os.environ["VB_BWD"] = build
                 b, f, n, h, d, m = shape
+                # host tensors with the strides the benches (contiguous) and the tests give on a GPU
+                layout = "padded" if source == "tests" else "processor"
                 for kern, _grid, args, kwargs in aot.record_launches(
-                        *_host_inputs(b, f, n, h, d, m, dtype, strided=source == "tests"),
+                        *aot.make_tensors(b, f, n, h, d, m, dtype, layout),
                         schedule=_schedule(schedule, f, source), backward=backward_too,
                         deterministic=deterministic):
                     bound = aot.bind_launch(kern, args, launcher_kwargs(kern, kwargs), arch)

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from collections import Counter
 
-LAYOUTS = ("processor", "heads_first", "strided")
+LAYOUTS = ("processor", "heads_first", "strided", "padded")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 _KIND = {"_fwd_kernel": "fwd", "_bwd_dq_kernel": "dq", "_bwd_dkv_kernel": "dkv", "_bwd_reduce_kernel": "reduce",
          "_bwd_delta_kernel": "delta", "_bwd_dq_reduce_kernel": "dqsum"}
@@ -40,7 +40,9 @@ def make_tensors(batch: int, frames: int, tokens: int, heads: int, head_dim: int
     stride D), as the diffusers processor passes them. ``heads_first``: (B, F, H, N, D) storage
     seen as BFNHD (token stride D, head stride N*D). ``strided``: q/k/v sliced from one packed
     projection (B, F, N, 3, H, D) (token stride 3*H*D). Image tokens (B, M, H, D) contiguous
-    (``strided``: sliced from a packed (B, M, 2, H, D)).
+    (``strided``: sliced from a packed (B, M, 2, H, D)). ``padded``: every tensor the first D
+    columns of a (..., 2D) buffer, as ``vb_kernels.testing.make_inputs(strided=True)`` leaves
+    them on a GPU (the GPU tests' layout).
     """
     import torch
 
@@ -56,6 +58,9 @@ def make_tensors(batch: int, frames: int, tokens: int, heads: int, head_dim: int
         q, k, v = qkv.unbind(3)
         kvi = torch.empty(b, m, 2, h, d, dtype=dtype)
         ki, vi = kvi.unbind(2)
+    elif layout == "padded":
+        q, k, v = (torch.empty(b, f, n, h, 2 * d, dtype=dtype)[..., :d] for _ in range(3))
+        ki, vi = (torch.empty(b, m, h, 2 * d, dtype=dtype)[..., :d] for _ in range(2))
     else:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     return (q, k, v, ki, vi) if m else (q, k, v, None, None)
