@@ -208,8 +208,9 @@ def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n,
     semaphore per (slot, batch*head, row, query tile): block ``i_n`` waits until the count is
     ``i_n`` x THREADS (block 0 writes instead of adding: no zero fill), adds, then each of its
     THREADS threads counts one (a release per thread: each publishes its own adds). Block
-    ``i_n``'s program comes right after block ``i_n - 1``'s in the grid (key blocks are axis 0), so
-    no wait points to a program that can start later. Under the interpreter (the grid runs in
+    ``i_n``'s program comes after block ``i_n - 1``'s in the grid (the grouped launch order,
+    :func:`launch_order`: a few programs later), so no wait points to a program that can start
+    later. Under the interpreter (the grid runs in
     order) the count must already be ``i_n``: an assertion checks it (``tl.assume``, which the
     interpreter checks always). Else: atomic adds into
     one zeroed slot (FA2's default, not bit-reproducible)."""
@@ -325,12 +326,13 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
 
 
 @triton.jit
-def _store_partials(PK, PV, i_part, o_n, L, L_MAX, b_dk0, b_dk1, b_dv0, b_dv1, HEAD_DIM: tl.constexpr,
-                    D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr, PART: tl.constexpr):
+def _store_partials(PK, PV, i_part, i_bh, n_bh, o_n, L, L_MAX, b_dk0, b_dk1, b_dv0, b_dv1,
+                    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
+                    PART: tl.constexpr):
     """fp32 dK (scaled) / dV of one chunk of a split target's readers, into partial slot ``i_part``
     of this program's (batch, head): (slots, B*H, L_MAX, HEAD_DIM) buffers, summed later by
     :func:`_bwd_reduce_kernel`."""
-    o_p = (i_part * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * L_MAX * HEAD_DIM
+    o_p = (i_part * n_bh + i_bh).to(tl.int64) * L_MAX * HEAD_DIM
     if PART != 1:
         store_pair(PK + o_p, b_dk0, b_dk1, o_n, HEAD_DIM, L, HEAD_DIM, D0, D1, SPLIT, False)
     if PART != 2:
@@ -353,13 +355,21 @@ def _bwd_dkv_kernel(
     stride_gub, stride_guf, stride_gun, stride_guh,
     stride_gib, stride_gim, stride_gih,
     H, N, M, RD_MAX, L_MAX, qk_scale, scale,
-    stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt,
+    stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh, group, n_chain,
     ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
     CHUNKED: tl.constexpr, FUSED_DQ: tl.constexpr = False, DETERMINISTIC: tl.constexpr = True,
     INTERPRET: tl.constexpr = False, THREADS: tl.constexpr = 128, DQ_WIDTH: tl.constexpr = 0,
+    GROUPED: tl.constexpr = False,
 ):
-    i_n, i_bh, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if GROUPED:  # grid (chain in group, key block, group): the grouped launch order (launch_order)
+        i_n = tl.program_id(1)
+        chain = tl.program_id(2) * group + tl.program_id(0)
+        if chain >= n_chain:  # the last group's missing chains
+            return
+        i_bh, i_t = chain % n_bh, chain // n_bh
+    else:  # (key block, batch*head, target), key blocks fastest
+        i_n, i_bh, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     i_src = tl.load(tgt_frame + i_t).to(tl.int64)
@@ -385,14 +395,13 @@ def _bwd_dkv_kernel(
                 stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
                 stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN, stride_oh * ALIGN, stride_lb, stride_lf,
                 stride_ln, stride_lh, stride_ls, N, RD_MAX, qk_scale,
-                DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt,
-                tl.num_programs(1),
+                DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh,
                 HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET, THREADS,
                 DQ_WIDTH)
             o_g = (i_b * stride_gib + i_h * stride_gih) * ALIGN
             if i_part >= 0:
-                _store_partials(PK, PV, i_part, o_n, M, L_MAX, b_dk0 * scale, b_dk1 * scale, b_dv0, b_dv1,
-                                HEAD_DIM, D0, D1, SPLIT, PART)
+                _store_partials(PK, PV, i_part, i_bh, n_bh, o_n, M, L_MAX, b_dk0 * scale, b_dk1 * scale, b_dv0,
+                                b_dv1, HEAD_DIM, D0, D1, SPLIT, PART)
             else:
                 if PART != 1:
                     store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim * ALIGN, M, HEAD_DIM,
@@ -416,8 +425,7 @@ def _bwd_dkv_kernel(
             stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
             stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN, stride_oh * ALIGN, stride_lb, stride_lf,
             stride_ln, stride_lh, stride_ls, N, RD_MAX, qk_scale,
-            DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt,
-            tl.num_programs(1),
+            DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh,
             HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET, THREADS,
             DQ_WIDTH)
         o_g = (i_b * stride_gb + i_src * stride_gf + i_h * stride_gh) * ALIGN
@@ -426,8 +434,8 @@ def _bwd_dkv_kernel(
                 store_pair(DV + o_g, tl.zeros([BLOCK_N, D0], tl.float32), tl.zeros([BLOCK_N, D1], tl.float32),
                            o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, False)
         if i_part >= 0:
-            _store_partials(PK, PV, i_part, o_n, N, L_MAX, b_dk0 * scale, b_dk1 * scale, b_dv0, b_dv1,
-                            HEAD_DIM, D0, D1, SPLIT, PART)
+            _store_partials(PK, PV, i_part, i_bh, n_bh, o_n, N, L_MAX, b_dk0 * scale, b_dk1 * scale, b_dv0,
+                            b_dv1, HEAD_DIM, D0, D1, SPLIT, PART)
         else:
             if PART != 1:
                 store_pair(DK + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1,
@@ -624,6 +632,40 @@ def reader_cap(reader_counts, key_blocks: int, batch_heads: int, cuda: bool, dev
     return cap if heavy > cap else None
 
 
+# The fused pass's launch order keeps about this many query-tile steps between the starts of
+# consecutive key blocks of one chain (see order_group).
+_ORDER_LAG_STEPS = 4
+
+
+def order_group(n_qt: int, cuda: bool, device) -> int:
+    """Chains per group of the fused pass's grouped launch order (:func:`launch_order`).
+
+    Key block j of a chain waits, at every query tile, for block j - 1's release (the ordered dQ
+    adds). Launched side by side (key blocks fastest, as the split pass is), a chain's blocks
+    start together and the last waits for all the others' releases before its first add; in
+    groups of G chains, block j starts about G x (steps of a program) / SMs steps after block
+    j - 1, so the order costs no wait once that lag exceeds the release latency, while the few
+    key blocks of a chain that are resident together still share their queries' loads in L2.
+    G: about ``_ORDER_LAG_STEPS`` steps of a one-reader program (``n_qt`` query tiles), a multiple
+    of 16 (one specialisation) in [16, 64]; 2 in the interpreter (its tests cross groups). The
+    model: ``python tools/dkv_balance.py --order``."""
+    if not cuda:
+        return 2
+    want = cdiv(_ORDER_LAG_STEPS * _sm_count(device), max(1, n_qt))
+    return min(64, max(16, 16 * cdiv(want, 16)))
+
+
+def launch_order(n_chains: int, key_blocks: int, group: int) -> list[tuple[int, int]]:
+    """(chain, key block) of each program of the fused pass, in launch (program id) order. Chains
+    are (batch*head, target) pairs, targets slowest (heaviest first); the kernel's grid is
+    (chain in group, key block, group), x fastest, and the last group's missing chains exit."""
+    order = []
+    for g0 in range(0, n_chains, group):
+        size = min(group, n_chains - g0)
+        order.extend((g0 + c, j) for j in range(key_blocks) for c in range(size))
+    return order
+
+
 def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_img, dv_img, tables: dict,
              scale: float, accumulate: bool, env: str | None, deterministic: bool = True,
              build: str = "split") -> tuple:
@@ -712,13 +754,19 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     # D > 128 in 16 bits: dK and dV in two launches (dV, then dK), each with half the
     # accumulators, so one warpgroup owns a 64-key tile without spills or m64n16 wgmma.
     parts = (1, 2) if width > 128 and q.element_size() == 2 and cfg["BLOCK_N"] >= 64 else (0,)
-    grid = (key_blocks, b * h, t["n_targets"])
+    n_chain = b * h * t["n_targets"]  # (batch*head, target) pairs
+    if fused:  # the grouped launch order (order_group, launch_order)
+        group = min(n_chain, order_group(cdiv(n, cfg["BLOCK_M"]), tiles_for_cuda(q.device), q.device))
+        grid = (group, key_blocks, cdiv(n_chain, group))
+    else:
+        group = 0
+        grid = (key_blocks, b * h, t["n_targets"])
     scalars = (*common, *st_stats, *st_g, h, n, m, t["n_rd_max"], max(n, m), qk_scale,
-               scale, *p_strides)
+               scale, *p_strides, b * h, group, n_chain)
     consts = dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, CHUNKED=cap is not None, **cfg)
     if fused:
         consts.update(FUSED_DQ=True, DETERMINISTIC=deterministic, INTERPRET=interpreting(),
-                      THREADS=32 * cfg["num_warps"], DQ_WIDTH=dq_width)
+                      THREADS=32 * cfg["num_warps"], DQ_WIDTH=dq_width, GROUPED=True)
     dkv = tuple((grid, scalars, dict(consts, PART=part)) for part in parts)
     if cap is None:
         return dq_launch, dkv, None, t, None, extra, stats_shape
