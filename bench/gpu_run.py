@@ -12,9 +12,10 @@ budget; a stage that runs out is cut and says so):
    for reference, the SDPA backends (the report picks the best), flex and triton; and the
    attention peak memory of a training step (the attn1 block rows of bench_model.py).
    ``python -m bench.report`` then writes report.md and the plots. Then the triton fwd+bwd rows
-   again with ``VB_BWD=fused`` (the 5-matmul backward), with its ordered dQ adds and with atomic
-   ones (``VB_BENCH_DQ=atomic``), compared shape by shape with the default build's
-   (bwd_builds.md): what the fused backward's default switch waits for, and what the order costs.
+   again with each backward build: ``VB_BWD=split`` (7 matmuls), ``VB_BWD=fused`` (5 matmuls,
+   ordered dQ adds) and fused with atomic adds (``VB_BENCH_DQ=atomic``), compared shape by shape
+   (bwd_builds.md): whether the default (``auto``: fused at D <= 64, chosen on the compile
+   report's figures) wins where it takes the fused build, and what the order costs.
 2. ``pytest tests -m gpu``: the GPU-only tests (bf16, every head dim at full tiles, int64
    offsets, flex gradients, the 100-run determinism test), within 120 s.
 3. One end-to-end denoising step of the SD-1.4-sized VideoBooth U-Net (random weights, 256 px,
@@ -51,7 +52,7 @@ CANDIDATES = {
     "dq": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
     "dkv": [(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2), (32, 64, 8, 2)],
 }
-BUDGET_S = {"warm": 75, "headline": 150, "bwd_builds": 90, "tests": 120, "e2e": 45, "sweep": 80}  # 560 s
+BUDGET_S = {"warm": 75, "headline": 150, "bwd_builds": 105, "tests": 120, "e2e": 45, "sweep": 80}  # 575 s
 # + start-up: about 10 minutes
 HEADLINE_K = "(vb256 or vb512) and bf16 and (reference or sdpa or flex or triton)"
 MEMORY_K = "down0 and fwd+bwd and bf16"
@@ -101,19 +102,20 @@ def stage_headline(out: Path, dry: bool) -> dict:
     if jsons:
         res["report"] = _run([sys.executable, "-m", "bench.report", *jsons, "--out", str(out)], 60,
                              out / "report.log")
-    # the fused 5-matmul backward on the same triton fwd+bwd rows, for the same-run comparison: its
-    # ordered dQ adds (the default), then atomic ones (what the order costs)
-    k_fused = "smoke.vb and triton and fwd+bwd" if dry else f"({HEADLINE_K}) and triton and fwd+bwd"
-    fused = {}
-    for name, dq in (("headline_fused", "ordered"), ("headline_fused_atomic", "atomic")):
+    # the same triton fwd+bwd rows with each backward build, for the same-run comparison: split,
+    # fused with ordered dQ adds (the default's choice at D <= 64), fused with atomic adds
+    k_rows = "smoke.vb and triton and fwd+bwd" if dry else f"({HEADLINE_K}) and triton and fwd+bwd"
+    builds = {}
+    for name, build, dq in (("headline_split", "split", "ordered"), ("headline_fused", "fused", "ordered"),
+                            ("headline_fused_atomic", "fused", "atomic")):
         js = out / f"{name}.json"
         res[name] = _run([sys.executable, "-m", "pytest", "bench/bench_attention.py", "-q", "-m", marker,
-                          "-k", k_fused, f"--benchmark-json={js}", "-p", "no:cacheprovider"],
-                         BUDGET_S["bwd_builds"] / 2, out / f"{name}.log",
-                         env=dict(os.environ, VB_BWD="fused", VB_BENCH_DQ=dq))
-        fused[dq] = json.loads(js.read_text()) if js.exists() else None
-    if fused["ordered"] is not None and (out / "headline.json").exists():
-        rows = compare_builds(json.loads((out / "headline.json").read_text()), fused["ordered"], fused["atomic"])
+                          "-k", k_rows, f"--benchmark-json={js}", "-p", "no:cacheprovider"],
+                         BUDGET_S["bwd_builds"] / 3, out / f"{name}.log",
+                         env=dict(os.environ, VB_BWD=build, VB_BENCH_DQ=dq))
+        builds[name] = json.loads(js.read_text()) if js.exists() else None
+    if builds["headline_split"] is not None and builds["headline_fused"] is not None:
+        rows = compare_builds(builds["headline_split"], builds["headline_fused"], builds["headline_fused_atomic"])
         (out / "bwd_builds.md").write_text(builds_markdown(rows))
         res["bwd_builds"] = {"rows": len(rows), "summary": builds_summary(rows)}
     return res
@@ -127,9 +129,9 @@ def _medians(bench_json: dict) -> dict:
 
 def compare_builds(split_json: dict, fused_json: dict, atomic_json: dict | None = None) -> list:
     """(row, split ms, fused ms, fused-atomic ms or None, split / fused) for the triton fwd+bwd
-    rows both the split and the fused pytest-benchmark JSON hold (split: the default build's
-    headline run; fused: ``VB_BWD=fused``, ordered dQ adds; atomic: the same with
-    ``VB_BENCH_DQ=atomic``, where it has the row)."""
+    rows both the split and the fused pytest-benchmark JSON hold (split: ``VB_BWD=split``; fused:
+    ``VB_BWD=fused``, ordered dQ adds; atomic: the same with ``VB_BENCH_DQ=atomic``, where it has
+    the row)."""
     split, fused = _medians(split_json), _medians(fused_json)
     atomic = _medians(atomic_json or {})
     return [(name, split[name] * 1e3, fused[name] * 1e3, atomic[name] * 1e3 if atomic.get(name) else None,
@@ -155,8 +157,9 @@ def builds_summary(rows: list) -> str:
 
 
 def builds_markdown(rows: list) -> str:
-    lines = ["# The backward's builds, same run: split (7 matmuls, the default) vs fused (VB_BWD=fused: ordered "
-             "dQ adds, and atomic ones with VB_BENCH_DQ=atomic)", "",
+    lines = ["# The backward's builds, same run: split (VB_BWD=split: 7 matmuls) vs fused (VB_BWD=fused: 5 "
+             "matmuls, ordered dQ adds, and atomic ones with VB_BENCH_DQ=atomic); the default (auto) takes "
+             "fused at D <= 64", "",
              builds_summary(rows), "",
              "| row | split ms | fused ms | fused atomic ms | split / fused | fused / atomic |",
              "|---|---|---|---|---|---|"]

@@ -87,12 +87,13 @@ def gpu_head_dim_shape(d: int) -> tuple:
 
 def gpu_triton_calls() -> list[tuple]:
     """(backward build, schedule name, shape (B, F, N, H, D, M), dtype, with backward) of every
-    triton call the GPU tests make (the int64-offset tests aside: 2**31-element tensors)."""
+    triton call the GPU tests make (the int64-offset tests aside: 2**31-element tensors); "auto":
+    the default build (VB_BWD unset)."""
     calls = [(impl, s, shape, dt, True) for impl, s, dt in GPU_GRAD_CASES if impl != "flex"
              for shape in GPU_GRAD_SHAPES]
     calls += [(build, "videobooth", GPU_DETERMINISM_SHAPE, torch.bfloat16, True) for build in ("split", "fused")]
-    calls += [("split", "videobooth", gpu_fp32_shape(d, True), torch.float32, True) for d in GPU_FP32_HEAD_DIMS]
-    calls += [("split", "random1", gpu_fp32_shape(d, False), torch.float32, False) for d in GPU_FP32_HEAD_DIMS]
-    calls += [("split", s, GPU_BF16_SHAPE, torch.bfloat16, False) for b, s in GPU_BF16_CASES if b == "triton"]
-    calls += [("split", "random1", gpu_head_dim_shape(d), torch.float16, False) for d in GPU_HEAD_DIMS]
+    calls += [("auto", "videobooth", gpu_fp32_shape(d, True), torch.float32, True) for d in GPU_FP32_HEAD_DIMS]
+    calls += [("auto", "random1", gpu_fp32_shape(d, False), torch.float32, False) for d in GPU_FP32_HEAD_DIMS]
+    calls += [("auto", s, GPU_BF16_SHAPE, torch.bfloat16, False) for b, s in GPU_BF16_CASES if b == "triton"]
+    calls += [("auto", "random1", gpu_head_dim_shape(d), torch.float16, False) for d in GPU_HEAD_DIMS]
     return calls

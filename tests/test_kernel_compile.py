@@ -47,13 +47,18 @@ def _report(tmp_path, *args) -> list[dict]:
 
 
 def _check_rows(rows: list[dict]) -> None:
-    # dkv: one dK/dV launch; dv + dk: the two halves of a split launch (D > 128)
+    # the default build: fused at D <= 64 (delta, one dK/dV/dQ pass, the dQ sum), else the split
+    # pair (dkv: one dK/dV launch; dv + dk: the two halves of a split launch, D > 128)
     for d in {r["head_dim"] for r in rows}:
         kinds = {r["kernel"] for r in rows if r["head_dim"] == d}
-        assert kinds in ({"fwd", "dq", "dkv"}, {"fwd", "dq", "dv", "dk"}), (d, kinds)
+        want = ({"fwd", "delta", "dkv", "dqsum"},) if d <= 64 else ({"fwd", "dq", "dkv"}, {"fwd", "dq", "dv", "dk"})
+        assert kinds in want, (d, kinds)
     for r in rows:
         name = f"D={r['head_dim']} {r['dtype']} {r['layout']} {r['kernel']} phase {r['phase']}"
         assert r["scalar16"] == 0, f"{name}: {r['scalar16']} scalar 16-bit global loads (unaligned tile loads)"
+        if r["kernel"] in ("delta", "dqsum"):  # the fused build's row-wise kernels: no MMA, no loop
+            assert r["spill"] == 0, f"{name}: {r['spill']} bytes of register spills"
+            continue
         assert r["cp_async"] + r["tma"] > 0, f"{name}: no cp.async / TMA: the tile loads are not pipelined"
         assert r["spill"] == 0, f"{name}: {r['spill']} bytes of register spills"
         assert r["mma"] == "wgmma", f"{name}: {r['mma']}, expected Hopper's warpgroup MMA"
@@ -104,7 +109,7 @@ def test_fused_backward_compiles_as_designed(tmp_path):
     det, atomic = _reports(tmp_path, ("--head-dim", "40", "--dtype", "fp16", "--tokens", "4096"),
                                   ("--head-dim", "40", "--dtype", "fp16", "--tokens", "4096", "--atomic"),
                                   VB_BWD="fused")
-    split = _report(tmp_path, "--head-dim", "40", "--dtype", "fp16", "--tokens", "4096")
+    split = _reports(tmp_path, ("--head-dim", "40", "--dtype", "fp16", "--tokens", "4096"), VB_BWD="split")[0]
     split_loop = sum(r["per64"] for r in split if r["kernel"] in ("dq", "dkv") and r["phase"] == 2)
     for rows, build in ((det, "deterministic"), (atomic, "atomic")):
         kinds = {r["kernel"] for r in rows}

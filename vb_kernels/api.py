@@ -56,12 +56,14 @@ def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule 
         scale: softmax scale s; None = 1/sqrt(D).
         backend: one of ``auto``, ``reference``, ``sdpa``, ``flex``, ``triton``.
         return_lse: also return the phase-2 log-sum-exp.
-        deterministic: for the triton backend's fused backward (``VB_BWD=fused``): dQ's
-            contributions are added in a fixed order (the same bits every run; the default).
-            False: atomic adds, as FlashAttention's default backward: a little faster, and dQ
-            may differ in its last bits from run to run (dK, dV and the image gradients stay
-            deterministic either way). The default (split) backward is deterministic either
-            way. Other backends: PyTorch's own (see ``torch.use_deterministic_algorithms``).
+        deterministic: for the triton backend's fused backward (the default at head dims
+            <= 64 on Hopper or newer; ``VB_BWD`` chooses): dQ's contributions are added in a
+            fixed order (the same bits every run; the default). False: atomic adds, as
+            FlashAttention's default backward: a little faster, and dQ may differ in its last
+            bits from run to run (dK, dV and the image gradients stay deterministic either
+            way). The split backward (``VB_BWD=split``, and the default above D = 64) is
+            deterministic either way. Other backends: PyTorch's own (see
+            ``torch.use_deterministic_algorithms``).
 
     Returns:
         out: (B, F, N, H, D), dtype of q. With ``return_lse``: (out, lse), lse (B, F, N, H)

@@ -382,6 +382,8 @@ def main(argv=None) -> int:
     if args.tf32:
         import torch
         torch.set_float32_matmul_precision("high")
+    if args.arch < 90 and os.environ.get("VB_BWD", "auto") == "auto":
+        os.environ["VB_BWD"] = "split"  # what VB_BWD=auto takes before Hopper (the host sees no GPU here)
     rows = []
     for dtype in args.dtype:
         for layout in args.layout:

@@ -1,6 +1,7 @@
-"""Fused backward: recomputes P from the saved LSE; two builds (:func:`bwd_spec`, ``VB_BWD``).
+"""Fused backward: recomputes P from the saved LSE; two builds (:func:`bwd_spec`, ``VB_BWD``;
+by default the fused one at head dims <= 64 on Hopper or newer, the split one elsewhere).
 
-The split build (the default; 7 matmuls, 2 exponentials per score, no atomics), per phase:
+The split build (7 matmuls, 2 exponentials per score, no atomics), per phase:
 - ``_bwd_dq_kernel``: one program per (query block, batch*head, row) walks the row's sources as
   the forward does and owns its dQ block; it also writes Delta = rowsum(dO * O) for the dK/dV pass.
 - ``_bwd_dkv_kernel``: one program per (key block, batch*head, target), where a target is a
@@ -604,6 +605,13 @@ def launch_bwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, do, out, lse
 
 
 @functools.lru_cache(maxsize=16)
+def _fused_arch(device) -> bool:
+    """Whether VB_BWD=auto may take the fused build on ``device``: Hopper or newer (vector fp32
+    atomics, wgmma); a CPU tensor (the interpreter, or the compile report's sm_90) too."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=16)
 def _sm_count(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -678,11 +686,12 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     ``build``: ``"fused"``: Delta from a small kernel, then one KV-major pass computing dK, dV
     and each key tile's dQ contribution (5 matmuls, 1 exponential per score), the dQ partials
     reduced per row at the end (``deterministic``: ordered, bit-reproducible; else atomic adds).
-    ``"split"`` (the default until a GPU has timed both): the Q-major dQ pass plus the KV-major
-    dK/dV pass (7 matmuls, 2 exponentials). ``"auto"``: fused where its compiled loop is leaner
-    than the split pair's (head dims whose chunks are <= 64 wide: D <= 64, the U-Net's 40), split
-    above, where the fused pass's dK, dV and dQ tiles do not fit the registers without spills
-    (compile report, docs/kernels.md). ``VB_BWD`` chooses."""
+    ``"split"``: the Q-major dQ pass plus the KV-major dK/dV pass (7 matmuls, 2 exponentials).
+    ``"auto"`` (the default): fused where its compiled loop is leaner than the split pair's (head
+    dims whose chunks are <= 64 wide: D <= 64, the U-Net's 40) on Hopper or newer (and in the
+    interpreter), split above, where the fused pass's dK, dV and dQ tiles do not fit the
+    registers without spills, and before Hopper (sm_80 has no vector float atomics and spills
+    the fused pass: compile report, docs/kernels.md). ``VB_BWD`` chooses."""
     if build not in ("auto", "fused", "split"):
         raise ValueError(f"VB_BWD: expected 'auto', 'fused' or 'split', got {build!r}")
     b, _, n, h, d = q.shape
@@ -698,7 +707,7 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     common, st_dq, st_g = strides[:26], strides[26:30], strides[30:41]
     if build == "auto":
         d0, d1 = split_head_dim(d, 32)
-        build = "fused" if d0 + d1 <= FUSED_MAX_WIDTH else "split"
+        build = "fused" if d0 + d1 <= FUSED_MAX_WIDTH and _fused_arch(q.device) else "split"
     fused = build == "fused"
     rows = tables["n_rows"]
     cfg = block_config(d, q.device, "dkvq" if fused else "dkv", n_queries=n, n_keys=max(n, m),

@@ -137,10 +137,11 @@ def fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule: Schedule
 
 
 def bwd_build() -> str:
-    """The backward build: ``VB_BWD`` = ``split`` (the default until a GPU has timed both),
-    ``fused`` (5 matmuls: one KV-major pass that also gives dQ) or ``auto`` (fused at head dims
-    <= 64, split above); see :func:`backward.bwd_spec`. Read once per call, as ``VB_TILES`` is."""
-    return os.environ.get("VB_BWD", "split")
+    """The backward build: ``VB_BWD`` = ``auto`` (the default: fused at head dims <= 64 on
+    Hopper or newer and in the interpreter, split elsewhere), ``fused`` (5 matmuls: one KV-major
+    pass that also gives dQ) or ``split`` (7 matmuls: a dQ pass and a dK/dV pass); see
+    :func:`backward.bwd_spec`. Read once per call, as ``VB_TILES`` is."""
+    return os.environ.get("VB_BWD", "auto")
 
 
 def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, dlse, deterministic):
