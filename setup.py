@@ -34,6 +34,7 @@ setup(
         "train": TRAIN,
         "bench": BENCH,
         "flash": ["flash-attn>=2.5"],
-        "dev": sorted(set(TRAIN + BENCH + ["pytest>=7.4"])),
+        # pytest-xdist: the CPU suite runs on every core (README's test command, .ci/run)
+        "dev": sorted(set(TRAIN + BENCH + ["pytest>=7.4", "pytest-xdist>=3.5"])),
     },
 )

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import report
+from subprocs import measuring_env
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -22,7 +23,7 @@ def smoke_json(tmp_path_factory) -> Path:
     cmd = [sys.executable, "-m", "pytest", "bench/bench_attention.py", "-m", "smoke", "-q",
            "-p", "no:cacheprovider", "-k", "smoke.vb and fwd- and (reference or sdpa)",
            f"--benchmark-json={path}"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=measuring_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return path
 

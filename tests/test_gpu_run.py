@@ -9,11 +9,13 @@ import sys
 
 import pytest
 
+from subprocs import measuring_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_gpu_run_dry_run_writes_every_stage(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    env = dict(measuring_env(), TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     res = subprocess.run([sys.executable, "-m", "bench.gpu_run", "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
