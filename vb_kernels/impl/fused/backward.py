@@ -340,7 +340,9 @@ def _store_partials(PK, PV, i_part, i_bh, n_bh, o_n, L, L_MAX, b_dk0, b_dk1, b_d
         store_pair(PV + o_p, b_dv0, b_dv1, o_n, HEAD_DIM, L, HEAD_DIM, D0, D1, SPLIT, False)
 
 
-@triton.jit
+# n_bh, group, n_chain: the launch order's counts, not specialised (no effect on the code, and
+# the split build does not read them: values of 1 or multiples of 16 would each be a new binary)
+@triton.jit(do_not_specialize=["n_bh", "group", "n_chain"])
 def _bwd_dkv_kernel(
     Q, K, V, U, KI, VI, DO, LSE, DELTA, DK, DV, DU, DKI, DVI, PK, PV, DQP, SEM,
     row_qframe, tgt_frame, tgt_vslot, tgt_part, n_rd, rd_row, rd_slot,
