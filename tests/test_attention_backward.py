@@ -386,10 +386,34 @@ def test_atomic_dq_matches_reference(monkeypatch, schedule_name):
         videobooth_attention(*ins, schedule=sched, backend="triton", deterministic="yes")
 
 
+def test_default_build_is_fused_at_small_head_dims_on_hopper(monkeypatch):
+    """VB_BWD unset is auto: the fused build at D <= 64 (here, in the interpreter), the split pair
+    above; on CUDA only from Hopper (sm_90) on: before it the fused pass spills."""
+    from vb_kernels.impl.fused import backward, launch
+
+    monkeypatch.delenv("VB_BWD", raising=False)
+    names = []
+
+    def run(kern, grid, args, kwargs):
+        names.append(kern.__name__)
+        kern[grid](*args, **kwargs)
+
+    for d, want, other in ((40, "_bwd_delta_kernel", "_bwd_dq_kernel"), (80, "_bwd_dq_kernel", "_bwd_delta_kernel")):
+        names.clear()
+        with launch.intercept(run):
+            _check_grads("triton", named_schedule("videobooth", 3), (1, 3, 9, 1, d, 5), torch.float32)
+        assert want in names and other not in names, (d, names)
+    arch = backward._fused_arch.__wrapped__
+    assert arch(torch.device("cpu"))
+    for cap, fused in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        assert arch(torch.device("cuda", 0)) is fused, cap
+
+
 @pytest.mark.parametrize("schedule_name", ["videobooth", "keyframes2"])
 def test_split_build_still_matches_reference(monkeypatch, schedule_name):
-    """VB_BWD=split (the default) runs the 7-matmul pair (Q-major dQ + KV-major dK/dV), VB_BWD=fused
-    the 5-matmul pass (Delta kernel, KV-major dK/dV/dQ, dQ reduction), VB_BWD=auto picks by head dim."""
+    """VB_BWD=split runs the 7-matmul pair (Q-major dQ + KV-major dK/dV), VB_BWD=fused the 5-matmul
+    pass (Delta kernel, KV-major dK/dV/dQ, dQ reduction), VB_BWD=auto (the default) picks by head dim."""
     from vb_kernels.impl.fused import launch
 
     monkeypatch.setenv("VB_BWD", "split")
