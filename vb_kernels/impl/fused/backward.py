@@ -711,6 +711,7 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
         d0, d1 = split_head_dim(d, 32)
         build = "fused" if d0 + d1 <= FUSED_MAX_WIDTH and _fused_arch(q.device) else "split"
     fused = build == "fused"
+    cuda = tiles_for_cuda(q.device)
     rows = tables["n_rows"]
     cfg = block_config(d, q.device, "dkvq" if fused else "dkv", n_queries=n, n_keys=max(n, m),
                        elem_bytes=q.element_size(), env=env)
@@ -738,7 +739,6 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     # (a column mask keeps the adds vectors), else the chunks' (no mask); fp32 rows 16-byte aligned
     dq_width = d if d % 4 == 0 else width
     if fused:
-        cuda = tiles_for_cuda(q.device)
         n_qt = cdiv(n, cfg["BLOCK_M"])
         slots = tables["n_src_max"] if deterministic else 1
         # dQ partials (slots, B, rows, N padded to whole query tiles, H, dq_width) fp32, token-major
@@ -760,14 +760,14 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     if tables["n_targets"] == 0:
         return dq_launch, (), None, tables, None, extra, stats_shape
     key_blocks = cdiv(max(n, m), cfg["BLOCK_N"])
-    cap = reader_cap(tables["reader_counts"], key_blocks, b * h, tiles_for_cuda(q.device), q.device, env)
+    cap = reader_cap(tables["reader_counts"], key_blocks, b * h, cuda, q.device, env)
     t = tables if cap is None else tables["plan"].tables(q.device, cap)
     # D > 128 in 16 bits: dK and dV in two launches (dV, then dK), each with half the
     # accumulators, so one warpgroup owns a 64-key tile without spills or m64n16 wgmma.
     parts = (1, 2) if width > 128 and q.element_size() == 2 and cfg["BLOCK_N"] >= 64 else (0,)
     n_chain = b * h * t["n_targets"]  # (batch*head, target) pairs
     if fused:  # the grouped launch order (order_group, launch_order)
-        group = min(n_chain, order_group(cdiv(n, cfg["BLOCK_M"]), tiles_for_cuda(q.device), q.device))
+        group = min(n_chain, order_group(n_qt, cuda, q.device))
         grid = (group, key_blocks, cdiv(n_chain, group))
     else:
         group = 0
