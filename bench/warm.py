@@ -100,7 +100,7 @@ def binaries(calls=None, arch: int = 90, sms: int | None = None) -> list:
                 for kern, _grid, args, kwargs in aot.record_launches(
                         *aot.make_tensors(b, f, n, h, d, m, dtype, layout),
                         schedule=_schedule(schedule, f, source), backward=backward_too,
-                        deterministic=deterministic):
+                        deterministic=deterministic, arch=arch):
                     bound = aot.bind_launch(kern, args, launcher_kwargs(kern, kwargs), arch)
                     key = (kern.__name__, repr(bound[3]), repr(sorted(bound[1].items())))
                     found.setdefault(key, (key, kern, args, kwargs, bound))

@@ -388,7 +388,8 @@ def test_atomic_dq_matches_reference(monkeypatch, schedule_name):
 
 def test_default_build_is_fused_at_small_head_dims_on_hopper(monkeypatch):
     """VB_BWD unset is auto: the fused build at D <= 64 (here, in the interpreter), the split pair
-    above; on CUDA only from Hopper (sm_90) on: before it the fused pass spills."""
+    above; on CUDA, and for the compile report's target, only from Hopper (sm_90) on: before it
+    the fused pass spills."""
     from vb_kernels.impl.fused import backward, launch
 
     monkeypatch.delenv("VB_BWD", raising=False)
@@ -403,11 +404,22 @@ def test_default_build_is_fused_at_small_head_dims_on_hopper(monkeypatch):
         with launch.intercept(run):
             _check_grads("triton", named_schedule("videobooth", 3), (1, 3, 9, 1, d, 5), torch.float32)
         assert want in names and other not in names, (d, names)
-    arch = backward._fused_arch.__wrapped__
-    assert arch(torch.device("cpu"))
-    for cap, fused in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
-        assert arch(torch.device("cuda", 0)) is fused, cap
+    cpu = torch.device("cpu")
+    capability = launch._capability.__wrapped__
+    assert backward._fused_arch(cpu)  # the interpreter
+    for arch, fused in ((80, False), (89, False), (90, True), (100, True)):
+        with launch.cuda_tiles(arch):  # a CPU tensor planned for sm_<arch> (the compile report)
+            assert backward._fused_arch(cpu) is fused, arch
+        monkeypatch.setattr(launch, "_capability", lambda device, arch=arch: arch)
+        assert backward._fused_arch(torch.device("cuda", 0)) is fused, arch
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert capability(torch.device("cuda", 0)) == 89
+    # the compile report for sm_80 records the split pair, for sm_90 the fused build
+    from vb_kernels.impl.fused import aot
+
+    tensors = aot.make_tensors(1, 3, 64, 1, 40, 16, torch.float16, "processor")
+    for arch, want in ((80, "_bwd_dq_kernel"), (90, "_bwd_delta_kernel")):
+        assert want in {kern.__name__ for kern, *_ in aot.record_launches(*tensors, arch=arch)}, arch
 
 
 @pytest.mark.parametrize("schedule_name", ["videobooth", "keyframes2"])

@@ -67,11 +67,12 @@ def make_tensors(batch: int, frames: int, tokens: int, heads: int, head_dim: int
 
 
 def record_launches(q, k, v, k_img, v_img, schedule=None, scale=None, backward: bool = True,
-                    deterministic: bool = True):
+                    deterministic: bool = True, arch: int = 90):
     """Run the fused op's host code (forward, then backward) with every launch recorded, not run.
 
-    Returns a list of (kernel, grid, args, kwargs), in launch order, with the tiles a CUDA launch
-    would take. The tensors may live in host memory; nothing reads their contents."""
+    Returns a list of (kernel, grid, args, kwargs), in launch order, with the tiles and the
+    backward build a CUDA launch on ``sm_<arch>`` would take. The tensors may live in host memory;
+    nothing reads their contents."""
     import math
 
     import torch
@@ -83,7 +84,7 @@ def record_launches(q, k, v, k_img, v_img, schedule=None, scale=None, backward: 
     schedule = schedule or Schedule.videobooth(q.shape[1])
     scale = scale or 1.0 / math.sqrt(q.shape[-1])
     calls = []
-    with cuda_tiles(), intercept(lambda kern, grid, args, kwargs: calls.append((kern, grid, args, kwargs))):
+    with cuda_tiles(arch), intercept(lambda kern, grid, args, kwargs: calls.append((kern, grid, args, kwargs))):
         out, lse, u, lse1 = function.fused_fwd(q, k, v, k_img, v_img, schedule, scale)
         if backward:
             dout = torch.empty_like(out)
@@ -310,7 +311,8 @@ def report(batch=2, frames=16, tokens=4096, heads=8, head_dim=40, image_tokens=N
 
     m = tokens if image_tokens is None else image_tokens
     tensors = make_tensors(batch, frames, tokens, heads, head_dim, m, getattr(torch, DTYPES[dtype]), layout)
-    calls = record_launches(*tensors, schedule=schedule, backward=backward, deterministic=deterministic)
+    calls = record_launches(*tensors, schedule=schedule, backward=backward, deterministic=deterministic,
+                            arch=arch)
     out, seen = [], set()
     n_fwd = sum(_KIND[kern.__name__] == "fwd" for kern, *_ in calls)
     count = Counter()
@@ -382,8 +384,6 @@ def main(argv=None) -> int:
     if args.tf32:
         import torch
         torch.set_float32_matmul_precision("high")
-    if args.arch < 90 and os.environ.get("VB_BWD", "auto") == "auto":
-        os.environ["VB_BWD"] = "split"  # what VB_BWD=auto takes before Hopper (the host sees no GPU here)
     rows = []
     for dtype in args.dtype:
         for layout in args.layout:

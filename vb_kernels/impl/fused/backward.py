@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .forward import block_config, cdiv, dot_precision, launch_strides, split_head_dim, tile_override
-from .launch import interpreting, launch, tiles_for_cuda
+from .launch import interpreting, launch, target_arch, tiles_for_cuda
 from .primitives import LOG2E, dot_pair, load_pair, load_tile, store_pair, store_tile
 
 # The widest head dim (as chunks) VB_BWD=auto runs fused; wider ones take the split pair.
@@ -606,11 +606,12 @@ def launch_bwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, do, out, lse
         launch(_bwd_dq_reduce_kernel, grid, dqp, dq, tables["row_qframe"], tables["n_src"], *scalars, **consts)
 
 
-@functools.lru_cache(maxsize=16)
 def _fused_arch(device) -> bool:
     """Whether VB_BWD=auto may take the fused build on ``device``: Hopper or newer (vector fp32
-    atomics, wgmma); a CPU tensor (the interpreter, or the compile report's sm_90) too."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+    atomics, wgmma), also as the target of a CPU tensor under ``cuda_tiles`` (the compile
+    report), and in the interpreter."""
+    arch = target_arch(device)
+    return arch is None or arch >= 90
 
 
 @functools.lru_cache(maxsize=16)

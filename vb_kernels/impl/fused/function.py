@@ -19,7 +19,7 @@ from ...profiling import nvtx_range
 from ...schedule import Schedule
 from .backward import bwd_spec, launch_bwd
 from .forward import dot_precision, fwd_spec, launch_fwd, tile_env
-from .launch import tiles_for_cuda
+from .launch import target_arch
 
 # Every buffer the fused path allocates goes through these, so tests can poison outputs (fill
 # with NaN) and audit that nothing but outputs, LSEs, U and gradients is ever allocated. The
@@ -58,7 +58,7 @@ _MAX_PLANS = 1024
 
 def _inputs_key(q, k, v, k_img, v_img, tables, scale, env) -> tuple:
     img = None if k_img is None else (k_img.shape[1], k_img.stride(), v_img.stride())
-    return (id(tables[0]), id(tables[1]), q.shape, q.dtype, tiles_for_cuda(q.device), q.stride(), k.stride(),
+    return (id(tables[0]), id(tables[1]), q.shape, q.dtype, target_arch(q.device), q.stride(), k.stride(),
             v.stride(), img, scale, env, dot_precision(q.dtype))
 
 

@@ -5,18 +5,20 @@ Going through :func:`launch` lets two tools see every launch without a GPU:
   actual arguments and compiles it for sm_90 the way Triton specialises a real call;
 - the host-overhead benchmark replaces the launch by a no-op, so only host work is timed.
 
-:func:`cuda_tiles` makes the host code choose the tiles of a CUDA launch for tensors that live on
-the CPU (the report builds real-size arguments in host memory).
+:func:`cuda_tiles` makes the host code choose the tiles and the backward build of a CUDA launch
+(for a given compute capability) for tensors that live on the CPU (the report builds real-size
+arguments in host memory).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 from typing import Callable
 
 _hook: Callable | None = None
-_cuda_tiles = False
+_cuda_arch = 0  # inside cuda_tiles(): the compute capability x10 the host code plans for
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
@@ -39,14 +41,15 @@ def intercept(hook: Callable):
 
 
 @contextlib.contextmanager
-def cuda_tiles():
-    """Within the block, tiles are chosen as for a CUDA launch whatever the tensors' device."""
-    global _cuda_tiles
-    old, _cuda_tiles = _cuda_tiles, True
+def cuda_tiles(arch: int = 90):
+    """Within the block, the host code plans (tiles, backward build) as for a CUDA launch on
+    ``sm_<arch>`` whatever the tensors' device."""
+    global _cuda_arch
+    old, _cuda_arch = _cuda_arch, arch
     try:
         yield
     finally:
-        _cuda_tiles = old
+        _cuda_arch = old
 
 
 _interpreting = None
@@ -79,4 +82,20 @@ def check_interpreter(triton_version: str, numpy_version: str) -> None:
 
 def tiles_for_cuda(device) -> bool:
     """Whether a launch on ``device`` takes the CUDA tiles (always inside :func:`cuda_tiles`)."""
-    return _cuda_tiles or device.type == "cuda"
+    return bool(_cuda_arch) or device.type == "cuda"
+
+
+def target_arch(device) -> int | None:
+    """The compute capability x10 a launch on ``device`` is planned for: the GPU's, the one of
+    :func:`cuda_tiles` for a tensor elsewhere, or None (the interpreter)."""
+    if device.type == "cuda":
+        return _capability(device)
+    return _cuda_arch or None
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(device) -> int:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
