@@ -264,7 +264,7 @@ def test_grouped_order_hides_the_ordered_adds_in_the_model():
     blocks fastest, the chain's blocks start together and the ordered adds cost over 10% against
     atomic ones (the model's positive control); in the grouped order under 2%."""
     mod = _dkv_balance()
-    steps, key_blocks, n_qt = mod.chain_steps(Schedule.videobooth(16), 4096, 2, 8, 40, 132)
+    steps, key_blocks, n_qt = mod.chain_steps(Schedule.videobooth(16), 4096, 2, 8, 40)
     group = min(len(steps), mod.order_group(n_qt, True, torch.device("cpu")))
     span = {(g, o): mod.ordered_makespan(steps, key_blocks, 132, g, 2.0, 0.2, o)
             for g in (None, group) for o in (True, False)}

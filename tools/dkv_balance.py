@@ -42,31 +42,34 @@ def makespan(works: list[float], sms: int) -> float:
     return max(free)
 
 
-def balance(schedule: Schedule, tokens: int, batch: int, heads: int, head_dim: int, sms: int) -> dict:
-    """Makespan / ideal of the phase-2 dK/dV launch, unsplit and as the op splits it."""
+def _phase2(schedule: Schedule, tokens: int, batch: int, heads: int, head_dim: int, kernel: str):
+    """The phase-2 dK/dV launch of ``kernel`` ("dkv": the split pair's pass, "dkvq": the fused
+    one) as the op plans it for a CUDA launch: (targets, their chunks after the reader split,
+    reader cap, tiles, key blocks)."""
     _, phase2 = schedule.plan(False)
     targets = phase2.targets()
-    counts = tuple(len(rd) for _, rd in targets)
     with cuda_tiles():
-        cfg = block_config(head_dim, torch.device("cpu"), "dkv", n_queries=tokens, n_keys=tokens)
-    programs = cdiv(tokens, cfg["BLOCK_N"]) * batch * heads
-    cap = reader_cap(counts, cdiv(tokens, cfg["BLOCK_N"]), batch * heads, True, torch.device("cpu"), None)
+        cfg = block_config(head_dim, torch.device("cpu"), kernel, n_queries=tokens, n_keys=tokens)
+    key_blocks = cdiv(tokens, cfg["BLOCK_N"])
+    cap = reader_cap(tuple(len(rd) for _, rd in targets), key_blocks, batch * heads, True, torch.device("cpu"), None)
     split, _ = chunk_targets(targets, cap)
+    return targets, split, cap, cfg, key_blocks
+
+
+def balance(schedule: Schedule, tokens: int, batch: int, heads: int, head_dim: int, sms: int) -> dict:
+    """Makespan / ideal of the phase-2 dK/dV launch, unsplit and as the op splits it."""
+    targets, split, cap, _, key_blocks = _phase2(schedule, tokens, batch, heads, head_dim, "dkv")
+    programs = key_blocks * batch * heads
     whole = [max(len(rd), 0.05) for _, rd in targets for _ in range(programs)]
     parts = [max(len(rd), 0.05) for _, rd, _ in split for _ in range(programs)]
     ideal = sum(whole) / sms
     return dict(tokens=tokens, cap=cap, unsplit=makespan(whole, sms) / ideal, split=makespan(parts, sms) / ideal)
 
 
-def chain_steps(schedule: Schedule, tokens: int, batch: int, heads: int, head_dim: int, sms: int):
+def chain_steps(schedule: Schedule, tokens: int, batch: int, heads: int, head_dim: int):
     """(steps of each chain of the fused pass, in launch order; key blocks; query tiles per reader)."""
-    _, phase2 = schedule.plan(False)
-    targets = phase2.targets()
-    with cuda_tiles():
-        cfg = block_config(head_dim, torch.device("cpu"), "dkvq", n_queries=tokens, n_keys=tokens)
-    key_blocks, n_qt = cdiv(tokens, cfg["BLOCK_N"]), cdiv(tokens, cfg["BLOCK_M"])
-    cap = reader_cap(tuple(len(rd) for _, rd in targets), key_blocks, batch * heads, True, torch.device("cpu"), None)
-    split, _ = chunk_targets(targets, cap)
+    _, split, _, cfg, key_blocks = _phase2(schedule, tokens, batch, heads, head_dim, "dkvq")
+    n_qt = cdiv(tokens, cfg["BLOCK_M"])
     return [len(rd) * n_qt for _, rd, _ in split for _ in range(batch * heads)], key_blocks, n_qt
 
 
@@ -102,7 +105,7 @@ def order_table(schedule: Schedule, tokens, batch: int, heads: int, head_dim: in
     """Makespan over ideal of the fused pass, ordered / atomic, by launch order and latency."""
     rows = []
     for n in tokens:
-        steps, key_blocks, n_qt = chain_steps(schedule, n, batch, heads, head_dim, sms)
+        steps, key_blocks, n_qt = chain_steps(schedule, n, batch, heads, head_dim)
         ideal = sum(steps) * key_blocks / sms
         group = min(len(steps), order_group(n_qt, True, torch.device("cpu")))
         for lat in latencies:
