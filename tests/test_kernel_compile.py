@@ -124,6 +124,9 @@ def test_fused_backward_compiles_as_designed(tmp_path):
         assert r["unordered_adds"] == 0, r
     det_dkv = [r for r in det if r["kernel"] == "dkv"]
     assert all(r["atomics"] > 2 for r in det_dkv), det_dkv  # the dQ adds and the semaphore
+    # the ordered wait passes at count >= target (an equality poll can miss it and spin: issue 33)
+    assert all(r["poll_rule"] == "ge" for r in det_dkv), [r["poll_rule"] for r in det_dkv]
+    assert all(r["poll_rule"] == "" for r in atomic), [r["poll_rule"] for r in atomic]
     # the deterministic build is within 10% of the atomic one per tile (the wait and release)
     assert all(r["per64"] <= 1.1 * next(a for a in atomic if a["kernel"] == "dkv" and a["phase"] == r["phase"])["per64"]
                for r in det_dkv), det_dkv
@@ -191,3 +194,16 @@ def test_unaligned_strides_fall_back_to_align_1():
     al, strides = launch_strides((q, 4), (odd, 4))
     assert al == 1 and list(strides) == list(q.stride()[:4]) + list(odd.stride()[:4])
     assert launch_strides((q.float(), 4))[0] == 4
+
+
+def test_poll_rules_reads_the_compare_after_the_acquire_load():
+    """poll_rules finds the semaphore poll's compare (the load's register against the target),
+    across .loc lines; a compare of another register, or none, is not a poll."""
+    from vb_kernels.impl.fused.aot import poll_rules
+
+    load = "ld.global.acquire.gpu.b32 %r677, [%rd249];"
+    loc = "\t.loc\t1 190 12 // backward.py:190:12"
+    assert poll_rules("\n".join([load, loc, "setp.ge.s32 p_wait, %r677, %r678;"])) == "ge"
+    assert poll_rules("\n".join([load, "setp.eq.s32 p_wait, %r677, %r678;"])) == "eq"
+    assert poll_rules("\n".join([load, "setp.eq.s32 %p1, %r5, %r678;"])) == ""
+    assert poll_rules("setp.ge.s32 p_wait, %r677, %r678;") == ""

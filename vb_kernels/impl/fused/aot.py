@@ -244,6 +244,7 @@ class KernelReport:
     atomics: int = 0  # atom./red. instructions in the PTX (the fused backward's dQ adds and semaphore)
     unordered_adds: int = 0  # float atomics outside a wait-release window (:func:`unordered_float_atomics`)
     ctas_per_sm: int = 0  # resident CTAs per SM by registers, shared memory and threads (:func:`ctas_per_sm`)
+    poll_rule: str = ""  # how the semaphore polls compare the count with their target (:func:`poll_rules`)
 
     def row(self) -> dict:
         return dataclasses.asdict(self)
@@ -275,7 +276,19 @@ def analyse(kernel, grid, args, kwargs, arch: int = 90, phase: int = 0, bound=No
     return KernelReport(kind, phase, tuple(grid), tiles, regs, spill, k.metadata.shared,
                         mma, dict(shapes), cp_async, tma, scalar16, len(body),
                         round(len(body) * norm, 1), dict(mix.most_common(12)), round(per_score, 2), atomics,
-                        unordered_float_atomics(ptx), ctas_per_sm(regs, k.metadata.shared, warps, arch))
+                        unordered_float_atomics(ptx), ctas_per_sm(regs, k.metadata.shared, warps, arch),
+                        poll_rules(ptx))
+
+
+_POLL = re.compile(r"\bld\.global\.acquire\.gpu\.b32\s+(%r\d+),[^\n]*\n(?:\s*\.loc[^\n]*\n)*"
+                   r"\s*setp\.(\w+)\.s32\s+[%\w]+,\s*(%r\d+),")
+
+
+def poll_rules(ptx: str) -> str:
+    """The comparisons of the semaphore polls (an acquire load of the count, then a compare with
+    the target), e.g. ``"ge"``; empty when the kernel has none. The ordered dQ wait must pass at
+    count >= target (``_wait_count``): an ``eq`` poll can miss its target and spin forever."""
+    return ",".join(sorted({m.group(2) for m in _POLL.finditer(ptx) if m.group(1) == m.group(3)}))
 
 
 _ATOMIC = re.compile(r"\b(?:atom|red)\.[\w.:]*")

@@ -171,7 +171,10 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _wait_count(p_sem, target):
-    """Spin until the int32 at ``p_sem`` equals ``target`` (acquire, GPU scope); returns it.
+    """Spin until the int32 at ``p_sem`` is at least ``target`` (acquire, GPU scope); returns it.
+    At least, not equal: the count only grows, and a warp of the waiting block that has passed
+    the wait may release (count > target) before a slower warp of the same block has polled; an
+    equality test would leave that warp spinning forever (:func:`_dq_partial` has the invariant).
     After 2^28 polls (each an L2 round trip, a few hundred ns to a microsecond: minutes) the wait
     gives up and traps, a CUDA error the caller sees, rather than hang the process: a block
     that never comes is a bug, not a slow GPU. One inline-PTX op rather than a Triton while loop: a
@@ -185,7 +188,7 @@ def _wait_count(p_sem, target):
         mov.u32 n_poll, 0;
         vb_wait_dq:
         ld.global.acquire.gpu.b32 $0, [$1];
-        setp.eq.s32 p_wait, $0, $2;
+        setp.ge.s32 p_wait, $0, $2;
         @p_wait bra vb_wait_done;
         add.u32 n_poll, n_poll, 1;
         setp.ge.u32 p_wait, n_poll, 268435456;
@@ -206,12 +209,16 @@ def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n,
     the row's source list): the 5th matmul, with dS^T already in registers from dK.
 
     DETERMINISTIC: the key blocks of a target add into a tile in key-block order, ranked by a
-    semaphore per (slot, batch*head, row, query tile): block ``i_n`` waits until the count is
-    ``i_n`` x THREADS (block 0 writes instead of adding: no zero fill), adds, then each of its
-    THREADS threads counts one (a release per thread: each publishes its own adds). Block
+    semaphore per (slot, batch*head, row, query tile). Block ``i_n``'s threads each wait until
+    the count is at least ``i_n`` x THREADS (block 0 writes instead of adding: no zero fill), add,
+    then count one each (release: each publishes its own adds). Invariant: the count stays below
+    (j + 1) x THREADS until every thread of block j has released, and no thread of a later block
+    releases before that; so count >= ``i_n`` x THREADS holds exactly when blocks 0 .. i_n - 1
+    are done, whichever of block ``i_n``'s own warps released first (an equality test would miss
+    it: tests/test_dq_order_protocol.py checks both rules in every interleaving). Block
     ``i_n``'s program comes after block ``i_n - 1``'s in the grid (the grouped launch order,
     :func:`launch_order`: a few programs later), so no wait points to a program that can start
-    later. Under the interpreter (the grid runs in
+    later (forward progress rests on blocks being dispatched in grid order). Under the interpreter (the grid runs in
     order) the count must already be ``i_n``: an assertion checks it (``tl.assume``, which the
     interpreter checks always). Else: atomic adds into
     one zeroed slot (FA2's default, not bit-reproducible)."""
@@ -262,8 +269,9 @@ def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n,
         if SPLIT:
             tl.store(p1, b_dq1, mask=first & m1)
             tl.atomic_add(p1, b_dq1, mask=~first & m1, sem="relaxed")
-        # every thread publishes its own adds: one release add per thread (no CTA barrier,
-        # which would stop the loop's software pipelining); the next block waits for all of them
+        # every thread counts one for its own adds (release, GPU scope): the next block's wait
+        # passes once all THREADS have. No CTA barrier (it would stop the loop's software
+        # pipelining); ptxas aggregates the same-address adds of a warp into one (docs/kernels.md)
         tl.atomic_add(p_sem + tl.zeros([THREADS], tl.int32), 1, sem="release")
     else:
         tl.atomic_add(p0, b_dq0, mask=m0, sem="relaxed")
