@@ -47,8 +47,34 @@ def _opt(t, name: str, ndim: int, batch: int, device):
 
 
 def _tensor_inputs(callback, names) -> list:
-    """The tensors a step-end callback asks for: its own ``tensor_inputs`` attribute, else ``names``."""
-    return list(getattr(callback, "tensor_inputs", None) or names)
+    """The tensors a step-end callback gets: a diffusers ``PipelineCallback`` /
+    ``MultiPipelineCallbacks`` names its own (``tensor_inputs``, as diffusers' pipelines read
+    it), a plain callable gets ``names`` (``callback_on_step_end_tensor_inputs``)."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+        try:
+            own = callback.tensor_inputs
+        except NotImplementedError as e:
+            raise TypeError(f"callback_on_step_end: {type(callback).__name__} does not set tensor_inputs "
+                            "(a PipelineCallback must name the tensors it reads)") from e
+        return list(own)
+    return list(names)
+
+
+def _from_callback(out: dict, name: str, current: torch.Tensor) -> torch.Tensor:
+    """A tensor a step-end callback returned under ``name`` (checked: same shape as the one it
+    replaces), else ``current``. diffusers' SD callbacks cut a CFG-doubled batch to its last
+    row; here every pass has its own (B, ...) tensor, so a cut batch is refused, not broadcast."""
+    if not isinstance(out, dict):
+        raise TypeError(f"callback_on_step_end: expected it to return a dict (or None), got {type(out).__name__}")
+    if name not in out:
+        return current
+    new = out.pop(name)
+    if not isinstance(new, torch.Tensor) or new.shape != current.shape:
+        got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+        raise ValueError(f"callback_on_step_end: returned {name!r} must keep its shape {tuple(current.shape)}, got {got}")
+    return new.to(device=current.device, dtype=current.dtype)
 
 
 def _repeat_each(n: int):
@@ -111,7 +137,10 @@ class VideoBoothPipeline(DiffusionPipeline):
     # The order __call__ runs them in: image prompt -> CLIP -> mapper (their tokens go into the
     # prompt) -> text encoder -> VAE (the image prompt's latent) -> backbone (then the VAE decodes).
     model_cpu_offload_seq = "image_encoder->mapper->text_encoder->vae->backbone"
-    _callback_tensor_inputs = ["latents"]
+    # What a step-end callback may read and replace: the latents, and the conditional and
+    # unconditional passes' text embeddings, each (B, L, D_text) at the call's batch.
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    _guidance_scale, _num_timesteps, _interrupt = 1.0, 0, False  # until a call sets them
 
     def __init__(self, vae, text_encoder, tokenizer, image_encoder, mapper, backbone, scheduler):
         super().__init__()
@@ -135,6 +164,28 @@ class VideoBoothPipeline(DiffusionPipeline):
             if isinstance(module, torch.nn.Module):
                 own_aligned_storage(module)
         return pipe
+
+    # ---- what a step-end callback reads and may change (diffusers' pipelines' properties) ------
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance weight of the running call; a step-end callback may set
+        ``pipe._guidance_scale`` (diffusers' ``SDCFGCutoffCallback`` sets 0) and the next steps use it."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether this step runs the unconditional pass too (``guidance_scale > 1``)."""
+        return self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of denoising steps of the running call (the scheduler's timesteps)."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` in a step-end callback to stop after that step."""
+        return self._interrupt
 
     # ---- diffusers' switches ---------------------------------------------------------------------
     def set_image_prompt_scale(self, scale: float) -> None:
@@ -379,8 +430,14 @@ class VideoBoothPipeline(DiffusionPipeline):
                 (a diagnostic, for a model trained so: ``model.fine_latent: clean``).
             callback_on_step_end: ``f(pipe, step, timestep, callback_kwargs) -> dict`` called
                 after every step with the tensors named in ``callback_on_step_end_tensor_inputs``
-                (``"latents"``); a returned ``"latents"`` replaces them. Set
-                ``pipe._interrupt = True`` inside it to stop early.
+                (any of ``"latents"``, ``"prompt_embeds"``, ``"negative_prompt_embeds"``; each
+                pass's own (B, ...) tensor); a returned one replaces it (same shape). A diffusers
+                ``PipelineCallback`` / ``MultiPipelineCallbacks`` gets the tensors its
+                ``tensor_inputs`` name. It may set ``pipe._guidance_scale`` (the next steps
+                guide with it; 1 or less: the conditional pass alone, as diffusers'
+                ``SDCFGCutoffCallback``) and ``pipe._interrupt = True`` (stop after this step);
+                it reads ``pipe.num_timesteps``, ``pipe.guidance_scale``,
+                ``pipe.do_classifier_free_guidance``.
 
         Returns:
             :class:`VideoBoothPipelineOutput` (or a tuple ``(frames,)`` when not ``return_dict``).
@@ -397,8 +454,12 @@ class VideoBoothPipeline(DiffusionPipeline):
                           noise_image_latents=noise_image_latents)
         tensor_inputs = _tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device, dtype = self._execution_device, next(self.backbone.parameters()).dtype
-        do_cfg = guidance_scale > 1.0
-        grey = do_cfg and uncond_image == "grey"  # the unconditional pass gets a grey image prompt
+        # The call's guidance weight lives on the pipeline (diffusers' convention): a step-end
+        # callback may change it, and whether a step runs the unconditional pass follows it.
+        self._guidance_scale = float(guidance_scale)
+        # the unconditional pass gets a grey image prompt (prepared whatever the weight is now:
+        # a callback may switch guidance on mid-loop)
+        grey = uncond_image == "grey"
         self._interrupt = False
 
         # 1. Coarse path: the image prompt's tokens replace the subject word; attn2 reads the text.
@@ -443,6 +504,7 @@ class VideoBoothPipeline(DiffusionPipeline):
             self.backbone.set_image_scale(image_prompt_scale)
         try:
             timesteps = self.scheduler.timesteps
+            self._num_timesteps = len(timesteps)
             with self.progress_bar(total=len(timesteps)) as progress:
                 for i, t in enumerate(timesteps):
                     if self._interrupt:
@@ -450,26 +512,29 @@ class VideoBoothPipeline(DiffusionPipeline):
                     x_in = self.scheduler.scale_model_input(latents, t)
                     tb = t.reshape(1).repeat(b).to(device)
                     cond_args = cast(text, pooled, image_embeds, noised(image_latents, t, tb), null_text, null_pooled)
-                    if not do_cfg:
+                    w = self._guidance_scale
+                    if not self.do_classifier_free_guidance:
                         pred = self._predict(x_in, t, *cond_args)
                     elif not grey:
                         pred_c = self._predict(x_in, t, *cond_args)
                         pred_u = self._predict(x_in, t, *cast(neg_text, neg_pooled, None, None, None, None))
-                        pred = pred_u + guidance_scale * (pred_c - pred_u)
+                        pred = pred_u + w * (pred_c - pred_u)
                     else:
                         # One batched call: [uncond (negative prompt, grey image); cond].
                         uncond_args = cast(neg_text, neg_pooled, grey_embeds, noised(grey_latents, t, tb), null_text,
                                            null_pooled)
                         both = [None if u is None else torch.cat([u, c]) for u, c in zip(uncond_args, cond_args)]
                         pred_u, pred_c = self._predict(torch.cat([x_in, x_in]), t, *both).chunk(2)
-                        pred = pred_u + guidance_scale * (pred_c - pred_u)
+                        pred = pred_u + w * (pred_c - pred_u)
                     if pred.shape[1] == 2 * latents.shape[1]:  # learned variance: keep the mean part
                         pred = pred[:, : latents.shape[1]]
                     latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
                     if callback_on_step_end is not None:
-                        avail = {"latents": latents}
+                        avail = {"latents": latents, "prompt_embeds": text, "negative_prompt_embeds": neg_text}
                         out = callback_on_step_end(self, i, t, {k: avail[k] for k in tensor_inputs}) or {}
-                        latents = out.pop("latents", latents)
+                        latents = _from_callback(out, "latents", latents)
+                        text = _from_callback(out, "prompt_embeds", text)
+                        neg_text = _from_callback(out, "negative_prompt_embeds", neg_text)
                     progress.update()
         finally:  # the backbone's own strength (and its config) as before the call
             if image_prompt_scale is not None:

@@ -1,0 +1,132 @@
+"""VideoBoothPipeline behaves as diffusers' own pipelines do (issue 30): step-end callbacks with
+the pipeline's guidance properties (diffusers.callbacks' objects included), every save option
+reaching every component, components left out (None) where diffusers allows it, offloading and
+layerwise casting on CPU. Tiny random components, a few seconds each."""
+import copy
+
+import pytest
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback, SDCFGCutoffCallback
+
+import vb
+
+from test_vb_diffusers_pipeline import KW, gen, image, make_pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_pipe("unet")
+
+
+def _spy(p):
+    """Record the batch size of every backbone call of ``p`` (undo with ``del p._predict``)."""
+    sizes, orig = [], p._predict
+
+    def spy(x, t, *cond):
+        sizes.append(x.shape[0])
+        return orig(x, t, *cond)
+
+    p._predict = spy
+    return sizes
+
+
+# ---- 1. callbacks ----------------------------------------------------------------------------------
+def test_callback_reads_the_guidance_properties(pipe):
+    seen = []
+
+    def cb(p, i, t, kw):
+        seen.append((p.num_timesteps, p.guidance_scale, p.do_classifier_free_guidance, p.interrupt))
+        return kw
+
+    gen(pipe, num_inference_steps=3, guidance_scale=4.0, callback_on_step_end=cb)
+    assert seen == [(3, 4.0, True, False)] * 3
+    seen.clear()
+    gen(pipe, guidance_scale=1.0, callback_on_step_end=cb)
+    assert seen == [(2, 1.0, False, False)] * 2
+
+
+@pytest.mark.parametrize("uncond_image,full,cut", [("none", [1, 1], [1]), ("grey", [2], [1])])
+def test_diffusers_cfg_cutoff_callback_ends_guidance_for_the_rest_of_the_loop(pipe, uncond_image, full, cut):
+    """diffusers' own SDCFGCutoffCallback (tensor_inputs ["prompt_embeds"], sets
+    pipe._guidance_scale = 0 at the cutoff step and cuts the embeddings to their last row: a
+    no-op at batch 1): from the next step on, one conditional pass per step (batch B, not 2B)."""
+    p = copy.deepcopy(pipe)
+    sizes = _spy(p)
+    steps = 3
+    ref = gen(p, num_inference_steps=steps, uncond_image=uncond_image)
+    assert sizes == full * steps
+    sizes.clear()
+    out = gen(p, num_inference_steps=steps, uncond_image=uncond_image,
+              callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=0))
+    assert sizes == full + cut * (steps - 1)
+    assert p.guidance_scale == 0.0 and not p.do_classifier_free_guidance
+    assert not torch.equal(out, ref)
+    # the same as cutting guidance by hand at that step (the ratio form reads pipe.num_timesteps)
+    sizes.clear()
+    ratio = gen(p, num_inference_steps=steps, uncond_image=uncond_image,
+                callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.0))
+    assert torch.equal(ratio, out) and sizes == full + cut * (steps - 1)
+
+
+def test_callback_may_switch_guidance_on_mid_loop_grey_included(pipe):
+    p = copy.deepcopy(pipe)
+    sizes = _spy(p)
+
+    def on(pp, i, t, kw):
+        pp._guidance_scale = 5.0
+        return kw
+
+    gen(p, num_inference_steps=3, guidance_scale=1.0, uncond_image="grey", callback_on_step_end=on)
+    assert sizes == [1, 2, 2]  # the grey image prompt was ready although the call began unguided
+
+
+class _Record(PipelineCallback):
+    tensor_inputs = ["latents", "negative_prompt_embeds"]
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        self.keys = sorted(callback_kwargs)
+        callback_kwargs["latents"] = callback_kwargs["latents"] * 0 if step_index == 0 else callback_kwargs["latents"]
+        return callback_kwargs
+
+
+def test_multi_pipeline_callbacks_get_the_union_of_their_tensor_inputs(pipe):
+    rec = _Record()
+    both = MultiPipelineCallbacks([SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1), rec])
+    out = gen(pipe, callback_on_step_end=both, callback_on_step_end_tensor_inputs=["latents"])
+    # the objects' own tensor_inputs count, not the call's list (as in diffusers' pipelines)
+    assert rec.keys == ["latents", "negative_prompt_embeds", "prompt_embeds"]
+    assert not torch.equal(out, gen(pipe))
+
+
+def test_callback_returning_new_prompt_embeds_changes_the_next_steps(pipe):
+    def swap(p, i, t, kw):
+        return {"prompt_embeds": kw["negative_prompt_embeds"]} if i == 0 else {}
+
+    assert not torch.equal(gen(pipe, callback_on_step_end=swap, callback_on_step_end_tensor_inputs=[
+        "prompt_embeds", "negative_prompt_embeds"]), gen(pipe))
+
+
+def test_callback_tensor_inputs_are_checked(pipe):
+    class Unknown(PipelineCallback):
+        tensor_inputs = ["add_time_ids"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            return callback_kwargs
+
+    class NoInputs(PipelineCallback):
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            return callback_kwargs
+
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs.*add_time_ids"):
+        gen(pipe, callback_on_step_end=Unknown())
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs.*add_time_ids"):
+        gen(pipe, callback_on_step_end=MultiPipelineCallbacks([_Record(), Unknown()]))
+    with pytest.raises(TypeError, match="callback_on_step_end: NoInputs does not set tensor_inputs"):
+        gen(pipe, callback_on_step_end=NoInputs())
+
+    def cut(p, i, t, kw):  # a batch cut to one row at batch 2: refused, not broadcast
+        return {"prompt_embeds": kw["prompt_embeds"][-1:]}
+
+    with pytest.raises(ValueError, match="callback_on_step_end: returned 'prompt_embeds' must keep its shape"):
+        gen(pipe, num_videos_per_prompt=2, callback_on_step_end=cut,
+            callback_on_step_end_tensor_inputs=["prompt_embeds"])
