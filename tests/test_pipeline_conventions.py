@@ -130,3 +130,69 @@ def test_callback_tensor_inputs_are_checked(pipe):
     with pytest.raises(ValueError, match="callback_on_step_end: returned 'prompt_embeds' must keep its shape"):
         gen(pipe, num_videos_per_prompt=2, callback_on_step_end=cut,
             callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
+
+# ---- 2. save options ----------------------------------------------------------------------------------
+MODEL_FOLDERS = ("backbone", "image_encoder", "mapper", "vae")  # diffusers ModelMixin components
+
+
+def _weights(folder):
+    return sorted(f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".json")
+                  and f.name != "config.json")
+
+
+def _same_weights(p, q):
+    for name in MODEL_FOLDERS + ("text_encoder",):
+        sa, sb = getattr(p, name).state_dict(), getattr(q, name).state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
+
+
+def test_save_overrides_name_every_option_of_diffusers_model_save():
+    """DiffusionPipeline.save_pretrained passes an option only to save methods that name it: the
+    overrides must name every parameter ModelMixin.save_pretrained has (today and after an upgrade)."""
+    import inspect
+
+    from diffusers.models.modeling_utils import ModelMixin
+
+    want = {k for k, v in inspect.signature(ModelMixin.save_pretrained).parameters.items()
+            if v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)}
+    assert {"safe_serialization", "variant", "max_shard_size"} <= want
+    for cls in (vb.VideoBoothUNet, vb.VideoDiT, vb.VideoBoothImageEncoder):
+        got = set(inspect.signature(cls.save_pretrained).parameters)
+        assert want <= got, (cls.__name__, sorted(want - got))
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_variant_tags_every_weight_file_and_loads_back(tmp_path, backbone):
+    p = make_pipe(backbone)
+    p.save_pretrained(tmp_path, variant="fp16")
+    for name in MODEL_FOLDERS:
+        assert _weights(tmp_path / name) == ["diffusion_pytorch_model.fp16.safetensors"], name
+    assert _weights(tmp_path / "text_encoder") == ["model.fp16.safetensors"]
+    q = vb.VideoBoothPipeline.from_pretrained(tmp_path, variant="fp16")
+    q.set_progress_bar_config(disable=True)
+    _same_weights(p, q)
+    assert torch.equal(gen(q), gen(p))
+    with pytest.raises((OSError, ValueError)):  # there is no untagged copy to load
+        vb.VideoBoothPipeline.from_pretrained(tmp_path)
+
+
+def test_safe_serialization_false_writes_pickles_where_the_library_can(tmp_path, pipe):
+    pipe.save_pretrained(tmp_path, safe_serialization=False)
+    for name in MODEL_FOLDERS:
+        assert _weights(tmp_path / name) == ["diffusion_pytorch_model.bin"], name
+    # transformers 5 saves safetensors only (its save_pretrained has no safe_serialization)
+    assert _weights(tmp_path / "text_encoder") == ["model.safetensors"]
+    q = vb.VideoBoothPipeline.from_pretrained(tmp_path)
+    _same_weights(pipe, q)
+
+
+def test_sharded_save_reloads(tmp_path, pipe):
+    pipe.save_pretrained(tmp_path, max_shard_size="100KB")
+    files = _weights(tmp_path / "backbone")
+    assert "diffusion_pytorch_model.safetensors.index.json" in files and len(files) > 3, files
+    assert len(_weights(tmp_path / "image_encoder")) > 2
+    q = vb.VideoBoothPipeline.from_pretrained(tmp_path)
+    q.set_progress_bar_config(disable=True)
+    _same_weights(pipe, q)
+    assert torch.equal(gen(q), gen(pipe))

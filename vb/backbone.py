@@ -120,14 +120,22 @@ class VideoBackboneMixin:
         reloaded backbone computes the same bits as the saved one)."""
         return own_aligned_storage(super().from_pretrained(pretrained_model_name_or_path, **kwargs))
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """diffusers' ``ModelMixin.save_pretrained`` (config + safetensors weights), refused when
-        the schedule is not a name: a hand-built ``vb_kernels.Schedule`` or callable cannot be
-        written to the JSON config, and the reloaded model would run another schedule."""
+    def save_pretrained(self, save_directory, is_main_process: bool = True, save_function=None,
+                        safe_serialization: bool = True, variant: Optional[str] = None,
+                        max_shard_size="10GB", push_to_hub: bool = False, use_flashpack: bool = False, **kwargs):
+        """diffusers' ``ModelMixin.save_pretrained`` (config + weights) with every option passed
+        on. They are named here, not taken as ``*args``: ``DiffusionPipeline.save_pretrained``
+        hands ``safe_serialization``, ``variant`` and ``max_shard_size`` only to save methods
+        whose signature names them. Refused when the schedule is not a name: a hand-built
+        ``vb_kernels.Schedule`` or callable cannot be written to the JSON config, and the
+        reloaded model would run another schedule."""
         if self.install_config.get("schedule") is None:
             raise ValueError("schedule: save_pretrained needs a named schedule ('videobooth', 'first', 'self', "
                              "'window:<k>', 'keyframes:<m>'); this backbone runs a hand-built Schedule or callable")
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        return super().save_pretrained(save_directory, is_main_process=is_main_process, save_function=save_function,
+                                       safe_serialization=safe_serialization, variant=variant,
+                                       max_shard_size=max_shard_size, push_to_hub=push_to_hub,
+                                       use_flashpack=use_flashpack, **kwargs)
 
     # -- adapter weights ------------------------------------------------------------------------
     def adapter_state_dict(self) -> Dict[str, torch.Tensor]:

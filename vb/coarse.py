@@ -150,14 +150,22 @@ class VideoBoothImageEncoder(ModelMixin, ConfigMixin):
 
         return own_aligned_storage(super().from_pretrained(pretrained_model_name_or_path, **kwargs))
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """diffusers' ``ModelMixin.save_pretrained``; refused for a tower whose open_clip
-        configuration is unknown (``from_pretrained`` could not rebuild it)."""
+    def save_pretrained(self, save_directory, is_main_process: bool = True, save_function=None,
+                        safe_serialization: bool = True, variant: Optional[str] = None,
+                        max_shard_size: Union[int, str] = "10GB", push_to_hub: bool = False,
+                        use_flashpack: bool = False, **kwargs):
+        """diffusers' ``ModelMixin.save_pretrained`` with every option passed on (named, because
+        ``DiffusionPipeline.save_pretrained`` hands ``safe_serialization``, ``variant`` and
+        ``max_shard_size`` only to save methods whose signature names them); refused for a tower
+        whose open_clip configuration is unknown (``from_pretrained`` could not rebuild it)."""
         if self.config.vision_cfg is None and self.config.hf_vision_config is None:
             raise ValueError("vision_cfg: this image encoder was built from a tower without its open_clip "
                              "configuration; use VideoBoothImageEncoder.from_open_clip(...) or pass embed_dim= and "
                              "vision_cfg= so that from_pretrained can rebuild it")
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        return super().save_pretrained(save_directory, is_main_process=is_main_process, save_function=save_function,
+                                       safe_serialization=safe_serialization, variant=variant,
+                                       max_shard_size=max_shard_size, push_to_hub=push_to_hub,
+                                       use_flashpack=use_flashpack, **kwargs)
 
     @classmethod
     def official(cls, visual: Optional[nn.Module] = None, pretrained: Optional[str] = "openai", **kwargs):
