@@ -196,3 +196,60 @@ def test_sharded_save_reloads(tmp_path, pipe):
     q.set_progress_bar_config(disable=True)
     _same_weights(pipe, q)
     assert torch.equal(gen(q), gen(pipe))
+
+
+# ---- 3. components left out -------------------------------------------------------------------------
+ENCODERS = dict(text_encoder=None, tokenizer=None, image_encoder=None, mapper=None)
+
+
+def _embeds(enc, negative="blurry"):
+    """diffusers' memory-saving first half: the encoders alone encode the prompts."""
+    images = enc.prepare_image(image(), 1, 16, 16)
+    tokens, _ = enc.encode_image(images)
+    text, pooled, neg, neg_pooled, null, null_pooled = enc.encode_prompt("a dog on grass", "dog", tokens,
+                                                                         negative_prompt=negative)
+    return dict(prompt_embeds=text, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg,
+                negative_pooled_prompt_embeds=neg_pooled, null_prompt_embeds=null, null_pooled_prompt_embeds=null_pooled)
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_encode_with_the_encoders_alone_then_denoise_without_them(backbone):
+    full = make_pipe(backbone)
+    ref = gen(full, negative_prompt="blurry")
+    enc = vb.VideoBoothPipeline.from_pipe(full, backbone=None, vae=None)
+    assert enc.backbone is None and enc.vae is None and enc.text_encoder is full.text_encoder
+    with pytest.raises(ValueError, match="backbone: this pipeline has no backbone"):
+        gen(enc)
+    kw = _embeds(enc)
+    del enc
+    if backbone == "unet":  # the U-Net reads no CLIP embedding: no image encoder needed either
+        den = vb.VideoBoothPipeline.from_pipe(full, **ENCODERS)
+    else:  # the DiT reads the pooled CLIP image embedding
+        with pytest.raises(ValueError, match="image_encoder: this pipeline has no image_encoder"):
+            gen(vb.VideoBoothPipeline.from_pipe(full, **ENCODERS), **kw)
+        den = vb.VideoBoothPipeline.from_pipe(full, text_encoder=None, tokenizer=None)
+    den.set_progress_bar_config(disable=True)
+    assert torch.equal(gen(den, **kw), ref)
+    with pytest.raises(ValueError, match="tokenizer: this pipeline has no tokenizer"):  # the null prompt is missing
+        gen(den, **{k: v for k, v in kw.items() if not k.startswith("null")})
+
+
+def test_a_call_that_needs_a_missing_component_names_it(pipe):
+    no_vae = vb.VideoBoothPipeline.from_pipe(pipe, vae=None)
+    assert no_vae.vae_scale_factor == 8  # diffusers' default without a VAE
+    with pytest.raises(ValueError, match="vae: this pipeline has no vae"):
+        no_vae("a dog", "dog", image(), num_frames=2, height=16, width=16, num_inference_steps=1)
+    with pytest.raises(ValueError, match="image_encoder: this pipeline has no image_encoder"):
+        gen(vb.VideoBoothPipeline.from_pipe(pipe, image_encoder=None))
+    with pytest.raises(ValueError, match="text_encoder: this pipeline has no text_encoder"):
+        gen(vb.VideoBoothPipeline.from_pipe(pipe, text_encoder=None))
+
+
+def test_pipeline_without_backbone_and_vae_saves_and_loads(tmp_path, pipe):
+    enc = vb.VideoBoothPipeline(**dict(pipe.components, backbone=None, vae=None))
+    enc.save_pretrained(tmp_path)
+    assert not (tmp_path / "backbone").exists() and not (tmp_path / "vae").exists()
+    back = vb.VideoBoothPipeline.from_pretrained(tmp_path)
+    assert back.backbone is None and back.vae is None
+    a, b = _embeds(enc), _embeds(back)
+    assert all(torch.equal(a[k], b[k]) for k in a if a[k] is not None)

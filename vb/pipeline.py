@@ -17,15 +17,17 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .adapter import load_adapter, save_adapter
 from .backbone import check_tensor, expand_batch, own_aligned_storage
-from .coarse import VideoBoothImageEncoder, _as_list, encode_prompt, official_preprocess
+from .coarse import VideoBoothImageEncoder, VideoBoothMapper, _as_list, encode_prompt, official_preprocess
+from .dit import VideoDiT
 from .latents import encode_latents
 from .official.convert import load_official
+from .unet import VideoBoothUNet
 from .official.sampler import (OFFICIAL_DEFAULTS, OFFICIAL_NULL_PROMPT, OFFICIAL_PLACEHOLDER, official_denoise,
                                official_prompt, official_scheduler)
 
@@ -142,11 +144,29 @@ class VideoBoothPipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     _guidance_scale, _num_timesteps, _interrupt = 1.0, 0, False  # until a call sets them
 
-    def __init__(self, vae, text_encoder, tokenizer, image_encoder, mapper, backbone, scheduler):
+    # Any model may be left out (None), as diffusers' pipelines allow for their optional
+    # components: the encoders alone encode prompts and image prompts (no backbone, no VAE), a
+    # pipeline without the encoders denoises given embeddings. A call that needs a missing one
+    # says which (``_require``). Saved as null in model_index.json, loaded back as None.
+    _optional_components = ["vae", "text_encoder", "tokenizer", "image_encoder", "mapper", "backbone"]
+
+    def __init__(self, vae: Optional[AutoencoderKL], text_encoder, tokenizer,
+                 image_encoder: Optional[VideoBoothImageEncoder], mapper: Optional[VideoBoothMapper],
+                 backbone: Union[VideoBoothUNet, VideoDiT, None], scheduler):
+        # (the model types are annotated because diffusers' from_pipe carries a ModelMixin
+        # component over to the new pipeline only when its type is the annotated one)
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, image_encoder=image_encoder,
                               mapper=mapper, backbone=backbone, scheduler=scheduler)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # without a VAE, SD's factor (diffusers' pipelines' default)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
+
+    def _require(self, *names: str, why: str) -> None:
+        """Raise a ValueError naming the first of ``names`` this pipeline was built without."""
+        for name in names:
+            if getattr(self, name, None) is None:
+                raise ValueError(f"{name}: this pipeline has no {name} (built with {name}=None); {why} needs it "
+                                 f"(add it with VideoBoothPipeline.from_pipe(pipe, {name}=...))")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "VideoBoothPipeline":
@@ -260,15 +280,18 @@ class VideoBoothPipeline(DiffusionPipeline):
 
     def encode_image(self, images: torch.Tensor):
         """(B, 3, H, W) in [0, 1] -> (subject tokens (B, K, D_text), image embeds (B, E))."""
+        self._require("image_encoder", "mapper", why="encoding the image prompt")
         enc = self.image_encoder(images)
         return self.mapper(enc.layer_tokens), enc.image_embeds
 
     def encode_vae(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, C, H/s, W/s) scaled latents (the distribution's mode)."""
+        self._require("vae", why="the image prompt's latent (fine path)")
         return encode_latents(self.vae, images * 2 - 1, sample=False).to(self.vae.dtype)
 
     def decode_latents(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """(B, C, F, h, w) -> (B, F, 3, H, W) in [0, 1], decoded frame by frame in chunks."""
+        self._require("vae", why="decoding the latents (output_type 'latent' does not)")
         b, c, f, h, w = latents.shape
         x = latents.transpose(1, 2).reshape(b * f, c, h, w)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
@@ -281,7 +304,8 @@ class VideoBoothPipeline(DiffusionPipeline):
     def check_inputs(self, prompt, subject_word, num_frames, height, width, num_inference_steps, guidance_scale,
                      uncond_image="none", output_type="pil", *, negative_prompt=None, num_videos_per_prompt=1,
                      eta=0.0, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt_embeds=None,
-                     negative_pooled_prompt_embeds=None, callback_on_step_end=None,
+                     negative_pooled_prompt_embeds=None, null_prompt_embeds=None, null_pooled_prompt_embeds=None,
+                     callback_on_step_end=None,
                      callback_on_step_end_tensor_inputs=("latents",), noise_image_latents=True) -> None:
         """Every argument of :meth:`__call__` that can be checked before any work; a bad one
         raises an error that names it and what was expected."""
@@ -322,6 +346,10 @@ class VideoBoothPipeline(DiffusionPipeline):
                 raise ValueError("prompt: give either prompt or prompt_embeds, not both")
             if self._needs_pooled and pooled_prompt_embeds is None:
                 raise ValueError("pooled_prompt_embeds: the DiT backbone needs it with prompt_embeds")
+        if null_prompt_embeds is not None:
+            _check_embeds("null_prompt_embeds", null_prompt_embeds, 3)
+            if self._needs_pooled and null_pooled_prompt_embeds is None:
+                raise ValueError("null_pooled_prompt_embeds: the DiT backbone needs it with null_prompt_embeds")
         if negative_prompt_embeds is not None:
             _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3)
             if self._needs_pooled and negative_pooled_prompt_embeds is None:
@@ -334,15 +362,21 @@ class VideoBoothPipeline(DiffusionPipeline):
 
     def encode_prompt(self, prompt, subject_word, subject_tokens: Optional[torch.Tensor], *, negative_prompt=None,
                       prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt_embeds=None,
-                      negative_pooled_prompt_embeds=None):
+                      negative_pooled_prompt_embeds=None, null_prompt_embeds=None, null_pooled_prompt_embeds=None):
         """The coarse path and the text of every pass, for B prompts.
 
         The image prompt's ``subject_tokens`` (B, K, D_text) replace each prompt's subject word
         (unless ``prompt_embeds`` are given: then the coarse path is the caller's). Returns
         ``(text, pooled, negative_text, negative_pooled, null_text, null_pooled)``, each (B, ...):
         the conditional pass's text, the unconditional pass's (the negative prompt, its
-        embeddings, or the empty prompt) and the image branch's (always the empty prompt)."""
+        embeddings, or the empty prompt) and the image branch's (always the empty prompt, or
+        ``null_prompt_embeds`` (1 or B, L, D_text), e.g. this method's earlier output). With
+        every embedding given, no tokenizer or text encoder is needed."""
         device = self._execution_device
+        if prompt_embeds is None or null_prompt_embeds is None or (
+                negative_prompt_embeds is None and negative_prompt is not None):
+            self._require("tokenizer", "text_encoder", why="encoding a prompt (pass prompt_embeds, "
+                          "negative_prompt_embeds and null_prompt_embeds to do without)")
         if prompt_embeds is None:
             prompts = _as_list("prompt", prompt)
             words = _as_list("subject_word", subject_word, len(prompts))
@@ -351,7 +385,13 @@ class VideoBoothPipeline(DiffusionPipeline):
         else:
             b = prompt_embeds.shape[0]
             text, pooled = prompt_embeds.to(device), _opt(pooled_prompt_embeds, "pooled_prompt_embeds", 2, b, device)
-        null_text, null_pooled = encode_prompt(self.text_encoder, self.tokenizer, [""])
+        if null_prompt_embeds is None:
+            null_text, null_pooled = encode_prompt(self.text_encoder, self.tokenizer, [""])
+        else:
+            null_text = expand_batch("null_prompt_embeds", null_prompt_embeds.to(device), b)
+            null_pooled = _opt(null_pooled_prompt_embeds, "null_pooled_prompt_embeds", 2, b, device)
+            if null_pooled is None:  # (only the DiT reads it; check_inputs asks for it there)
+                null_pooled = torch.zeros(b, null_text.shape[-1], device=device, dtype=null_text.dtype)
         if negative_prompt_embeds is not None:
             neg_text = expand_batch("negative_prompt_embeds", negative_prompt_embeds.to(device), b)
             neg_pooled = _opt(negative_pooled_prompt_embeds, "negative_pooled_prompt_embeds", 2, b, device)
@@ -369,6 +409,7 @@ class VideoBoothPipeline(DiffusionPipeline):
                         latents: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Initial noise (B, C, F, h, w), drawn from ``generator`` or the given ``latents``
         (checked), scaled by the scheduler's ``init_noise_sigma`` (call after ``set_timesteps``)."""
+        self._require("backbone", why="the latents' shape")
         shape = (batch, self.backbone.in_channels, num_frames, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         device = self._execution_device
@@ -395,6 +436,8 @@ class VideoBoothPipeline(DiffusionPipeline):
                  pooled_prompt_embeds: Optional[torch.Tensor] = None,
                  negative_prompt_embeds: Optional[torch.Tensor] = None,
                  negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
+                 null_prompt_embeds: Optional[torch.Tensor] = None,
+                 null_pooled_prompt_embeds: Optional[torch.Tensor] = None,
                  image_prompt_scale: Optional[float] = None, noise_image_latents: bool = True,
                  callback_on_step_end: Optional[Callable] = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)):
@@ -423,6 +466,11 @@ class VideoBoothPipeline(DiffusionPipeline):
                 the DiT also needs ``pooled_prompt_embeds`` (B, D_text).
             negative_prompt_embeds, negative_pooled_prompt_embeds: the same for the
                 unconditional pass.
+            null_prompt_embeds, null_pooled_prompt_embeds: the image branch's empty prompt
+                ((1 or B, L, D_text), (1 or B, D_text)), as :meth:`encode_prompt` returns it:
+                with all three embeddings given, the call needs no tokenizer or text encoder
+                (and with a U-Net no image encoder either: diffusers' encode, free the
+                encoders, then denoise).
             image_prompt_scale: strength of the image prompt's fine path for this call (see
                 :meth:`set_image_prompt_scale`); None keeps the backbone's.
             noise_image_latents: the fine path's image latent noised to every step's timestep
@@ -449,10 +497,12 @@ class VideoBoothPipeline(DiffusionPipeline):
                           num_videos_per_prompt=num_videos_per_prompt, eta=eta, prompt_embeds=prompt_embeds,
                           pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                           negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                          null_prompt_embeds=null_prompt_embeds, null_pooled_prompt_embeds=null_pooled_prompt_embeds,
                           callback_on_step_end=callback_on_step_end,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                           noise_image_latents=noise_image_latents)
         tensor_inputs = _tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self._require("backbone", "scheduler", why="generating")
         device, dtype = self._execution_device, next(self.backbone.parameters()).dtype
         # The call's guidance weight lives on the pipeline (diffusers' convention): a step-end
         # callback may change it, and whether a step runs the unconditional pass follows it.
@@ -465,15 +515,19 @@ class VideoBoothPipeline(DiffusionPipeline):
         # 1. Coarse path: the image prompt's tokens replace the subject word; attn2 reads the text.
         b = len(_as_list("prompt", prompt)) if prompt_embeds is None else prompt_embeds.shape[0]
         images = self.prepare_image(image_prompt, b, height, width)
-        subject_tokens, image_embeds = self.encode_image(images)
+        # CLIP runs where its output is read: subject tokens for a prompt to encode, the pooled
+        # image embedding for the DiT (so given embeddings and a U-Net need no image encoder)
+        reads_clip = prompt_embeds is None or self._needs_pooled
+        subject_tokens, image_embeds = self.encode_image(images) if reads_clip else (None, None)
         text, pooled, neg_text, neg_pooled, null_text, null_pooled = self.encode_prompt(
             prompt, subject_word, subject_tokens, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, null_prompt_embeds=null_prompt_embeds,
+            null_pooled_prompt_embeds=null_pooled_prompt_embeds)
         # 2. Fine path: the image prompt's latent, noised anew at every step with one fixed draw.
         image_latents = self.encode_vae(images)
         if grey:
-            _, grey_embeds = self.encode_image(torch.full_like(images, 0.5))
+            grey_embeds = self.encode_image(torch.full_like(images, 0.5))[1] if reads_clip else None
             grey_latents = self.encode_vae(torch.full_like(images, 0.5))
         if num_videos_per_prompt > 1:  # every per-prompt tensor, prompt-major (prompt 0's videos first)
             rep = _repeat_each(num_videos_per_prompt)
