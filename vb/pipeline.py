@@ -439,6 +439,7 @@ class VideoBoothPipeline(DiffusionPipeline):
                  null_prompt_embeds: Optional[torch.Tensor] = None,
                  null_pooled_prompt_embeds: Optional[torch.Tensor] = None,
                  image_prompt_scale: Optional[float] = None, noise_image_latents: bool = True,
+                 image_stream: Optional[str] = None,
                  callback_on_step_end: Optional[Callable] = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)):
         """Generate B * ``num_videos_per_prompt`` videos of ``num_frames`` frames.
@@ -476,6 +477,12 @@ class VideoBoothPipeline(DiffusionPipeline):
             noise_image_latents: the fine path's image latent noised to every step's timestep
                 (True, the paper's, as trained); False feeds the clean latent at every step
                 (a diagnostic, for a model trained so: ``model.fine_latent: clean``).
+            image_stream: what the image branch is fed: ``"one"`` (one copy of the image latent,
+                one noise draw for the whole loop) or ``"official"`` (``num_frames`` copies, each
+                with its own draw, fresh at every step, through every layer: the official code's
+                stream, F times the image-branch work). None: the backbone's saved
+                ``image_stream`` (``"official"`` on the official preset). Sample with the stream
+                the model was trained with (``model.image_stream``): they are different models.
             callback_on_step_end: ``f(pipe, step, timestep, callback_kwargs) -> dict`` called
                 after every step with the tensors named in ``callback_on_step_end_tensor_inputs``
                 (any of ``"latents"``, ``"prompt_embeds"``, ``"negative_prompt_embeds"``; each
@@ -537,20 +544,31 @@ class VideoBoothPipeline(DiffusionPipeline):
                 grey_embeds, grey_latents = rep(grey_embeds), rep(grey_latents)
             b = b * num_videos_per_prompt
 
-        # 3. Noise: the video's, then the image latent's (one draw for every step).
+        # 3. Noise: the video's, then the image latent's (per stream, below).
         latents = self.prepare_latents(b, num_frames, height, width, dtype, generator, latents)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
-        image_noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=dtype)
+        stream = self._image_stream(image_stream)
+        # "one": one draw for every step; "official": a fresh (B, C, F, h, w) draw at every step
+        # (drawn before the step's own noise, as the official loop), shared by the grey prompt
+        image_noise = (randn_tensor(image_latents.shape, generator=generator, device=device, dtype=dtype)
+                       if stream == "one" else None)
+        fresh = {}
         step_kwargs = self._step_kwargs(generator, eta)
 
         def cast(*ts):
             return [None if t is None else t.to(dtype) for t in ts]
 
         def noised(lat, t, tb):
+            lat = self._stream_latents(lat.to(dtype), stream, num_frames)
             if not noise_image_latents:
-                return lat.to(dtype)
-            return self.scheduler.scale_model_input(self.scheduler.add_noise(lat.to(dtype), image_noise, tb), t)
+                return lat
+            noise = image_noise
+            if stream == "official":
+                if fresh.get("t") is not t:
+                    fresh.update(t=t, noise=randn_tensor(lat.shape, generator=generator, device=device, dtype=dtype))
+                noise = fresh["noise"]
+            return self.scheduler.scale_model_input(self.scheduler.add_noise(lat, noise, tb), t)
 
         # 4. Denoise, with the call's image-prompt strength (the backbone's own comes back after).
         prev_scale = getattr(self.backbone, "image_scale", 1.0)
@@ -689,6 +707,24 @@ class VideoBoothPipeline(DiffusionPipeline):
                                        image_latent.to(dtype), guidance_scale=guidance_scale,
                                        image_frames=image_frames, generator=generator, progress=bar.update)
         return self._finish(latents, output_type, return_dict)
+
+    def _image_stream(self, image_stream: Optional[str]) -> str:
+        """A call's ``image_stream`` (None: the backbone's saved one), checked against the backbone."""
+        from .official.sampler import check_image_stream
+
+        stream = getattr(self.backbone, "image_stream", "one") if image_stream is None else image_stream
+        check_image_stream("image_stream", stream)
+        if stream == "official" and (not hasattr(self.backbone, "set_image_stream") or getattr(self.backbone, "motion", False)):
+            raise ValueError(f"image_stream: 'official' feeds the image branch a (B, C, F, h, w) clip, which only an "
+                             f"inflated 2D VideoBoothUNet takes; this backbone is a {type(self.backbone).__name__}"
+                             f"{' over a UNetMotionModel' if getattr(self.backbone, 'motion', False) else ''}")
+        return stream
+
+    @staticmethod
+    def _stream_latents(lat: torch.Tensor, stream: str, num_frames: int) -> torch.Tensor:
+        from .official.sampler import image_stream_latents
+
+        return image_stream_latents(lat, stream, num_frames)
 
     def _predict(self, x, t, text, pooled, image_embeds, image_latents, null_text, null_pooled):
         return self.backbone(x, t, text, pooled_text_embeds=pooled, image_embeds=image_embeds,

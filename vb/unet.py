@@ -30,6 +30,7 @@ from .backbone import (VideoBackboneMixin, batch_timesteps, check_backbone_input
                        expand_batch)
 from .context import STATE_KWARG, VideoBoothContext, VideoBoothState, resolve_state, state_kwargs
 from .official.layers import ClipGroupNorm, WatermarkModule, use_clip_groupnorm
+from .official.sampler import check_image_stream
 from .processors import (ScheduleSpec, VideoBoothAttnProcessor, VideoBoothTextAttnProcessor, _BaseProcessor,
                          check_backend, check_schedule_spec, parse_image_bank)
 from .temporal import TemporalAttention
@@ -334,6 +335,11 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
             config holds), used when ``unet`` is None.
         image_scale: strength of the image prompt's fine path (:meth:`set_image_scale`; saved in
             the config).
+        image_stream: what the pipeline (and the training task) feed the image branch by default:
+            ``"one"`` (one copy of the image latent, one noise draw) or ``"official"`` (F copies,
+            each with its own draw, fresh at every step: the official code's stream;
+            ``vb.official.sampler.IMAGE_STREAMS``). None: ``"official"`` for the official
+            architecture, ``"one"`` otherwise. Saved in the config (:meth:`set_image_stream`).
     """
 
     def __init__(self, unet: Optional[nn.Module] = None, *, schedule: ScheduleSpec = "videobooth", attn_backend: str = "reference",
@@ -341,7 +347,7 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
                  freeze_base: bool = True, preset: Optional[str] = None, clip_groupnorm: Optional[bool] = None,
                  temporal_positions: Optional[bool] = None, temporal_in_image: Optional[bool] = None,
                  watermark=None, arch: Optional[dict] = None, unet_class: Optional[str] = None,
-                 unet_config: Optional[dict] = None, image_scale: float = 1.0):
+                 unet_config: Optional[dict] = None, image_scale: float = 1.0, image_stream: Optional[str] = None):
         super().__init__()
         if arch is not None:
             arch = resolve_arch(None, **arch)
@@ -378,6 +384,11 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
             check_walkable(unet)
         # What an adapter file needs to rebuild the same set of weights.
         self.image_scale = check_image_scale("image_scale", image_scale)
+        if image_stream is None:
+            official = (arch["clip_groupnorm"] and arch["temporal_in_image"] and not arch["temporal_positions"]
+                        and arch["watermark"] is not None)
+            image_stream = "official" if official else "one"
+        self.image_stream = check_image_stream("image_stream", image_stream)
         has_temporal = any(hasattr(m, "vb_temporal") for m in unet.modules())
         self.install_config = {"backbone": "unet", "image_bank": parse_image_bank(image_bank),
                                "learn_query": bool(learn_query), "temporal": has_temporal,
@@ -392,7 +403,14 @@ class VideoBoothUNet(VideoBackboneMixin, ModelMixin, ConfigMixin):
             unet_config={k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
             schedule=schedule if isinstance(schedule, str) else None, attn_backend=attn_backend,
             image_bank=parse_image_bank(image_bank), learn_query=bool(learn_query), temporal=has_temporal,
-            freeze_base=bool(freeze_base), arch=self.install_config["arch"], image_scale=self.image_scale)
+            freeze_base=bool(freeze_base), arch=self.install_config["arch"], image_scale=self.image_scale,
+            image_stream=self.image_stream)
+
+    def set_image_stream(self, stream: str) -> None:
+        """The image branch's default stream, ``"one"`` or ``"official"`` (the constructor's
+        ``image_stream``); kept in the saved config. A pipeline call's ``image_stream`` overrides it."""
+        self.image_stream = check_image_stream("stream", stream)
+        self._update_config(image_stream=self.image_stream)
 
     def _unet_pass(self, st: VideoBoothState, frames: torch.Tensor, t: torch.Tensor, text: torch.Tensor):
         """The U-Net on frame-major ``frames`` (B*F, C, H, W) in the pass ``st`` (``t``, ``text``

@@ -55,6 +55,13 @@ cfg.model keys (defaults in brackets):
                   toy's evaluation then feeds it real prompts, as every arm)
     fine_latent   "noised" (the image latent noised to the video's timestep, the paper's) or
                   "clean" (the diagnostic: the clean latent at every step) ["noised"]
+    image_stream  what the image branch is fed: "one" (one copy of the image latent, one noise
+                  draw: this project's cheaper stream) or "official" (the latent repeated over the
+                  clip's F frames, each copy with its own draw at the video's timestep, through every
+                  layer, temporal attention included: the official train_stage2.py's stream); None:
+                  the backbone's (``VideoBoothUNet(image_stream=)``: "official" on the official
+                  preset, else "one"). The backbone keeps the value, so its pipeline samples with
+                  the same stream (a fresh draw per copy at every step) [None]
 cfg.data keys: root (required), categories, video_root, num_frames [4], frame_stride [1],
     size [16], image_size [32], caption_column, split (keep CSV rows whose ``split`` column
     has this value), prompt_augment {hflip, degrees, translate, scale, box_trim} (box_trim
@@ -83,7 +90,8 @@ MODEL_KEYS = {"components", "seed", "image_bank", "learn_query", "temporal", "cl
               "fine_path", "train_temporal", "extra_trainable", "base_weights", "adapter",
               "pretrained_model_name_or_path", "clip_model", "clip_pretrained", "mapper_hidden", "revision",
               "motion_adapter", "motion_adapter_revision", "clip_positions", "ip_tokens", "ip_scale",
-              "ip_kind", "ip_layer", "exemplar_init", "coarse_input", "grey_prompt", "fine_latent"}
+              "ip_kind", "ip_layer", "exemplar_init", "coarse_input", "grey_prompt", "fine_latent",
+              "image_stream"}
 DATA_KEYS = {"root", "categories", "video_root", "num_frames", "frame_stride", "size", "image_size",
              "caption_column", "split", "prompt_augment", "prompt_augment_vae", "max_skips", "paired_transform"}
 COARSE_INPUTS = ("image", "swap-average", "halves")
@@ -260,6 +268,18 @@ class VideoBoothTask(DiffusionTask):
         self.fine_latent = m.get("fine_latent", "noised")
         if self.fine_latent not in ("noised", "clean"):
             raise ValueError(f"model.fine_latent: expected 'noised' or 'clean', got {self.fine_latent!r}")
+        from vb.official.sampler import check_image_stream
+
+        stream = m.get("image_stream")
+        if stream is None:
+            stream = getattr(self.backbone, "image_stream", "one")
+        self.image_stream = check_image_stream("model.image_stream", stream)
+        if self.image_stream == "official":
+            if not hasattr(self.backbone, "set_image_stream") or getattr(self.backbone, "motion", False):
+                raise ValueError(f"model.image_stream: 'official' feeds the image branch a (B, C, F, h, w) clip, which "
+                                 f"only an inflated 2D VideoBoothUNet takes (backbone: {type(self.backbone).__name__})")
+        if hasattr(self.backbone, "set_image_stream"):  # the pipeline samples with the trained stream
+            self.backbone.set_image_stream(self.image_stream)
         self.grey_prompt = bool(m.get("grey_prompt", False))
         self._null = None
         self.no_span = 0
@@ -455,6 +475,10 @@ class VideoBoothTask(DiffusionTask):
             img = F.interpolate(src.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
             with torch.no_grad():
                 lat = encode_latents(self.vae, img.clamp(-1, 1), sample=False)
+            # "one": (B, C, h, w); "official": the F copies (B, C, F, h, w), each with its own draw
+            from vb.official.sampler import image_stream_latents
+
+            lat = image_stream_latents(lat, self.image_stream, noisy.shape[2])
             img_noise = torch.randn(lat.shape, generator=generator, device=generator.device).to(lat)
             # (the noise is drawn either way: the generator's stream does not depend on fine_latent)
             image_latents = lat if self.fine_latent == "clean" else self.add_noise(lat, img_noise, timesteps)
@@ -542,5 +566,6 @@ class VideoBoothTask(DiffusionTask):
         import vb
 
         return vb.save_adapter(str(directory), self.mapper, self.backbone,
-                               extra_config={"stage": self.cfg.stage, "task": "videobooth"})
+                               extra_config={"stage": self.cfg.stage, "task": "videobooth",
+                                             "image_stream": self.image_stream})
 

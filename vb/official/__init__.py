@@ -13,8 +13,9 @@ This package's ``__init__`` imports only what needs no model (the layers and the
 that :mod:`vb.unet` can use the layers while :mod:`vb.official.convert` builds a ``VideoBoothUNet``.
 """
 from .layers import ClipGroupNorm, WatermarkModule
-from .sampler import (OFFICIAL_DEFAULTS, OFFICIAL_NULL_PROMPT, OFFICIAL_PLACEHOLDER, ddpm_step, official_denoise,
-                      official_guidance, official_prompt, official_scheduler)
+from .sampler import (IMAGE_STREAMS, OFFICIAL_DEFAULTS, OFFICIAL_NULL_PROMPT, OFFICIAL_PLACEHOLDER, check_image_stream,
+                      ddpm_step, image_stream_latents, official_denoise, official_guidance, official_prompt,
+                      official_scheduler)
 
-__all__ = ["ClipGroupNorm", "OFFICIAL_DEFAULTS", "OFFICIAL_NULL_PROMPT", "OFFICIAL_PLACEHOLDER", "WatermarkModule",
-           "ddpm_step", "official_denoise", "official_guidance", "official_prompt", "official_scheduler"]
+__all__ = ["ClipGroupNorm", "IMAGE_STREAMS", "OFFICIAL_DEFAULTS", "OFFICIAL_NULL_PROMPT", "OFFICIAL_PLACEHOLDER", "WatermarkModule",
+           "check_image_stream", "ddpm_step", "image_stream_latents", "official_denoise", "official_guidance", "official_prompt", "official_scheduler"]

@@ -13,6 +13,37 @@ OFFICIAL_NULL_PROMPT = "None"  # the official code's null text is this literal w
 OFFICIAL_PLACEHOLDER = "sdksd"  # the official sample script puts this word in place of the subject
 OFFICIAL_DEFAULTS = dict(height=256, width=256, num_frames=16, num_inference_steps=250, guidance_scale=4.0, fps=8)
 
+# What the fine path's image branch is fed (docs/official.md, difference 4b):
+#   "one": one copy of the image latent per sample, (B, C, h, w), one noise draw (this project's
+#          research default; the image branch runs once: 1/F of the work of "official");
+#   "official": the image latent repeated over the F frames, (B, C, F, h, w), each copy with its own
+#          noise draw, a fresh draw at every sampling step (in training: at the video's timestep),
+#          run through every layer, temporal attention included (the official code's stream).
+# The two are different models: one trained with one stream is not the other's estimator.
+IMAGE_STREAMS = ("one", "official")
+
+
+def check_image_stream(name: str, stream) -> str:
+    """``stream`` if it is one of :data:`IMAGE_STREAMS`, else a ValueError naming ``name``."""
+    if not isinstance(stream, str) or stream not in IMAGE_STREAMS:
+        raise ValueError(f"{name}: expected one of {IMAGE_STREAMS}, got {stream!r}")
+    return stream
+
+
+def image_stream_latents(image_latent: torch.Tensor, stream: str, num_frames: int) -> torch.Tensor:
+    """The clean input of the image branch for ``stream``: (B, C, h, w) as it is ("one"), or
+    repeated over ``num_frames`` frames, (B, C, F, h, w) ("official"); noise each copy with its own
+    draw of the returned shape."""
+    check_image_stream("image_stream", stream)
+    if not isinstance(image_latent, torch.Tensor) or image_latent.dim() != 4:
+        got = tuple(image_latent.shape) if isinstance(image_latent, torch.Tensor) else type(image_latent).__name__
+        raise ValueError(f"image_latent: expected a (B, C, h, w) tensor, got {got}")
+    if stream == "one":
+        return image_latent
+    if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
+        raise ValueError(f"num_frames: expected an int >= 1, got {num_frames!r}")
+    return image_latent[:, :, None].repeat(1, 1, num_frames, 1, 1)
+
 
 def official_prompt(prompt: str, subject_word: str) -> str:
     """The official sample script's prompt: lower-cased, every occurrence of the subject word
@@ -124,7 +155,8 @@ def official_denoise(backbone, scheduler, latents: torch.Tensor, text: torch.Ten
     b = latents.shape[0]
     lat = None  # the image branch's clean latents: (B, C, h, w), or F copies (B, C, F, h, w)
     if image_latent is not None:
-        lat = image_latent if image_frames == 0 else image_latent[:, :, None].repeat(1, 1, image_frames, 1, 1)
+        lat = (image_latent if image_frames == 0
+               else image_stream_latents(image_latent, "official", int(image_frames)))
     for t in scheduler.timesteps:
         tb = t.reshape(1).repeat(b).to(latents.device)
         img_t = None
