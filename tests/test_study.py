@@ -204,3 +204,56 @@ def test_study_full_quick_ip_adapter_plus_and_clean_latent_arms(tmp_path):
     from safetensors.torch import load_file
     names = load_file(str(next((out / "runs" / "ipplus-s0").rglob("trainable.safetensors"))))
     assert any(k.startswith("ip_adapter.resampler.") for k in names)
+
+
+# ---- issue 32: colour pairs as the within-seed unit, two-sided sign tests, the controls' rule ------
+def test_colour_pairs_are_the_within_seed_unit():
+    from vb_train.toy import study
+
+    assert study.colour_pair("square/two-tone/green/yellow") == study.colour_pair("circle/two-tone/yellow/green")
+    assert study.colour_pair("square/striped/red") == "square/striped/red"
+    ids = ["s/two-tone/a/b", "s/two-tone/a/b", "s/two-tone/b/a", "s/two-tone/c/d", "s/two-tone/d/c"]
+    vals = [1.0, 3.0, 0.0, 4.0, 6.0]
+    assert study.pair_means(vals, ids) == [1.0, 5.0]   # (mean(1, 3) + 0) / 2, (4 + 6) / 2
+    # two orders moving together: over identities 4 units look independent, over pairs only 2
+    ids4 = ["s/two-tone/a/b", "s/two-tone/b/a", "s/two-tone/c/d", "s/two-tone/d/c"]
+    narrow = study.within_seed_interval([1.0, 1.1, 2.0, 2.1], ids4, unit="identity")
+    wide = study.within_seed_interval([1.0, 1.1, 2.0, 2.1], ids4)
+    assert wide[1] - wide[0] > 3 * (narrow[1] - narrow[0])
+    with pytest.raises(ValueError, match="unit"):
+        study.within_seed_interval(vals, ids, unit="clip")
+
+
+def test_sign_test_is_two_sided():
+    from vb_train.toy import study
+
+    assert study.sign_test([1, 2, 3, 4, 5]) == {"positive": 5, "n": 5, "p": 0.0625}
+    assert study.sign_test([-1, -2, -3, -4, -5])["p"] == 0.0625
+    assert study.sign_test([1] * 6)["p"] == 0.03125
+    assert study.sign_test([1, -1, 0])["n"] == 2 and study.sign_test([1, -1])["p"] == 1.0
+
+
+def _arm(name, seeds, gap_ci, contrast_ci, gap_seed_means):
+    from vb_train.toy import study
+
+    return {"name": name, "seed_ids": seeds, "flip_gap_within_seed": gap_ci, "flip_contrast_within_seed": contrast_ci,
+            "flip_loss_gap": study.t_interval(gap_seed_means),
+            "sign_test": {"flip_loss_gap": study.sign_test(gap_seed_means)}}
+
+
+def test_controls_verdict_marks_a_grey_seed_and_needs_a_positive_control():
+    from vb_train.toy import study
+
+    hold = [[-1.0, 1.0]] * 3
+    summ = {"grey": _arm("grey", [0, 1, 2], hold, [[-1, 1], [-0.002, -0.0001], [-1, 1]], [0.1, -0.1, 0.0]),
+            "oracle": _arm("oracle", [0, 1, 2], [[1, 2], [-1, 3], [2, 3]], hold, [1.0, 1.2, 0.9])}
+    cv = study.controls_verdict(summ)
+    assert not cv["clean"] and cv["grey_excludes_zero"] == {"flip_loss_gap": [], "flip_contrast": [1]}
+    assert cv["positive_control_holds"] and cv["positive"]["oracle"]["seeds_excluding_zero"] == [0, 2]
+    md = "\n".join(study.controls_lines(cv))
+    assert "not clean" in md and "significant across seeds" in md
+    summ["grey"]["flip_contrast_within_seed"] = hold
+    summ["oracle"] = _arm("oracle", [0, 1, 2], hold, hold, [50.0, 0.1, 0.2])   # one seed carries it
+    cv = study.controls_verdict(summ)
+    assert cv["clean"] and not cv["positive_control_holds"]
+    assert "no conclusion is drawn from its nulls" in "\n".join(study.controls_lines(cv))

@@ -121,6 +121,11 @@ STUDY_ARMS: List[Arm] = [
         multi_seed=True),
     Arm("clean", "study", "diagnostic: fine path reads the clean image latent", {},
         {"model.fine_latent": "clean"}, multi_seed=True),
+    # issue 32: the reference arm with the official image stream (F copies of the image latent, each
+    # with its own draw at the video's t in training, fresh at every sampling step, through the
+    # temporal layers); stage 1 is the reference arm's (no fine path in stage 1)
+    Arm("ref_official", "study", "coarse + fine, two-stage, official image stream (F noised copies)", {},
+        {"model.image_stream": "official"}, multi_seed=True),
 ]
 ARM_BY_KEY = {a.key: a for a in ARMS + STUDY_ARMS}
 
@@ -224,6 +229,8 @@ def generate_for_arm(pipe, items, s: X.DemoSettings, arm: Arm, *, image: bool, s
         kw["coarse_input"] = arm.setting("model.coarse_input", s, "image")
     if arm.setting("model.fine_latent", s, "noised") == "clean":
         kw["noise_image_latents"] = False
+    if arm.setting("model.image_stream", s, None) is not None:
+        kw["image_stream"] = arm.setting("model.image_stream", s, None)
     return E.generate_videos(pipe, items, s, image=image, seed=seed, num_frames=num_frames, swapped=swapped, **kw)
 
 

@@ -54,8 +54,8 @@ GREY = 0.5
 def generate_videos(pipe, items: Sequence[EvalItem], s: DemoSettings, *, image: bool, seed: int,
                     num_frames: Optional[int] = None, batch: int = 20, images=None,
                     image_prompt_scale: Optional[float] = None, plain_prompts: bool = False,
-                    coarse_input: str = "image", swapped: bool = False, noise_image_latents: bool = True
-                    ) -> torch.Tensor:
+                    coarse_input: str = "image", swapped: bool = False, noise_image_latents: bool = True,
+                    image_stream: Optional[str] = None) -> torch.Tensor:
     """One video per item: (N, F, 3, H, W) in [-1, 1]. image=True: with the item's image prompt
     (or `images[i]` when given); False: text only (a grey image prompt). Item i's initial noise
     depends on (seed, i) only, so both arms start from the same noise.
@@ -67,7 +67,8 @@ def generate_videos(pipe, items: Sequence[EvalItem], s: DemoSettings, *, image: 
     come from `vb_train.videobooth_task.coarse_subject_tokens` (what the task trained on) and reach
     the pipeline as its ``prompt_embeds``. swapped: every item's swapped prompt (``image_paired``)
     instead of its prompt, for both paths (the paired flip contrast). noise_image_latents: the
-    pipeline's (False for a model trained on the clean image latent)."""
+    pipeline's (False for a model trained on the clean image latent). image_stream: the
+    pipeline's (None: the backbone's, i.e. the stream the task trained with)."""
     from tqdm.auto import tqdm
 
     f = num_frames or s.frames
@@ -105,7 +106,7 @@ def generate_videos(pipe, items: Sequence[EvalItem], s: DemoSettings, *, image: 
             text = dict(prompt_embeds=encode_prompt(pipe.text_encoder, pipe.tokenizer, text["prompt"],
                                                     text["subject_word"], tokens)[0])
         res = pipe(**text, image_prompt=prompts, image_prompt_scale=image_prompt_scale,
-                   noise_image_latents=noise_image_latents,
+                   noise_image_latents=noise_image_latents, image_stream=image_stream,
                    num_frames=f, height=s.size, width=s.size, num_inference_steps=s.inference_steps,
                    guidance_scale=s.guidance_scale, uncond_image=s.uncond_image,
                    generator=torch.Generator().manual_seed(seed + lo), latents=latents, output_type="pt")

@@ -52,8 +52,9 @@ import torch
 from . import ablations as A
 from . import experiment as X
 
-GATE_ARMS = ("ref", "coarse_only", "oracle", "grey")
-FULL_ARMS = ("ref", "coarse_only", "fine_only", "joint", "oracle", "grey", "ipplus", "clean")
+GATE_ARMS = ("ref", "ref_official", "coarse_only", "oracle", "grey")
+FULL_ARMS = ("ref", "ref_official", "coarse_only", "fine_only", "joint", "oracle", "grey", "ipplus", "clean")
+POSITIVE_CONTROLS = ("oracle",)   # arms that must find the arrangement (what --control-dir adds)
 GATE_COLOURS = ("red", "green", "blue", "yellow")
 STUDY_EXTRA = {"model.coarse_input": "swap-average", "data.paired_transform": "vb_train.toy.synthetic:swap_two_tone"}
 # two-sided 95% t quantiles by degrees of freedom (no scipy here)
@@ -117,9 +118,52 @@ def t_interval(x: Sequence[float]) -> dict:
     return {"mean": m, "ci95": [m - h, m + h], "per_seed": x.tolist()}
 
 
-def within_seed_interval(values: Sequence[float], identities: Sequence[str]) -> List[float]:
-    """A 95% t interval of one seed's mean over identities (identity means as the units)."""
-    return t_interval(identity_means(values, identities))["ci95"]
+def colour_pair(identity: str) -> str:
+    """The unordered colour pair of a two-tone identity ``shape/two-tone/A/B`` (``A/B`` and ``B/A``
+    are one pair: the same two colours in both orders, not independent); other identities are
+    their own unit."""
+    parts = str(identity).split("/")
+    if len(parts) >= 4 and parts[1] == "two-tone":
+        return "/".join(sorted(parts[-2:]))
+    return str(identity)
+
+
+def pair_means(values: Sequence[float], identities: Sequence[str]) -> List[float]:
+    """The mean of each colour pair's identity means (clips averaged within an identity, then the
+    pair's two orders averaged), in the order the pairs first appear."""
+    ids = identity_means(values, identities)
+    order = list(dict.fromkeys(identities))
+    groups: Dict[str, List[float]] = {}
+    for m, i in zip(ids, order):
+        groups.setdefault(colour_pair(i), []).append(m)
+    return [float(np.mean(g)) for g in groups.values()]
+
+
+def within_seed_interval(values: Sequence[float], identities: Sequence[str], unit: str = "pair") -> List[float]:
+    """A 95% t interval of one seed's mean: over colour pairs (``unit="pair"``, the independent
+    unit of the two-tone toy: a pair's two orders share their colours) or over identities
+    (``unit="identity"``, what the study used before issue 32: too narrow where orders correlate)."""
+    if unit not in ("pair", "identity"):
+        raise ValueError(f"unit: expected 'pair' or 'identity', got {unit!r}")
+    xs = pair_means(values, identities) if unit == "pair" else identity_means(values, identities)
+    return t_interval(xs)["ci95"]
+
+
+def sign_test(x: Sequence[float]) -> dict:
+    """The two-sided exact sign test of "the median is 0" over seed means: {positive, n, p}
+    (zeros dropped; p = min(1, 2 P(X <= min(k, n - k))) for X ~ Binomial(n, 1/2)). With 5 seeds
+    its smallest p is 2/32 = 0.0625: five seeds can not be significant by a sign test."""
+    xs = [v for v in x if v != 0]
+    n, k = len(xs), sum(v > 0 for v in xs)
+    if n == 0:
+        return {"positive": 0, "n": 0, "p": 1.0}
+    tail = sum(math.comb(n, i) for i in range(0, min(k, n - k) + 1)) / 2 ** n
+    return {"positive": int(k), "n": n, "p": float(min(1.0, 2 * tail))}
+
+
+def excludes_zero(ci: Sequence[float]) -> bool:
+    lo, hi = ci
+    return not (math.isnan(lo) or lo <= 0 <= hi)
 
 
 def unit_metrics(u: dict) -> Dict[str, List[float]]:
@@ -158,10 +202,13 @@ def summarise(per_arm: Dict[str, List[dict]]) -> Dict[str, dict]:
         for m in METRICS:
             if m in per[0]:
                 r[m] = t_interval([means[key][u["seed"]][m] for u in units])
+        r["seed_ids"] = [u["seed"] for u in units]
         r["flip_contrast_within_seed"] = ([within_seed_interval(p["flip_contrast"], u["identities"])
                                            for p, u in zip(per, units)] if "flip_contrast" in per[0] else None)
         r["flip_gap_within_seed"] = [within_seed_interval(p["flip_loss_gap"], u["identities"])
                                      for p, u in zip(per, units)]
+        r["pairs"] = len(pair_means(per[0]["flip_loss_gap"], units[0]["identities"]))
+        r["sign_test"] = {m: sign_test(r[m]["per_seed"]) for m in ("flip_loss_gap", "flip_contrast") if m in r}
         if all("flip_loss_gap_by_t" in u for u in units):  # mean over seeds (and clips) per timestep
             r["flip_loss_gap_by_t"] = np.mean([u["flip_loss_gap_by_t"] for u in units], axis=0).tolist()
         out[key] = r
@@ -179,6 +226,34 @@ def summarise(per_arm: Dict[str, List[dict]]) -> Dict[str, dict]:
                 if xs:
                     diffs[m] = t_interval(xs)
             out[key][f"vs_{base}"] = diffs
+    return out
+
+
+def controls_verdict(summary: Dict[str, dict], positive: Sequence[str] = ("oracle",)) -> dict:
+    """The run's controls on the primary metric (the flip-loss gap) and the flip contrast:
+
+    - negative control (grey): the seeds whose within-seed interval (over colour pairs) excludes 0;
+      any such seed marks the run as not clean;
+    - positive controls (``positive``, those present): whether the interval over seed means
+      excludes 0 (significant across seeds), per seed whether the within-seed interval does, and
+      the two-sided sign test.
+    A null of another arm means something only where a positive control holds on the same split."""
+    out: dict = {"grey_excludes_zero": {}, "positive": {}}
+    g = summary.get("grey")
+    if g:
+        for m, key in (("flip_loss_gap", "flip_gap_within_seed"), ("flip_contrast", "flip_contrast_within_seed")):
+            out["grey_excludes_zero"][m] = [sd for sd, ci in zip(g["seed_ids"], g.get(key) or []) if excludes_zero(ci)]
+    out["clean"] = bool(g) and not any(out["grey_excludes_zero"].values())
+    for k in positive:
+        r = summary.get(k)
+        if not r:
+            continue
+        out["positive"][k] = {
+            "name": r["name"], "across_seeds": excludes_zero(r["flip_loss_gap"]["ci95"]),
+            "ci95": r["flip_loss_gap"]["ci95"],
+            "seeds_excluding_zero": [sd for sd, ci in zip(r["seed_ids"], r["flip_gap_within_seed"]) if excludes_zero(ci)],
+            "seeds": r["seed_ids"], "sign_test": r["sign_test"]["flip_loss_gap"]}
+    out["positive_control_holds"] = any(v["across_seeds"] for v in out["positive"].values())
     return out
 
 
@@ -227,9 +302,28 @@ def tables(summary: Dict[str, dict]) -> Dict[str, str]:
                              _ci(d.get("flip_contrast")), _ci(d.get("order_contrast")), _ci(d.get("color_image"))])
     contrasts = md(["contrast (differences of seed means)", "seeds", "flip-loss gap (x1e3)", "flip contrast",
                     "order: true - swapped", "colour (image)"], rows)
-    per_seed = md(["arm", "flip contrast per seed [95% over identities]", "flip-loss gap per seed (x1e3)"],
-                  ([r["name"], "; ".join(f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in (r["flip_contrast_within_seed"] or [])) or "-",
-                    ", ".join(f"{x * 1e3:+.2f}" for x in r["flip_loss_gap"]["per_seed"])] for r in summary.values()))
+    grey_bad = set()
+    g = summary.get("grey")
+    if g:
+        grey_bad = {sd for sd, a, b in zip(g["seed_ids"], g["flip_gap_within_seed"], g.get("flip_contrast_within_seed")
+                                           or [[0, 0]] * len(g["seed_ids"])) if excludes_zero(a) or excludes_zero(b)}
+
+    def cell(sd, lo, hi, k=1.0, digits=3):
+        mark = " †" if sd in grey_bad else ""
+        star = "*" if excludes_zero([lo, hi]) else ""
+        return f"s{sd}: [{lo * k:+.{digits}f}, {hi * k:+.{digits}f}]{star}{mark}"
+
+    def sign(r, m):
+        st = r.get("sign_test", {}).get(m)
+        return f"{st['positive']}/{st['n']} positive, p = {st['p']:.3f}" if st else "-"
+
+    per_seed = md(["arm", "flip-loss gap per seed (x1e3) [95% over colour pairs]", "sign test, gap (two-sided)",
+                   "flip contrast per seed [95% over colour pairs]", "sign test, contrast (two-sided)"],
+                  ([r["name"], "; ".join(cell(sd, lo, hi, 1e3, 2) for sd, (lo, hi) in zip(r["seed_ids"], r["flip_gap_within_seed"])),
+                    sign(r, "flip_loss_gap"),
+                    "; ".join(cell(sd, lo, hi) for sd, (lo, hi) in zip(r["seed_ids"], r["flip_contrast_within_seed"] or [])) or "-",
+                    sign(r, "flip_contrast")]
+                   for r in summary.values()))
     ts = (100, 200, 300, 400, 500, 600, 700, 800, 900)
     by_t = md(["arm"] + [f"t={t}" for t in ts],
               ([r["name"]] + [f"{x * 1e3:+.3f}" for x in r["flip_loss_gap_by_t"]]
@@ -312,8 +406,35 @@ def flip_grid(a: A.AblationSettings, out: Path, paths: dict, keys: Sequence[str]
                         labels=labels)[0]
 
 
+def controls_lines(cv: dict) -> List[str]:
+    """The report's first lines: is there a positive control that holds across seeds, and is the
+    run clean (the grey control's seed intervals hold 0)."""
+    lines = []
+    for k, v in cv["positive"].items():
+        lo, hi = v["ci95"]
+        st = v["sign_test"]
+        lines.append(f"- positive control **{v['name']}**: flip-loss gap over seed means [{lo * 1e3:+.2f}, {hi * 1e3:+.2f}] "
+                     f"x1e3: {'**significant across seeds**' if v['across_seeds'] else '**not significant across seeds**'}; "
+                     f"its interval over colour pairs excludes 0 in seeds {v['seeds_excluding_zero'] or 'none'} of "
+                     f"{v['seeds']}; sign test {st['positive']}/{st['n']} positive, two-sided p = {st['p']:.3f}.")
+    if not cv["positive_control_holds"]:
+        lines.append("- **No positive control holds across seeds in this table: no conclusion is drawn from its "
+                     "nulls** (an arm that finds nothing means something only beside a control that finds it on the "
+                     "same split).")
+    bad = cv["grey_excludes_zero"]
+    if cv["clean"]:
+        lines.append("- negative control (grey): its interval over colour pairs holds 0 in every seed, for the flip-loss "
+                     "gap and the flip contrast: the run is clean.")
+    else:
+        lines.append(f"- **negative control (grey) fails its own rule**: its interval over colour pairs excludes 0 in "
+                     f"seeds {bad.get('flip_loss_gap') or 'none'} (flip-loss gap) and {bad.get('flip_contrast') or 'none'} "
+                     f"(flip contrast); those seeds are marked † below and **the run is not clean**.")
+    return lines
+
+
 def report(kind: str, summary: Dict[str, dict], verdict: Optional[dict], a: A.AblationSettings, total: float,
-           out: Path, ceiling: Optional[dict] = None) -> str:
+           out: Path, ceiling: Optional[dict] = None, controls: Optional[dict] = None,
+           header: Sequence[str] = ()) -> str:
     t = tables(summary)
     p = plot(summary, out / "study.png")
     s = a.demo
@@ -325,8 +446,12 @@ def report(kind: str, summary: Dict[str, dict], verdict: Optional[dict], a: A.Ab
           f"{summary[next(iter(summary))]['identities']} identities per seed, the same initial noise for every arm. "
           f"The coarse input is the mean of the tower's outputs for the prompt and its colour-swapped version "
           f"(order-blind on the fed tensor) except in the oracle (the upper and the lower half as separate "
-          f"tokens). Intervals: 95% t over seed means (clips averaged within an identity first). Reading: "
-          f"docs/demo.md.", ""]
+          f"tokens). Intervals: 95% t over seed means (clips averaged within an identity first); within a seed, "
+          f"95% t over colour pairs (a pair's two orders averaged first: they are not independent). The flip-loss "
+          f"gap is the primary metric. Sign tests two-sided over seed means. Reading: docs/demo.md.", ""]
+    md += list(header)
+    if controls is not None:
+        md += ["## Controls", ""] + controls_lines(controls) + [""]
     if verdict is not None:
         md += [f"**Gate:** oracle learns the arrangement in every seed: **{verdict['oracle_learns_every_seed']}** "
                f"(flip contrast per seed, 95% over identities: "
@@ -336,8 +461,9 @@ def report(kind: str, summary: Dict[str, dict], verdict: Optional[dict], a: A.Ab
         md += [f"Real clips against their own prompt (the ceiling): order {ceiling['order']:+.3f}, soft order "
                f"{ceiling['order_soft']:+.3f}, flip contrast (own - swapped prompt) {ceiling['flip_contrast']:+.3f}, "
                f"colour {ceiling['color']:.3f}, motion along the caption {ceiling['motion']:+.3f}.", ""]
-    md += ["## Every arm", "", t["main"], "", "## Contrasts", "", t["contrasts"], "", "## Per seed", "", t["per_seed"],
-           ""]
+    md += ["## Every arm", "", t["main"], "", "## Contrasts", "", t["contrasts"], "", "## Per seed", "",
+           "`*`: the seed's interval over colour pairs excludes 0; `†`: a seed in which the grey control's interval "
+           "excludes 0 (flip-loss gap or flip contrast).", "", t["per_seed"], ""]
     if any(r.get("flip_loss_gap_by_t") for r in summary.values()):
         md += ["## Flip-loss gap by noise level (x1e3, mean over seeds and clips)", "", t["by_t"], ""]
     md += [f"![study]({p.name})", ""]
@@ -353,7 +479,30 @@ def report(kind: str, summary: Dict[str, dict], verdict: Optional[dict], a: A.Ab
 # ================================================================================================
 # the command
 # ================================================================================================
-def run_study(kind: str, a: A.AblationSettings, out: Path, jobs: int = 1, threads: int = 1) -> dict:
+def control_summaries(dirs: Sequence[Path]) -> Dict[str, dict]:
+    """Positive-control arms of other study folders (e.g. the oracle at a larger budget), read from
+    their units and summarised as here; keyed ``<arm>@<folder name>``, named with their steps."""
+    out: Dict[str, dict] = {}
+    for d in dirs:
+        d = Path(d)
+        units: Dict[str, List[dict]] = {}
+        for f in sorted((d / "units").glob("*-s*.json")):
+            u = json.loads(f.read_text())
+            if "arm" in u and "flip_loss_gap" in u:
+                units.setdefault(u["arm"], []).append(u)
+        if not units:
+            raise FileNotFoundError(f"control_dirs: no arm units under {d}/units")
+        units = {k: v for k, v in units.items() if k in POSITIVE_CONTROLS}
+        if not units:
+            raise FileNotFoundError(f"control_dirs: no positive-control arm ({POSITIVE_CONTROLS}) under {d}/units")
+        for key, r in summarise(units).items():
+            r = dict(r, name=f"{r['name']}, {r['steps']} steps")
+            out[f"{key}@{d.name}"] = r
+    return out
+
+
+def run_study(kind: str, a: A.AblationSettings, out: Path, jobs: int = 1, threads: int = 1,
+              control_dirs: Sequence[Path] = (), header: Sequence[str] = ()) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -371,12 +520,17 @@ def run_study(kind: str, a: A.AblationSettings, out: Path, jobs: int = 1, thread
     if prev.is_file():
         total = max(total, float(json.loads(prev.read_text()).get("seconds", 0.0)))
     summary = summarise(per_arm)
+    extra = control_summaries(control_dirs)
+    summary.update(extra)
     verdict = gate_verdict(summary) if kind == "gate" else None
+    controls = controls_verdict(summary, ["oracle", *extra])
     ceiling = real_clip_scores(a, paths)
-    flip_grid(a, out, paths, [k for k in ("ref", "coarse_only", "oracle", "ipplus") if k in per_arm])
-    md = report(kind, summary, verdict, a, total, out, ceiling)
-    res = {"kind": kind, "settings": {"demo": dataclasses.asdict(a.demo), "seeds": a.seeds, "arms": list(a.arms)},
-           "summary": summary, "gate": verdict, "real_clips": ceiling, "vae": vae_stats, "seconds": total}
+    flip_grid(a, out, paths, [k for k in ("ref", "ref_official", "coarse_only", "oracle", "ipplus") if k in per_arm])
+    md = report(kind, summary, verdict, a, total, out, ceiling, controls, header)
+    res = {"kind": kind, "settings": {"demo": dataclasses.asdict(a.demo), "seeds": a.seeds, "arms": list(a.arms),
+                                      "control_dirs": [str(d) for d in control_dirs]},
+           "summary": summary, "gate": verdict, "controls": controls, "real_clips": ceiling, "vae": vae_stats,
+           "seconds": total}
     (out / "study.json").write_text(json.dumps(res, indent=1))
     (out / "study.md").write_text(md)
     return res
@@ -393,6 +547,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seeds", type=int, help="seeds (default 3)")
     p.add_argument("--steps1", type=int)
     p.add_argument("--steps2", type=int)
+    p.add_argument("--control-dir", action="append", default=[],
+                   help="another study folder whose arms are added as positive controls (e.g. the oracle at a "
+                        "larger budget, same data); repeatable")
+    p.add_argument("--header", action="append", default=[], help="a line for the top of study.md; repeatable")
     A.add_run_options(p, "torch CPU threads per run (default 1)")
     args = p.parse_args(argv)
     kind = "gate" if args.gate else "full"
@@ -404,7 +562,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.seeds < 1:
             raise SystemExit(f"--seeds: expected an int >= 1, got {args.seeds}")
         a.seeds = args.seeds
-    res = run_study(kind, a, Path(args.out), jobs=args.jobs, threads=args.threads)
+    res = run_study(kind, a, Path(args.out), jobs=args.jobs, threads=args.threads,
+                    control_dirs=[Path(d) for d in args.control_dir], header=args.header)
     print((Path(args.out) / "study.md").read_text())
     print(f"wrote {args.out}/study.md, study.json, study.png ({res['seconds']:.0f} s)")
     return 0
