@@ -196,12 +196,54 @@ def check_distributed_setup(acc, environ) -> None:
             f"accelerate config: FSDP was requested, but accelerate {accelerate.__version__} set up "
             f"{acc.distributed_type.value} on {acc.device} (it wraps models in FSDP on accelerators only). "
             "On CPUs train with DDP (configs/accelerate/ddp.yaml, or accelerate launch --multi_gpu with device: cpu); "
-            "FSDP needs GPUs")
+            "the trainer's FSDP needs GPUs (vb_train.trainer.FSDPProcess shards a model with accelerate's FSDP2 on "
+            "CPU processes, as tests/test_train_fsdp.py does)")
     world = int(environ.get("WORLD_SIZE", "1") or 1)
     if world > 1 and acc.num_processes != world:
         raise RuntimeError(f"launcher: WORLD_SIZE={world} processes were started, but accelerate set up "
                            f"{acc.num_processes} ({acc.distributed_type.value}); each would train alone and write the "
                            "same run. With device: cpu, launch with --multi_gpu (gloo); on GPUs, check the accelerate config")
+
+
+class FSDPProcess:
+    """What accelerate's FSDP2 helpers (``fsdp2_prepare_model``, ``save_fsdp_model`` /
+    ``load_fsdp_model``, ``save_fsdp_optimizer`` / ``load_fsdp_optimizer``) read of an
+    ``Accelerator``, for a process group accelerate did not set up as FSDP: accelerate 1.16 wraps
+    models in FSDP on accelerators only (on CPU processes it gives DDP), while PyTorch's
+    ``fully_shard`` runs on CPU processes with gloo. So the sharding, the state-dict options and
+    the distributed checkpoint are accelerate's own, from the plugin that ``accelerate launch
+    --config_file configs/accelerate/fsdp.yaml`` sets up (``FullyShardedDataParallelPlugin()``
+    reads it from the environment). tests/test_train_fsdp.py runs the stage-2 step through it."""
+
+    def __init__(self, fsdp_plugin, device, mixed_precision: str = "no"):
+        import torch.distributed as dist
+
+        if getattr(fsdp_plugin, "fsdp_version", 1) != 2:
+            raise ValueError(f"fsdp_plugin: expected fsdp_version 2 (FSDP2, fully_shard), got "
+                             f"{getattr(fsdp_plugin, 'fsdp_version', None)}")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("FSDPProcess: torch.distributed is not initialised (launch with accelerate launch "
+                               "or torchrun, then init_process_group)")
+        from types import SimpleNamespace
+
+        self.state = SimpleNamespace(fsdp_plugin=fsdp_plugin)
+        self.device = torch.device(device)
+        self.mixed_precision = mixed_precision
+        self.process_index, self.num_processes = dist.get_rank(), dist.get_world_size()
+        self.is_main_process = self.process_index == 0
+        self.torch_device_mesh = None  # one flat mesh over every process (fully_shard's default)
+        self.parallelism_config = None
+        self.is_fsdp = True
+
+    def wait_for_everyone(self) -> None:
+        torch.distributed.barrier()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` sharded in place by accelerate's ``fsdp2_prepare_model`` (units from the
+        plugin's auto-wrap policy, then the root); returns it."""
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(self, model.to(self.device))
 
 
 class Trainer:
