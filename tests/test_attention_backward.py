@@ -2,6 +2,7 @@
 autograd of the reference, determinism, the value refresh, and a drop-in training check."""
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -386,46 +387,97 @@ def test_atomic_dq_matches_reference(monkeypatch, schedule_name):
         videobooth_attention(*ins, schedule=sched, backend="triton", deterministic="yes")
 
 
-def test_default_build_is_fused_at_small_head_dims_on_hopper(monkeypatch):
-    """VB_BWD unset is auto: the fused build at D <= 64 (here, in the interpreter), the split pair
-    above; on CUDA, and for the compile report's target, only from Hopper (sm_90) on: before it
-    the fused pass spills."""
-    from vb_kernels.impl.fused import backward, launch
-
-    monkeypatch.delenv("VB_BWD", raising=False)
-    names = []
-
+def _recorder(names):
     def run(kern, grid, args, kwargs):
         names.append(kern.__name__)
         kern[grid](*args, **kwargs)
+    return run
 
-    for d, want, other in ((40, "_bwd_delta_kernel", "_bwd_dq_kernel"), (80, "_bwd_dq_kernel", "_bwd_delta_kernel")):
+
+def test_default_build_is_the_split_pair_until_a_gpu_result_says_otherwise(monkeypatch):
+    """VB_BWD unset is auto, and auto is the build that has run on a GPU: the split pair at every
+    head dim, in the interpreter, on CUDA and for the compile report's sm_90 target, while
+    choice.FUSED_VERIFIED holds no committed result. With an entry for a device class, auto takes
+    the fused build there, at the head dims it covers, from Hopper on only, and says which file
+    let it."""
+    from vb_kernels.impl.fused import aot, backward, choice, launch
+
+    monkeypatch.delenv("VB_BWD", raising=False)
+    assert choice.FUSED_VERIFIED == {}  # nothing committed yet: when a GPU result lands, cite it here
+    names = []
+    for d in (40, 80):
         names.clear()
-        with launch.intercept(run):
+        with launch.intercept(_recorder(names)):
             _check_grads("triton", named_schedule("videobooth", 3), (1, 3, 9, 1, d, 5), torch.float32)
-        assert want in names and other not in names, (d, names)
-    cpu = torch.device("cpu")
+        assert "_bwd_dq_kernel" in names and "_bwd_delta_kernel" not in names, (d, names)
+    tensors = aot.make_tensors(1, 3, 64, 1, 40, 16, torch.float16, "processor")
+    for arch in (80, 90):
+        assert "_bwd_dq_kernel" in {kern.__name__ for kern, *_ in aot.record_launches(*tensors, arch=arch)}, arch
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     capability = launch._capability.__wrapped__
-    assert backward._fused_arch(cpu)  # the interpreter
-    for arch, fused in ((80, False), (89, False), (90, True), (100, True)):
-        with launch.cuda_tiles(arch):  # a CPU tensor planned for sm_<arch> (the compile report)
-            assert backward._fused_arch(cpu) is fused, arch
+    assert backward.auto_build(40, cpu) == "split"
+    monkeypatch.setitem(choice.FUSED_VERIFIED, "H100", (64, "bench/results/nvidia-h100/bwd_builds.md"))
+    monkeypatch.setattr(choice, "device_name", lambda device: "NVIDIA H100 80GB HBM3" if device.type == "cuda" else None)
+    for arch, d, want in ((90, 40, "fused"), (90, 64, "fused"), (90, 80, "split"), (80, 40, "split"),
+                          (100, 40, "fused")):
         monkeypatch.setattr(launch, "_capability", lambda device, arch=arch: arch)
-        assert backward._fused_arch(torch.device("cuda", 0)) is fused, arch
+        assert backward.auto_build(d, gpu) == want, (arch, d)
+    assert choice.fused_verified(40, 90, "NVIDIA H100 80GB HBM3") == "bench/results/nvidia-h100/bwd_builds.md"
+    assert choice.fused_verified(40, 90, "NVIDIA H200") is None  # another device class: its own result
+    assert backward.auto_build(40, cpu) == "split"  # the interpreter is no device class
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
     assert capability(torch.device("cuda", 0)) == 89
-    # the compile report for sm_80 records the split pair, for sm_90 the fused build
-    from vb_kernels.impl.fused import aot
 
-    tensors = aot.make_tensors(1, 3, 64, 1, 40, 16, torch.float16, "processor")
-    for arch, want in ((80, "_bwd_dq_kernel"), (90, "_bwd_delta_kernel")):
-        assert want in {kern.__name__ for kern, *_ in aot.record_launches(*tensors, arch=arch)}, arch
+
+def test_build_per_call_and_per_block(monkeypatch):
+    """The build a call takes: its bwd_build keyword, else the innermost backward_build block
+    (kept for the backward, which runs after the block), else VB_BWD, else auto. Bad names get
+    an error that lists the choices."""
+    import vb_kernels
+    from vb_kernels.impl.fused import launch
+
+    monkeypatch.setenv("VB_BWD", "split")
+    sched = named_schedule("videobooth", 3)
+    ins = make_inputs(1, 3, 9, 1, 40, 5, device=DEV, dtype=torch.float32)
+    names = []
+
+    def kernels(call):
+        names.clear()
+        leaves = [t.detach().clone().requires_grad_() for t in ins]
+        with launch.intercept(_recorder(names)):
+            out = call(leaves)
+            out.sum().backward()  # outside any block the call opened
+        return "fused" if "_bwd_delta_kernel" in names else "split" if "_bwd_dq_kernel" in names else None
+
+    attend = functools.partial(videobooth_attention, schedule=sched, backend="triton")
+    assert kernels(lambda x: attend(*x)) == "split"  # VB_BWD
+    assert kernels(lambda x: attend(*x, bwd_build="fused")) == "fused"  # the keyword
+
+    def scoped(x, build="fused", **kw):
+        with vb_kernels.backward_build(build):
+            return attend(*x, **kw)
+    assert kernels(scoped) == "fused"  # the block, though backward() runs after it
+    assert kernels(lambda x: scoped(x, bwd_build="split")) == "split"  # the keyword wins over the block
+
+    def nested(x):
+        with vb_kernels.backward_build("split"):
+            with vb_kernels.backward_build("fused"):
+                first = attend(*x)
+            return first + attend(*x)  # back in the outer block
+    kernels(nested)  # one call of each build: as many fused phases (delta) as split ones (dq)
+    assert names.count("_bwd_delta_kernel") == names.count("_bwd_dq_kernel") > 0, names
+    with pytest.raises(ValueError, match="bwd_build: expected one of 'auto', 'split', 'fused', got 'fast'"):
+        attend(*ins, bwd_build="fast")
+    with pytest.raises(ValueError, match="backward_build: expected one of"):
+        with vb_kernels.backward_build("sideways"):
+            pass
+    assert vb_kernels.BWD_BUILDS == ("auto", "split", "fused")
 
 
 @pytest.mark.parametrize("schedule_name", ["videobooth", "keyframes2"])
 def test_split_build_still_matches_reference(monkeypatch, schedule_name):
     """VB_BWD=split runs the 7-matmul pair (Q-major dQ + KV-major dK/dV), VB_BWD=fused the 5-matmul
-    pass (Delta kernel, KV-major dK/dV/dQ, dQ reduction), VB_BWD=auto (the default) picks by head dim."""
+    pass (Delta kernel, KV-major dK/dV/dQ, dQ reduction), VB_BWD=auto (the default) is split."""
     from vb_kernels.impl.fused import launch
 
     monkeypatch.setenv("VB_BWD", "split")
@@ -443,14 +495,14 @@ def test_split_build_still_matches_reference(monkeypatch, schedule_name):
     with launch.intercept(run):
         _check_grads("triton", named_schedule(schedule_name, 4), (1, 4, 17, 2, 40, 9), torch.float32)
     assert "_bwd_dq_kernel" not in names and {"_bwd_delta_kernel", "_bwd_dq_reduce_kernel"} <= set(names)
-    for d, want in ((40, "_bwd_delta_kernel"), (80, "_bwd_dq_kernel")):  # auto: fused at D <= 64 only
+    for d, want in ((40, "_bwd_dq_kernel"), (80, "_bwd_dq_kernel")):  # auto: split (nothing verified yet)
         names.clear()
         monkeypatch.setenv("VB_BWD", "auto")
         with launch.intercept(run):
             _check_grads("triton", named_schedule(schedule_name, 4), (1, 4, 9, 1, d, 5), torch.float32)
         assert want in names, (d, names)
     monkeypatch.setenv("VB_BWD", "sideways")
-    with pytest.raises(ValueError, match="VB_BWD: expected"):
+    with pytest.raises(ValueError, match="VB_BWD: expected one of 'auto', 'split', 'fused', got 'sideways'"):
         _check_grads("triton", named_schedule(schedule_name, 4), (1, 4, 9, 1, 40, 5), torch.float32)
 
 

@@ -11,6 +11,7 @@ import numbers
 
 import torch
 
+from .impl.fused.choice import check_build
 from .impl.fused.launch import check_interpreter, interpreting
 from .schedule import Schedule
 
@@ -37,7 +38,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
 
 def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule | None = None,
                          scale: float | None = None, backend: str = "auto", return_lse: bool = False,
-                         deterministic: bool = True):
+                         deterministic: bool = True, bwd_build: str | None = None):
     """VideoBooth cross-frame attention with image-prompt value refresh (DESIGN.md section 2).
 
     Phase 1 (keyframes u): U_u = softmax(s Q_u [K_img; K_u]^T) [V_img; V_u].
@@ -56,14 +57,19 @@ def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule 
         scale: softmax scale s; None = 1/sqrt(D).
         backend: one of ``auto``, ``reference``, ``sdpa``, ``flex``, ``triton``.
         return_lse: also return the phase-2 log-sum-exp.
-        deterministic: for the triton backend's fused backward (the default at head dims
-            <= 64 on Hopper or newer; ``VB_BWD`` chooses): dQ's contributions are added in a
-            fixed order (the same bits every run; the default). False: atomic adds, as
-            FlashAttention's default backward: a little faster, and dQ may differ in its last
-            bits from run to run (dK, dV and the image gradients stay deterministic either
-            way). The split backward (``VB_BWD=split``, and the default above D = 64) is
-            deterministic either way. Other backends: PyTorch's own (see
-            ``torch.use_deterministic_algorithms``).
+        deterministic: for the triton backend's fused backward build: dQ's contributions are
+            added in a fixed order (the same bits every run; the default). False: atomic adds,
+            as FlashAttention's default backward: a little faster, and dQ may differ in its
+            last bits from run to run (dK, dV and the image gradients stay deterministic either
+            way). The split build is deterministic either way. Other backends: PyTorch's own
+            (see ``torch.use_deterministic_algorithms``).
+        bwd_build: the triton backend's backward build for this call: ``"split"`` (a dQ pass
+            and a dK/dV pass, 7 matmuls: the build that has run on a GPU), ``"fused"`` (one
+            pass, 5 matmuls, dQ added across key blocks) or ``"auto"`` (split, until a committed
+            GPU result shows the fused build correct and faster at the head dim on the device
+            class). None: the innermost ``vb_kernels.backward_build(...)`` block, else the
+            ``VB_BWD`` environment variable, else ``auto``. Fixed when the forward runs.
+            Ignored by the other backends.
 
     Returns:
         out: (B, F, N, H, D), dtype of q. With ``return_lse``: (out, lse), lse (B, F, N, H)
@@ -75,6 +81,8 @@ def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule 
     schedule, scale, k_img, v_img = _validate_inputs(q, k, v, k_img, v_img, schedule, scale, backend)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    if bwd_build is not None:
+        check_build(bwd_build, "bwd_build")
     if backend == "auto":
         tensors = [t for t in (q, k, v, k_img, v_img) if t is not None]
         backend = resolve_backend(backend, q.device, q.dtype, all(t.stride(-1) == 1 for t in tensors))
@@ -99,7 +107,8 @@ def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule 
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"{name}: backend 'triton' expects the last dim contiguous (stride 1), "
                              f"got strides {tuple(t.stride())}")
-    out, lse = _fused()(q, k, v, k_img, v_img, schedule, scale, lse_grad=return_lse, deterministic=deterministic)
+    out, lse = _fused()(q, k, v, k_img, v_img, schedule, scale, lse_grad=return_lse, deterministic=deterministic,
+                        bwd_build=bwd_build)
     return (out, lse) if return_lse else out
 
 

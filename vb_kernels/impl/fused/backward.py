@@ -1,5 +1,5 @@
-"""Fused backward: recomputes P from the saved LSE; two builds (:func:`bwd_spec`, ``VB_BWD``;
-by default the fused one at head dims <= 64 on Hopper or newer, the split one elsewhere).
+"""Fused backward: recomputes P from the saved LSE; two builds (:func:`bwd_spec`; which one a
+call takes: :mod:`.choice`; ``auto`` is the split pair until a GPU result says otherwise).
 
 The split build (7 matmuls, 2 exponentials per score, no atomics), per phase:
 - ``_bwd_dq_kernel``: one program per (query block, batch*head, row) walks the row's sources as
@@ -26,10 +26,11 @@ import triton
 import triton.language as tl
 
 from .forward import block_config, cdiv, dot_precision, launch_strides, split_head_dim, tile_override
+from . import choice
 from .launch import interpreting, launch, target_arch, tiles_for_cuda
 from .primitives import LOG2E, dot_pair, load_pair, load_tile, store_pair, store_tile
 
-# The widest head dim (as chunks) VB_BWD=auto runs fused; wider ones take the split pair.
+# The widest head dim (as chunks) the fused pass compiles for without spills; auto never takes it wider.
 FUSED_MAX_WIDTH = 64
 
 
@@ -170,13 +171,13 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _wait_count(p_sem, target):
+def _wait_count(p_sem, target, POLL_LIMIT: tl.constexpr):
     """Spin until the int32 at ``p_sem`` is at least ``target`` (acquire, GPU scope); returns it.
     At least, not equal: the count only grows, and a warp of the waiting block that has passed
     the wait may release (count > target) before a slower warp of the same block has polled; an
     equality test would leave that warp spinning forever (:func:`_dq_partial` has the invariant).
-    After 2^28 polls (each an L2 round trip, a few hundred ns to a microsecond: minutes) the wait
-    gives up and traps, a CUDA error the caller sees, rather than hang the process: a block
+    After POLL_LIMIT polls (2^28 by default, each an L2 round trip, a few hundred ns to a
+    microsecond: minutes; the GPU smoke test lowers it so a hang fails in seconds) it gives up and traps, a CUDA error the caller sees, rather than hang the process: a block
     that never comes is a bug, not a slow GPU. One inline-PTX op rather than a Triton while loop: a
     loop nested in the query-tile loop would stop Triton from software-pipelining that loop's
     loads (cp.async). The labels are local to the braces, so the op may be inlined more than
@@ -191,19 +192,34 @@ def _wait_count(p_sem, target):
         setp.ge.s32 p_wait, $0, $2;
         @p_wait bra vb_wait_done;
         add.u32 n_poll, n_poll, 1;
-        setp.ge.u32 p_wait, n_poll, 268435456;
+        setp.ge.u32 p_wait, n_poll, $3;
         @p_wait trap;
         bra vb_wait_dq;
         vb_wait_done:
         }""",
-        "=r,l,r", [p_sem, target], dtype=tl.int32, is_pure=False, pack=1)
+        "=r,l,r,n", [p_sem, target, POLL_LIMIT], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _stall_last_warp(THREADS: tl.constexpr, STALL_NS: tl.constexpr):
+    """The last warp of the block sleeps about STALL_NS ns (``nanosleep``) before it polls, so
+    the block's other warps pass the wait, add and release first: the schedule an equality wait
+    would miss. For the GPU stress test only (``launch.debug_constants(STALL_NS=...)``)."""
+    tl.inline_asm_elementwise(
+        """{
+        .reg .pred p_late;
+        setp.ge.u32 p_late, $1, $2;
+        @p_late nanosleep.u32 $3;
+        mov.u32 $0, 0;
+        }""",
+        "=r,r,n,n", [tl.arange(0, THREADS), THREADS - 32, STALL_NS], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n, i_qt, o_m, stride_ps, stride_pb,
                 stride_pr, stride_pn, n_rows, n_qt, n_bh, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                 SPLIT: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr,
-                THREADS: tl.constexpr, DQ_WIDTH: tl.constexpr):
+                THREADS: tl.constexpr, DQ_WIDTH: tl.constexpr, POLL_LIMIT: tl.constexpr, STALL_NS: tl.constexpr):
     """This key tile's dQ contribution dS K (unscaled, fp32) to query tile ``i_qt`` of row
     ``i_row``, added into the row's partial slot ``i_slot`` (the slot of this target's source in
     the row's source list): the 5th matmul, with dS^T already in registers from dK.
@@ -241,7 +257,9 @@ def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n,
             # than i_n, i.e. its wait would point to a program that has not run)
             tl.assume(seen == i_n)
         else:
-            seen = _wait_count(p_sem, (i_n * THREADS).to(tl.int32)) // THREADS
+            if STALL_NS > 0:  # the GPU stress test's build: one warp of the block polls late
+                _stall_last_warp(THREADS, STALL_NS)
+            seen = _wait_count(p_sem, (i_n * THREADS).to(tl.int32), POLL_LIMIT) // THREADS
         # the partial's address depends on the count read (seen - i_n == 0), so no access to it
         # can be scheduled before the wait; times 4, so the base keeps its 16-byte alignment and
         # the adds stay 4-wide vectors
@@ -287,7 +305,7 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
                  HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
                  FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr,
-                 THREADS: tl.constexpr, DQ_WIDTH: tl.constexpr):
+                 THREADS: tl.constexpr, DQ_WIDTH: tl.constexpr, POLL_LIMIT: tl.constexpr, STALL_NS: tl.constexpr):
     """dK (unscaled), dV of one key tile, summed over every row that reads it, in row order.
     PART 0: both; 1: dV only (no V, no Delta needed); 2: dK only. Split launches halve the
     accumulators where dK and dV of a 64-key tile would not fit one warpgroup (D = 160).
@@ -330,7 +348,8 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
                 if FUSED_DQ:
                     _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n, start // BLOCK_M,
                                 o_m, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh, HEAD_DIM,
-                                D0, D1, SPLIT, PREC, DETERMINISTIC, INTERPRET, THREADS, DQ_WIDTH)
+                                D0, D1, SPLIT, PREC, DETERMINISTIC, INTERPRET, THREADS, DQ_WIDTH, POLL_LIMIT,
+                                STALL_NS)
     return b_dk0, b_dk1, b_dv0, b_dv1
 
 
@@ -371,7 +390,7 @@ def _bwd_dkv_kernel(
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
     CHUNKED: tl.constexpr, FUSED_DQ: tl.constexpr = False, DETERMINISTIC: tl.constexpr = True,
     INTERPRET: tl.constexpr = False, THREADS: tl.constexpr = 128, DQ_WIDTH: tl.constexpr = 0,
-    GROUPED: tl.constexpr = False,
+    GROUPED: tl.constexpr = False, POLL_LIMIT: tl.constexpr = 1 << 28, STALL_NS: tl.constexpr = 0,
 ):
     if GROUPED:  # grid (chain in group, key block, group): the grouped launch order (launch_order)
         i_n = tl.program_id(1)
@@ -408,7 +427,7 @@ def _bwd_dkv_kernel(
                 stride_ln, stride_lh, stride_ls, N, RD_MAX, qk_scale,
                 DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh,
                 HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET, THREADS,
-                DQ_WIDTH)
+                DQ_WIDTH, POLL_LIMIT, STALL_NS)
             o_g = (i_b * stride_gib + i_h * stride_gih) * ALIGN
             if i_part >= 0:
                 _store_partials(PK, PV, i_part, i_bh, n_bh, o_n, M, L_MAX, b_dk0 * scale, b_dk1 * scale, b_dv0,
@@ -438,7 +457,7 @@ def _bwd_dkv_kernel(
             stride_ln, stride_lh, stride_ls, N, RD_MAX, qk_scale,
             DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh,
             HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET, THREADS,
-            DQ_WIDTH)
+            DQ_WIDTH, POLL_LIMIT, STALL_NS)
         o_g = (i_b * stride_gb + i_src * stride_gf + i_h * stride_gh) * ALIGN
         if not ACCUMULATE and PART != 2:
             if i_slot >= 0:  # phase 2 writes every gradient: a keyframe's own V is read in phase 1 only
@@ -614,12 +633,17 @@ def launch_bwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, do, out, lse
         launch(_bwd_dq_reduce_kernel, grid, dqp, dq, tables["row_qframe"], tables["n_src"], *scalars, **consts)
 
 
-def _fused_arch(device) -> bool:
-    """Whether VB_BWD=auto may take the fused build on ``device``: Hopper or newer (vector fp32
-    atomics, wgmma), also as the target of a CPU tensor under ``cuda_tiles`` (the compile
-    report), and in the interpreter."""
-    arch = target_arch(device)
-    return arch is None or arch >= 90
+def auto_build(d: int, device) -> str:
+    """What ``auto`` takes for head dim ``d`` on ``device``: the fused build where a committed
+    GPU result shows it correct and faster for this head dim's chunks on this device class
+    (``choice.FUSED_VERIFIED``, which cites the file) and its loop fits the registers (chunks
+    at most ``FUSED_MAX_WIDTH`` wide), else the split pair, the build that has run on a GPU."""
+    d0, d1 = split_head_dim(d, 32)
+    width = d0 + d1
+    if width > FUSED_MAX_WIDTH:
+        return "split"
+    verified = choice.fused_verified(width, target_arch(device), choice.device_name(device))
+    return "fused" if verified else "split"
 
 
 @functools.lru_cache(maxsize=16)
@@ -698,13 +722,11 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     and each key tile's dQ contribution (5 matmuls, 1 exponential per score), the dQ partials
     reduced per row at the end (``deterministic``: ordered, bit-reproducible; else atomic adds).
     ``"split"``: the Q-major dQ pass plus the KV-major dK/dV pass (7 matmuls, 2 exponentials).
-    ``"auto"`` (the default): fused where its compiled loop is leaner than the split pair's (head
-    dims whose chunks are <= 64 wide: D <= 64, the U-Net's 40) on Hopper or newer (and in the
-    interpreter), split above, where the fused pass's dK, dV and dQ tiles do not fit the
-    registers without spills, and before Hopper (sm_80 has no vector float atomics and spills
-    the fused pass: compile report, docs/kernels.md). ``VB_BWD`` chooses."""
-    if build not in ("auto", "fused", "split"):
-        raise ValueError(f"VB_BWD: expected 'auto', 'fused' or 'split', got {build!r}")
+    ``"auto"``: :func:`auto_build` (the split pair, until a committed GPU result shows the fused
+    build correct and faster at the head dim on the device class). Head dims whose chunks are
+    wider than 64 spill the fused pass's dK, dV and dQ tiles, and sm_80 has no vector float
+    atomics (compile report, docs/kernels.md). Which build a call asks for: :mod:`.choice`."""
+    choice.check_build(build, "build")
     b, _, n, h, d = q.shape
     m = 0 if k_img is None else k_img.shape[1]
     # the kernels read O with dO's strides and Delta with the LSE's (token-contiguous, see _lse_buffer)
@@ -717,8 +739,7 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
                                  (dq, 4), (dk, 4), (du, 4), (dk_img, 3), (dv, 4), (dv_img, 3))
     common, st_dq, st_g = strides[:26], strides[26:30], strides[30:41]
     if build == "auto":
-        d0, d1 = split_head_dim(d, 32)
-        build = "fused" if d0 + d1 <= FUSED_MAX_WIDTH and _fused_arch(q.device) else "split"
+        build = auto_build(d, q.device)
     fused = build == "fused"
     cuda = tiles_for_cuda(q.device)
     rows = tables["n_rows"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -18,6 +17,7 @@ from torch import Tensor
 from ...profiling import nvtx_range
 from ...schedule import Schedule
 from .backward import bwd_spec, launch_bwd
+from .choice import requested_build
 from .forward import dot_precision, fwd_spec, launch_fwd, tile_env
 from .launch import target_arch
 
@@ -127,31 +127,25 @@ def _partials(spec, q):
 
 
 def fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule: Schedule, scale: float, dlse=None,
-              deterministic: bool = True):
+              deterministic: bool = True, build: str | None = None):
     """Gradients (dq, dk, dv, dk_img, dv_img); dk_img/dv_img None without image tokens.
     ``dlse``: gradient of the phase-2 LSE or None. Phase 2 first (it produces dU), then phase 1
     accumulating into the same buffers. ``deterministic``: dQ partials added in a fixed order
-    (bit-reproducible); False: atomic adds (see :func:`vb_kernels.videobooth_attention`)."""
+    (bit-reproducible); False: atomic adds (see :func:`vb_kernels.videobooth_attention`).
+    ``build``: ``auto``, ``split`` or ``fused``; None: as :func:`.choice.requested_build` finds it."""
+    build = requested_build(build)
     with _on_device(q):
-        return _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, dlse, deterministic)
+        return _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, dlse, deterministic,
+                          build)
 
 
-def bwd_build() -> str:
-    """The backward build: ``VB_BWD`` = ``auto`` (the default: fused at head dims <= 64 on
-    Hopper or newer and in the interpreter, split elsewhere), ``fused`` (5 matmuls: one KV-major
-    pass that also gives dQ) or ``split`` (7 matmuls: a dQ pass and a dK/dV pass); see
-    :func:`backward.bwd_spec`. Read once per call, as ``VB_TILES`` is."""
-    return os.environ.get("VB_BWD", "auto")
-
-
-def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, dlse, deterministic):
+def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, dlse, deterministic, build):
     tables = schedule.fused_tables(k_img is not None, q.device)
     tables1, tables2 = tables
     dout = dout.contiguous()  # autograd may hand an expanded (stride 0) gradient
     if dlse is not None and dlse.stride() != lse.stride():  # the kernels read it with the LSE's strides
         dlse = _alloc_like(lse).copy_(dlse)
     env = tile_env()
-    build = bwd_build()
     key = _inputs_key(q, k, v, k_img, v_img, tables, scale, env) + (out.stride(), dlse is not None, deterministic,
                                                                        build)
     plan = _BWD_PLANS.get(key)
@@ -204,15 +198,17 @@ def _empty_like_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 @torch.library.custom_op("videobooth::fused_fwd", mutates_args=())
 def _fused_fwd_op(q: Tensor, k: Tensor, v: Tensor, k_img: Optional[Tensor], v_img: Optional[Tensor],
                   refs: List[int], num_refs: int, keyframes: List[int], image_everywhere: bool,
-                  scale: float, deterministic: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    # deterministic: for the backward only (setup_context keeps it)
+                  scale: float, deterministic: bool = True,
+                  bwd_build: str = "auto") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    # deterministic, bwd_build: for the backward only (setup_context keeps them)
     sched = _schedule(refs, num_refs, keyframes, image_everywhere)
     out, lse, u, lse1 = fused_fwd(q, k, v, k_img, v_img, sched, scale)
     return out, lse, _empty_like_none(u, q), _empty_like_none(lse1, lse)
 
 
 @_fused_fwd_op.register_fake
-def _(q, k, v, k_img, v_img, refs, num_refs, keyframes, image_everywhere, scale, deterministic=True):
+def _(q, k, v, k_img, v_img, refs, num_refs, keyframes, image_everywhere, scale, deterministic=True,
+      bwd_build="auto"):
     b, n_frames, n, h, d = q.shape
     phase1, _ = _schedule(refs, num_refs, keyframes, image_everywhere).plan(k_img is not None)
     n_key = len(phase1.rows)  # keyframes that some frame reads
@@ -227,27 +223,28 @@ def _(q, k, v, k_img, v_img, refs, num_refs, keyframes, image_everywhere, scale,
 def _fused_bwd_op(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                   k_img: Optional[Tensor], v_img: Optional[Tensor], out: Tensor, lse: Tensor, u: Tensor,
                   lse1: Tensor, refs: List[int], num_refs: int, keyframes: List[int], image_everywhere: bool,
-                  scale: float, deterministic: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  scale: float, deterministic: bool = True,
+                  bwd_build: str = "auto") -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     sched = _schedule(refs, num_refs, keyframes, image_everywhere)
     has_u = u.numel() > 0
     dq, dk, dv, dki, dvi = fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u if has_u else None,
-                                     lse1 if has_u else None, sched, scale, dlse, deterministic)
+                                     lse1 if has_u else None, sched, scale, dlse, deterministic, bwd_build)
     return dq, dk, dv, _empty_like_none(dki, q), _empty_like_none(dvi, q)
 
 
 @_fused_bwd_op.register_fake
 def _(dout, dlse, q, k, v, k_img, v_img, out, lse, u, lse1, refs, num_refs, keyframes, image_everywhere, scale,
-      deterministic=True):
+      deterministic=True, bwd_build="auto"):
     img = (k_img.new_empty(k_img.shape), k_img.new_empty(k_img.shape)) if k_img is not None else (
         q.new_empty((0,)), q.new_empty((0,)))
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), *img
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, k_img, v_img, refs, num_refs, keyframes, image_everywhere, scale, deterministic = inputs
+    q, k, v, k_img, v_img, refs, num_refs, keyframes, image_everywhere, scale, deterministic, build = inputs
     out, lse, u, lse1 = output
     ctx.save_for_backward(q, k, v, k_img, v_img, out, lse, u, lse1)
-    ctx.sched_args = (refs, num_refs, keyframes, image_everywhere, scale, deterministic)
+    ctx.sched_args = (refs, num_refs, keyframes, image_everywhere, scale, deterministic, build)
     ctx.mark_non_differentiable(u, lse1)  # internal: never leave fused_attention
 
 
@@ -257,7 +254,7 @@ def _backward(ctx, dout, dlse, _du, _dlse1):
         dout = torch.zeros_like(out)
     dq, dk, dv, dki, dvi = _fused_bwd_op(dout, dlse, q, k, v, k_img, v_img, out, lse, u, lse1, *ctx.sched_args)
     has_img = k_img is not None
-    return dq, dk, dv, dki if has_img else None, dvi if has_img else None, None, None, None, None, None, None
+    return dq, dk, dv, dki if has_img else None, dvi if has_img else None, None, None, None, None, None, None, None
 
 
 _fused_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -268,12 +265,12 @@ class _FusedAttention(torch.autograd.Function):
     cost per call (schema checks, alias analysis, autograd wrapping: ~75 us host time)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k_img, v_img, schedule, scale, lse_grad, deterministic):
+    def forward(ctx, q, k, v, k_img, v_img, schedule, scale, lse_grad, deterministic, build):
         out, lse, u, lse1 = fused_fwd(q, k, v, k_img, v_img, schedule, scale)
         # U and its LSE go through save_for_backward too: saved-tensor hooks (activation
         # offloading, the saved-bytes tests) see everything the backward keeps
         ctx.save_for_backward(q, k, v, k_img, v_img, out, lse, u, lse1)
-        ctx.schedule, ctx.scale, ctx.deterministic = schedule, scale, deterministic
+        ctx.schedule, ctx.scale, ctx.deterministic, ctx.build = schedule, scale, deterministic, build
         ctx.set_materialize_grads(False)
         if not lse_grad:  # the caller drops the LSE: one differentiable output less to track
             ctx.mark_non_differentiable(lse)
@@ -285,12 +282,12 @@ class _FusedAttention(torch.autograd.Function):
         if dout is None:  # only the LSE was used downstream
             dout = torch.zeros_like(out)
         grads = fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, ctx.schedule, ctx.scale, dlse,
-                          ctx.deterministic)
-        return *grads, None, None, None, None
+                          ctx.deterministic, ctx.build)
+        return *grads, None, None, None, None, None
 
 
 def fused_attention(q, k, v, k_img, v_img, schedule: Schedule, scale: float, lse_grad: bool = True,
-                    deterministic: bool = True):
+                    deterministic: bool = True, bwd_build: str | None = None):
     """(out, lse) of the fused op, both differentiable in q, k, v, k_img, v_img (a gradient of
     the LSE, e.g. from merging partial attentions, enters the backward through Delta);
     inputs validated by :func:`vb_kernels.videobooth_attention`. ``lse_grad=False``: the caller
@@ -298,14 +295,18 @@ def fused_attention(q, k, v, k_img, v_img, schedule: Schedule, scale: float, lse
 
     Under ``torch.compile`` the call is the custom op ``videobooth::fused_fwd`` (one opaque node,
     fullgraph); in eager mode it runs the same host functions directly (an autograd.Function when
-    a gradient is needed, else plain calls): the dispatcher is most of the host time of a call."""
+    a gradient is needed, else plain calls): the dispatcher is most of the host time of a call.
+    ``bwd_build``: the backward build of this call (None: the innermost ``backward_build`` block,
+    else ``VB_BWD``, else ``auto``; :mod:`.choice`), fixed now for the backward."""
+    build = requested_build(bwd_build)
     if torch.compiler.is_compiling():
         refs = [r for row in schedule.refs for r in row]
         out, lse, _, _ = _fused_fwd_op(q, k, v, k_img, v_img, refs, schedule.num_refs,
-                                       list(schedule.keyframes), schedule.image_everywhere, scale, deterministic)
+                                       list(schedule.keyframes), schedule.image_everywhere, scale, deterministic,
+                                       build)
         return out, lse
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
             k_img is not None and (k_img.requires_grad or v_img.requires_grad))):
-        return _FusedAttention.apply(q, k, v, k_img, v_img, schedule, scale, lse_grad, deterministic)
+        return _FusedAttention.apply(q, k, v, k_img, v_img, schedule, scale, lse_grad, deterministic, build)
     out, lse, _, _ = fused_fwd(q, k, v, k_img, v_img, schedule, scale)
     return out, lse

@@ -21,8 +21,13 @@ _hook: Callable | None = None
 _cuda_arch = 0  # inside cuda_tiles(): the compute capability x10 the host code plans for
 
 
+_debug: dict = {}  # inside debug_constants(): constexprs given to every kernel that takes them
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``, or the installed hook's ``hook(kernel, grid, args, kwargs)``."""
+    if _debug:
+        kwargs.update((name, value) for name, value in _debug.items() if name in kernel.arg_names)
     if _hook is not None:
         _hook(kernel, grid, args, kwargs)
     else:
@@ -38,6 +43,29 @@ def intercept(hook: Callable):
         yield
     finally:
         _hook = old
+
+
+DEBUG_CONSTANTS = ("POLL_LIMIT", "STALL_NS")
+
+
+@contextlib.contextmanager
+def debug_constants(**consts):
+    """Within the block, launches of kernels that take these constexprs get them: ``POLL_LIMIT``
+    (polls before the ordered dQ wait traps; default 2^28) and ``STALL_NS`` (the last warp of
+    each block sleeps that long before it polls; default 0). A test build for the GPU smoke and
+    stress tests (each value is its own binary); nothing else uses them."""
+    global _debug
+    bad = sorted(set(consts) - set(DEBUG_CONSTANTS))
+    if bad:
+        raise ValueError(f"debug_constants: expected names among {DEBUG_CONSTANTS}, got {bad}")
+    for name, value in consts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2 ** 31:
+            raise ValueError(f"debug_constants: {name} expected an int in [0, 2^31), got {value!r}")
+    old, _debug = _debug, {**_debug, **consts}
+    try:
+        yield
+    finally:
+        _debug = old
 
 
 @contextlib.contextmanager
