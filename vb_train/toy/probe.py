@@ -216,6 +216,177 @@ def fine_path_sensitivity(pipe, items, s, timesteps: Sequence[int] = (50, 200, 4
     return out
 
 
+# ================================================================================================
+# issue 32 item 2: can the noised image latent carry the arrangement? one draw vs F pooled draws
+# ================================================================================================
+STREAM_TIMESTEPS = (0, 500, 600, 700, 800, 900)
+STREAM_POOLS = (1, 4, 16)
+
+
+def _phi(x: np.ndarray) -> np.ndarray:
+    from math import erf, sqrt
+    return np.vectorize(lambda v: 0.5 * (1 + erf(v / sqrt(2))))(np.asarray(x, np.float64))
+
+
+def _phi_inv(p: float) -> float:
+    """The standard normal quantile (bisection; no scipy here)."""
+    lo, hi = -10.0, 10.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _phi(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def pair_interval(correct: np.ndarray, pairs: Sequence[str]) -> list:
+    """95% t interval of the mean accuracy with the colour pair (unordered) as the unit: rows of
+    one pair (its two orders, their clips and draws) are averaged first."""
+    from .study import t_interval
+
+    by: Dict[str, list] = {}
+    for c, p in zip(np.asarray(correct, np.float64), pairs):
+        by.setdefault(p, []).append(c)
+    return t_interval([float(np.mean(v)) for v in by.values()])["ci95"]
+
+
+@torch.no_grad()
+def stream_probe(s, train_root: Path, held_root: Path, vae_file: Path, *,
+                 timesteps: Sequence[int] = STREAM_TIMESTEPS, pools: Sequence[int] = STREAM_POOLS, draws: int = 4,
+                 seed: int = 0) -> dict:
+    """How well the arrangement can be read off the prompt's VAE latent noised to t, from one
+    draw and from the mean of F independent draws (what the official stream's F copies allow a
+    layer that pools them, e.g. the temporal attention, to see).
+
+    The toy's betas (the training task's noise schedule). Per (t, F): a ridge probe of
+    detail = rgb(upper) - rgb(lower) fitted on ``draws`` noised versions of every training prompt
+    (alpha by cross-validation over colour pairs), scored on as many noised versions of every
+    held-out prompt (the study's evaluation clips: colour pairs never seen in training, both
+    orders): order accuracy (the predicted detail points from the lower to the upper colour),
+    with a 95% interval over held-out colour pairs. Beside it, the ideal observer who knows both
+    candidate latents (the prompt's and its colour-swapped version's): d' = sqrt(abar) ||z - z_swap||
+    / sqrt((1 - abar) / F), its median over the held-out prompts and the accuracy Phi(d'/2) it
+    implies. Returns {"rows": [...], "snr": {t: abar / (1 - abar)}, "n_train", "n_test", ...}."""
+    import vb
+    from diffusers import DDPMScheduler
+    from safetensors.torch import load_file
+
+    from ..config import NOISE_DEFAULTS
+    from ..tasks import resolve_noise_config
+    from .experiment import make_eval_items, stage_config
+
+    cfg = stage_config(s, 2, data_root=train_root, output_dir=Path("/tmp/unused"), vae_file=vae_file)
+    noise = resolve_noise_config(cfg)
+    sched = DDPMScheduler(**noise)
+    abar = sched.alphas_cumprod.double()
+    parts = vb.build_tiny_videobooth(s.backbone, seed=s.seed)
+    sd = load_file(str(vae_file))
+    parts.vae.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("vae.")})
+    parts.vae.eval()
+
+    def latents(images):
+        img = F.interpolate(images.float(), size=(s.size, s.size), mode="bicubic", align_corners=False,
+                            antialias=True).clamp(-1, 1)
+        from vb.latents import encode_latents
+        return encode_latents(parts.vae, img, sample=False).flatten(1).double()
+
+    im_tr, up_tr, lo_tr, pair_tr = _prompts(train_root, s)
+    items = make_eval_items(s, held_root)
+    from .synthetic import COLOURS, two_tone_colours
+    ab = [two_tone_colours(it.identity[2]) for it in items]
+    up_te = np.asarray([COLOURS[x] for x, _ in ab], np.float64) / 255
+    lo_te = np.asarray([COLOURS[y] for _, y in ab], np.float64) / 255
+    pair_te = ["/".join(sorted(p)) for p in ab]
+    z_tr = latents(im_tr)
+    z_te = latents(torch.stack([it.image for it in items]))
+    z_sw = latents(torch.stack([it.image_paired for it in items]))
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for t in timesteps:
+        a = float(abar[t]) if t > 0 else 1.0
+        for f in pools:
+            if t == 0 and f > 1:
+                continue
+
+            def noisy(z):
+                reps = []
+                for _ in range(draws):
+                    eps = torch.randn((f,) + tuple(z.shape), generator=g, dtype=torch.float64).mean(0)
+                    reps.append(a ** 0.5 * z + (1 - a) ** 0.5 * eps)
+                return torch.cat(reps).numpy()
+
+            x_tr, x_te = noisy(z_tr), noisy(z_te)
+            y_tr = np.tile(up_tr - lo_tr, (draws, 1))
+            y_te = np.tile(up_te - lo_te, (draws, 1))
+            probe = linear_probe(x_tr, y_tr, x_te, y_te, np.tile(pair_tr, draws))
+            correct = ((probe["pred"] * np.tile(up_te - lo_te, (draws, 1))).sum(1) > 0).astype(np.float64)
+            acc = float(correct.mean())
+            if t > 0:
+                dprime = (a ** 0.5 * (z_te - z_sw).norm(dim=1) / ((1 - a) / f) ** 0.5).numpy()
+                d_med = float(np.median(dprime))
+                ideal = float(np.mean(_phi(dprime / 2)))
+            else:
+                d_med, ideal = float("inf"), 1.0
+            rows.append({"t": int(t), "pool": int(f), "snr": (a / (1 - a)) if t > 0 else float("inf"),
+                         "order_acc": acc, "order_acc_ci95": pair_interval(correct, pair_te * draws),
+                         "probe_dprime": 2 * _phi_inv(min(max(acc, 1e-4), 1 - 1e-4)),
+                         "ideal_dprime_median": d_med, "ideal_acc": ideal, "alpha": probe["alpha"]})
+    per_element = (z_te - z_sw).std(dim=1) / z_te.std()
+    return {"rows": rows, "noise": {k: noise[k] for k in ("beta_schedule", "beta_start", "beta_end")},
+            "n_train": int(len(z_tr)), "n_test": int(len(z_te)), "pairs_test": len(set(pair_te)), "draws": draws,
+            "latent_dims": int(z_tr.shape[1]),
+            "swap_difference_per_element_std": float(per_element.median())}
+
+
+def stream_markdown(res: dict) -> str:
+    n = res["noise"]
+    lines = [f"Prompt VAE latents ({res['latent_dims']} dims) noised with the toy's betas ({n['beta_schedule']} "
+             f"{n['beta_start']}..{n['beta_end']}); pool F: the mean of F independent draws (F = 1: one draw, the "
+             f"one-copy stream). Ridge probe of rgb(upper) - rgb(lower) fitted on {res['n_train']} training prompts x "
+             f"{res['draws']} draws, order accuracy on {res['n_test']} held-out prompts x {res['draws']} draws "
+             f"(interval: 95% t over {res['pairs_test']} held-out colour pairs); d' of the probe = 2 Phi^-1(accuracy). "
+             f"Ideal observer: knows the prompt's and its swap's latents, d' = sqrt(abar) |z - z_swap| / "
+             f"sqrt((1 - abar) / F) (median over held-out prompts), its accuracy Phi(d'/2). The two orders' latents "
+             f"differ by {res['swap_difference_per_element_std']:.2f} latent std per element (median over prompts).",
+             "", "| t | SNR abar/(1-abar) | pool F | probe order accuracy [95% over pairs] | probe d' | ideal d' (median) "
+             "| ideal accuracy |", "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lo, hi = r["order_acc_ci95"]
+        snr = "clean" if r["t"] == 0 else f"{r['snr']:.3f}"
+        ideal = "-" if r["t"] == 0 else f"{r['ideal_dprime_median']:.1f}"
+        probe_d = f"{r['probe_dprime']:.2f}" if r["order_acc"] < 1 else "(all correct)"
+        lines.append(f"| {r['t']} | {snr} | {r['pool']} | {r['order_acc']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                     f"{probe_d} | {ideal} | {r['ideal_acc']:.3f} |")
+    return "\n".join(lines)
+
+
+def stream_plot(res: dict, path: Path) -> Path:
+    """Order accuracy of the probe (with its interval over colour pairs) and of the ideal observer
+    against t, one line per pool F."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
+    for i, f in enumerate(sorted({r["pool"] for r in res["rows"]})):
+        rows = [r for r in res["rows"] if r["pool"] == f and r["t"] > 0]
+        ts = np.array([r["t"] for r in rows], np.float64) + (i - 1) * 6
+        acc = np.array([r["order_acc"] for r in rows])
+        lo = np.array([r["order_acc_ci95"][0] for r in rows])
+        hi = np.array([r["order_acc_ci95"][1] for r in rows])
+        line = ax.errorbar(ts, acc, yerr=[acc - lo, hi - acc], marker="o", capsize=3, label=f"probe, pool F = {f}")
+        ax.plot(ts, [r["ideal_acc"] for r in rows], ls=":", color=line[0].get_color(), label=f"ideal observer, F = {f}")
+    ax.axhline(0.5, color="black", lw=0.8)
+    ax.set_xlabel("timestep t of the noised prompt latent")
+    ax.set_ylabel("order accuracy (held-out pairs)")
+    ax.set_ylim(0.4, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def markdown(res: dict) -> str:
     lines = [f"Ridge probes fitted on {res['n_train']} training image prompts, scored on {res['n_test']} held-out "
              f"ones (colour pairs never seen in training, both orders). detail = rgb(upper) - rgb(lower); colour "
@@ -235,12 +406,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vb_train.toy.probe", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="probe_out")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stream", action="store_true",
+                   help="only the noised-latent probe (issue 32): one draw vs F pooled draws, t = 500..900, on the "
+                        "fine-path study's data and VAE (under --study-dir, made there when missing)")
+    p.add_argument("--study-dir", default="results/ablations/study_official",
+                   help="with --stream: the study folder whose data/ and vae/ are probed")
     p.add_argument("--sensitivity", nargs="*", default=[],
                    help="also measure fine_path_sensitivity of these arm runs (e.g. both-s0 under "
                         "OUT/runs, from vb_train.toy.ablations)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.stream:
+        from . import ablations as A
+        from .study import settings
+
+        a = settings("full")
+        paths, _ = A.prepare(a, Path(args.study_dir))
+        res = stream_probe(a.demo, paths["train"], paths["heldout"], paths["vae"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "probe_stream.json").write_text(json.dumps(res, indent=1))
+        stream_plot(res, out / "probe_stream.png")
+        md = "\n".join(["# Can the noised prompt latent carry the arrangement? (issue 32 item 2)", "",
+                         f"    python -m vb_train.toy.probe --stream --out {args.out} --study-dir {args.study_dir}", "",
+                         stream_markdown(res), "", "![probe](probe_stream.png)"])
+        (out / "probe_stream.md").write_text(md + "\n")
+        print(md)
+        return 0
     from .ablations import AblationSettings
 
     s = X.DemoSettings(**AblationSettings.toy(progress=False))   # the ablations' toy
