@@ -253,3 +253,58 @@ def test_pipeline_without_backbone_and_vae_saves_and_loads(tmp_path, pipe):
     assert back.backbone is None and back.vae is None
     a, b = _embeds(enc), _embeds(back)
     assert all(torch.equal(a[k], b[k]) for k in a if a[k] is not None)
+
+
+# ---- 4. offloading and casting -------------------------------------------------------------------------
+def _latents(p, **kw):
+    return gen(p, **kw)
+
+
+def test_model_cpu_offload_gives_the_plain_output(pipe):
+    """diffusers' enable_model_cpu_offload (accelerate's hooks, in model_cpu_offload_seq's order).
+    Without an accelerator diffusers refuses the default device; device="cpu" runs the same hooks."""
+    ref = gen(pipe, output_type="pt")
+    p = copy.deepcopy(pipe)
+    p.enable_model_cpu_offload(device="cpu")
+    assert [type(h).__name__ for h in p._all_hooks] and p._execution_device.type == "cpu"
+    assert torch.equal(gen(p, output_type="pt"), ref)
+    assert torch.equal(gen(p, output_type="pt"), ref)  # the hooks re-armed after the call (maybe_free_model_hooks)
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offloading_of_the_backbone_gives_the_plain_output(pipe, offload_type):
+    ref = gen(pipe)
+    p = copy.deepcopy(pipe)
+    kw = dict(num_blocks_per_group=1) if offload_type == "block_level" else {}
+    p.backbone.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                    offload_type=offload_type, **kw)
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    assert _is_group_offload_enabled(p.backbone)
+    assert torch.equal(gen(p), ref)
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_layerwise_casting_to_float8_storage_computes_in_fp32(backbone):
+    """diffusers' layerwise casting: weights stored in float8, each layer upcast to fp32 for its
+    forward. The pipeline's latents follow the compute dtype (the backbone's ModelMixin.dtype;
+    it drew its noise in float8 before: "normal_kernel_cpu not implemented for 'Float8_e4m3fn'").
+    Equal to the plain pipeline whose weights are those float8 values."""
+    p = make_pipe(backbone)
+    rounded = copy.deepcopy(p)
+    p.backbone.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    stored = {k: v for k, v in p.backbone.state_dict().items() if v.dtype == torch.float8_e4m3fn}
+    assert stored and p.backbone.dtype == torch.float32
+    with torch.no_grad():
+        own = rounded.backbone.state_dict()
+        for k, v in stored.items():
+            own[k].copy_(v.float())
+    out, ref = gen(p), gen(rounded)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(ref, gen(make_pipe(backbone)))  # float8 storage does change the weights
+
+
+def test_sequential_cpu_offload_is_refused_with_the_alternatives(pipe):
+    p = copy.deepcopy(pipe)
+    with pytest.raises(NotImplementedError, match="enable_sequential_cpu_offload: .*enable_model_cpu_offload"):
+        p.enable_sequential_cpu_offload(device="cpu")

@@ -208,7 +208,7 @@ class VideoDiT(VideoBackboneMixin, ModelMixin, ConfigMixin):
         if image_embeds is not None:
             check_tensor("image_embeds", image_embeds, 2, "(B, E)")
             image_embeds = expand_batch("image_embeds", image_embeds, b)
-        dtype = self.x_embed.weight.dtype
+        dtype = self.dtype  # the compute dtype (float8-stored weights under layerwise casting compute in it)
         p = self.patch_size
         gh, gw = h // p, w // p
         t = batch_timesteps(timestep, b, sample.device)

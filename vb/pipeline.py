@@ -248,6 +248,19 @@ class VideoBoothPipeline(DiffusionPipeline):
             "replace the VideoBooth processors); choose a memory-efficient backend instead: "
             "pipe.backbone.set_attn_backend('triton') (or 'sdpa'/'flex'), and pipe.vae.enable_slicing() for the VAE")
 
+    def enable_sequential_cpu_offload(self, gpu_id=None, device=None) -> None:
+        """Refused: accelerate's per-module offload hooks move only what a module's own forward
+        receives, and two components read weights outside that (the image encoder normalises
+        with its own buffers before its tower's hooks run; the mapper's hooked ``fc`` layers get
+        meta tensors), so a call would fail halfway (found on CPU with ``device="cpu"``). Use
+        ``enable_model_cpu_offload()`` (whole components, in ``model_cpu_offload_seq``) or
+        diffusers' group offloading on the backbone (``pipe.backbone.enable_group_offload(...)``)."""
+        raise NotImplementedError(
+            "enable_sequential_cpu_offload: not supported by VideoBoothPipeline (the image encoder and the mapper "
+            "read weights outside accelerate's per-module hooks); use enable_model_cpu_offload(), or group "
+            "offloading: pipe.backbone.enable_group_offload(onload_device=..., offload_type='block_level', "
+            "num_blocks_per_group=1)")
+
     # ---- adapter weights ------------------------------------------------------------------------
     def save_adapter(self, save_directory: str) -> str:
         """Save the mapper and every new backbone projection (safetensors, atomic write)."""
@@ -510,7 +523,9 @@ class VideoBoothPipeline(DiffusionPipeline):
                           noise_image_latents=noise_image_latents)
         tensor_inputs = _tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         self._require("backbone", "scheduler", why="generating")
-        device, dtype = self._execution_device, next(self.backbone.parameters()).dtype
+        # the backbone's compute dtype (ModelMixin.dtype: under diffusers' layerwise casting the
+        # weights are stored in e.g. float8 and compute in the hook's compute dtype)
+        device, dtype = self._execution_device, self.backbone.dtype
         # The call's guidance weight lives on the pipeline (diffusers' convention): a step-end
         # callback may change it, and whether a step runs the unconditional pass follows it.
         self._guidance_scale = float(guidance_scale)
@@ -690,7 +705,7 @@ class VideoBoothPipeline(DiffusionPipeline):
         self.check_inputs(prompt, subject_word, num_frames, height, height, num_inference_steps, guidance_scale,
                           output_type=output_type)
         device = self._execution_device
-        dtype = next(self.backbone.parameters()).dtype
+        dtype = self.backbone.dtype
         image_frames = num_frames if image_frames is None else int(image_frames)
         clip_image, vae_image = official_preprocess(image, mask, box, vae_size=height)
         side = height // self.vae_scale_factor
