@@ -256,10 +256,6 @@ def test_pipeline_without_backbone_and_vae_saves_and_loads(tmp_path, pipe):
 
 
 # ---- 4. offloading and casting -------------------------------------------------------------------------
-def _latents(p, **kw):
-    return gen(p, **kw)
-
-
 def test_model_cpu_offload_gives_the_plain_output(pipe):
     """diffusers' enable_model_cpu_offload (accelerate's hooks, in model_cpu_offload_seq's order).
     Without an accelerator diffusers refuses the default device; device="cpu" runs the same hooks."""
@@ -308,3 +304,22 @@ def test_sequential_cpu_offload_is_refused_with_the_alternatives(pipe):
     p = copy.deepcopy(pipe)
     with pytest.raises(NotImplementedError, match="enable_sequential_cpu_offload: .*enable_model_cpu_offload"):
         p.enable_sequential_cpu_offload(device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: offloading to an accelerator")
+def test_offloading_to_the_gpu_gives_the_plain_gpu_output(pipe):
+    """The real use: enable_model_cpu_offload() (diffusers' default device) and group offloading
+    CPU <-> GPU with a stream, each against the plain pipeline on the GPU."""
+    plain = copy.deepcopy(pipe).to("cuda")
+    ref = gen(plain)
+    p = copy.deepcopy(pipe)
+    p.enable_model_cpu_offload()
+    assert p._execution_device.type == "cuda"
+    torch.testing.assert_close(gen(p), ref, rtol=1e-5, atol=1e-5)
+    q = copy.deepcopy(pipe)
+    for name in ("text_encoder", "image_encoder", "mapper", "vae"):
+        getattr(q, name).to("cuda")
+    q.backbone.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                                    offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+    torch.testing.assert_close(gen(q), ref, rtol=1e-5, atol=1e-5)
