@@ -257,3 +257,22 @@ def test_controls_verdict_marks_a_grey_seed_and_needs_a_positive_control():
     cv = study.controls_verdict(summ)
     assert cv["clean"] and not cv["positive_control_holds"]
     assert "no conclusion is drawn from its nulls" in "\n".join(study.controls_lines(cv))
+
+
+def test_reread_of_the_committed_table_flags_grey_seed_2(tmp_path):
+    """The committed held-out table re-read: the grey control's seed 2 flip-contrast interval
+    ([-0.002, -0.000] over identities, issue 32) still excludes 0 over colour pairs, so that run is
+    not clean; the oracle is not significant across seeds."""
+    import shutil
+    from pathlib import Path
+
+    from vb_train.toy import study
+
+    src = Path(__file__).resolve().parents[1] / "results" / "ablations" / "study_full" / "units"
+    shutil.copytree(src, tmp_path / "study_full" / "units")
+    md = study.reread(tmp_path / "study_full")
+    res = json.loads((tmp_path / "study_full" / "study_reread.json").read_text())
+    assert res["controls"]["grey_excludes_zero"]["flip_contrast"] == [2] and not res["controls"]["clean"]
+    assert not res["controls"]["positive_control_holds"]
+    assert "the run is not clean" in md and "no conclusion is drawn from its nulls" in md
+    assert res["summary"]["ref"]["pairs"] == 10

@@ -536,12 +536,45 @@ def run_study(kind: str, a: A.AblationSettings, out: Path, jobs: int = 1, thread
     return res
 
 
+def reread(out: Path, control_dirs: Sequence[Path] = ()) -> str:
+    """A finished study folder's units summarised again with this module's statistics (within-seed
+    intervals over colour pairs, two-sided sign tests, the controls' verdict), without training,
+    data or VAE: ``<out>/study_reread.md`` (+ .json). Returns the markdown."""
+    out = Path(out)
+    per_arm: Dict[str, List[dict]] = {}
+    for f in sorted((out / "units").glob("*-s*.json")):
+        u = json.loads(f.read_text())
+        if "arm" in u and "flip_loss_gap" in u and u["arm"] in A.ARM_BY_KEY:
+            per_arm.setdefault(u["arm"], []).append(u)
+    if not per_arm:
+        raise FileNotFoundError(f"out: no study units under {out}/units")
+    order = [k for k in (*FULL_ARMS, *GATE_ARMS) if k in per_arm]
+    per_arm = {k: sorted(per_arm[k], key=lambda u: u["seed"]) for k in dict.fromkeys(order)}
+    summary = summarise(per_arm)
+    summary.update(control_summaries(control_dirs))
+    controls = controls_verdict(summary, ["oracle", *[k for k in summary if "@" in k]])
+    t = tables(summary)
+    md = [f"# {out.name}: the committed units re-read (issue 32's statistics)", "",
+          f"    python -m vb_train.toy.study --reread {out}" + "".join(f" --control-dir {d}" for d in control_dirs), "",
+          "Nothing retrained: the units of the table as committed, summarised with within-seed intervals over colour "
+          "pairs (a pair's two orders averaged first), two-sided sign tests over seed means and the controls' rule. "
+          "Intervals over seed means are unchanged.", "", "## Controls", "", *controls_lines(controls), "",
+          "## Every arm", "", t["main"], "", "## Per seed", "",
+          "`*`: the seed's interval over colour pairs excludes 0; `†`: a seed in which the grey control's interval "
+          "excludes 0 (flip-loss gap or flip contrast).", "", t["per_seed"], ""]
+    text = "\n".join(md) + "\n"
+    (out / "study_reread.md").write_text(text)
+    (out / "study_reread.json").write_text(json.dumps({"summary": summary, "controls": controls}, indent=1))
+    return text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vb_train.toy.study", description=__doc__.split("\n")[0])
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--gate", action="store_true", help="the gate: seen pairs, reference / coarse only / oracle / grey")
     g.add_argument("--full", action="store_true", help="the full table: held-out pairs, every arm")
-    p.add_argument("--out", required=True)
+    g.add_argument("--reread", metavar="DIR", help="summarise a finished study folder's units again (no training)")
+    p.add_argument("--out")
     p.add_argument("--quick", action="store_true", help="tiny everything (a smoke run; numbers mean nothing)")
     p.add_argument("--arms", help="comma-separated subset of the suite's arms")
     p.add_argument("--seeds", type=int, help="seeds (default 3)")
@@ -553,6 +586,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--header", action="append", default=[], help="a line for the top of study.md; repeatable")
     A.add_run_options(p, "torch CPU threads per run (default 1)")
     args = p.parse_args(argv)
+    if args.reread:
+        print(reread(Path(args.reread), [Path(d) for d in args.control_dir]))
+        return 0
+    if not args.out:
+        p.error("--out: required with --gate / --full")
     kind = "gate" if args.gate else "full"
     kw = A.apply_run_options(args, {k: getattr(args, k) for k in ("steps1", "steps2") if getattr(args, k) is not None})
     a = settings(kind, args.quick, **kw)
