@@ -24,7 +24,7 @@ def main(out: str, data: str) -> None:
 
     from vb_train.config import TrainConfig
     from vb_train.registry import build_task
-    from vb_train.trainer import FSDPProcess, build_optimizer, derive_seed, seed_all
+    from vb_train.trainer import FSDPProcess, build_optimizer, derive_seed, seed_all, sharded_parameters
 
     from accelerate import PartialState
 
@@ -48,9 +48,8 @@ def main(out: str, data: str) -> None:
         task.set_train_mode(cfg.stage)
         return task, names
 
-    def optimizer(task, names):
-        params = dict(task.named_parameters())  # (after fully_shard: the sharded parameters, same names)
-        ps = [params[n] for n in names]
+    def optimizer(task, names):  # (after fully_shard: the sharded parameters, as the trainer collects them)
+        ps = [p for _, p in sharded_parameters(task, names)]
         return ps, build_optimizer(cfg, ps)
 
     def batch(step, r):  # global batch of step s: items 4s..4s+3; process r reads its half
@@ -80,8 +79,11 @@ def main(out: str, data: str) -> None:
     def sharded():
         task, names = build()
         frozen = {n: p.detach().clone() for n, p in task.named_parameters() if n not in names}
+        before = {id(p) for n, p in task.named_parameters() if n in names}
         task = proc.prepare_model(task)
         params, opt = optimizer(task, names)
+        # fully_shard replaced the parameter objects: a list collected before would clip nothing
+        assert not any(id(p) in before for p in params)
         return task, params, opt, frozen
 
     task, params, opt, frozen = sharded()

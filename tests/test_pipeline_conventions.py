@@ -323,3 +323,9 @@ def test_offloading_to_the_gpu_gives_the_plain_gpu_output(pipe):
     q.backbone.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
                                     offload_type="block_level", num_blocks_per_group=1, use_stream=True)
     torch.testing.assert_close(gen(q), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_official_sampling_names_a_missing_component(pipe):
+    with pytest.raises(ValueError, match="text_encoder: this pipeline has no text_encoder.*official sampling"):
+        vb.VideoBoothPipeline.from_pipe(pipe, text_encoder=None).official_sample(
+            "a dog", "dog", torch.rand(3, 16, 16), num_frames=2, num_inference_steps=1, height=16)

@@ -704,6 +704,8 @@ class VideoBoothPipeline(DiffusionPipeline):
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
         self.check_inputs(prompt, subject_word, num_frames, height, height, num_inference_steps, guidance_scale,
                           output_type=output_type)
+        self._require("backbone", "image_encoder", "mapper", "text_encoder", "tokenizer", "vae",
+                      why="the official sampling")
         device = self._execution_device
         dtype = self.backbone.dtype
         image_frames = num_frames if image_frames is None else int(image_frames)

@@ -205,6 +205,20 @@ def check_distributed_setup(acc, environ) -> None:
                            "same run. With device: cpu, launch with --multi_gpu (gloo); on GPUs, check the accelerate config")
 
 
+def sharded_parameters(model: torch.nn.Module, names: List[str]) -> List[tuple]:
+    """``(name, parameter)`` of ``model`` for ``names``, looked up again after sharding.
+    FSDP2's ``fully_shard`` replaces every parameter by a sharded ``DTensor`` under the same
+    name, so the parameter objects collected before (the trainer's list, for gradient
+    clipping) are no longer the model's: their ``.grad`` stays None and a clip over them clips
+    nothing."""
+    own = dict(model.named_parameters())
+    missing = [n for n in names if n not in own]
+    if missing:
+        raise ValueError(f"model: {len(missing)} trainable parameters are not found by name after sharding "
+                         f"(e.g. {missing[:3]}); FSDP2 (fsdp_version: 2) keeps the names, FSDP1 does not")
+    return [(n, own[n]) for n in names]
+
+
 class FSDPProcess:
     """What accelerate's FSDP2 helpers (``fsdp2_prepare_model``, ``save_fsdp_model`` /
     ``load_fsdp_model``, ``save_fsdp_optimizer`` / ``load_fsdp_optimizer``) read of an
@@ -337,6 +351,9 @@ class Trainer:
         # The LR scheduler stays outside prepare (accelerate's wrapper would step it once per
         # process); it is saved with the state as a registered object.
         self.model, self.optimizer, self.loader = acc.prepare(self.task, self.optimizer, loader)
+        if self.fsdp:  # FSDP2 replaced every parameter by a sharded one (same name): clip and digest those
+            self.named_params = sharded_parameters(self.model, [n for n, _ in self.named_params])
+            self.params = [p for _, p in self.named_params]
         acc.register_for_checkpointing(self.lr_scheduler)
         acc.register_save_state_pre_hook(self._save_hook)
         acc.register_load_state_pre_hook(self._load_hook)
