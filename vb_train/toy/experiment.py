@@ -311,6 +311,9 @@ def run_stage(cfg) -> dict:
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     summary = trainer.train()
+    if summary.get("status") == "stopped":  # a signal (e.g. the study's SIGTERM): not a finished run
+        raise RuntimeError(f"run_stage: {out} stopped at step {summary.get('step')} (a signal); the run is not "
+                           f"finished and is not recorded")
     summary["exemplars_cloned"] = getattr(trainer.task, "exemplars_cloned", None)
     hist = summary.pop("history")
     n = max(1, len(hist) // 10)

@@ -536,7 +536,7 @@ def run_study(kind: str, a: A.AblationSettings, out: Path, jobs: int = 1, thread
     return res
 
 
-def reread(out: Path, control_dirs: Sequence[Path] = ()) -> str:
+def reread(out: Path, control_dirs: Sequence[Path] = (), header: Sequence[str] = ()) -> str:
     """A finished study folder's units summarised again with this module's statistics (within-seed
     intervals over colour pairs, two-sided sign tests, the controls' verdict), without training,
     data or VAE: ``<out>/study_reread.md`` (+ .json). Returns the markdown."""
@@ -558,10 +558,14 @@ def reread(out: Path, control_dirs: Sequence[Path] = ()) -> str:
           f"    python -m vb_train.toy.study --reread {out}" + "".join(f" --control-dir {d}" for d in control_dirs), "",
           "Nothing retrained: the units of the table as committed, summarised with within-seed intervals over colour "
           "pairs (a pair's two orders averaged first), two-sided sign tests over seed means and the controls' rule. "
-          "Intervals over seed means are unchanged.", "", "## Controls", "", *controls_lines(controls), "",
-          "## Every arm", "", t["main"], "", "## Per seed", "",
+          "Intervals over seed means are unchanged.", "", *header, *([""] if header else []),
+          "## Controls", "", *controls_lines(controls), "",
+          "## Every arm", "", t["main"], "", "## Contrasts", "", t["contrasts"], "", "## Per seed", "",
           "`*`: the seed's interval over colour pairs excludes 0; `†`: a seed in which the grey control's interval "
           "excludes 0 (flip-loss gap or flip contrast).", "", t["per_seed"], ""]
+    if any(r.get("flip_loss_gap_by_t") for r in summary.values()):
+        md += ["## Flip-loss gap by noise level (x1e3, mean over seeds and clips)", "", t["by_t"], ""]
+    md += [f"![study]({plot(summary, out / 'study_reread.png').name})", ""]
     text = "\n".join(md) + "\n"
     (out / "study_reread.md").write_text(text)
     (out / "study_reread.json").write_text(json.dumps({"summary": summary, "controls": controls}, indent=1))
@@ -587,7 +591,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     A.add_run_options(p, "torch CPU threads per run (default 1)")
     args = p.parse_args(argv)
     if args.reread:
-        print(reread(Path(args.reread), [Path(d) for d in args.control_dir]))
+        print(reread(Path(args.reread), [Path(d) for d in args.control_dir], args.header))
         return 0
     if not args.out:
         p.error("--out: required with --gate / --full")
