@@ -24,14 +24,21 @@ A, lower half colour B, the identity is the ordered pair. What changed against t
   `two_tone_order` as before, colour identity, and frame-one copying as the subject's centroid
   motion along the caption's direction;
 - intervals: per seed, clips are averaged within an identity and identities averaged (clips of
-  one identity are not independent); the interval is a t interval over the seed means.
+  one identity are not independent); the interval is a t interval over the seed means. Within a
+  seed the unit is the colour pair (A over B and B over A share their colours: not independent;
+  issue 32); sign tests over seed means are two-sided; the flip-loss gap is the primary metric;
+  a seed whose grey control's interval excludes 0 is marked and the run is not called clean.
 
 Gate (`--gate`): seen colour pairs of four high-contrast colours (red, green, blue, yellow: 12
-ordered pairs, training and evaluation clips drawn from the same identities), arms reference,
-coarse only, oracle, grey; it passes when the oracle's flip contrast is above 0 in every seed
-(each seed's interval over identities). Full table (`--full`): held-out colour pairs as in the
-ablations, arms reference, coarse only, fine only, one-stage joint, oracle, grey, IP-Adapter-Plus,
-and the clean-latent fine path (a diagnostic: the image latent un-noised in training and sampling).
+ordered pairs, training and evaluation clips drawn from the same identities), arms reference (one
+image copy), reference with the official image stream (F noised copies, `model.image_stream:
+official`), coarse only, oracle, grey; it passes when the oracle's flip contrast is above 0 in
+every seed (each seed's interval over colour pairs). Full table (`--full`): held-out colour pairs
+as in the ablations, arms reference, reference with the official stream, coarse only, fine only,
+one-stage joint, oracle, grey, IP-Adapter-Plus, and the clean-latent fine path (a diagnostic: the
+image latent un-noised in training and sampling). ``--reread DIR`` summarises a finished folder's
+units again without training; ``--control-dir DIR`` adds another folder's oracle (another budget,
+same data) as a positive control.
 
 Outputs under --out: study.md, study.json, study.png, units/ (per arm and seed; a rerun skips the
 finished ones) and the run directories.
@@ -243,6 +250,7 @@ def controls_verdict(summary: Dict[str, dict], positive: Sequence[str] = ("oracl
     if g:
         for m, key in (("flip_loss_gap", "flip_gap_within_seed"), ("flip_contrast", "flip_contrast_within_seed")):
             out["grey_excludes_zero"][m] = [sd for sd, ci in zip(g["seed_ids"], g.get(key) or []) if excludes_zero(ci)]
+    out["grey_present"] = bool(g)
     out["clean"] = bool(g) and not any(out["grey_excludes_zero"].values())
     for k in positive:
         r = summary.get(k)
@@ -422,7 +430,9 @@ def controls_lines(cv: dict) -> List[str]:
                      "nulls** (an arm that finds nothing means something only beside a control that finds it on the "
                      "same split).")
     bad = cv["grey_excludes_zero"]
-    if cv["clean"]:
+    if not cv.get("grey_present", True):
+        lines.append("- no negative control (grey) in this run: it can not be called clean.")
+    elif cv["clean"]:
         lines.append("- negative control (grey): its interval over colour pairs holds 0 in every seed, for the flip-loss "
                      "gap and the flip contrast: the run is clean.")
     else:
@@ -454,7 +464,7 @@ def report(kind: str, summary: Dict[str, dict], verdict: Optional[dict], a: A.Ab
         md += ["## Controls", ""] + controls_lines(controls) + [""]
     if verdict is not None:
         md += [f"**Gate:** oracle learns the arrangement in every seed: **{verdict['oracle_learns_every_seed']}** "
-               f"(flip contrast per seed, 95% over identities: "
+               f"(flip contrast per seed, 95% over colour pairs: "
                f"{'; '.join(f'[{lo:+.3f}, {hi:+.3f}]' for lo, hi in verdict['oracle_per_seed'])}); the grey control's "
                f"intervals hold 0 in every seed: {verdict['grey_holds_zero_every_seed']}.", ""]
     if ceiling:
