@@ -196,3 +196,12 @@ def test_task_official_stream_feeds_f_noised_copies(tmp_path, monkeypatch):
     assert seen["image"].shape == (b, 4, 8, 8)
     with pytest.raises(ValueError, match="model.image_stream"):
         _task(tmp_path, image_stream="all")
+
+
+def test_official_stage2_config_trains_the_official_stream():
+    from pathlib import Path
+
+    from vb_train.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "official_stage2.yaml")
+    assert cfg.model["image_stream"] == "official"

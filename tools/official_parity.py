@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from vb.coarse import inject_subject_ids, word_token_ids
+from vb.coarse import encode_prompt, inject_subject_ids, word_token_ids
+from vb.latents import encode_latents
 from vb.official.convert import load_official, tiny_official_config
 from vb.official.sampler import OFFICIAL_PLACEHOLDER, official_denoise, official_guidance, official_scheduler
 from vb.tokenizer import clip_tokenizer
@@ -69,6 +70,12 @@ def parity(official_repo: str, diffusers_0111: str, *, backends=("reference", "s
         "text_tokens": [torch.randn(5, d_text, generator=g) for _ in prompts],
         "z": torch.randn(1, 4, frames, size, size, generator=g),
     }
+    # The pipeline check's own inputs: an image prompt, its latent by our VAE, our null text "".
+    parts = _stream_parts(d_text, seed)
+    pipe_image = torch.rand(3, 2 * size, 2 * size, generator=g)
+    with torch.no_grad():
+        inputs["pipe_image_latent"] = encode_latents(parts["vae"], pipe_image[None] * 2 - 1, sample=False)
+        inputs["pipe_null"] = encode_prompt(parts["text_encoder"], parts["tokenizer"], [""])[0]
     if reference_out is not None and os.path.exists(reference_out):
         ref = torch.load(reference_out, weights_only=False)  # the official outputs of an earlier run
     else:
@@ -137,7 +144,61 @@ def parity(official_repo: str, diffusers_0111: str, *, backends=("reference", "s
                                   guidance_scale=guidance, image_frames=0, randn=replay_frame0)
         res["sampling_one_image_frame"] = _rel(final1, ref["sample_final"])
         log(f"sampling loop, image branch on one frame (not expected equal) {res['sampling_one_image_frame']:.2e}")
+
+        # The pipeline's own loop (VideoBoothPipeline.__call__, image_stream="official", the
+        # official scheduler, guidance 1: the conditional pass alone) against the official
+        # p_sample_loop at cfg_scale 1 on the same image latent and null text, the official draws
+        # replayed: F image copies, then the step's noise, at every step.
+        if "pipe_sample_final" in ref:
+            import diffusers.schedulers.scheduling_ddpm as ddpm_mod
+            import vb.pipeline as pipe_mod
+            from vb import VideoBoothPipeline
+
+            pipe = VideoBoothPipeline(parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["image_encoder"],
+                                      parts["mapper"], bb, official_scheduler(steps))
+            pipe.set_progress_bar_config(disable=True)
+            noises = list(ref["pipe_sample_noises"])
+
+            def replay_any(shape, *args, **kwargs):
+                n = noises.pop(0)
+                return n[: shape[0]].reshape(shape)
+
+            for stream, key in (("official", "pipeline_official_stream"), ("one", "pipeline_one_copy_stream")):
+                noises = list(ref["pipe_sample_noises"])
+                if stream == "one":  # one draw for the whole loop (frame 0 of the first), then the steps'
+                    first = noises.pop(0)
+                    noises = [first[:, :, 0]] + [n for i, n in enumerate(noises) if i % 2 == 0]
+                saved = pipe_mod.randn_tensor, ddpm_mod.randn_tensor
+                pipe_mod.randn_tensor = ddpm_mod.randn_tensor = replay_any
+                try:
+                    out = pipe(prompt_embeds=text[:1], image_prompt=pipe_image, num_frames=frames,
+                               height=2 * size, width=2 * size, num_inference_steps=steps, guidance_scale=1.0,
+                               latents=inputs["z"], output_type="latent", image_stream=stream).frames
+                finally:
+                    pipe_mod.randn_tensor, ddpm_mod.randn_tensor = saved
+                res[key] = _rel(out, ref["pipe_sample_final"])
+            log(f"pipeline __call__ ({steps} steps, guidance 1): official stream {res['pipeline_official_stream']:.2e}; "
+                f"one-copy stream (not expected equal) {res['pipeline_one_copy_stream']:.2e}")
     return res
+
+
+def _stream_parts(d_text: int, seed: int) -> dict:
+    """Tiny random components of the pipeline check (the backbone is the official one loaded
+    later): the tiny VAE (factor 2), a CLIP text encoder of the official config's width, the tiny
+    image encoder and mapper (their output is not used: the check passes ``prompt_embeds``)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import vb
+
+    tiny = vb.build_tiny_videobooth("unet", seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=d_text, intermediate_size=2 * d_text, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+            pad_token_id=49407)).eval()
+    return {"vae": tiny.vae.eval(), "text_encoder": text_encoder, "tokenizer": tiny.tokenizer,
+            "image_encoder": tiny.image_encoder, "mapper": tiny.mapper}
 
 
 def _cmd_parity(args) -> None:

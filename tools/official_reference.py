@@ -198,6 +198,26 @@ def main(argv=None) -> None:
     out["sample_noises"] = noises
     out["sample_final"] = samples[:1]
     out["timestep_map"] = list(diffusion.timestep_map)
+
+    # The same loop at guidance 1 (the conditional pass alone) on the inputs of the parity tool's
+    # pipeline check: its image latent (our VAE's) and its null text (our text encoder's ""),
+    # every randn_like recorded again.
+    if "pipe_image_latent" in inp:
+        noises = []
+        torch.manual_seed(int(inp["seed"]) + 1)
+        torch.randn_like = recording
+        try:
+            pnull = inp["pipe_null"]
+            ex = inp["pipe_image_latent"][:, :, None].repeat(1, 1, z.shape[2], 1, 1)
+            kwargs = dict(encoder_hidden_states=torch.cat([text[:1], pnull]), class_labels=None, cfg_scale=1.0,
+                          exemplar_latent_ori=torch.cat([ex, ex]), add_noise_to_exemplar=True,
+                          exemplar_encoder_hidden_states=torch.cat([pnull, pnull]))
+            samples = diffusion.p_sample_loop(unet.forward_with_cfg_with_exemplar, zz.shape, zz, clip_denoised=False,
+                                              model_kwargs=kwargs, progress=False, device="cpu")
+        finally:
+            torch.randn_like = randn_like
+        out["pipe_sample_noises"] = noises
+        out["pipe_sample_final"] = samples[:1]
     torch.save(out, args.out)
 
 
