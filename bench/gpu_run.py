@@ -5,22 +5,32 @@
 
 Stages, in this order (the figures people wait for first; each with its own share of the
 budget; a stage that runs out is cut and says so):
-0. ``python -m bench.warm``: the triton binaries the headline rows and the GPU tests launch
-   (about 280) compiled in parallel, one process per CPU (at most 32), into Triton's cache, in
-   order of first use, so that the stages after it time and test kernels instead of compiling.
-1. Headline rows: the 8 VideoBooth shapes (256 and 512 px U-Net levels), fwd and fwd+bwd, bf16,
+0. ``python -m bench.warm``: the triton binaries the smoke stage, the headline rows and the GPU
+   tests launch (about 300) compiled in parallel, one process per CPU (at most 32), into
+   Triton's cache, in order of first use, so that the stages after it time and test kernels
+   instead of compiling.
+1. ``python -m bench.smoke`` (at most 20 s, before anything is timed): each backward build
+   (split, fused with ordered dQ adds, fused with atomic ones) at a small shape and at N 4096
+   D 40 against an oracle and the split pair's gradients, the ordered build under a poll limit of
+   2^20 (a hang traps in about a second), a stress run with one warp of every block delayed
+   (bitwise the same gradients), the final semaphore counts; its verdict (``smoke.json``, written
+   before the first check and after each) heads the README. Where it saw the ordered build trap
+   or hang, the stages after it leave that build out (its default poll limit is minutes).
+2. Headline rows: the 8 VideoBooth shapes (256 and 512 px U-Net levels), fwd and fwd+bwd, bf16,
    for reference, the SDPA backends (the report picks the best), flex and triton; and the
    attention peak memory of a training step (the attn1 block rows of bench_model.py).
    ``python -m bench.report`` then writes report.md and the plots. Then the triton fwd+bwd rows
    again with each backward build: ``VB_BWD=split`` (7 matmuls), ``VB_BWD=fused`` (5 matmuls,
    ordered dQ adds) and fused with atomic adds (``VB_BENCH_DQ=atomic``), compared shape by shape
-   (bwd_builds.md): whether the default (``auto``: fused at D <= 64, chosen on the compile
-   report's figures) wins where it takes the fused build, and what the order costs.
-2. ``pytest tests -m gpu``: the GPU-only tests (bf16, every head dim at full tiles, int64
-   offsets, flex gradients, the 100-run determinism test), within 120 s.
-3. One end-to-end denoising step of the SD-1.4-sized VideoBooth U-Net (random weights, 256 px,
+   (bwd_builds.md): whether the fused build is faster where ``auto`` could take it (``auto`` is
+   the split pair until ``FUSED_VERIFIED`` in vb_kernels/impl/fused/choice.py cites such a
+   result), and what the order costs.
+3. ``pytest tests -m gpu``: the GPU-only tests (bf16, every head dim at full tiles, int64
+   offsets, flex gradients, the 100-run determinism test, tests/test_gpu_fused_backward.py:
+   launch groups at N 4096, M > N, two streams, CUDA graphs, semaphore counts), within 120 s.
+4. One end-to-end denoising step of the SD-1.4-sized VideoBooth U-Net (random weights, 256 px,
    16 frames, classifier-free guidance batch of 2, image prompt), per attn1 backend.
-4. Tile sweep: for D in {40, 64, 72, 80, 128, 160}, candidate (BLOCK_M, BLOCK_N, warps,
+5. Tile sweep: for D in {40, 64, 72, 80, 128, 160}, candidate (BLOCK_M, BLOCK_N, warps,
    stages) per kernel (``VB_TILES``; ``dkvq``: the fused 5-matmul backward, ``VB_BWD=fused``,
    against the split pair's ``dq`` / ``dkv`` rows), timed with ``triton.testing.do_bench``; the winners go to
    tiles.json / tiles.md (copy them into ``_TILES`` in vb_kernels/impl/fused/forward.py by hand,
@@ -52,8 +62,10 @@ CANDIDATES = {
     "dq": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
     "dkv": [(64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2), (32, 64, 8, 2)],
 }
-BUDGET_S = {"warm": 75, "headline": 150, "bwd_builds": 105, "tests": 120, "e2e": 45, "sweep": 80}  # 575 s
-# + start-up: about 10 minutes
+BUDGET_S = {"warm": 75, "smoke": 20, "headline": 140, "bwd_builds": 96, "tests": 120, "e2e": 40,
+            "sweep": 75}  # 566 s; + start-up and the stages' own margins: about 10 minutes
+DRY_SMOKE_BUDGET_S = 900  # the smoke stage through the interpreter on a loaded 2-core CPU (CI)
+STAGES = ("warm", "smoke", "headline", "tests", "e2e", "sweep")  # run order (headline includes bwd_builds)
 HEADLINE_K = "(vb256 or vb512) and bf16 and (reference or sdpa or flex or triton)"
 MEMORY_K = "down0 and fwd+bwd and bf16"
 
@@ -81,15 +93,43 @@ def stage_warm(out: Path, dry: bool) -> dict:
     return res
 
 
-def stage_tests(out: Path, dry: bool) -> dict:
+def stage_smoke(out: Path, dry: bool) -> dict:
+    """bench.smoke: every backward build in seconds, its verdict in smoke.json (dry: the interpreter)."""
+    budget = DRY_SMOKE_BUDGET_S if dry else BUDGET_S["smoke"]
+    cmd = [sys.executable, "-m", "bench.smoke", "--out", str(out), "--budget", f"{budget:.0f}"]
+    # the supervisor keeps its own deadline (it kills a worker at it); the margin is its start and exit
+    res = _run(cmd + (["--dry-run"] if dry else []), budget + (60 if dry else 10), out / "smoke_stage.log")
+    if (out / "smoke.json").exists():
+        verdict = json.loads((out / "smoke.json").read_text())
+        res["smoke"] = {k: verdict.get(k) for k in ("verdict", "summary", "builds", "device", "seconds")}
+    return res
+
+
+def fused_ordered_blocked(stages: dict) -> str | None:
+    """Why the stages after the smoke leave the fused build with ordered dQ adds out, or None:
+    the smoke saw it trap, hang or crash (under the default poll limit, 2^28, a wait that never
+    passes would take minutes of the run's budget before it traps)."""
+    builds = ((stages.get("smoke") or {}).get("smoke") or {}).get("builds") or {}
+    bad = {b: s for b, s in builds.items() if b in ("fused", "stress") and s in ("trap", "hang", "crash")}
+    if not bad:
+        return None
+    return "left out: the smoke stage saw the ordered build " + ", ".join(f"{b}: {s}" for b, s in sorted(bad.items()))
+
+
+def stage_tests(out: Path, dry: bool, skip_fused: str | None = None) -> dict:
     if dry:  # the GPU tests skip on a CPU; run one fast test file to exercise the stage
         cmd = [sys.executable, "-m", "pytest", "tests/test_schedule_and_inputs.py", "-q", "-x", "-k", "named"]
     else:
         cmd = [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
-    return _run(cmd, BUDGET_S["tests"], out / "tests.log")
+    if skip_fused:  # every test of the fused build has "fused" in its id or file name
+        cmd += ["-k", "not fused"]
+    res = _run(cmd, BUDGET_S["tests"], out / "tests.log")
+    if skip_fused:
+        res["note"] = f"fused tests {skip_fused}"
+    return res
 
 
-def stage_headline(out: Path, dry: bool) -> dict:
+def stage_headline(out: Path, dry: bool, skip_fused: str | None = None) -> dict:
     marker, k_op, k_mem = ("smoke", "smoke.vb and (reference or triton)", "smoke and attn1 and fwd+bwd") if dry \
         else ("not smoke", HEADLINE_K, MEMORY_K)
     res = {}
@@ -109,6 +149,9 @@ def stage_headline(out: Path, dry: bool) -> dict:
     for name, build, dq in (("headline_split", "split", "ordered"), ("headline_fused", "fused", "ordered"),
                             ("headline_fused_atomic", "fused", "atomic")):
         js = out / f"{name}.json"
+        if skip_fused and (build, dq) == ("fused", "ordered"):
+            res[name], builds[name] = {"rc": "skipped", "seconds": 0, "summary": skip_fused}, None
+            continue
         res[name] = _run([sys.executable, "-m", "pytest", "bench/bench_attention.py", "-q", "-m", marker,
                           "-k", k_rows, f"--benchmark-json={js}", "-p", "no:cacheprovider"],
                          BUDGET_S["bwd_builds"] / 3, out / f"{name}.log",
@@ -158,8 +201,8 @@ def builds_summary(rows: list) -> str:
 
 def builds_markdown(rows: list) -> str:
     lines = ["# The backward's builds, same run: split (VB_BWD=split: 7 matmuls) vs fused (VB_BWD=fused: 5 "
-             "matmuls, ordered dQ adds, and atomic ones with VB_BENCH_DQ=atomic); the default (auto) takes "
-             "fused at D <= 64", "",
+             "matmuls, ordered dQ adds, and atomic ones with VB_BENCH_DQ=atomic); the default (auto) is the "
+             "split pair until FUSED_VERIFIED (vb_kernels/impl/fused/choice.py) cites a result like this one", "",
              builds_summary(rows), "",
              "| row | split ms | fused ms | fused atomic ms | split / fused | fused / atomic |",
              "|---|---|---|---|---|---|"]
@@ -177,7 +220,7 @@ def _bench_ms(fn, dry: bool) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=25)
 
 
-def stage_sweep(out: Path, dry: bool, head_dims=HEAD_DIMS) -> dict:
+def stage_sweep(out: Path, dry: bool, head_dims=HEAD_DIMS, skip_fused: str | None = None) -> dict:
     """Time each candidate tile of each kernel with the other kernels at their defaults."""
     import functools
 
@@ -193,7 +236,9 @@ def stage_sweep(out: Path, dry: bool, head_dims=HEAD_DIMS) -> dict:
     deadline = time.perf_counter() + BUDGET_S["sweep"]
     results, table = {}, []
     cands = {"fwd": CANDIDATES["fwd"][:2], "dkvq": CANDIDATES["dkvq"][:1], "dq": CANDIDATES["dq"][:1],
-             "dkv": CANDIDATES["dkv"][:1]} if dry else CANDIDATES
+             "dkv": CANDIDATES["dkv"][:1]} if dry else dict(CANDIDATES)
+    if skip_fused:  # dkvq times the ordered build
+        cands.pop("dkvq")
     for d in head_dims:
         n = 16 if dry else SWEEP_TOKENS[d]
         f = 2 if dry else 16
@@ -231,7 +276,7 @@ def stage_sweep(out: Path, dry: bool, head_dims=HEAD_DIMS) -> dict:
              "|---|---|---|---|---|"]
     lines += [f"| {d} | {k} | {t} | {'' if ms is None else f'{ms:.4f}'} | {note} |" for d, k, t, ms, note in table]
     (out / "tiles.md").write_text("\n".join(lines) + "\n")
-    return {"winners": results}
+    return {"winners": results, **({"note": f"dkvq {skip_fused}"} if skip_fused else {})}
 
 
 def stage_e2e(out: Path, dry: bool) -> dict:
@@ -286,21 +331,70 @@ def stage_e2e(out: Path, dry: bool) -> dict:
     return res
 
 
+def smoke_lines(out: Path) -> list[str]:
+    """The smoke verdict for the top of the README, read from smoke.json (as far as it got)."""
+    path = out / "smoke.json"
+    if not path.exists():
+        return ["**Smoke verdict: none** (no smoke.json: the smoke stage did not run)", ""]
+    try:
+        v = json.loads(path.read_text())
+    except ValueError as e:
+        return [f"**Smoke verdict: unreadable** (smoke.json: {e})", ""]
+    builds = ", ".join(f"{b} {s}" for b, s in (v.get("builds") or {}).items())
+    lines = [f"**Smoke verdict: {str(v.get('verdict')).upper()}**: {v.get('summary', '')} ({builds}; "
+             f"{v.get('seconds')} s, `smoke.json`)", ""]
+    def err(x):
+        return "" if x is None else f"{x:.2e}"
+
+    lines += ["| check | status | max rel err (oracle; stress: vs no stall) | vs split | backward ms | seconds |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {c['name']} | {c.get('status')} | {err(c.get('max_rel_err'))} | {err(c.get('max_rel_err_vs_split'))} | "
+              f"{c.get('backward_ms', '')} | {c.get('seconds', '')} |" for c in v.get("checks", [])]
+    lines.append("")
+    for c in v.get("checks", []):
+        if c.get("status") != "pass":
+            lines.append(f"- {c['name']}: {c.get('status')}" + (f": {c['detail']}" if c.get("detail") else ""))
+    return lines + ([""] if lines[-1] else [])
+
+
+def headline_lines(out: Path) -> list[str]:
+    """The report's headline rows (triton per VideoBooth U-Net shape), from headline.json."""
+    path = out / "headline.json"
+    if not path.exists():
+        return []
+    from .report import compare, headline, load
+
+    try:
+        rows = compare(load([path]))
+    except (ValueError, KeyError) as e:
+        return [f"headline.json: unreadable ({type(e).__name__}: {e})", ""]
+    return ["## Headline (from `report.md`)", ""] + headline(rows) + [""]
+
+
 def readme(out: Path, env: dict, stages: dict, total_s: float) -> None:
+    """README.md: the smoke verdict, then the headline rows, then every stage."""
     lines = [f"# GPU run: {env['device']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit {env['commit']}, "
-             f"{total_s:.0f} s in all (`python -m bench.gpu_run`).", "",
-             "| stage | result | seconds | files |", "|---|---|---|---|"]
+             f"{total_s:.0f} s in all (`python -m bench.gpu_run`).", ""]
+    lines += smoke_lines(out) + headline_lines(out)
+    lines += ["| stage | result | seconds | files |", "|---|---|---|---|"]
+    sm = stages.get("smoke", {})
+    if sm:
+        lines.append(f"| bench.smoke: every backward build, poll limit 2^20, stress, semaphores | rc={sm.get('rc')}: "
+                     f"{sm.get('summary', '')} | {sm.get('seconds')} | smoke.json, smoke.log |")
+    for name, r in stages.get("headline", {}).items():
+        files = {"report": "report.md, plots, report.log", "bwd_builds": "bwd_builds.md"}.get(
+            name, f"{name}.json, {name}.log")
+        lines.append(f"| {name} | rc={r.get('rc', '')}: {r.get('summary', '')} | {r.get('seconds', '')} | {files} |")
     w = stages.get("warm", {})
     if w:
         lines.append(f"| bench.warm: compile the run's triton binaries | rc={w.get('rc')}: {w.get('summary', '')} | "
                      f"{w.get('seconds')} | warm.json, warm.log |")
     t = stages.get("tests", {})
-    lines.append(f"| pytest tests -m gpu | rc={t.get('rc')}: {t.get('summary', '')} | {t.get('seconds')} | tests.log |")
-    for name, r in stages.get("headline", {}).items():
-        files = {"report": "report.md, plots, report.log", "bwd_builds": "bwd_builds.md"}.get(
-            name, f"{name}.json, {name}.log")
-        lines.append(f"| {name} | rc={r.get('rc', '')}: {r.get('summary', '')} | {r.get('seconds', '')} | {files} |")
+    if t:
+        note = f" ({t['note']})" if t.get("note") else ""
+        lines.append(f"| pytest tests -m gpu | rc={t.get('rc')}: {t.get('summary', '')}{note} | {t.get('seconds')} | "
+                     f"tests.log |")
     sw = stages.get("sweep", {})
     if "error" in sw:
         lines.append(f"| tile sweep | {sw['error']} | | |")
@@ -319,8 +413,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.gpu_run", description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU through the interpreter (CI)")
     ap.add_argument("--out", type=Path, help="results folder (default: bench/results/<device>/)")
-    ap.add_argument("--stages", nargs="+", default=["warm", "headline", "tests", "e2e", "sweep"],
-                    choices=["warm", "headline", "tests", "e2e", "sweep"])
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES),
+                    help="stages to run, in this order (default: all)")
     ap.add_argument("--budget", type=float, default=sum(BUDGET_S.values()),
                     help="seconds for all stages together, shared in the default proportions "
                          f"(default {sum(BUDGET_S.values()):.0f}; lower it when less device time is left)")
@@ -345,17 +439,20 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "env.json").write_text(json.dumps(env, indent=1))
     t0, stages = time.perf_counter(), {}
-    for name in args.stages:
+    for name in sorted(args.stages, key=STAGES.index):  # always in the run's order: warm, smoke, ...
         print(f"[gpu_run] {name} ...", flush=True)
         try:
+            skip_fused = fused_ordered_blocked(stages)
             if name == "warm":
                 stages[name] = stage_warm(out, args.dry_run)
+            elif name == "smoke":
+                stages[name] = stage_smoke(out, args.dry_run)
             elif name == "tests":
-                stages[name] = stage_tests(out, args.dry_run)
+                stages[name] = stage_tests(out, args.dry_run, skip_fused)
             elif name == "headline":
-                stages[name] = stage_headline(out, args.dry_run)
+                stages[name] = stage_headline(out, args.dry_run, skip_fused)
             elif name == "sweep":
-                stages[name] = stage_sweep(out, args.dry_run, (40,) if args.dry_run else HEAD_DIMS)
+                stages[name] = stage_sweep(out, args.dry_run, (40,) if args.dry_run else HEAD_DIMS, skip_fused)
             else:
                 stages[name] = stage_e2e(out, args.dry_run)
         except Exception as e:  # noqa: BLE001 - one stage failing must not lose the others' results

@@ -1,9 +1,11 @@
 """Compile a GPU run's triton kernels in parallel into Triton's cache before it times or tests them.
 
-Every triton call of the headline benchmark rows (the 8 VideoBooth U-Net shapes, bf16, fwd and
-fwd+bwd, with each backward build: ``bench_calls``) and of ``pytest tests -m gpu``
-(``tests/attention_cases.gpu_triton_calls``) is run through the op's real host code with every
-launch recorded
+Every triton call of the smoke stage (``bench.smoke.smoke_calls``: each backward build at two
+shapes, the ordered build also with the smoke's debug constants, a short poll limit and the
+stress test's stalled warp, each its own binary), of the headline benchmark rows (the 8
+VideoBooth U-Net shapes, bf16, fwd and fwd+bwd, with each backward build: ``bench_calls``) and
+of ``pytest tests -m gpu`` (``tests/attention_cases.gpu_triton_calls``) is run through the op's
+real host code with every launch recorded
 (:func:`vb_kernels.impl.fused.aot.record_launches`: host tensors laid out as the benches and the
 tests lay them out on the GPU), bound as Triton's launcher binds it, and each distinct binary
 compiled for sm_90 (``--arch``) by ``--workers`` processes at once into Triton's cache, where the
@@ -42,8 +44,9 @@ def bench_calls() -> list[tuple]:
     """The headline rows' triton calls, forward and backward (the fwd rows launch the same
     forward): the split build, then the fused build with ordered and with atomic dQ adds. A call
     here and in :func:`gpu_test_calls` is (backward build, schedule name, shape (B, F, N, H, D, M),
-    dtype, with backward, deterministic dQ, source); source ``"bench"``: contiguous inputs,
-    bench.shapes' schedules; ``"tests"``: strided inputs, the tests' schedules."""
+    dtype, with backward, deterministic dQ, source[, debug constants]); source ``"bench"``:
+    contiguous inputs, bench.shapes' schedules; ``"tests"``: strided inputs, the tests'
+    schedules; debug constants: ``launch.debug_constants``' keywords for the call (the smoke's)."""
     import torch
 
     from .shapes import vb_cases
@@ -66,7 +69,19 @@ def _attention_cases():
 
 def gpu_test_calls() -> list[tuple]:
     """The GPU tests' triton calls (``tests/attention_cases.gpu_triton_calls``), as :func:`bench_calls`."""
-    return [(*call, True, "tests") for call in _attention_cases().gpu_triton_calls()]
+    return [(*call, "tests") for call in _attention_cases().gpu_triton_calls()]
+
+
+def smoke_calls() -> list[tuple]:
+    """The smoke stage's triton calls (``bench.smoke.smoke_calls``), as :func:`bench_calls`."""
+    from .smoke import smoke_calls as calls
+
+    return calls()
+
+
+def all_calls() -> list[tuple]:
+    """In order of first use in bench.gpu_run: the smoke stage's, the headline rows', the GPU tests'."""
+    return smoke_calls() + bench_calls() + gpu_test_calls()
 
 
 def _schedule(name: str, frames: int, source: str):
@@ -77,39 +92,48 @@ def _schedule(name: str, frames: int, source: str):
 
 
 def binaries(calls=None, arch: int = 90, sms: int | None = None) -> list:
-    """The distinct binaries of ``calls`` (default: the headline rows', then the GPU tests'), in
-    that order, each once: a list of (key, kernel, args, kwargs, bound launch). ``sms``: the
-    device's SM count, which decides the reader split of small grids (default: 132, an H100
+    """The distinct binaries of ``calls`` (default: :func:`all_calls`: the smoke stage's, the
+    headline rows', then the GPU tests'), in that order, each once: a list of (key, kernel,
+    args, kwargs, bound launch). ``sms``: the device's SM count, which decides the reader split of small grids (default: 132, an H100
     SXM's or an H200's)."""
     import contextlib
     from unittest import mock
 
     from vb_kernels.impl.fused import aot, backward
+    from vb_kernels.impl.fused.launch import debug_constants
 
     found = {}
     old = os.environ.get("VB_BWD")
     sm_count = mock.patch.object(backward, "_sm_count", lambda device: sms) if sms else contextlib.nullcontext()
     try:
         with sm_count:
-            for build, schedule, shape, dtype, backward_too, deterministic, source in (
-                    bench_calls() + gpu_test_calls() if calls is None else calls):
+            for call in all_calls() if calls is None else calls:
+                build, schedule, shape, dtype, backward_too, deterministic, source = call[:7]
+                debug = call[7] if len(call) > 7 else {}
                 os.environ["VB_BWD"] = build
                 b, f, n, h, d, m = shape
                 # host tensors with the strides the benches (contiguous) and the tests give on a GPU
                 layout = "padded" if source == "tests" else "processor"
-                for kern, _grid, args, kwargs in aot.record_launches(
+                with debug_constants(**debug):  # the smoke's constants: launch() adds them to the kwargs
+                    launches = aot.record_launches(
                         *aot.make_tensors(b, f, n, h, d, m, dtype, layout),
                         schedule=_schedule(schedule, f, source), backward=backward_too,
-                        deterministic=deterministic, arch=arch):
+                        deterministic=deterministic, arch=arch)
+                for kern, _grid, args, kwargs in launches:
                     bound = aot.bind_launch(kern, args, launcher_kwargs(kern, kwargs), arch)
-                    key = (kern.__name__, repr(bound[3]), repr(sorted(bound[1].items())))
+                    # the binary: the specialisation, the constexprs and the launch options; not the
+                    # values of runtime arguments passed by keyword (tensors, sizes: the
+                    # specialisation holds what the binary depends on of them)
+                    runtime = {p.name for p in kern.params if not p.is_constexpr}
+                    key = (kern.__name__, repr(bound[3]),
+                           repr(sorted((k, v) for k, v in bound[1].items() if k not in runtime)))
                     found.setdefault(key, (key, kern, args, kwargs, bound))
     finally:
         if old is None:
             os.environ.pop("VB_BWD", None)
         else:
             os.environ["VB_BWD"] = old
-    return list(found.values())  # first use first: the headline's binaries, then the tests'
+    return list(found.values())  # first use first: the smoke's binaries, the headline's, the tests'
 
 
 _FOUND: list = []  # a worker's binaries, recorded once by its initializer
@@ -146,7 +170,8 @@ def warm(workers: int, budget_s: float, arch: int = 90, dry: bool = False, calls
     took = []
     ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                              initializer=_record_in_worker, initargs=(calls, arch, sms))
-    # in order of first use: the headline's binaries are ready first; a cut leaves the tests' last
+    # in order of first use: the smoke's and the headline's binaries are ready first; a cut leaves
+    # the tests' last
     order = list(range(len(found)))[:limit]
     pending = {ex.submit(_compile_one, i, arch) for i in order}
     deadline = t0 + budget_s

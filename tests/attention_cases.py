@@ -85,10 +85,21 @@ def gpu_head_dim_shape(d: int) -> tuple:
     return (1, 4, 1000, 2, d, 300)
 
 
+# tests/test_gpu_fused_backward.py: what only a GPU can get wrong in the fused backward.
+# N 4096 with several launch groups and a short last one: phase 2 has B*H*targets = 9 * 4 = 36
+# chains at 16 per group on 132 SMs (order_group), so groups of 16, 16 and 4 (the test checks it
+# from the recorded grid); the image tokens longer than the frames (M > N), read by every frame
+GPU_GROUPS_SHAPE = (1, 3, 4096, 9, 40, 300)
+GPU_M_GT_N_SHAPE = (1, 3, 300, 2, 40, 700)
+GPU_FUSED_CASES = [(GPU_GROUPS_SHAPE, "videobooth"), (GPU_M_GT_N_SHAPE, "image_everywhere")]
+GPU_FUSED_BUILDS = [("split", True), ("fused", True), ("fused", False)]  # (build, deterministic dQ)
+GPU_GRAPH_SHAPE = GPU_GRAD_SHAPES[1]  # CUDA-graph capture: the binaries test_gradients_on_gpu launches
+
+
 def gpu_triton_calls() -> list[tuple]:
-    """(backward build, schedule name, shape (B, F, N, H, D, M), dtype, with backward) of every
-    triton call the GPU tests make (the int64-offset tests aside: 2**31-element tensors); "auto":
-    the default build (VB_BWD unset)."""
+    """(backward build, schedule name, shape (B, F, N, H, D, M), dtype, with backward,
+    deterministic dQ) of every triton call the GPU tests make (the int64-offset tests aside:
+    2**31-element tensors); "auto": the default build (VB_BWD unset)."""
     calls = [(impl, s, shape, dt, True) for impl, s, dt in GPU_GRAD_CASES if impl != "flex"
              for shape in GPU_GRAD_SHAPES]
     calls += [(build, "videobooth", GPU_DETERMINISM_SHAPE, torch.bfloat16, True) for build in ("split", "fused")]
@@ -96,4 +107,8 @@ def gpu_triton_calls() -> list[tuple]:
     calls += [("auto", "random1", gpu_fp32_shape(d, False), torch.float32, False) for d in GPU_FP32_HEAD_DIMS]
     calls += [("auto", s, GPU_BF16_SHAPE, torch.bfloat16, False) for b, s in GPU_BF16_CASES if b == "triton"]
     calls += [("auto", "random1", gpu_head_dim_shape(d), torch.float16, False) for d in GPU_HEAD_DIMS]
+    calls = [(*call, True) for call in calls]
+    calls += [(build, s, shape, torch.bfloat16, True, det) for shape, s in GPU_FUSED_CASES
+              for build, det in GPU_FUSED_BUILDS]
+    calls += [(build, "videobooth", GPU_GRAPH_SHAPE, torch.bfloat16, True, True) for build in ("split", "fused")]
     return calls

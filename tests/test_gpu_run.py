@@ -25,11 +25,24 @@ def test_gpu_run_dry_run_writes_every_stage(tmp_path):
     assert stages["tests"]["rc"] == 0 and all(r["rc"] == 0 for r in runs.values()), stages
     assert stages["warm"]["rc"] == 0 and stages["warm"]["warm"]["binaries"] > 200, stages["warm"]  # counted only
     assert "bench.warm" in (tmp_path / "README.md").read_text()
+    # the smoke stage, through the interpreter: every check passed, its verdict heads the README
+    smoke = json.loads((tmp_path / "smoke.json").read_text())
+    assert stages["smoke"]["rc"] == 0 and smoke["verdict"] == "pass" and smoke["interpreter"], smoke["summary"]
+    assert set(smoke["builds"]) == {"split", "fused", "fused_atomic", "stress"}, smoke["builds"]
+    assert "not applied" in smoke["debug_constants"]  # POLL_LIMIT / STALL_NS are compiled-only
+    checks = {c["name"]: c for c in smoke["checks"]}
+    assert checks["small.fused"]["semaphores"]["ok"] and checks["small.stress"]["bitwise_equal"]["q"], checks
+    assert checks["n4096.fused"]["oracle"] == "sdpa, float32" and checks["small.split"]["oracle"] == "reference, float64"
+    lines = (tmp_path / "README.md").read_text().splitlines()
+    assert lines[4].startswith("**Smoke verdict: PASS**"), lines[:8]
+    assert any(line.startswith("| small.fused | pass |") for line in lines)  # a row per check under the verdict
+    stage_rows = lines[lines.index("| stage | result | seconds | files |") + 2:]
+    assert stage_rows[0].startswith("| bench.smoke") and stage_rows[1].startswith("| headline |"), stage_rows
     assert stages["headline"]["bwd_builds"]["rows"] >= 1, stages["headline"]  # fused vs split, same run
     assert "fused vs split fwd+bwd over" in (tmp_path / "bwd_builds.md").read_text()
     assert "the ordered dQ adds take" in (tmp_path / "bwd_builds.md").read_text()  # the atomic build ran too
     for name in ("README.md", "env.json", "headline.json", "memory.json", "report.md", "tiles.md", "tiles.json",
-                 "e2e.json"):
+                 "e2e.json", "smoke.json", "smoke.log"):
         assert (tmp_path / name).exists(), name
     winners = json.loads((tmp_path / "tiles.json").read_text())["winners"]["40"]
     assert set(winners) == {"fwd", "dkvq", "dq", "dkv"} and all("tiles" in w for w in winners.values()), winners
@@ -138,3 +151,40 @@ def test_warm_compiles_what_the_launcher_looks_up(debug):
     added, same, total = json.loads(res.stdout.strip().splitlines()[-1])
     assert added == ["debug", "instrumentation_mode"], added
     assert total > 100 and same == total, (same, total)
+
+
+def test_budget_fits_ten_minutes_and_the_smoke_comes_first():
+    """The stages' budgets: the smoke's 20 s inside the 10 minutes (with start-up and the stages'
+    margins), the smoke right after warm and before the headline."""
+    from bench import gpu_run, smoke
+
+    assert sum(gpu_run.BUDGET_S.values()) <= 570 and gpu_run.BUDGET_S["smoke"] == smoke.BUDGET_S == 20
+    assert gpu_run.STAGES[:3] == ("warm", "smoke", "headline")
+
+
+def test_a_smoke_that_saw_the_ordered_build_trap_keeps_it_out_of_the_later_stages(tmp_path, monkeypatch):
+    """Where the smoke saw the fused ordered build trap or hang, the headline leaves its rows out,
+    the GPU tests deselect the fused tests and the sweep its dkvq candidates (under the default
+    poll limit a wait that never passes takes minutes); a failed tolerance alone does not."""
+    from bench import gpu_run
+
+    assert gpu_run.fused_ordered_blocked({}) is None
+    ok = {"smoke": {"smoke": {"builds": {"split": "pass", "fused": "fail", "fused_atomic": "pass", "stress": "pass"}}}}
+    assert gpu_run.fused_ordered_blocked(ok) is None
+    bad = {"smoke": {"smoke": {"builds": {"split": "pass", "fused": "pass", "stress": "hang"}}}}
+    reason = gpu_run.fused_ordered_blocked(bad)
+    assert reason == "left out: the smoke stage saw the ordered build stress: hang"
+    runs = []
+
+    def fake_run(cmd, timeout, log, env=None):
+        runs.append((cmd, (env or {}).get("VB_BWD"), (env or {}).get("VB_BENCH_DQ")))
+        return {"cmd": " ".join(cmd), "rc": 0, "seconds": 0.0, "summary": ""}
+
+    monkeypatch.setattr(gpu_run, "_run", fake_run)
+    res = gpu_run.stage_headline(tmp_path, False, reason)
+    assert res["headline_fused"]["rc"] == "skipped" and res["headline_fused"]["summary"] == reason
+    assert [(b, dq) for _, b, dq in runs if b] == [("split", "ordered"), ("fused", "atomic")]
+    res = gpu_run.stage_tests(tmp_path, False, reason)
+    assert runs[-1][0][-2:] == ["-k", "not fused"] and reason in res["note"]
+    gpu_run.stage_tests(tmp_path, False, None)
+    assert "-k" not in runs[-1][0]
