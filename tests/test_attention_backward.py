@@ -275,18 +275,17 @@ def test_grouped_order_hides_the_ordered_adds_in_the_model():
 
 # ---- the fused backward (issue 20): dK, dV and dQ in one KV-major pass ----------------------------
 def _sems(monkeypatch):
-    """Record the fused backward's semaphore buffers (it allocates them through function._zeros)."""
+    """Record the fused backward's semaphore buffers (regions of the call's workspace, zeroed
+    through function._init_semaphores before each phase)."""
     from vb_kernels.impl.fused import function
 
     made = []
 
-    def zeros(*a, **kw):
-        t = torch.zeros(*a, **kw)
-        if t.dtype == torch.int32:
-            made.append(t)
-        return t
+    def init(sem):
+        sem.zero_()
+        made.append(sem)
 
-    monkeypatch.setattr(function, "_zeros", zeros)
+    monkeypatch.setattr(function, "_init_semaphores", init)
     return made
 
 
@@ -342,8 +341,7 @@ def test_dq_order_assert_fires_when_a_block_is_out_of_order(monkeypatch):
     if DEV != "cpu":
         pytest.skip("the order assert is the interpreter's (on a GPU the block would wait)")
     monkeypatch.setenv("VB_BWD", "fused")
-    monkeypatch.setattr(function, "_zeros", lambda n, **kw: torch.full((n,), 32, **kw) if kw.get("dtype") == torch.int32
-                        else torch.zeros(n, **kw))
+    monkeypatch.setattr(function, "_init_semaphores", lambda sem: sem.fill_(32))
     ins = make_inputs(1, 3, 17, 1, 40, 5, device=DEV)
     with pytest.raises(Exception, match="Assume failed"):  # the order check (backward.py, _dq_partial)
         _grads("triton", ins, Schedule.videobooth(3), torch.randn(1, 3, 17, 1, 40, device=DEV))

@@ -207,3 +207,21 @@ def test_poll_rules_reads_the_compare_after_the_acquire_load():
     assert poll_rules("\n".join([load, "setp.eq.s32 p_wait, %r677, %r678;"])) == "eq"
     assert poll_rules("\n".join([load, "setp.eq.s32 %p1, %r5, %r678;"])) == ""
     assert poll_rules("setp.ge.s32 p_wait, %r677, %r678;") == ""
+
+
+def test_no_kernel_takes_more_than_about_30_parameters():
+    """The host layer passes each tensor as one (pointer, strides) operand and groups the
+    schedule's tables and the dimensions into tuples (issue 33): no @triton.jit function of the
+    fused op takes more than 32 parameters (the dK/dV kernel took 102, passed positionally)."""
+    import ast
+
+    folder = os.path.join(ROOT, "vb_kernels", "impl", "fused")
+    counts = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            tree = ast.parse(open(os.path.join(folder, name), encoding="utf-8").read())
+            for node in tree.body:
+                if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+                    counts[f"{name}:{node.name}"] = len(node.args.args)
+    assert len(counts) > 20, counts  # the kernels and their helpers were found
+    assert max(counts.values()) <= 32, {k: n for k, n in counts.items() if n > 32}

@@ -38,6 +38,6 @@ def test_eager_fused_path_saves_through_saved_tensor_hooks():
     seen = []
     with launch.intercept(lambda *a: None), torch.autograd.graph.saved_tensors_hooks(
             lambda t: seen.append(tuple(t.shape)) or t, lambda t: t):
-        function._FusedAttention.apply(*ins, Schedule.videobooth(f), d ** -0.5, False, True)
+        function._FusedAttention.apply(*ins, Schedule.videobooth(f), d ** -0.5, False, True, "split")
     assert sorted(seen) == sorted([(b, f, n, h, d)] * 4 + [(b, m, h, d)] * 2 + [(b, f, n, h), (b, 1, n, h, d),
                                                                                 (b, 1, n, h)])

@@ -113,6 +113,7 @@ def videobooth_attention(q, k, v, k_img=None, v_img=None, *, schedule: Schedule 
 
 
 _FUSED = None
+_DEFAULT_SCHEDULES: dict = {}  # F -> Schedule.videobooth(F), the default of a call
 
 
 def _fused():
@@ -170,8 +171,10 @@ def _validate_inputs(q, k, v, k_img, v_img, schedule, scale, backend):
             raise ValueError(f"{name}: expected device {q.device} (same as q), got {t.device}")
     if k_img is not None and k_img.shape[1] == 0:
         k_img = v_img = None  # M = 0 is no image
-    if schedule is None:
-        schedule = Schedule.videobooth(n_frames)
+    if schedule is None:  # one per F (its device tables are kept on it)
+        schedule = _DEFAULT_SCHEDULES.get(n_frames)
+        if schedule is None:
+            schedule = _DEFAULT_SCHEDULES.setdefault(n_frames, Schedule.videobooth(n_frames))
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule: expected a vb_kernels.Schedule or None, got {type(schedule).__name__}")
     if schedule.num_frames != n_frames:

@@ -28,7 +28,7 @@ from collections import Counter
 
 LAYOUTS = ("processor", "heads_first", "strided", "padded")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-_KIND = {"_fwd_kernel": "fwd", "_bwd_dq_kernel": "dq", "_bwd_dkv_kernel": "dkv", "_bwd_reduce_kernel": "reduce",
+_KIND = {"_fwd_kernel": "fwd", "_bwd_dq_kernel": "dq", "_bwd_dkv_kernel": "dkv", "_bwd_dkvq_kernel": "dkv", "_bwd_reduce_kernel": "reduce",
          "_bwd_delta_kernel": "delta", "_bwd_dq_reduce_kernel": "dqsum"}
 
 
@@ -70,7 +70,7 @@ def record_launches(q, k, v, k_img, v_img, schedule=None, scale=None, backward: 
                     deterministic: bool = True, arch: int = 90):
     """Run the fused op's host code (forward, then backward) with every launch recorded, not run.
 
-    Returns a list of (kernel, grid, args, kwargs), in launch order, with the tiles and the
+    Returns a list of (kernel, grid, (), kwargs: every argument by name), in launch order, with the tiles and the
     backward build a CUDA launch on ``sm_<arch>`` would take. The tensors may live in host memory;
     nothing reads their contents."""
     import math
@@ -84,7 +84,10 @@ def record_launches(q, k, v, k_img, v_img, schedule=None, scale=None, backward: 
     schedule = schedule or Schedule.videobooth(q.shape[1])
     scale = scale or 1.0 / math.sqrt(q.shape[-1])
     calls = []
-    with cuda_tiles(arch), intercept(lambda kern, grid, args, kwargs: calls.append((kern, grid, args, kwargs))):
+    def record(kern, grid, args, kwargs):  # every argument by name (a Launch passes them positionally)
+        calls.append((kern, grid, (), {**dict(zip(kern.arg_names, args)), **kwargs}))
+
+    with cuda_tiles(arch), intercept(record):
         out, lse, u, lse1 = function.fused_fwd(q, k, v, k_img, v_img, schedule, scale)
         if backward:
             dout = torch.empty_like(out)

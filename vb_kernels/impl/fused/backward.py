@@ -18,6 +18,7 @@ into dQ, dK, dV and the image gradients.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -25,10 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import block_config, cdiv, dot_precision, launch_strides, split_head_dim, tile_override
 from . import choice
-from .launch import interpreting, launch, target_arch, tiles_for_cuda
-from .primitives import LOG2E, dot_pair, load_pair, load_tile, store_pair, store_tile
+from .forward import block_config, cdiv, dot_precision, launch_strides, operand_strides, split_head_dim, tile_override
+from .launch import Launch, interpreting, target_arch, tiles_for_cuda
+from .primitives import LOG2E, dot_pair, frame_at, image_at, load_pair, load_tile, store_pair, store_tile
 
 # The widest head dim (as chunks) the fused pass compiles for without spills; auto never takes it wider.
 FUSED_MAX_WIDTH = 64
@@ -99,24 +100,19 @@ def _row_stats(LSE, DLSE, DELTA, SHIFT, b_delta, o_l, o_s, o_m, N, N_PAD, n_src,
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, U, KI, VI, DO, O, LSE, DLSE, DELTA, SHIFT, DQ,
-    row_qframe, n_src, src_frame, src_vslot, src_logw,
-    stride_qb, stride_qf, stride_qn, stride_qh,
-    stride_kb, stride_kf, stride_kn, stride_kh,
-    stride_vb, stride_vf, stride_vn, stride_vh,
-    stride_ub, stride_uf, stride_un, stride_uh,
-    stride_kib, stride_kim, stride_kih,
-    stride_vib, stride_vim, stride_vih,
-    stride_ob, stride_of, stride_on, stride_oh,
-    stride_gb, stride_gf, stride_gn, stride_gh,
-    stride_lb, stride_lf, stride_ln, stride_lh,
-    stride_sb, stride_sf, stride_sn, stride_sh, stride_ss,
-    H, N, N_PAD, M, S_MAX, qk_scale, scale,
+    q, k, v, u, k_img, v_img, do_o, lse, stats, dq, rows, dims, qk_scale, scale,
     HAS_IMG: tl.constexpr, HAS_DLSE: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    ALIGN: tl.constexpr,
-    D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREC: tl.constexpr,
+    ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
+    """The split build's Q-major pass: dQ of one query block of one row, over all its sources
+    (walked as the forward does), and the row statistics the dK/dV pass reads. Operands are
+    (pointer, strides) (``primitives.frame_at``); ``do_o``: (dO, O, their strides); ``lse``:
+    (LSE, its gradient or LSE, strides); ``stats``: (Delta, shifts, strides with the slot's last);
+    ``rows``: (row_qframe, n_src, src_frame, src_vslot, src_logw); ``dims``: (H, N, N_PAD, M,
+    S_MAX)."""
+    row_qframe, n_src, src_frame, src_vslot, src_logw = rows
+    H, N, N_PAD, M, S_MAX = dims
     i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
@@ -124,64 +120,61 @@ def _bwd_dq_kernel(
     i_qf = tl.load(row_qframe + i_row).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
 
-    b_q0, b_q1 = load_pair(Q + (i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh) * ALIGN, o_m,
-                           stride_qn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
-    o_o = (i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh) * ALIGN
-    b_do0, b_do1 = load_pair(DO + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
-    b_o0, b_o1 = load_pair(O + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
+    p_q, s_q = frame_at(q, i_b, i_qf, i_h, ALIGN)
+    b_q0, b_q1 = load_pair(p_q, o_m, s_q, N, HEAD_DIM, D0, D1, SPLIT)
+    DO, O, st_o = do_o
+    o_o = (i_b * st_o[0] + i_r64 * st_o[1] + i_h * st_o[3]) * ALIGN
+    b_do0, b_do1 = load_pair(DO + o_o, o_m, st_o[2] * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
+    b_o0, b_o1 = load_pair(O + o_o, o_m, st_o[2] * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
     b_delta = tl.sum(b_do0.to(tl.float32) * b_o0.to(tl.float32), 1)
     if SPLIT:
         b_delta += tl.sum(b_do1.to(tl.float32) * b_o1.to(tl.float32), 1)
     o_tab = i_row * S_MAX
+    LSE, DLSE, st_l = lse
+    DELTA, SHIFT, st_s = stats
     b_delta, b_lse2 = _row_stats(LSE, DLSE, DELTA, SHIFT, b_delta,
-                                 i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h * stride_lh,
-                                 i_b * stride_sb + i_r64 * stride_sf + o_m * stride_sn + i_h * stride_sh,
-                                 o_m, N, N_PAD, tl.load(n_src + i_row), src_logw + o_tab, stride_ss, HAS_DLSE)
+                                 i_b * st_l[0] + i_r64 * st_l[1] + o_m * st_l[2] + i_h * st_l[3],
+                                 i_b * st_s[0] + i_r64 * st_s[1] + o_m * st_s[2] + i_h * st_s[3],
+                                 o_m, N, N_PAD, tl.load(n_src + i_row), src_logw + o_tab, st_s[4], HAS_DLSE)
 
     b_dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
     b_dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
     i_first = 0
     if HAS_IMG:
         if tl.load(src_frame + o_tab) < 0:
-            b_dq0, b_dq1 = _dq_source(
-                b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta,
-                KI + (i_b * stride_kib + i_h * stride_kih) * ALIGN,
-                VI + (i_b * stride_vib + i_h * stride_vih) * ALIGN,
-                stride_kim * ALIGN, stride_vim * ALIGN, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT,
-                PREC)
+            p_k, s_k = image_at(k_img, i_b, i_h, ALIGN)
+            p_v, s_v = image_at(v_img, i_b, i_h, ALIGN)
+            b_dq0, b_dq1 = _dq_source(b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k, p_v, s_k, s_v,
+                                      M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
             i_first = 1
     for i_s in range(i_first, tl.load(n_src + i_row)):
         i_src = tl.load(src_frame + o_tab + i_s).to(tl.int64)
         i_slot = tl.load(src_vslot + o_tab + i_s).to(tl.int64)
         bias = tl.load(src_logw + o_tab + i_s) * LOG2E
-        p_k = K + (i_b * stride_kb + i_src * stride_kf + i_h * stride_kh) * ALIGN
+        p_k, s_k = frame_at(k, i_b, i_src, i_h, ALIGN)
         if i_slot < 0:
-            b_dq0, b_dq1 = _dq_source(
-                b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k,
-                V + (i_b * stride_vb + i_src * stride_vf + i_h * stride_vh) * ALIGN,
-                stride_kn * ALIGN, stride_vn * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
+            p_v, s_v = frame_at(v, i_b, i_src, i_h, ALIGN)
+            b_dq0, b_dq1 = _dq_source(b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k, p_v, s_k, s_v,
+                                      N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
         else:
-            b_dq0, b_dq1 = _dq_source(
-                b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k,
-                U + (i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh) * ALIGN,
-                stride_kn * ALIGN, stride_un * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
+            p_v, s_v = frame_at(u, i_b, i_slot, i_h, ALIGN)
+            b_dq0, b_dq1 = _dq_source(b_dq0, b_dq1, b_q0, b_q1, b_do0, b_do1, b_lse2, b_delta, p_k, p_v, s_k, s_v,
+                                      N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
     # ACCUMULATE: phase 1 after phase 2, the keyframe's queries were read by both.
-    store_pair(DQ + (i_b * stride_gb + i_qf * stride_gf + i_h * stride_gh) * ALIGN, b_dq0 * scale,
-               b_dq1 * scale, o_m, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+    p_g, s_g = frame_at(dq, i_b, i_qf, i_h, ALIGN)
+    store_pair(p_g, b_dq0 * scale, b_dq1 * scale, o_m, s_g, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
 
 
 @triton.jit
 def _wait_count(p_sem, target, POLL_LIMIT: tl.constexpr):
-    """Spin until the int32 at ``p_sem`` is at least ``target`` (acquire, GPU scope); returns it.
-    At least, not equal: the count only grows, and a warp of the waiting block that has passed
-    the wait may release (count > target) before a slower warp of the same block has polled; an
-    equality test would leave that warp spinning forever (:func:`_dq_partial` has the invariant).
-    After POLL_LIMIT polls (2^28 by default, each an L2 round trip, a few hundred ns to a
-    microsecond: minutes; the GPU smoke test lowers it so a hang fails in seconds) it gives up and traps, a CUDA error the caller sees, rather than hang the process: a block
-    that never comes is a bug, not a slow GPU. One inline-PTX op rather than a Triton while loop: a
-    loop nested in the query-tile loop would stop Triton from software-pipelining that loop's
-    loads (cp.async). The labels are local to the braces, so the op may be inlined more than
-    once."""
+    """Spin until the int32 at ``p_sem`` is at least ``target`` (acquire, GPU scope); returns it
+    (:func:`_ordered_add` says why at least, not equal). After POLL_LIMIT polls (2^28 by
+    default, each an L2 round trip, a few hundred ns to a microsecond: minutes; the GPU smoke
+    test lowers it so a hang fails in seconds) it gives up and traps, a CUDA error the caller
+    sees, rather than hang the process: a block that never comes is a bug, not a slow GPU. One
+    inline-PTX op rather than a Triton while loop: a loop nested in the query-tile loop would
+    stop Triton from software-pipelining that loop's loads (cp.async). The labels are local to
+    the braces, so the op may be inlined more than once."""
     return tl.inline_asm_elementwise(
         """{
         .reg .pred p_wait;
@@ -216,28 +209,65 @@ def _stall_last_warp(THREADS: tl.constexpr, STALL_NS: tl.constexpr):
 
 
 @triton.jit
-def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n, i_qt, o_m, stride_ps, stride_pb,
-                stride_pr, stride_pn, n_rows, n_qt, n_bh, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-                SPLIT: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr,
+def _ordered_add(p_sem, i_n, p, o_m, o_d0, o_d1, stride_row, b_x0, b_x1, m0, m1, D0: tl.constexpr,
+                 SPLIT: tl.constexpr, INTERPRET: tl.constexpr, THREADS: tl.constexpr,
+                 POLL_LIMIT: tl.constexpr, STALL_NS: tl.constexpr):
+    """The ordered reduction of the fused backward: program ``i_n`` (a key block) of a chain adds
+    its tile (chunks ``b_x0``, ``b_x1``; rows ``o_m``, columns ``o_d0`` / ``D0 + o_d1``, masks
+    ``m0`` / ``m1``) into ``p`` after programs 0 .. i_n - 1 of the chain, so every element is a
+    sum in key-block order: the same bits every run. Program 0 stores (no zero fill).
+
+    Protocol, one int32 count per tile at ``p_sem`` (zeroed before the launch): each of the
+    block's THREADS threads waits until the count is at least ``i_n`` x THREADS (acquire), adds,
+    then counts one (release, GPU scope). Invariant: the count stays below (j + 1) x THREADS until
+    every thread of block j has released, and no thread of a later block releases before that;
+    so count >= i_n x THREADS holds exactly when blocks 0 .. i_n - 1 are done, whichever of block
+    i_n's own warps released first. An equality wait would miss that (a warp that has released
+    moves the count past a slower warp's target): tests/test_dq_order_protocol.py checks both
+    rules in every interleaving. Forward progress: block i_n - 1's program comes earlier in the
+    grid (the launch order), and the GPU dispatches a grid's blocks in order. Under the
+    interpreter (one program at a time, in grid order) the count must already be ``i_n``:
+    ``tl.assume`` checks it (the interpreter evaluates it always)."""
+    if INTERPRET:
+        seen = tl.atomic_add(p_sem, 0) // THREADS
+        tl.assume(seen == i_n)
+    else:
+        if STALL_NS > 0:  # the GPU stress test's build: one warp of the block polls late
+            _stall_last_warp(THREADS, STALL_NS)
+        seen = _wait_count(p_sem, (i_n * THREADS).to(tl.int32), POLL_LIMIT) // THREADS
+    # the tile's address depends on the count read (seen - i_n == 0), so no access to it can be
+    # scheduled before the wait; times 4, so the base keeps its 16-byte alignment and the adds
+    # stay 4-wide vectors
+    p += (seen - i_n) * 4
+    p0 = p + o_m[:, None] * stride_row + o_d0[None, :]
+    # Masked twins on a uniform predicate, not an if/else (triton 3.6's software pipeliner fails
+    # on that branch); the predicate is broadcast to the tile on purpose (scalar masks compiled
+    # to more instructions: docs/kernels.md)
+    first = (i_n == 0) & (o_m[:, None] >= 0)
+    tl.store(p0, b_x0, mask=first & m0)
+    tl.atomic_add(p0, b_x0, mask=~first & m0, sem="relaxed")
+    if SPLIT:
+        p1 = p + D0 + o_m[:, None] * stride_row + o_d1[None, :]
+        tl.store(p1, b_x1, mask=first & m1)
+        tl.atomic_add(p1, b_x1, mask=~first & m1, sem="relaxed")
+    # every thread counts one for its own adds; no CTA barrier (it would stop the loop's software
+    # pipelining); ptxas aggregates a warp's same-address adds into one (docs/kernels.md)
+    tl.atomic_add(p_sem + tl.zeros([THREADS], tl.int32), 1, sem="release")
+
+
+@triton.jit
+def _dq_partial(dqp, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n, i_qt, o_m,
+                HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
+                PREC: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr,
                 THREADS: tl.constexpr, DQ_WIDTH: tl.constexpr, POLL_LIMIT: tl.constexpr, STALL_NS: tl.constexpr):
     """This key tile's dQ contribution dS K (unscaled, fp32) to query tile ``i_qt`` of row
     ``i_row``, added into the row's partial slot ``i_slot`` (the slot of this target's source in
     the row's source list): the 5th matmul, with dS^T already in registers from dK.
-
-    DETERMINISTIC: the key blocks of a target add into a tile in key-block order, ranked by a
-    semaphore per (slot, batch*head, row, query tile). Block ``i_n``'s threads each wait until
-    the count is at least ``i_n`` x THREADS (block 0 writes instead of adding: no zero fill), add,
-    then count one each (release: each publishes its own adds). Invariant: the count stays below
-    (j + 1) x THREADS until every thread of block j has released, and no thread of a later block
-    releases before that; so count >= ``i_n`` x THREADS holds exactly when blocks 0 .. i_n - 1
-    are done, whichever of block ``i_n``'s own warps released first (an equality test would miss
-    it: tests/test_dq_order_protocol.py checks both rules in every interleaving). Block
-    ``i_n``'s program comes after block ``i_n - 1``'s in the grid (the grouped launch order,
-    :func:`launch_order`: a few programs later), so no wait points to a program that can start
-    later (forward progress rests on blocks being dispatched in grid order). Under the interpreter (the grid runs in
-    order) the count must already be ``i_n``: an assertion checks it (``tl.assume``, which the
-    interpreter checks always). Else: atomic adds into
-    one zeroed slot (FA2's default, not bit-reproducible)."""
+    ``dqp``: (partials, semaphores, (slot, batch, row, token / 4) strides, rows, query tiles,
+    batch*heads). DETERMINISTIC: in key-block order (:func:`_ordered_add`, one semaphore per
+    (slot, batch*head, row, query tile)); else atomic adds into one zeroed slot (FA2's default,
+    not bit-reproducible)."""
+    DQP, SEM, st_p, n_rows, n_qt, n_bh = dqp
     b_ds = tl.trans(b_dst).to(b_k0.dtype)  # (BLOCK_M, BLOCK_N)
     b_dq0 = tl.dot(b_ds, b_k0, input_precision=PREC)
     if SPLIT:
@@ -247,71 +277,41 @@ def _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n,
     # The partials are padded to whole query tiles (padded rows hold zeros: P^T is 0 past N), and
     # are DQ_WIDTH wide: the head dim when it is a multiple of 4 (a column mask then keeps or drops
     # whole 4-wide vectors: the adds stay vectors), else the chunks' width D0 + D1 (no mask).
-    p = DQP + i_slot * stride_ps + i_b * stride_pb + i_row * stride_pr + i_h * DQ_WIDTH
-    if DETERMINISTIC:
-        p_sem = SEM + ((i_slot * n_bh + i_bh) * n_rows + i_row) * n_qt + i_qt
-        if INTERPRET:
-            seen = tl.atomic_add(p_sem, 0) // THREADS
-            # the order check: device_assert is compiled only in debug mode, while the
-            # interpreter checks tl.assume always ("Assume failed": block i_n found a count other
-            # than i_n, i.e. its wait would point to a program that has not run)
-            tl.assume(seen == i_n)
-        else:
-            if STALL_NS > 0:  # the GPU stress test's build: one warp of the block polls late
-                _stall_last_warp(THREADS, STALL_NS)
-            seen = _wait_count(p_sem, (i_n * THREADS).to(tl.int32), POLL_LIMIT) // THREADS
-        # the partial's address depends on the count read (seen - i_n == 0), so no access to it
-        # can be scheduled before the wait; times 4, so the base keeps its 16-byte alignment and
-        # the adds stay 4-wide vectors
-        p += (seen - i_n) * 4
+    p = DQP + i_slot * st_p[0] + i_b * st_p[1] + i_row * st_p[2] + i_h * DQ_WIDTH
     o_d0 = tl.arange(0, D0)
-    # stride_pn arrives divided by 4 (rows are 16-byte aligned: the compiler must know it to keep
-    # the adds 4-wide, and it only learns divisibility by 16 from an argument)
-    p0 = p + o_m[:, None] * (stride_pn * 4) + o_d0[None, :]
+    o_d1 = tl.arange(0, D1)
+    # the token stride arrives divided by 4 (rows are 16-byte aligned: the compiler must know it
+    # to keep the adds 4-wide, and it only learns divisibility by 16 from an argument)
+    stride_row = st_p[3] * 4
     # column masks: all true (and folded away: same SASS) where the chunk lies inside DQ_WIDTH
     m0 = o_d0[None, :] < DQ_WIDTH
-    if SPLIT:
-        o_d1 = tl.arange(0, D1)
-        p1 = p + D0 + o_m[:, None] * (stride_pn * 4) + o_d1[None, :]
-        m1 = o_d1[None, :] < DQ_WIDTH - D0
+    m1 = o_d1[None, :] < DQ_WIDTH - D0
     if DETERMINISTIC:
-        # key block 0 writes (the buffer is never filled), the later ones add after it: the
-        # adds of one element happen in key-block order whatever the timing, so the sum is
-        # bit-reproducible. Masked twins on a uniform predicate, not an if/else (triton 3.6's
-        # software pipeliner fails on that branch). The predicate is broadcast to the tile on
-        # purpose: scalar masks compiled to 499 / 458 SASS per tile at D = 40 / 64 against 493 /
-        # 465, and 533 / 483 against 510 / 456 under triton 3.6
-        first = (i_n == 0) & (o_m[:, None] >= 0)
-        tl.store(p0, b_dq0, mask=first & m0)
-        tl.atomic_add(p0, b_dq0, mask=~first & m0, sem="relaxed")
-        if SPLIT:
-            tl.store(p1, b_dq1, mask=first & m1)
-            tl.atomic_add(p1, b_dq1, mask=~first & m1, sem="relaxed")
-        # every thread counts one for its own adds (release, GPU scope): the next block's wait
-        # passes once all THREADS have. No CTA barrier (it would stop the loop's software
-        # pipelining); ptxas aggregates the same-address adds of a warp into one (docs/kernels.md)
-        tl.atomic_add(p_sem + tl.zeros([THREADS], tl.int32), 1, sem="release")
+        p_sem = SEM + ((i_slot * n_bh + i_bh) * n_rows + i_row) * n_qt + i_qt
+        _ordered_add(p_sem, i_n, p, o_m, o_d0, o_d1, stride_row, b_dq0, b_dq1, m0, m1, D0, SPLIT, INTERPRET,
+                     THREADS, POLL_LIMIT, STALL_NS)
     else:
-        tl.atomic_add(p0, b_dq0, mask=m0, sem="relaxed")
+        tl.atomic_add(p + o_m[:, None] * stride_row + o_d0[None, :], b_dq0, mask=m0, sem="relaxed")
         if SPLIT:
-            tl.atomic_add(p1, b_dq1, mask=m1, sem="relaxed")
+            tl.atomic_add(p + D0 + o_m[:, None] * stride_row + o_d1[None, :], b_dq1, mask=m1, sem="relaxed")
 
 
 @triton.jit
-def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
-                 stride_qb, stride_qf, stride_qn, stride_qh, stride_ob, stride_of, stride_on,
-                 stride_oh, stride_lb, stride_lf, stride_ln, stride_lh, stride_ls, N, RD_MAX, qk_scale,
-                 DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh,
-                 HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
-                 FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr,
-                 THREADS: tl.constexpr, DQ_WIDTH: tl.constexpr, POLL_LIMIT: tl.constexpr, STALL_NS: tl.constexpr):
+def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, i_bh, i_n, q, do, stats, readers, N, qk_scale, dqp,
+                 ALIGN: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                 SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+                 PART: tl.constexpr, FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                 INTERPRET: tl.constexpr, THREADS: tl.constexpr, DQ_WIDTH: tl.constexpr,
+                 POLL_LIMIT: tl.constexpr, STALL_NS: tl.constexpr):
     """dK (unscaled), dV of one key tile, summed over every row that reads it, in row order.
-    PART 0: both; 1: dV only (no V, no Delta needed); 2: dK only. Split launches halve the
-    accumulators where dK and dV of a 64-key tile would not fit one warpgroup (D = 160).
-    One masked loop over query tiles: an unmasked loop for full tiles plus a masked tail (the
-    forward's and dQ's layout) compiled to more instructions and spills here (compile report).
-    FUSED_DQ (with PART != 1): also each query tile's dQ contribution (:func:`_dq_partial`)."""
+    ``readers``: (row_qframe, n_rd, rd_row, rd_slot, RD_MAX). PART 0: both; 1: dV only (no V, no
+    Delta needed); 2: dK only. Split launches halve the accumulators where dK and dV of a 64-key
+    tile would not fit one warpgroup (D = 160). One masked loop over query tiles: an unmasked
+    loop for full tiles plus a masked tail (the forward's and dQ's layout) compiled to more
+    instructions and spills here (compile report). FUSED_DQ (the fused build, with PART != 1):
+    also each query tile's dQ contribution (:func:`_dq_partial`)."""
+    row_qframe, n_rd, rd_row, rd_slot, RD_MAX = readers
+    DELTA, SHIFT, st_s = stats
     b_dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
     b_dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
     b_dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
@@ -319,37 +319,40 @@ def _dkv_readers(b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_q
     for i_r in range(0, tl.load(n_rd + i_t)):
         i_row = tl.load(rd_row + i_t * RD_MAX + i_r).to(tl.int64)
         i_qf = tl.load(row_qframe + i_row).to(tl.int64)
-        p_q = Q + i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh
-        p_do = DO + i_b * stride_ob + i_row * stride_of + i_h * stride_oh
-        o_l = i_b * stride_lb + i_row * stride_lf + i_h * stride_lh
+        # (the strides times ALIGN first, then the offsets, as before the operands: frame_at's
+        # order took 2-3 more registers in the split build's pass, compile report)
+        p_q = q[0] + i_b * (q[1][0] * ALIGN) + i_qf * (q[1][1] * ALIGN) + i_h * (q[1][3] * ALIGN)
+        p_do = do[0] + i_b * (do[1][0] * ALIGN) + i_row * (do[1][1] * ALIGN) + i_h * (do[1][3] * ALIGN)
+        s_q = q[1][2] * ALIGN
+        s_do = do[1][2] * ALIGN
+        o_l = i_b * st_s[0] + i_row * st_s[1] + i_h * st_s[3]
         # the target's place in the reader's source list: its dQ partial slot, and its shift's
         i_slot = tl.load(rd_slot + i_t * RD_MAX + i_r).to(tl.int64)
-        p_shift = LSE + i_slot * stride_ls + o_l
+        p_shift = SHIFT + i_slot * st_s[4] + o_l
         for start in range(0, N, BLOCK_M):
             o_m = start + tl.arange(0, BLOCK_M)
-            b_q0, b_q1 = load_pair(p_q, o_m, stride_qn, N, HEAD_DIM, D0, D1, SPLIT)
-            b_do0, b_do1 = load_pair(p_do, o_m, stride_on, N, HEAD_DIM, D0, D1, SPLIT)
+            b_q0, b_q1 = load_pair(p_q, o_m, s_q, N, HEAD_DIM, D0, D1, SPLIT)
+            b_do0, b_do1 = load_pair(p_do, o_m, s_do, N, HEAD_DIM, D0, D1, SPLIT)
             # P^T = exp2(s * qk_scale + bias - lse2): one FFMA per score, the shift (lse2 - bias)
-            # per query. LSE (the reader's shifts, one per source) and DELTA are the padded row
+            # per query. SHIFT (the reader's shifts, one per source) and DELTA are the padded row
             # statistics (_row_stats): no mask, scaling or subtraction; padded query rows hold
             # +inf, so their P^T column is exactly 0.
-            b_shift = tl.load(p_shift + o_m * stride_ln)
+            b_shift = tl.load(p_shift + o_m * st_s[2])
             b_pt = tl.exp2(dot_pair(b_k0, b_k1, b_q0, b_q1, SPLIT, PREC) * qk_scale - b_shift[None, :])
             if PART != 2:
                 b_dv0 += tl.dot(b_pt.to(b_do0.dtype), b_do0, input_precision=PREC)
                 if SPLIT:
                     b_dv1 += tl.dot(b_pt.to(b_do1.dtype), b_do1, input_precision=PREC)
             if PART != 1:
-                b_delta = tl.load(DELTA + o_l + o_m * stride_ln)
+                b_delta = tl.load(DELTA + o_l + o_m * st_s[2])
                 b_dst = b_pt * (dot_pair(b_v0, b_v1, b_do0, b_do1, SPLIT, PREC) - b_delta[None, :])
                 b_dk0 += tl.dot(b_dst.to(b_q0.dtype), b_q0, input_precision=PREC)
                 if SPLIT:
                     b_dk1 += tl.dot(b_dst.to(b_q1.dtype), b_q1, input_precision=PREC)
                 if FUSED_DQ:
-                    _dq_partial(DQP, SEM, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n, start // BLOCK_M,
-                                o_m, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh, HEAD_DIM,
-                                D0, D1, SPLIT, PREC, DETERMINISTIC, INTERPRET, THREADS, DQ_WIDTH, POLL_LIMIT,
-                                STALL_NS)
+                    _dq_partial(dqp, b_dst, b_k0, b_k1, i_slot, i_b, i_h, i_bh, i_row, i_n, start // BLOCK_M, o_m,
+                                HEAD_DIM, D0, D1, SPLIT, PREC, DETERMINISTIC, INTERPRET, THREADS, DQ_WIDTH,
+                                POLL_LIMIT, STALL_NS)
     return b_dk0, b_dk1, b_dv0, b_dv1
 
 
@@ -367,39 +370,24 @@ def _store_partials(PK, PV, i_part, i_bh, n_bh, o_n, L, L_MAX, b_dk0, b_dk1, b_d
         store_pair(PV + o_p, b_dv0, b_dv1, o_n, HEAD_DIM, L, HEAD_DIM, D0, D1, SPLIT, False)
 
 
-# n_bh, group, n_chain: the launch order's counts, not specialised (no effect on the code, and
-# the split build does not read them: values of 1 or multiples of 16 would each be a new binary)
-@triton.jit(do_not_specialize=["n_bh", "group", "n_chain"])
-def _bwd_dkv_kernel(
-    Q, K, V, U, KI, VI, DO, LSE, DELTA, DK, DV, DU, DKI, DVI, PK, PV, DQP, SEM,
-    row_qframe, tgt_frame, tgt_vslot, tgt_part, n_rd, rd_row, rd_slot,
-    stride_qb, stride_qf, stride_qn, stride_qh,
-    stride_kb, stride_kf, stride_kn, stride_kh,
-    stride_vb, stride_vf, stride_vn, stride_vh,
-    stride_ub, stride_uf, stride_un, stride_uh,
-    stride_kib, stride_kim, stride_kih,
-    stride_vib, stride_vim, stride_vih,
-    stride_ob, stride_of, stride_on, stride_oh,
-    stride_lb, stride_lf, stride_ln, stride_lh, stride_ls,
-    stride_gb, stride_gf, stride_gn, stride_gh,
-    stride_gub, stride_guf, stride_gun, stride_guh,
-    stride_gib, stride_gim, stride_gih,
-    H, N, M, RD_MAX, L_MAX, qk_scale, scale,
-    stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh, group, n_chain,
-    ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
-    CHUNKED: tl.constexpr, FUSED_DQ: tl.constexpr = False, DETERMINISTIC: tl.constexpr = True,
-    INTERPRET: tl.constexpr = False, THREADS: tl.constexpr = 128, DQ_WIDTH: tl.constexpr = 0,
-    GROUPED: tl.constexpr = False, POLL_LIMIT: tl.constexpr = 1 << 28, STALL_NS: tl.constexpr = 0,
-):
-    if GROUPED:  # grid (chain in group, key block, group): the grouped launch order (launch_order)
-        i_n = tl.program_id(1)
-        chain = tl.program_id(2) * group + tl.program_id(0)
-        if chain >= n_chain:  # the last group's missing chains
-            return
-        i_bh, i_t = chain % n_bh, chain // n_bh
-    else:  # (key block, batch*head, target), key blocks fastest
-        i_n, i_bh, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+@triton.jit
+def _dkv_target(i_n, i_bh, i_t, ins, stats, grads, parts, targets, readers, dims, qk_scale, scale, dqp,
+                ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
+                D0: tl.constexpr, D1: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr, CHUNKED: tl.constexpr,
+                FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr,
+                THREADS: tl.constexpr, DQ_WIDTH: tl.constexpr, POLL_LIMIT: tl.constexpr, STALL_NS: tl.constexpr):
+    """dK, dV of key block ``i_n`` of target ``i_t`` (a distinct key/value source: a frame, or
+    the image tokens) for batch*head ``i_bh``: its K and V tiles (V, or U for a keyframe in phase
+    2), :func:`_dkv_readers`, then the stores (or partials of a split target). Shared by both
+    builds' kernels. ``ins``: the operands (q, k, v, u, k_img, v_img, dO); ``grads``: (dK, dV,
+    dU, dK_img, dV_img, frame strides, U strides, image strides); ``parts``: (PK, PV, L_MAX,
+    B*H); ``targets``: (tgt_frame, tgt_vslot, tgt_part); ``dims``: (H, N, M)."""
+    q, k, v, u, k_img, v_img, do = ins
+    tgt_frame, tgt_vslot, tgt_part = targets
+    H, N, M = dims
+    DK, DV, DU, DKI, DVI, st_g, st_gu, st_gi = grads
+    PK, PV, L_MAX, n_bh = parts
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     i_src = tl.load(tgt_frame + i_t).to(tl.int64)
@@ -413,85 +401,117 @@ def _bwd_dkv_kernel(
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if i_src < 0:  # the image tokens: M keys
         if i_n * BLOCK_N < M:
-            b_k0, b_k1 = load_pair(KI + (i_b * stride_kib + i_h * stride_kih) * ALIGN, o_n,
-                                   stride_kim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT)
+            p_k, s_k = image_at(k_img, i_b, i_h, ALIGN)
+            b_k0, b_k1 = load_pair(p_k, o_n, s_k, M, HEAD_DIM, D0, D1, SPLIT)
             if PART != 1:
-                b_v0, b_v1 = load_pair(VI + (i_b * stride_vib + i_h * stride_vih) * ALIGN, o_n,
-                                       stride_vim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT)
+                p_v, s_v = image_at(v_img, i_b, i_h, ALIGN)
+                b_v0, b_v1 = load_pair(p_v, o_n, s_v, M, HEAD_DIM, D0, D1, SPLIT)
             else:  # dV only: the values are not read
                 b_v0, b_v1 = b_k0, b_k1
             b_dk0, b_dk1, b_dv0, b_dv1 = _dkv_readers(
-                b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
-                stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
-                stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN, stride_oh * ALIGN, stride_lb, stride_lf,
-                stride_ln, stride_lh, stride_ls, N, RD_MAX, qk_scale,
-                DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh,
-                HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET, THREADS,
-                DQ_WIDTH, POLL_LIMIT, STALL_NS)
-            o_g = (i_b * stride_gib + i_h * stride_gih) * ALIGN
+                b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, i_bh, i_n, q, do, stats, readers, N, qk_scale, dqp,
+                ALIGN, HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET,
+                THREADS, DQ_WIDTH, POLL_LIMIT, STALL_NS)
+            o_g = (i_b * st_gi[0] + i_h * st_gi[2]) * ALIGN
             if i_part >= 0:
                 _store_partials(PK, PV, i_part, i_bh, n_bh, o_n, M, L_MAX, b_dk0 * scale, b_dk1 * scale, b_dv0,
                                 b_dv1, HEAD_DIM, D0, D1, SPLIT, PART)
             else:
                 if PART != 1:
-                    store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gim * ALIGN, M, HEAD_DIM,
+                    store_pair(DKI + o_g, b_dk0 * scale, b_dk1 * scale, o_n, st_gi[1] * ALIGN, M, HEAD_DIM,
                                D0, D1, SPLIT, ACCUMULATE)
                 if PART != 2:
-                    store_pair(DVI + o_g, b_dv0, b_dv1, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT,
+                    store_pair(DVI + o_g, b_dv0, b_dv1, o_n, st_gi[1] * ALIGN, M, HEAD_DIM, D0, D1, SPLIT,
                                ACCUMULATE)
     elif i_n * BLOCK_N < N:  # a frame: N keys; values V, or U for a keyframe in phase 2
-        b_k0, b_k1 = load_pair(K + (i_b * stride_kb + i_src * stride_kf + i_h * stride_kh) * ALIGN, o_n,
-                               stride_kn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
+        p_k, s_k = frame_at(k, i_b, i_src, i_h, ALIGN)
+        b_k0, b_k1 = load_pair(p_k, o_n, s_k, N, HEAD_DIM, D0, D1, SPLIT)
         if PART == 1:  # dV only: the values are not read
             b_v0, b_v1 = b_k0, b_k1
         elif i_slot < 0:
-            b_v0, b_v1 = load_pair(V + (i_b * stride_vb + i_src * stride_vf + i_h * stride_vh) * ALIGN, o_n,
-                                   stride_vn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
+            p_v, s_v = frame_at(v, i_b, i_src, i_h, ALIGN)
+            b_v0, b_v1 = load_pair(p_v, o_n, s_v, N, HEAD_DIM, D0, D1, SPLIT)
         else:
-            b_v0, b_v1 = load_pair(U + (i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh) * ALIGN, o_n,
-                                   stride_un * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
+            p_v, s_v = frame_at(u, i_b, i_slot, i_h, ALIGN)
+            b_v0, b_v1 = load_pair(p_v, o_n, s_v, N, HEAD_DIM, D0, D1, SPLIT)
         b_dk0, b_dk1, b_dv0, b_dv1 = _dkv_readers(
-            b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, Q, DO, LSE, DELTA, row_qframe, n_rd, rd_row,
-            stride_qb * ALIGN, stride_qf * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN,
-            stride_ob * ALIGN, stride_of * ALIGN, stride_on * ALIGN, stride_oh * ALIGN, stride_lb, stride_lf,
-            stride_ln, stride_lh, stride_ls, N, RD_MAX, qk_scale,
-            DQP, SEM, rd_slot, i_bh, i_n, stride_ps, stride_pb, stride_pr, stride_pn, n_rows, n_qt, n_bh,
-            HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET, THREADS,
-            DQ_WIDTH, POLL_LIMIT, STALL_NS)
-        o_g = (i_b * stride_gb + i_src * stride_gf + i_h * stride_gh) * ALIGN
+            b_k0, b_k1, b_v0, b_v1, i_t, i_b, i_h, i_bh, i_n, q, do, stats, readers, N, qk_scale, dqp,
+            ALIGN, HEAD_DIM, D0, D1, SPLIT, BLOCK_M, BLOCK_N, PREC, PART, FUSED_DQ, DETERMINISTIC, INTERPRET,
+            THREADS, DQ_WIDTH, POLL_LIMIT, STALL_NS)
+        o_g = (i_b * st_g[0] + i_src * st_g[1] + i_h * st_g[3]) * ALIGN
         if not ACCUMULATE and PART != 2:
             if i_slot >= 0:  # phase 2 writes every gradient: a keyframe's own V is read in phase 1 only
                 store_pair(DV + o_g, tl.zeros([BLOCK_N, D0], tl.float32), tl.zeros([BLOCK_N, D1], tl.float32),
-                           o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, False)
+                           o_n, st_g[2] * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, False)
         if i_part >= 0:
             _store_partials(PK, PV, i_part, i_bh, n_bh, o_n, N, L_MAX, b_dk0 * scale, b_dk1 * scale, b_dv0,
                             b_dv1, HEAD_DIM, D0, D1, SPLIT, PART)
         else:
             if PART != 1:
-                store_pair(DK + o_g, b_dk0 * scale, b_dk1 * scale, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1,
+                store_pair(DK + o_g, b_dk0 * scale, b_dk1 * scale, o_n, st_g[2] * ALIGN, N, HEAD_DIM, D0, D1,
                            SPLIT, ACCUMULATE)
             if PART == 2:
                 pass
             elif i_slot < 0:
-                store_pair(DV + o_g, b_dv0, b_dv1, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+                store_pair(DV + o_g, b_dv0, b_dv1, o_n, st_g[2] * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
             else:  # gradient of the refreshed values U: the dO of phase 1
-                store_pair(DU + (i_b * stride_gub + i_slot * stride_guf + i_h * stride_guh) * ALIGN, b_dv0,
-                           b_dv1, o_n, stride_gun * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+                store_pair(DU + (i_b * st_gu[0] + i_slot * st_gu[1] + i_h * st_gu[3]) * ALIGN, b_dv0,
+                           b_dv1, o_n, st_gu[2] * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+
+
+@triton.jit
+def _bwd_dkv_kernel(
+    ins, stats, grads, parts, targets, readers, dims, qk_scale, scale,
+    ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
+    CHUNKED: tl.constexpr,
+):
+    """The split build's KV-major pass: one program per (key block, batch*head, target), key
+    blocks fastest; dK and dV only (:func:`_dkv_target`; ``ins``: (q, k, v, u, k_img, v_img,
+    dO) operands)."""
+    _dkv_target(tl.program_id(0), tl.program_id(1), tl.program_id(2), ins, stats, grads, parts, targets, readers,
+                dims, qk_scale, scale, readers, ACCUMULATE, HEAD_DIM, ALIGN, D0, D1, SPLIT,
+                BLOCK_M, BLOCK_N, PREC, PART, CHUNKED, False, False, False, 32, 0, 0, 0)
+
+
+# n_bh, group, n_chain: the launch order's counts, not specialised (no effect on the code; values
+# of 1 or multiples of 16 would each be a new binary)
+@triton.jit(do_not_specialize=["n_bh", "group", "n_chain"])
+def _bwd_dkvq_kernel(
+    ins, stats, grads, parts, targets, readers, dims, qk_scale, scale, dqp,
+    n_bh, group, n_chain,
+    ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
+    CHUNKED: tl.constexpr, DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr, THREADS: tl.constexpr,
+    DQ_WIDTH: tl.constexpr, POLL_LIMIT: tl.constexpr = 1 << 28, STALL_NS: tl.constexpr = 0,
+):
+    """The fused build's KV-major pass: dK, dV and each key tile's dQ contribution
+    (:func:`_dq_partial`), on the grouped launch order: grid (chain in group, key block, group),
+    a chain being a (batch*head, target) pair (:func:`launch_order`); the last group's missing
+    chains exit at once. ``dqp``: (dQ partials, semaphores, their strides, rows, query tiles,
+    batch*heads)."""
+    i_n = tl.program_id(1)
+    chain = tl.program_id(2) * group + tl.program_id(0)
+    if chain >= n_chain:  # the last group's missing chains
+        return
+    _dkv_target(i_n, chain % n_bh, chain // n_bh, ins, stats, grads, parts, targets, readers, dims, qk_scale,
+                scale, dqp, ACCUMULATE, HEAD_DIM, ALIGN, D0, D1, SPLIT, BLOCK_M, BLOCK_N,
+                PREC, PART, CHUNKED, True, DETERMINISTIC, INTERPRET, THREADS, DQ_WIDTH, POLL_LIMIT, STALL_NS)
 
 
 @triton.jit
 def _bwd_reduce_kernel(
-    PK, PV, DK, DV, DU, DKI, DVI,
-    red_frame, red_vslot, red_first, red_count,
-    stride_gb, stride_gf, stride_gn, stride_gh,
-    stride_gub, stride_guf, stride_gun, stride_guh,
-    stride_gib, stride_gim, stride_gih,
-    H, N, M, L_MAX,
+    parts, grads, reductions, dims,
     ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV (or dU) of each split target: its partial slots added in slot order (the same
-    bits every run), then written (phase 2) or added to what phase 2 wrote (phase 1)."""
+    bits every run), then written (phase 2) or added to what phase 2 wrote (phase 1).
+    ``reductions``: (red_frame, red_vslot, red_first, red_count); ``dims``: (H, N, M)."""
+    PK, PV, L_MAX, _ = parts
+    DK, DV, DU, DKI, DVI, st_g, st_gu, st_gi = grads
+    red_frame, red_vslot, red_first, red_count = reductions
+    H, N, M = dims
     i_n, i_bh, i_j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
@@ -516,121 +536,79 @@ def _bwd_reduce_kernel(
             if SPLIT:
                 b_dv1 += p1
         if i_src < 0:
-            o_g = (i_b * stride_gib + i_h * stride_gih) * ALIGN
-            store_pair(DKI + o_g, b_dk0, b_dk1, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
-            store_pair(DVI + o_g, b_dv0, b_dv1, o_n, stride_gim * ALIGN, M, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+            o_g = (i_b * st_gi[0] + i_h * st_gi[2]) * ALIGN
+            store_pair(DKI + o_g, b_dk0, b_dk1, o_n, st_gi[1] * ALIGN, M, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+            store_pair(DVI + o_g, b_dv0, b_dv1, o_n, st_gi[1] * ALIGN, M, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
         else:
-            o_g = (i_b * stride_gb + i_src * stride_gf + i_h * stride_gh) * ALIGN
-            store_pair(DK + o_g, b_dk0, b_dk1, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+            o_g = (i_b * st_g[0] + i_src * st_g[1] + i_h * st_g[3]) * ALIGN
+            store_pair(DK + o_g, b_dk0, b_dk1, o_n, st_g[2] * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
             if i_slot < 0:
-                store_pair(DV + o_g, b_dv0, b_dv1, o_n, stride_gn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+                store_pair(DV + o_g, b_dv0, b_dv1, o_n, st_g[2] * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
             else:
-                store_pair(DU + (i_b * stride_gub + i_slot * stride_guf + i_h * stride_guh) * ALIGN, b_dv0,
-                           b_dv1, o_n, stride_gun * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
+                store_pair(DU + (i_b * st_gu[0] + i_slot * st_gu[1] + i_h * st_gu[3]) * ALIGN, b_dv0,
+                           b_dv1, o_n, st_gu[2] * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, ACCUMULATE)
 
 
 @triton.jit
 def _bwd_delta_kernel(
-    DO, O, LSE, DLSE, DELTA, SHIFT, n_src, src_logw,
-    stride_ob, stride_of, stride_on, stride_oh,
-    stride_lb, stride_lf, stride_ln, stride_lh,
-    stride_sb, stride_sf, stride_sn, stride_sh, stride_ss,
-    H, N, N_PAD, S_MAX,
+    do_o, lse, stats, rows, dims,
     HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """The fused build's first kernel: the row statistics (:func:`_row_stats`) its dK/dV/dQ pass
-    reads; the split build's dq kernel writes them itself."""
+    reads; the split build's dq kernel writes them itself. ``rows``: (n_src, src_logw);
+    ``dims``: (H, N, N_PAD, S_MAX)."""
+    n_src, src_logw = rows
+    H, N, N_PAD, S_MAX = dims
+    DO, O, st_o = do_o
+    LSE, DLSE, st_l = lse
+    DELTA, SHIFT, st_s = stats
     i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     i_r64 = i_row.to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_o = (i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh) * ALIGN
-    b_do = load_tile(DO + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, BLOCK_D)
-    b_o = load_tile(O + o_o, o_m, stride_on * ALIGN, N, HEAD_DIM, BLOCK_D)
+    o_o = (i_b * st_o[0] + i_r64 * st_o[1] + i_h * st_o[3]) * ALIGN
+    b_do = load_tile(DO + o_o, o_m, st_o[2] * ALIGN, N, HEAD_DIM, BLOCK_D)
+    b_o = load_tile(O + o_o, o_m, st_o[2] * ALIGN, N, HEAD_DIM, BLOCK_D)
     b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)  # 0 past N (masked loads)
     _row_stats(LSE, DLSE, DELTA, SHIFT, b_delta,
-               i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h * stride_lh,
-               i_b * stride_sb + i_r64 * stride_sf + o_m * stride_sn + i_h * stride_sh,
-               o_m, N, N_PAD, tl.load(n_src + i_row), src_logw + i_row * S_MAX, stride_ss, HAS_DLSE)
+               i_b * st_l[0] + i_r64 * st_l[1] + o_m * st_l[2] + i_h * st_l[3],
+               i_b * st_s[0] + i_r64 * st_s[1] + o_m * st_s[2] + i_h * st_s[3],
+               o_m, N, N_PAD, tl.load(n_src + i_row), src_logw + i_row * S_MAX, st_s[4], HAS_DLSE)
 
 
 @triton.jit
 def _bwd_dq_reduce_kernel(
-    DQP, DQ, row_qframe, n_src,
-    stride_ps, stride_pb, stride_pr, stride_pn,
-    stride_gb, stride_gf, stride_gn, stride_gh,
-    H, N, scale,
+    dqp, dq, rows, dims, scale,
     ONE_SLOT: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
 ):
     """dQ of each row: its partial slots (one per source, :func:`_dq_partial`) added in slot
     order (the same bits every run), scaled, cast, written (phase 2) or added to what phase 2
-    wrote (phase 1). ONE_SLOT: the atomic build's single slot."""
+    wrote (phase 1). ONE_SLOT: the atomic build's single slot. ``dqp``: (partials, (slot, batch,
+    row, token) strides); ``rows``: (row_qframe, n_src); ``dims``: (H, N)."""
+    DQP, st_p = dqp
+    row_qframe, n_src = rows
+    H, N = dims
     i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     i_r64 = i_row.to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    p = DQP + i_b * stride_pb + i_r64 * stride_pr + i_h * WIDTH
+    p = DQP + i_b * st_p[1] + i_r64 * st_p[2] + i_h * WIDTH
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if ONE_SLOT:
-        b_dq += load_tile(p, o_m, stride_pn, N, HEAD_DIM, BLOCK_D)
+        b_dq += load_tile(p, o_m, st_p[3], N, HEAD_DIM, BLOCK_D)
     else:
         for i_s in range(0, tl.load(n_src + i_row)):
-            b_dq += load_tile(p + i_s * stride_ps, o_m, stride_pn, N, HEAD_DIM, BLOCK_D)
+            b_dq += load_tile(p + i_s * st_p[0], o_m, st_p[3], N, HEAD_DIM, BLOCK_D)
     b_dq = b_dq * scale
     i_qf = tl.load(row_qframe + i_row).to(tl.int64)
-    p_g = DQ + (i_b * stride_gb + i_qf * stride_gf + i_h * stride_gh) * ALIGN
+    p_g, s_g = frame_at(dq, i_b, i_qf, i_h, ALIGN)
     if ACCUMULATE:
-        b_dq += load_tile(p_g, o_m, stride_gn * ALIGN, N, HEAD_DIM, BLOCK_D).to(tl.float32)
-    store_tile(p_g, b_dq, o_m, stride_gn * ALIGN, N, HEAD_DIM, BLOCK_D)
-
-
-def launch_bwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du,
-               dk_img, dv_img, stats, pk=None, pv=None, dqp=None, sem=None) -> None:
-    """Backward of one phase (see module docstring). ``spec``: :func:`bwd_spec` of these tensors
-    (cached by the caller). ``do``/``out``/``lse``/``dlse`` (gradient of the LSE or None) are
-    indexed by row; gradient buffers dq/dk/dv (B,F,N,H,D), du (B,K,N,H,D), dk_img/dv_img
-    (B,M,H,D) share the strides of dk (frames) and dk_img (image). ``stats``: fp32 row statistics
-    of shape ``spec[6]`` (Delta, then per source slot the base-2 LSE minus the source's bias,
-    padded to the dK/dV pass's query tiles; written here by the dq or delta kernel).
-    ``pk``/``pv``: fp32 partial buffers of shape ``spec[4]`` when the spec splits targets, else
-    None. ``dqp``/``sem``: the fused build's fp32 dQ partials and int32 semaphores (``spec[5]``)."""
-    dq_launch, dkv_launches, reduce_launch, dkv_tables, _, fused, _ = spec
-    dummy = q  # never dereferenced
-    u_ = u if u is not None else dummy
-    ki_, vi_ = (k_img, v_img) if k_img is not None else (dummy, dummy)
-    du_ = du if du is not None else dummy
-    dki_, dvi_ = (dk_img, dv_img) if dk_img is not None else (dummy, dummy)
-    pk_, pv_ = (pk, pv) if pk is not None else (dummy, dummy)
-    dqp_ = dqp if dqp is not None else dummy
-    sem_ = sem if sem is not None else tables["row_qframe"]
-    if fused is None:  # the split build: Q-major dQ pass (writes Delta), then KV-major dK/dV
-        launch(
-            _bwd_dq_kernel, dq_launch[0],
-            q, k, v, u_, ki_, vi_, do, out, lse, dlse if dlse is not None else lse, stats[0], stats[1], dq,
-            tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
-            *dq_launch[1], **dq_launch[2])
-    else:
-        grid, scalars, consts = fused["delta"]
-        launch(_bwd_delta_kernel, grid, do, out, lse, dlse if dlse is not None else lse, stats[0], stats[1],
-               tables["n_src"], tables["src_logw"], *scalars, **consts)
-    t = dkv_tables
-    for grid, scalars, consts in dkv_launches:
-        launch(
-            _bwd_dkv_kernel, grid,
-            q, k, v, u_, ki_, vi_, do, stats[1], stats[0], dk, dv, du_, dki_, dvi_, pk_, pv_, dqp_, sem_,
-            t["row_qframe"], t["tgt_frame"], t["tgt_vslot"], t["tgt_part"], t["n_rd"], t["rd_row"], t["rd_slot"],
-            *scalars, **consts)
-    if reduce_launch is not None:
-        grid, scalars, consts = reduce_launch
-        launch(_bwd_reduce_kernel, grid, pk, pv, dk, dv, du_, dki_, dvi_,
-               t["red_frame"], t["red_vslot"], t["red_first"], t["red_count"], *scalars, **consts)
-    if fused is not None:
-        grid, scalars, consts = fused["dq_reduce"]
-        launch(_bwd_dq_reduce_kernel, grid, dqp, dq, tables["row_qframe"], tables["n_src"], *scalars, **consts)
+        b_dq += load_tile(p_g, o_m, s_g, N, HEAD_DIM, BLOCK_D).to(tl.float32)
+    store_tile(p_g, b_dq, o_m, s_g, N, HEAD_DIM, BLOCK_D)
 
 
 def auto_build(d: int, device) -> str:
@@ -709,14 +687,70 @@ def launch_order(n_chains: int, key_blocks: int, group: int) -> list[tuple[int, 
     return order
 
 
+@dataclasses.dataclass(frozen=True)
+class BwdPhase:
+    """The host plan of one backward phase (:func:`bwd_spec`): its launches, in order, and its
+    fp32 scratch as regions of one workspace (offsets and sizes in 4-byte words, each 16-byte
+    aligned): the row statistics (Delta, then one shift per source slot), the split targets'
+    dK/dV partials, the fused build's dQ partials and int32 semaphores (zeroed per call)."""
+    launches: tuple
+    strides: dict  # operand name -> its strides (in ALIGN elements, as the kernels take them)
+    consts: dict  # per-phase values the operands carry: L_MAX, B*H, the dQ partials' strides, ...
+    regions: dict  # scratch name -> (offset, words)
+    words: int
+    zeroed: tuple  # scratch regions set to zero before the phase runs (the atomic build's dQ slot)
+
+    def operands(self, t: dict, ws, ws_int) -> dict:
+        """The kernels' operands of this phase from the call's tensors ``t`` (q, k, v, u, k_img,
+        v_img, do, out, lse, dlse, dq, dk, dv, du, dk_img, dv_img; a missing one is q, never read)
+        and the workspace (``ws`` fp32, ``ws_int`` the same memory as int32)."""
+        st, c, reg = self.strides, self.consts, self.regions
+        ins = tuple((t[name], st[name]) for name in ("q", "k", "v", "u", "k_img", "v_img", "do"))
+        scratch = {name: (ws_int if name == "sem" else ws)[off:off + words] for name, (off, words) in reg.items()}
+        delta = scratch["stats"]
+        shift = delta[c["plane"]:]
+        dqp = scratch.get("dqp", t["q"])
+        return dict(
+            ins=ins, q=ins[0], k=ins[1], v=ins[2], u=ins[3], k_img=ins[4], v_img=ins[5], do=ins[6],
+            do_o=(t["do"], t["out"], st["do"]), lse=(t["lse"], t["dlse"], st["lse"]),
+            stats=(delta, shift, st["stats"]), dq=(t["dq"], st["dq"]),
+            grads=(t["dk"], t["dv"], t["du"], t["dk_img"], t["dv_img"], st["dk"], st["du"], st["dk_img"]),
+            parts=(scratch.get("pk", t["q"]), scratch.get("pv", t["q"]), c["l_max"], c["n_bh"]),
+            dqp=(dqp, scratch.get("sem", c["no_sem"]), c["p_strides"], c["n_rows"], c["n_qt"], c["n_bh"]),
+            dqp_sum=(dqp, c["p_sum_strides"]))
+
+    def run(self, t: dict, ws, ws_int, init_semaphores) -> None:
+        """Launch the phase on the call's tensors and its part of the workspace."""
+        if "sem" in self.regions:
+            off, words = self.regions["sem"]
+            init_semaphores(ws_int[off:off + words])
+        for name in self.zeroed:
+            off, words = self.regions[name]
+            ws[off:off + words].zero_()
+        ops = self.operands(t, ws, ws_int)
+        for lnch in self.launches:
+            lnch(ops)
+
+
+def _layout(sizes) -> tuple[dict, int]:
+    """Regions (offset, words) of one workspace for (name, words) pairs, in order, each starting
+    on a 16-byte boundary (the kernels' vector loads and Triton's pointer specialisation)."""
+    regions, off = {}, 0
+    for name, words in sizes:
+        if words:
+            regions[name] = (off, words)
+            off += cdiv(words, 4) * 4
+    return regions, off
+
+
 def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_img, dv_img, tables: dict,
              scale: float, accumulate: bool, env: str | None, deterministic: bool = True,
-             build: str = "split") -> tuple:
-    """(dq launch or None, dK/dV launches, reduction launch or None, the dK/dV launches' tables,
-    shape of the fp32 dK/dV partial buffers or None, the fused build's launches and buffers or
-    None, shape of the fp32 row statistics) of one backward phase, each launch as (grid,
-    non-tensor arguments, constexpr/launch keywords); arguments as :func:`launch_bwd`'s,
-    ``accumulate``: add into the gradient buffers (phase 1, after phase 2) instead of writing them.
+             build: str = "split") -> BwdPhase:
+    """The plan (:class:`BwdPhase`) of one backward phase for these tensors' shapes and strides.
+    ``do``/``out``/``lse``/``dlse`` (gradient of the LSE or None) are indexed by row; gradient
+    buffers dq/dk/dv (B,F,N,H,D), du (B,K,N,H,D), dk_img/dv_img (B,M,H,D) share the strides of
+    dk (frames) and dk_img (image). ``accumulate``: add into the gradient buffers (phase 1,
+    after phase 2) instead of writing them.
 
     ``build``: ``"fused"``: Delta from a small kernel, then one KV-major pass computing dK, dV
     and each key tile's dQ contribution (5 matmuls, 1 exponential per score), the dQ partials
@@ -735,9 +769,12 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     qk_scale = scale * math.log2(math.e)
     prec = dot_precision(q.dtype)
     # One ALIGN for all launches: every data tensor of the phase must satisfy it.
-    al, strides = launch_strides((q, 4), (k, 4), (v, 4), (u, 4), (k_img, 3), (v_img, 3), (do, 4),
-                                 (dq, 4), (dk, 4), (du, 4), (dk_img, 3), (dv, 4), (dv_img, 3))
-    common, st_dq, st_g = strides[:26], strides[26:30], strides[30:41]
+    al, _ = launch_strides((q, 4), (k, 4), (v, 4), (u, 4), (k_img, 3), (v_img, 3), (do, 4),
+                           (dq, 4), (dk, 4), (du, 4), (dk_img, 3), (dv, 4), (dv_img, 3))
+    strides = {name: operand_strides(x, n_st, al) for name, x, n_st in (
+        ("q", q, 4), ("k", k, 4), ("v", v, 4), ("u", u, 4), ("k_img", k_img, 3), ("v_img", v_img, 3),
+        ("do", do, 4), ("dq", dq, 4), ("dk", dk, 4), ("du", du, 4), ("dk_img", dk_img, 3))}
+    strides["lse"] = tuple(lse.stride())
     if build == "auto":
         build = auto_build(d, q.device)
     fused = build == "fused"
@@ -754,67 +791,88 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     tile = cfg["BLOCK_M"] if fused else max(cfg["BLOCK_M"], dq_cfg["BLOCK_M"])
     n_pad = cdiv(n, tile) * tile
     s_max = tables["n_src_max"]
-    st_stats = (h * rows * n_pad, n_pad, 1, rows * n_pad, b * h * rows * n_pad)
-    stats_shape = (1 + s_max, b, h, rows, n_pad)
-    dq_launch = None
+    plane = b * h * rows * n_pad
+    strides["stats"] = (h * rows * n_pad, n_pad, 1, rows * n_pad, plane)
+    row_tables = tuple(tables[key] for key in ("row_qframe", "n_src", "src_frame", "src_vslot", "src_logw"))
+    launches = []
     if not fused:
-        dq_launch = ((cdiv(n_pad, dq_cfg["BLOCK_M"]), b * h, rows),
-                     (*common, *st_dq, *lse.stride(), *st_stats, h, n, n_pad, m, s_max, qk_scale, scale),
-                     dict(HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al,
-                          PREC=prec, **dq_cfg))
-    extra = None
-    p_strides = (0, 0, 0, 0, rows, 1)
+        launches.append(Launch(
+            _bwd_dq_kernel, (cdiv(n_pad, dq_cfg["BLOCK_M"]), b * h, rows),
+            (("q", "q"), ("k", "k"), ("v", "v"), ("u", "u"), ("k_img", "k_img"), ("v_img", "v_img"),
+             ("do_o", "do_o"), ("lse", "lse"), ("stats", "stats"), ("dq", "dq")),
+            dict(rows=row_tables, dims=(h, n, n_pad, m, s_max), qk_scale=qk_scale, scale=scale),
+            dict(HAS_IMG=m > 0, HAS_DLSE=dlse is not None, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec,
+                 **dq_cfg)))
     width = cfg["D0"] + (cfg["D1"] if cfg["SPLIT"] else 0)  # the head dim's chunks, as the kernels see it
     # the dQ partials' width: the head dim itself when its columns split into whole 4-wide vectors
     # (a column mask keeps the adds vectors), else the chunks' (no mask); fp32 rows 16-byte aligned
     dq_width = d if d % 4 == 0 else width
+    n_qt = cdiv(n, cfg["BLOCK_M"])
+    consts = dict(plane=plane, n_bh=b * h, n_rows=rows, n_qt=n_qt, l_max=max(n, m), no_sem=tables["row_qframe"],
+                  p_strides=(0, 0, 0, 0), p_sum_strides=(0, 0, 0, 0))
+    sizes = [("stats", (1 + s_max) * plane)]
+    dqsum = None
     if fused:
-        n_qt = cdiv(n, cfg["BLOCK_M"])
         slots = tables["n_src_max"] if deterministic else 1
         # dQ partials (slots, B, rows, N padded to whole query tiles, H, dq_width) fp32, token-major
         # like dq; one slot when atomic
         pn, pr = h * dq_width, n_pad * h * dq_width
         pb, ps = rows * pr, b * rows * pr
-        p_strides = (ps if deterministic else 0, pb, pr, pn // 4, rows, n_qt)  # pn: see _dq_partial
+        consts.update(p_strides=(ps if deterministic else 0, pb, pr, pn // 4),  # pn / 4: see _dq_partial
+                      p_sum_strides=(ps, pb, pr, pn))
         block_d = max(16, triton.next_power_of_2(d))
         block_r = (64 if d <= 64 else 32 if d <= 128 else 16) if cuda else 16
-        extra = dict(
-            delta=((cdiv(n_pad, block_r), b * h, rows), (*common[22:26], *lse.stride(), *st_stats, h, n, n_pad, s_max),
-                   dict(HAS_DLSE=dlse is not None, HEAD_DIM=d, ALIGN=al, BLOCK_D=block_d, BLOCK_M=block_r,
-                        num_warps=4 if cuda else 1)),
-            dq_reduce=((cdiv(n, block_r), b * h, rows), (ps, pb, pr, pn, *st_dq, h, n, scale),
-                       dict(ONE_SLOT=not deterministic, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, BLOCK_D=block_d,
-                            BLOCK_M=block_r, WIDTH=dq_width, num_warps=4 if cuda else 1)),
-            dqp_shape=(slots, b, rows, n_pad, h, dq_width),
-            sem_numel=slots * b * h * rows * n_qt if deterministic else 0, deterministic=deterministic)
-    if tables["n_targets"] == 0:
-        return dq_launch, (), None, tables, None, extra, stats_shape
-    key_blocks = cdiv(max(n, m), cfg["BLOCK_N"])
-    cap = reader_cap(tables["reader_counts"], key_blocks, b * h, cuda, q.device, env)
-    t = tables if cap is None else tables["plan"].tables(q.device, cap)
-    # D > 128 in 16 bits: dK and dV in two launches (dV, then dK), each with half the
-    # accumulators, so one warpgroup owns a 64-key tile without spills or m64n16 wgmma.
-    parts = (1, 2) if width > 128 and q.element_size() == 2 and cfg["BLOCK_N"] >= 64 else (0,)
-    n_chain = b * h * t["n_targets"]  # (batch*head, target) pairs
-    if fused:  # the grouped launch order (order_group, launch_order)
-        group = min(n_chain, order_group(n_qt, cuda, q.device))
-        grid = (group, key_blocks, cdiv(n_chain, group))
-    else:
-        group = 0
-        grid = (key_blocks, b * h, t["n_targets"])
-    scalars = (*common, *st_stats, *st_g, h, n, m, t["n_rd_max"], max(n, m), qk_scale,
-               scale, *p_strides, b * h, group, n_chain)
-    consts = dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, CHUNKED=cap is not None, **cfg)
-    if fused:
-        consts.update(FUSED_DQ=True, DETERMINISTIC=deterministic, INTERPRET=interpreting(),
-                      THREADS=32 * cfg["num_warps"], DQ_WIDTH=dq_width, GROUPED=True)
-    dkv = tuple((grid, scalars, dict(consts, PART=part)) for part in parts)
-    if cap is None:
-        return dq_launch, dkv, None, t, None, extra, stats_shape
-    d0, d1 = split_head_dim(d)
-    block_r = 64 if d <= 64 else 32 if d <= 128 else 16
-    reduce = ((cdiv(max(n, m), block_r), b * h, t["n_reductions"]), (*st_g, h, n, m, max(n, m)),
-              dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, D0=d0, D1=max(d1, 16), SPLIT=d1 > 0,
-                   BLOCK_N=block_r, num_warps=4))
-    return dq_launch, dkv, reduce, t, (t["n_partials"], b * h, max(n, m), d), extra, stats_shape
-
+        launches.append(Launch(
+            _bwd_delta_kernel, (cdiv(n_pad, block_r), b * h, rows), (("do_o", "do_o"), ("lse", "lse"), ("stats", "stats")),
+            dict(rows=(tables["n_src"], tables["src_logw"]), dims=(h, n, n_pad, s_max)),
+            dict(HAS_DLSE=dlse is not None, HEAD_DIM=d, ALIGN=al, BLOCK_D=block_d, BLOCK_M=block_r,
+                 num_warps=4 if cuda else 1)))
+        dqsum = Launch(
+            _bwd_dq_reduce_kernel, (cdiv(n, block_r), b * h, rows), (("dqp", "dqp_sum"), ("dq", "dq")),
+            dict(rows=(tables["row_qframe"], tables["n_src"]), dims=(h, n), scale=scale),
+            dict(ONE_SLOT=not deterministic, ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, BLOCK_D=block_d,
+                 BLOCK_M=block_r, WIDTH=dq_width, num_warps=4 if cuda else 1))
+        sizes.append(("dqp", slots * b * rows * n_pad * h * dq_width))
+        if deterministic:
+            sizes.append(("sem", slots * b * h * rows * n_qt))
+    if tables["n_targets"]:
+        key_blocks = cdiv(max(n, m), cfg["BLOCK_N"])
+        cap = reader_cap(tables["reader_counts"], key_blocks, b * h, cuda, q.device, env)
+        t = tables if cap is None else tables["plan"].tables(q.device, cap)
+        # D > 128 in 16 bits: dK and dV in two launches (dV, then dK), each with half the
+        # accumulators, so one warpgroup owns a 64-key tile without spills or m64n16 wgmma.
+        parts = (1, 2) if width > 128 and q.element_size() == 2 and cfg["BLOCK_N"] >= 64 else (0,)
+        n_chain = b * h * t["n_targets"]  # (batch*head, target) pairs
+        operands = (("ins", "ins"), ("stats", "stats"), ("grads", "grads"), ("parts", "parts"))
+        args = dict(targets=(t["tgt_frame"], t["tgt_vslot"], t["tgt_part"]),
+                    readers=(t["row_qframe"], t["n_rd"], t["rd_row"], t["rd_slot"], t["n_rd_max"]),
+                    dims=(h, n, m), qk_scale=qk_scale, scale=scale)
+        kconsts = dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, PREC=prec, CHUNKED=cap is not None, **cfg)
+        if fused:  # the grouped launch order (order_group, launch_order)
+            group = min(n_chain, order_group(n_qt, cuda, q.device))
+            grid = (group, key_blocks, cdiv(n_chain, group))
+            operands += (("dqp", "dqp"),)
+            args.update(n_bh=b * h, group=group, n_chain=n_chain)
+            kconsts.update(DETERMINISTIC=deterministic, INTERPRET=interpreting(), THREADS=32 * cfg["num_warps"],
+                           DQ_WIDTH=dq_width)
+            kernel = _bwd_dkvq_kernel
+        else:
+            grid = (key_blocks, b * h, t["n_targets"])
+            kernel = _bwd_dkv_kernel
+        launches.extend(Launch(kernel, grid, operands, args, dict(kconsts, PART=part)) for part in parts)
+        if cap is not None:
+            d0, d1 = split_head_dim(d)
+            block_r = 64 if d <= 64 else 32 if d <= 128 else 16
+            launches.append(Launch(
+                _bwd_reduce_kernel, (cdiv(max(n, m), block_r), b * h, t["n_reductions"]),
+                (("parts", "parts"), ("grads", "grads")),
+                dict(reductions=(t["red_frame"], t["red_vslot"], t["red_first"], t["red_count"]), dims=(h, n, m)),
+                dict(ACCUMULATE=accumulate, HEAD_DIM=d, ALIGN=al, D0=d0, D1=max(d1, 16), SPLIT=d1 > 0,
+                     BLOCK_N=block_r, num_warps=4)))
+            part_words = t["n_partials"] * b * h * max(n, m) * d
+            sizes += [("pk", part_words), ("pv", part_words)]
+    if dqsum is not None:
+        launches.append(dqsum)
+    regions, words = _layout(sizes)
+    zeroed = ("dqp",) if fused and not deterministic else ()
+    return BwdPhase(tuple(launches), strides, consts, regions, words, zeroed)

@@ -9,6 +9,7 @@ keyframe values U when r is a keyframe). Phase 1 writes only U (keyframes); phas
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -17,26 +18,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch, tiles_for_cuda
-from .primitives import LN2, LOG2E, attend_source, load_pair, store_pair
+from .launch import Launch, tiles_for_cuda
+from .primitives import LN2, LOG2E, attend_source, frame_at, image_at, load_pair, store_pair
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, U, KI, VI, O, LSE,
-    row_qframe, n_src, src_frame, src_vslot, src_logw,
-    stride_qb, stride_qf, stride_qn, stride_qh,
-    stride_kb, stride_kf, stride_kn, stride_kh,
-    stride_vb, stride_vf, stride_vn, stride_vh,
-    stride_ub, stride_uf, stride_un, stride_uh,
-    stride_kib, stride_kim, stride_kih,
-    stride_vib, stride_vim, stride_vih,
-    stride_ob, stride_of, stride_on, stride_oh,
-    stride_lb, stride_lf, stride_ln, stride_lh,
-    H, N, M, S_MAX, qk_scale,
+    q, k, v, u, k_img, v_img, o, lse, rows, dims, qk_scale,
     HAS_IMG: tl.constexpr, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
+    """One query block of one row (a frame's queries) over all its sources. Operands are
+    (pointer, strides) (:func:`frame_at`); ``u``: the refreshed keyframe values (phase 2);
+    ``o``, ``lse``: the row's output and LSE (B, rows, N, H); ``rows``: the plan's tables
+    (row_qframe, n_src, src_frame, src_vslot, src_logw); ``dims``: (H, N, M, S_MAX)."""
+    row_qframe, n_src, src_frame, src_vslot, src_logw = rows
+    H, N, M, S_MAX = dims
     i_m, i_bh, i_row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # int64 batch/frame/head offsets: B*F*N*H*D may exceed 2**31 elements.
     i_b = (i_bh // H).to(tl.int64)
@@ -45,8 +42,8 @@ def _fwd_kernel(
     i_qf = tl.load(row_qframe + i_row).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
 
-    p_q = Q + (i_b * stride_qb + i_qf * stride_qf + i_h * stride_qh) * ALIGN
-    b_q0, b_q1 = load_pair(p_q, o_m, stride_qn * ALIGN, N, HEAD_DIM, D0, D1, SPLIT)
+    p_q, s_q = frame_at(q, i_b, i_qf, i_h, ALIGN)
+    b_q0, b_q1 = load_pair(p_q, o_m, s_q, N, HEAD_DIM, D0, D1, SPLIT)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
@@ -56,36 +53,33 @@ def _fwd_kernel(
     i_first = 0
     if HAS_IMG:  # the plan puts the image source first in the rows that read it
         if tl.load(src_frame + o_tab) < 0:
-            acc0, acc1, l_i, m_i = attend_source(
-                acc0, acc1, l_i, m_i, b_q0, b_q1,
-                KI + (i_b * stride_kib + i_h * stride_kih) * ALIGN,
-                VI + (i_b * stride_vib + i_h * stride_vih) * ALIGN,
-                stride_kim * ALIGN, stride_vim * ALIGN, M, 0.0, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT,
-                PREC)
+            p_k, s_k = image_at(k_img, i_b, i_h, ALIGN)
+            p_v, s_v = image_at(v_img, i_b, i_h, ALIGN)
+            acc0, acc1, l_i, m_i = attend_source(acc0, acc1, l_i, m_i, b_q0, b_q1, p_k, p_v, s_k, s_v, M, 0.0,
+                                                 qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
             i_first = 1
     for i_s in range(i_first, tl.load(n_src + i_row)):
         i_src = tl.load(src_frame + o_tab + i_s).to(tl.int64)
         i_slot = tl.load(src_vslot + o_tab + i_s).to(tl.int64)
         bias = tl.load(src_logw + o_tab + i_s) * LOG2E
-        p_k = K + (i_b * stride_kb + i_src * stride_kf + i_h * stride_kh) * ALIGN
+        p_k, s_k = frame_at(k, i_b, i_src, i_h, ALIGN)
         if i_slot < 0:  # values of a plain frame
-            acc0, acc1, l_i, m_i = attend_source(
-                acc0, acc1, l_i, m_i, b_q0, b_q1, p_k,
-                V + (i_b * stride_vb + i_src * stride_vf + i_h * stride_vh) * ALIGN,
-                stride_kn * ALIGN, stride_vn * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
+            p_v, s_v = frame_at(v, i_b, i_src, i_h, ALIGN)
+            acc0, acc1, l_i, m_i = attend_source(acc0, acc1, l_i, m_i, b_q0, b_q1, p_k, p_v, s_k, s_v, N, bias,
+                                                 qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
         else:  # a keyframe: its values were refreshed by phase 1
-            acc0, acc1, l_i, m_i = attend_source(
-                acc0, acc1, l_i, m_i, b_q0, b_q1, p_k,
-                U + (i_b * stride_ub + i_slot * stride_uf + i_h * stride_uh) * ALIGN,
-                stride_kn * ALIGN, stride_un * ALIGN, N, bias, qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
+            p_v, s_v = frame_at(u, i_b, i_slot, i_h, ALIGN)
+            acc0, acc1, l_i, m_i = attend_source(acc0, acc1, l_i, m_i, b_q0, b_q1, p_k, p_v, s_k, s_v, N, bias,
+                                                 qk_scale, BLOCK_N, HEAD_DIM, D0, D1, SPLIT, PREC)
 
     # A row with no keys (rejected at the door, guarded anyway) gives zeros and lse = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    store_pair(O + (i_b * stride_ob + i_r64 * stride_of + i_h * stride_oh) * ALIGN, acc0 / l_safe[:, None],
-               acc1 / l_safe[:, None], o_m, stride_on * ALIGN, N, HEAD_DIM, D0, D1, SPLIT, False)
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    p_o, s_o = frame_at(o, i_b, i_r64, i_h, ALIGN)
+    store_pair(p_o, acc0 / l_safe[:, None], acc1 / l_safe[:, None], o_m, s_o, N, HEAD_DIM, D0, D1, SPLIT, False)
+    b_lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     # LSE: (B, rows, N, H) indexed through its strides (allocated token-contiguous, function._lse_buffer).
-    tl.store(LSE + i_b * stride_lb + i_r64 * stride_lf + o_m * stride_ln + i_h * stride_lh, lse, mask=o_m < N)
+    p_l, st_l = lse
+    tl.store(p_l + i_b * st_l[0] + i_r64 * st_l[1] + o_m * st_l[2] + i_h * st_l[3], b_lse, mask=o_m < N)
 
 
 def split_head_dim(head_dim: int, min_chunk: int = 16) -> tuple[int, int]:
@@ -122,9 +116,9 @@ _TILES = {
     ("dq", 4, 192): (32, 16, 4, 1), ("dq", 4, 256): (32, 16, 4, 1),
     ("dkv", 4, 64): (32, 32, 4, 2), ("dkv", 4, 96): (16, 32, 4, 1), ("dkv", 4, 128): (16, 32, 4, 1),
     ("dkv", 4, 192): (16, 32, 4, 1), ("dkv", 4, 256): (16, 32, 4, 1),
-    # the fused backward's KV-major pass (dK, dV and dQ's contributions): 64 is the compile
-    # report's leanest loop (16-bit, N = 4096; 28 B of spill, see docs/kernels.md); wider buckets
-    # run fused only when VB_BWD=fused forces it (they spill). The GPU sweep tunes them
+    # the fused backward's KV-major pass (dK, dV and dQ's contributions): the 64 bucket is the
+    # compile report's leanest loop (docs/kernels.md has its figures); wider buckets run fused
+    # only when a call asks for the fused build (they spill). The GPU sweep tunes them
     ("dkvq", 2, 64): (64, 128, 8, 2), ("dkvq", 2, 96): (32, 64, 4, 2), ("dkvq", 2, 128): (32, 64, 4, 2),
     ("dkvq", 2, 192): (32, 64, 8, 2), ("dkvq", 2, 256): (32, 64, 8, 2),
     ("dkvq", 4, 64): (32, 32, 4, 2), ("dkvq", 4, 96): (16, 32, 4, 1), ("dkvq", 4, 128): (16, 32, 4, 1),
@@ -246,32 +240,42 @@ def launch_strides(*specs) -> tuple[int, tuple]:
     return align, tuple(out)
 
 
-def launch_fwd(spec: tuple, tables: dict, q, k, v, u, k_img, v_img, out, lse) -> None:
-    """Launch one phase: for every row i of ``tables`` write ``out[:, i]`` and ``lse[:, i]``.
-
-    ``spec``: :func:`fwd_spec` of these tensors' shapes and strides (the caller caches it: the
-    host path of a call is a dict lookup). q, k, v: (B, F, N, H, D); u: (B, K, N, H, D) refreshed
-    keyframe values or None; k_img, v_img: (B, M, H, D) or None; out: (B, rows, N, H, D);
-    lse: (B, rows, N, H) float32.
-    """
-    grid, scalars, consts = spec
-    dummy = q  # never dereferenced: HAS_IMG=False / no keyframe slot in the table
-    launch(
-        _fwd_kernel, grid, q, k, v, u if u is not None else dummy, k_img if k_img is not None else dummy,
-        v_img if v_img is not None else dummy, out, lse,
-        tables["row_qframe"], tables["n_src"], tables["src_frame"], tables["src_vslot"], tables["src_logw"],
-        *scalars, **consts,
-    )
+def operand_strides(t, n: int, align: int) -> tuple:
+    """The first ``n`` strides of ``t`` in units of ``align`` elements (zeros for None): the
+    strides half of the kernels' (pointer, strides) operands (see :func:`launch_strides`)."""
+    if t is None:
+        return (0,) * n
+    st = t.stride()[:n]
+    return st if align == 1 else tuple(x // align for x in st)
 
 
-def fwd_spec(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float, env: str | None) -> tuple:
-    """(grid, non-tensor arguments, constexpr/launch keywords) of a forward launch of these
-    tensors (arguments as :func:`launch_fwd`'s; ``env``: :func:`tile_env`)."""
+@dataclasses.dataclass(frozen=True)
+class FwdPhase:
+    """The host plan of one forward phase (:func:`fwd_spec`): its launch and its operands'
+    strides (in ALIGN elements)."""
+    launch: Launch
+    strides: dict
+
+    def run(self, t: dict) -> None:
+        """Launch the phase on the call's tensors ``t`` (q, k, v, u, k_img, v_img, o, lse; a
+        missing one is q: never dereferenced, HAS_IMG=False / no keyframe slot in the table)."""
+        self.launch({name: (t[name], st) for name, st in self.strides.items()})
+
+
+def fwd_spec(q, k, v, u, k_img, v_img, out, lse, tables: dict, scale: float, env: str | None) -> FwdPhase:
+    """The plan of one forward phase for these tensors' shapes and strides (``env``:
+    :func:`tile_env`): for every row i of ``tables`` it writes ``out[:, i]`` and ``lse[:, i]``.
+    q, k, v (B, F, N, H, D); u (B, K, N, H, D) refreshed keyframe values or None; k_img, v_img
+    (B, M, H, D) or None; out (B, rows, N, H, D); lse (B, rows, N, H) float32."""
     b, _, n, h, d = q.shape
     m = 0 if k_img is None else k_img.shape[1]
     cfg = block_config(d, q.device, "fwd", n_queries=n, n_keys=max(n, m), elem_bytes=q.element_size(), env=env)
     grid = (cdiv(n, cfg["BLOCK_M"]), b * h, tables["n_rows"])
-    al, strides = launch_strides((q, 4), (k, 4), (v, 4), (u, 4), (k_img, 3), (v_img, 3), (out, 4))
-    scalars = (*strides, *lse.stride(), h, n, m, tables["n_src_max"], scale * _LOG2E)
+    al, _ = launch_strides((q, 4), (k, 4), (v, 4), (u, 4), (k_img, 3), (v_img, 3), (out, 4))
+    strides = {name: operand_strides(t, n_st, al) for name, t, n_st in (
+        ("q", q, 4), ("k", k, 4), ("v", v, 4), ("u", u, 4), ("k_img", k_img, 3), ("v_img", v_img, 3), ("o", out, 4))}
+    strides["lse"] = tuple(lse.stride())
+    rows = tuple(tables[key] for key in ("row_qframe", "n_src", "src_frame", "src_vslot", "src_logw"))
+    args = dict(rows=rows, dims=(h, n, m, tables["n_src_max"]), qk_scale=scale * _LOG2E)
     consts = dict(HAS_IMG=m > 0, HEAD_DIM=d, ALIGN=al, PREC=dot_precision(q.dtype), **cfg)
-    return grid, scalars, consts
+    return FwdPhase(Launch(_fwd_kernel, grid, tuple((name, name) for name in strides), args, consts), strides)

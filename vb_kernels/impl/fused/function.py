@@ -8,6 +8,7 @@ with their LSE (B, K, N, H, D with K = number of keyframes): never a concatenate
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import List, Optional, Tuple
 
@@ -16,9 +17,9 @@ from torch import Tensor
 
 from ...profiling import nvtx_range
 from ...schedule import Schedule
-from .backward import bwd_spec, launch_bwd
+from .backward import bwd_spec
 from .choice import requested_build
-from .forward import dot_precision, fwd_spec, launch_fwd, tile_env
+from .forward import dot_precision, fwd_spec, tile_env
 from .launch import target_arch
 
 # Every buffer the fused path allocates goes through these, so tests can poison outputs (fill
@@ -26,7 +27,6 @@ from .launch import target_arch
 # *_like forms where a tensor of the shape exists: half the host time of torch.empty(shape, ...).
 _alloc = torch.empty
 _alloc_like = torch.empty_like
-_zeros = torch.zeros  # the fused backward's semaphores (and the atomic build's dQ partials)
 _DENSE = torch.contiguous_format
 
 
@@ -54,6 +54,17 @@ def fused_fwd(q, k, v, k_img, v_img, schedule: Schedule, scale: float):
 _FWD_PLANS: dict = {}
 _BWD_PLANS: dict = {}
 _MAX_PLANS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class CallPlan:
+    """The cached host plan of a call's forward or backward: each phase's plan
+    (:class:`forward.FwdPhase` / :class:`backward.BwdPhase`, phase 1 None without keyframes),
+    and the schedule tables they were built for (the cache key holds their ids)."""
+    tables1: Optional[dict]
+    tables2: dict
+    phase1: object
+    phase2: object
 
 
 def _inputs_key(q, k, v, k_img, v_img, tables, scale, env) -> tuple:
@@ -92,38 +103,24 @@ def _fused_fwd(q, k, v, k_img, v_img, schedule, scale):
         lse1 = _lse_buffer(b, n_key, n, h, q)
     out = _alloc_like(q, memory_format=_DENSE)
     lse = _lse_buffer(b, n_frames, n, h, q)
-    if plan is None or plan[0] is not tables[0] or plan[1] is not tables[1]:
-        spec1 = fwd_spec(q, k, v, None, k_img, v_img, u, lse1, tables1, scale, env) if n_key else None
-        plan = _remember(_FWD_PLANS, key, (*tables, spec1, fwd_spec(q, k, v, u, k_img, v_img, out, lse, tables2,
-                                                                   scale, env)))
-    spec1, spec2 = plan[2:]
+    if plan is None or plan.tables1 is not tables1 or plan.tables2 is not tables2:
+        plan = _remember(_FWD_PLANS, key, CallPlan(
+            tables1, tables2, fwd_spec(q, k, v, None, k_img, v_img, u, lse1, tables1, scale, env) if n_key else None,
+            fwd_spec(q, k, v, u, k_img, v_img, out, lse, tables2, scale, env)))
+    spec1, spec2 = plan.phase1, plan.phase2
+    ki, vi = (k_img, v_img) if k_img is not None else (q, q)  # absent: never dereferenced
     if n_key:
         with nvtx_range("vb.phase1.refresh"):
-            launch_fwd(spec1, tables1, q, k, v, None, k_img, v_img, u, lse1)
+            spec1.run(dict(q=q, k=k, v=v, u=q, k_img=ki, v_img=vi, o=u, lse=lse1))
     with nvtx_range("vb.phase2.cross_frame"):
-        launch_fwd(spec2, tables2, q, k, v, u, k_img, v_img, out, lse)
+        spec2.run(dict(q=q, k=k, v=v, u=u if n_key else q, k_img=ki, v_img=vi, o=out, lse=lse))
     return out, lse, u, lse1
 
 
-def _partials(spec, q):
-    """Scratch of one backward phase: the fp32 row statistics (Delta, and the base-2 LSE minus
-    the bias per source slot: every element the dK/dV pass reads is written by the phase's
-    first kernel), fp32 dK and dV partial sums of the split dK/dV targets
-    (small grids only; see reader_cap), then the fused build's fp32 dQ partials and int32
-    semaphores."""
-    shape, fused = spec[4], spec[5]
-    stats = _alloc(spec[6], dtype=torch.float32, device=q.device)
-    pk = pv = dqp = sem = None
-    if shape is not None:
-        pk, pv = (_alloc(shape, dtype=torch.float32, device=q.device),
-                  _alloc(shape, dtype=torch.float32, device=q.device))
-    if fused is not None:
-        if fused["deterministic"]:  # every slot a row reads is written first (key block 0), never filled
-            dqp = _alloc(fused["dqp_shape"], dtype=torch.float32, device=q.device)
-            sem = _zeros(fused["sem_numel"], dtype=torch.int32, device=q.device)
-        else:  # atomic adds into one zeroed slot
-            dqp = _zeros(fused["dqp_shape"], dtype=torch.float32, device=q.device)
-    return stats, pk, pv, dqp, sem
+def _init_semaphores(sem: Tensor) -> None:
+    """The fused build's ordered dQ adds start from zero counts (a test hook: the order check's
+    positive control pre-counts a block here)."""
+    sem.zero_()
 
 
 def fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule: Schedule, scale: float, dlse=None,
@@ -161,20 +158,28 @@ def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, 
         dv_img = _alloc_like(k_img, memory_format=_DENSE)
     if u is not None:  # every slot of U is a phase-2 target (only read keyframes are refreshed): no fill
         du = _alloc_like(u)
-    if plan is None or plan[0] is not tables[0] or plan[1] is not tables[1]:
+    if plan is None or plan.tables1 is not tables1 or plan.tables2 is not tables2:
         spec2 = bwd_spec(q, k, v, u, k_img, v_img, dout, out, lse, dlse, dq, dk, dv, du, dk_img, dv_img, tables2,
                          scale, False, env, deterministic, build)
         spec1 = None if u is None else bwd_spec(q, k, v, None, k_img, v_img, du, u, lse1, None, dq, dk, dv, None,
                                                 dk_img, dv_img, tables1, scale, True, env, deterministic, build)
-        plan = _remember(_BWD_PLANS, key, (*tables, spec2, spec1))
-    spec2, spec1 = plan[2:]
+        plan = _remember(_BWD_PLANS, key, CallPlan(tables1, tables2, spec1, spec2))
+    spec2, spec1 = plan.phase2, plan.phase1
+    # One workspace per call for both phases' scratch (row statistics, dK/dV partials, dQ
+    # partials, semaphores), in regions the plan laid out: fp32, seen as int32 for the counts.
+    # Disjoint per phase, so nothing phase 1 reads is left over from phase 2.
+    ws = _alloc((spec2.words + (spec1.words if spec1 is not None else 0),), dtype=torch.float32, device=q.device)
+    ws_int = ws.view(torch.int32)
+    t = dict(q=q, k=k, v=v, u=u if u is not None else q, k_img=k_img if k_img is not None else q,
+             v_img=v_img if v_img is not None else q, do=dout, out=out, lse=lse, dlse=dlse if dlse is not None else lse,
+             dq=dq, dk=dk, dv=dv, du=du if du is not None else q, dk_img=dk_img if dk_img is not None else q,
+             dv_img=dv_img if dv_img is not None else q)
     with nvtx_range("vb.phase2.cross_frame.bwd"):
-        launch_bwd(spec2, tables2, q, k, v, u, k_img, v_img, dout, out, lse, dlse, dq, dk, dv, du,
-                   dk_img, dv_img, *_partials(spec2, q))
+        spec2.run(t, ws, ws_int, _init_semaphores)
     if u is not None:
+        t.update(u=q, do=du, out=u, lse=lse1, dlse=lse1, du=q)
         with nvtx_range("vb.phase1.refresh.bwd"):
-            launch_bwd(spec1, tables1, q, k, v, None, k_img, v_img, du, u, lse1, None, dq, dk, dv, None,
-                       dk_img, dv_img, *_partials(spec1, q))
+            spec1.run(t, ws[spec2.words:], ws_int[spec2.words:], _init_semaphores)
     return dq, dk, dv, dk_img, dv_img
 
 

@@ -12,10 +12,11 @@ arguments in host memory).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import re
-from typing import Callable
+from typing import Any, Callable
 
 _hook: Callable | None = None
 _cuda_arch = 0  # inside cuda_tiles(): the compute capability x10 the host code plans for
@@ -32,6 +33,49 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         _hook(kernel, grid, args, kwargs)
     else:
         kernel[grid](*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch of a cached host plan: everything but the call's tensors.
+
+    ``operands``: (argument name, operand name) pairs: the argument is the call's operand of
+    that name (a tensor with its strides, ``(tensor, strides)``, the kernels' operand form, see
+    ``primitives.frame_at``; or a tuple of such), built once per call by the plan. ``args``: the
+    other runtime arguments by name (scalars, tuples, the schedule's tables); ``consts``:
+    constexprs and launch options. A plan is a few of these, computed once per input signature."""
+    kernel: Any
+    grid: tuple
+    operands: tuple
+    args: dict
+    consts: dict
+
+    def __post_init__(self):
+        # the call's positional arguments, in the kernel's order up to the last one given, with
+        # the operands' places left to fill (names are resolved once here, not per call), and
+        # the launch options (num_warps, num_stages) apart
+        names = list(self.kernel.arg_names)
+        given = {**self.args, **self.consts, **{name: None for name, _ in self.operands}}
+        last = max(names.index(name) for name in given if name in names)
+        missing = [name for name in names[:last + 1] if name not in given]
+        if missing:
+            raise ValueError(f"Launch of {self.kernel.__name__}: arguments {missing} not given")
+        template = [given[name] for name in names[:last + 1]]
+        slots = tuple((names.index(name), key) for name, key in self.operands)
+        options = {name: value for name, value in self.consts.items() if name not in names}
+        object.__setattr__(self, "_template", template)
+        object.__setattr__(self, "_slots", slots)
+        object.__setattr__(self, "_options", options)
+
+    def __call__(self, ops: dict) -> None:
+        args = self._template.copy()
+        for i, key in self._slots:
+            args[i] = ops[key]
+        launch(self.kernel, self.grid, *args, **self._options)
+
+    def argument(self, name: str):
+        """The argument ``name`` as a launch passes it (a constexpr, scalar or table)."""
+        return self.consts[name] if name in self.consts else self.args[name]
 
 
 @contextlib.contextmanager

@@ -113,3 +113,19 @@ def attend_source(acc0, acc1, l_i, m_i, b_q0, b_q1, p_k, p_v, stride_kn, stride_
         acc0, acc1, l_i, m_i = online_step(acc0, acc1, l_i, m_i, b_q0, b_q1, p_k, p_v, stride_kn, stride_vn,
                                            L, start, bias, qk_scale, TAIL, HEAD_DIM, D0, D1, SPLIT, True, PREC)
     return acc0, acc1, l_i, m_i
+
+
+# ---- operands: a tensor travels to a kernel as (pointer, strides), the strides in units of the
+# launch's ALIGN elements (forward.launch_strides), so a kernel takes one argument per tensor ----
+@triton.jit
+def frame_at(op, i_b, i_f, i_h, ALIGN: tl.constexpr):
+    """(pointer to batch ``i_b``, frame ``i_f``, head ``i_h``; token stride) of a (B, F, N, H, D)
+    operand ``op`` = (pointer, (batch, frame, token, head) strides in ALIGN elements)."""
+    return op[0] + (i_b * op[1][0] + i_f * op[1][1] + i_h * op[1][3]) * ALIGN, op[1][2] * ALIGN
+
+
+@triton.jit
+def image_at(op, i_b, i_h, ALIGN: tl.constexpr):
+    """(pointer to batch ``i_b``, head ``i_h``; token stride) of a (B, M, H, D) operand ``op`` =
+    (pointer, (batch, token, head) strides in ALIGN elements)."""
+    return op[0] + (i_b * op[1][0] + i_h * op[1][2]) * ALIGN, op[1][1] * ALIGN
