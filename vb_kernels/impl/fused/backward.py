@@ -690,57 +690,62 @@ def launch_order(n_chains: int, key_blocks: int, group: int) -> list[tuple[int, 
 @dataclasses.dataclass(frozen=True)
 class BwdPhase:
     """The host plan of one backward phase (:func:`bwd_spec`): its launches, in order, and its
-    fp32 scratch as regions of one workspace (offsets and sizes in 4-byte words, each 16-byte
-    aligned): the row statistics (Delta, then one shift per source slot), the split targets'
-    dK/dV partials, the fused build's dQ partials and int32 semaphores (zeroed per call)."""
+    fp32 scratch as consecutive pieces of one workspace (``sizes`` in 4-byte words, each piece
+    16-byte aligned; ``pieces``: name -> index of its piece): the row statistics (Delta, then one
+    shift per source slot), the fused build's dQ partials and int32 semaphores (zeroed per
+    call), the split targets' dK/dV partials. The workspace is cut with one ``split`` per call."""
     launches: tuple
     strides: dict  # operand name -> its strides (in ALIGN elements, as the kernels take them)
     consts: dict  # per-phase values the operands carry: L_MAX, B*H, the dQ partials' strides, ...
-    regions: dict  # scratch name -> (offset, words)
-    words: int
-    zeroed: tuple  # scratch regions set to zero before the phase runs (the atomic build's dQ slot)
+    sizes: tuple  # words of each piece (padding pieces included)
+    pieces: dict  # scratch name -> index into the pieces
+    zeroed: tuple  # scratch set to zero before the phase runs (the atomic build's dQ slot)
 
-    def operands(self, t: dict, ws, ws_int) -> dict:
+    @property
+    def words(self) -> int:
+        return sum(self.sizes)
+
+    def operands(self, t: dict, ws: tuple) -> dict:
         """The kernels' operands of this phase from the call's tensors ``t`` (q, k, v, u, k_img,
         v_img, do, out, lse, dlse, dq, dk, dv, du, dk_img, dv_img; a missing one is q, never read)
-        and the workspace (``ws`` fp32, ``ws_int`` the same memory as int32)."""
-        st, c, reg = self.strides, self.consts, self.regions
-        ins = tuple((t[name], st[name]) for name in ("q", "k", "v", "u", "k_img", "v_img", "do"))
-        scratch = {name: (ws_int if name == "sem" else ws)[off:off + words] for name, (off, words) in reg.items()}
-        delta = scratch["stats"]
-        shift = delta[c["plane"]:]
-        dqp = scratch.get("dqp", t["q"])
+        and the workspace's pieces ``ws`` (fp32; the semaphores are seen as int32)."""
+        st, c, at, q = self.strides, self.consts, self.pieces, t["q"]
+        ins = ((q, st["q"]), (t["k"], st["k"]), (t["v"], st["v"]), (t["u"], st["u"]), (t["k_img"], st["k_img"]),
+               (t["v_img"], st["v_img"]), (t["do"], st["do"]))
+        dqp = ws[at["dqp"]] if "dqp" in at else q
+        sem = ws[at["sem"]].view(torch.int32) if "sem" in at else c["no_sem"]
+        parts = (ws[at["pk"]], ws[at["pv"]]) if "pk" in at else (q, q)
         return dict(
             ins=ins, q=ins[0], k=ins[1], v=ins[2], u=ins[3], k_img=ins[4], v_img=ins[5], do=ins[6],
             do_o=(t["do"], t["out"], st["do"]), lse=(t["lse"], t["dlse"], st["lse"]),
-            stats=(delta, shift, st["stats"]), dq=(t["dq"], st["dq"]),
+            stats=(ws[at["delta"]], ws[at["shift"]], st["stats"]), dq=(t["dq"], st["dq"]),
             grads=(t["dk"], t["dv"], t["du"], t["dk_img"], t["dv_img"], st["dk"], st["du"], st["dk_img"]),
-            parts=(scratch.get("pk", t["q"]), scratch.get("pv", t["q"]), c["l_max"], c["n_bh"]),
-            dqp=(dqp, scratch.get("sem", c["no_sem"]), c["p_strides"], c["n_rows"], c["n_qt"], c["n_bh"]),
-            dqp_sum=(dqp, c["p_sum_strides"]))
+            parts=(*parts, c["l_max"], c["n_bh"]), dqp=(dqp, sem, c["p_strides"], c["n_rows"], c["n_qt"], c["n_bh"]),
+            dqp_sum=(dqp, c["p_sum_strides"]), semaphores=sem)
 
-    def run(self, t: dict, ws, ws_int, init_semaphores) -> None:
-        """Launch the phase on the call's tensors and its part of the workspace."""
-        if "sem" in self.regions:
-            off, words = self.regions["sem"]
-            init_semaphores(ws_int[off:off + words])
+    def run(self, t: dict, ws: tuple, init_semaphores) -> None:
+        """Launch the phase on the call's tensors and its pieces of the workspace."""
+        ops = self.operands(t, ws)
+        if "sem" in self.pieces:
+            init_semaphores(ops["semaphores"])
         for name in self.zeroed:
-            off, words = self.regions[name]
-            ws[off:off + words].zero_()
-        ops = self.operands(t, ws, ws_int)
+            ws[self.pieces[name]].zero_()
         for lnch in self.launches:
             lnch(ops)
 
 
-def _layout(sizes) -> tuple[dict, int]:
-    """Regions (offset, words) of one workspace for (name, words) pairs, in order, each starting
-    on a 16-byte boundary (the kernels' vector loads and Triton's pointer specialisation)."""
-    regions, off = {}, 0
-    for name, words in sizes:
+def _layout(regions) -> tuple[tuple, dict]:
+    """(sizes, pieces) of a workspace for (name, words) regions, in order: each region starts on a
+    16-byte boundary (the kernels' vector loads and Triton's pointer specialisation), a padding
+    piece after it where needed; ``pieces``: name -> index of its piece."""
+    sizes, pieces = [], {}
+    for name, words in regions:
         if words:
-            regions[name] = (off, words)
-            off += cdiv(words, 4) * 4
-    return regions, off
+            pieces[name] = len(sizes)
+            sizes.append(words)
+            if words % 4:
+                sizes.append(4 - words % 4)
+    return tuple(sizes), pieces
 
 
 def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_img, dv_img, tables: dict,
@@ -808,9 +813,9 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
     # (a column mask keeps the adds vectors), else the chunks' (no mask); fp32 rows 16-byte aligned
     dq_width = d if d % 4 == 0 else width
     n_qt = cdiv(n, cfg["BLOCK_M"])
-    consts = dict(plane=plane, n_bh=b * h, n_rows=rows, n_qt=n_qt, l_max=max(n, m), no_sem=tables["row_qframe"],
+    consts = dict(n_bh=b * h, n_rows=rows, n_qt=n_qt, l_max=max(n, m), no_sem=tables["row_qframe"],
                   p_strides=(0, 0, 0, 0), p_sum_strides=(0, 0, 0, 0))
-    sizes = [("stats", (1 + s_max) * plane)]
+    sizes = [("delta", plane), ("shift", s_max * plane)]  # Delta, then the shifts right after it
     dqsum = None
     if fused:
         slots = tables["n_src_max"] if deterministic else 1
@@ -873,6 +878,5 @@ def bwd_spec(q, k, v, u, k_img, v_img, do, out, lse, dlse, dq, dk, dv, du, dk_im
             sizes += [("pk", part_words), ("pv", part_words)]
     if dqsum is not None:
         launches.append(dqsum)
-    regions, words = _layout(sizes)
     zeroed = ("dqp",) if fused and not deterministic else ()
-    return BwdPhase(tuple(launches), strides, consts, regions, words, zeroed)
+    return BwdPhase(tuple(launches), strides, consts, *_layout(sizes), zeroed)

@@ -166,20 +166,20 @@ def _fused_bwd(dout, q, k, v, k_img, v_img, out, lse, u, lse1, schedule, scale, 
         plan = _remember(_BWD_PLANS, key, CallPlan(tables1, tables2, spec1, spec2))
     spec2, spec1 = plan.phase2, plan.phase1
     # One workspace per call for both phases' scratch (row statistics, dK/dV partials, dQ
-    # partials, semaphores), in regions the plan laid out: fp32, seen as int32 for the counts.
-    # Disjoint per phase, so nothing phase 1 reads is left over from phase 2.
-    ws = _alloc((spec2.words + (spec1.words if spec1 is not None else 0),), dtype=torch.float32, device=q.device)
-    ws_int = ws.view(torch.int32)
+    # partials, semaphores), cut into the pieces the plans laid out with one split: fp32, the
+    # counts seen as int32. Disjoint per phase, so nothing phase 1 reads is left over from phase 2.
+    sizes = spec2.sizes + (spec1.sizes if spec1 is not None else ())
+    ws = _alloc((sum(sizes),), dtype=torch.float32, device=q.device).split_with_sizes(sizes)
     t = dict(q=q, k=k, v=v, u=u if u is not None else q, k_img=k_img if k_img is not None else q,
              v_img=v_img if v_img is not None else q, do=dout, out=out, lse=lse, dlse=dlse if dlse is not None else lse,
              dq=dq, dk=dk, dv=dv, du=du if du is not None else q, dk_img=dk_img if dk_img is not None else q,
              dv_img=dv_img if dv_img is not None else q)
     with nvtx_range("vb.phase2.cross_frame.bwd"):
-        spec2.run(t, ws, ws_int, _init_semaphores)
+        spec2.run(t, ws, _init_semaphores)
     if u is not None:
         t.update(u=q, do=du, out=u, lse=lse1, dlse=lse1, du=q)
         with nvtx_range("vb.phase1.refresh.bwd"):
-            spec1.run(t, ws[spec2.words:], ws_int[spec2.words:], _init_semaphores)
+            spec1.run(t, ws[len(spec2.sizes):], _init_semaphores)
     return dq, dk, dv, dk_img, dv_img
 
 
