@@ -9,9 +9,10 @@ The split build (7 matmuls, 2 exponentials per score, no atomics), per phase:
   row that reads the target, in row order. Shared K/V (the anchor frame, the image tokens) get
   their gradient summed over all readers in registers, in a fixed order: same bits every run.
 The fused build (5 matmuls, 1 exponential): ``_bwd_delta_kernel`` writes Delta, then
-``_bwd_dkv_kernel`` with ``FUSED_DQ`` also adds each key tile's dQ contribution into fp32 partial
-slots (:func:`_dq_partial`: ordered by semaphores, or atomic), and ``_bwd_dq_reduce_kernel`` sums
-each row's slots into dQ.
+``_bwd_dkvq_kernel`` (the same per-target work, :func:`_dkv_target`, on the grouped launch order)
+also adds each key tile's dQ contribution into fp32 partial slots (:func:`_dq_partial`: in
+key-block order by :func:`_ordered_add`, or atomic), and ``_bwd_dq_reduce_kernel`` sums each
+row's slots into dQ. The host side of a phase is a :class:`BwdPhase` (:func:`bwd_spec`).
 Phase 2 runs first; its dV for a keyframe source is dU, the gradient of the refreshed values,
 which is then the dO of phase 1. Phase 1 accumulates (load + add + store, never concurrently)
 into dQ, dK, dV and the image gradients.
