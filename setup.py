@@ -10,7 +10,7 @@ MODEL = [
     "timm>=0.9",
     "tqdm>=4.60",
 ]
-TRAIN = MODEL + ["av>=17", "imageio>=2.30", "imageio-ffmpeg>=0.4", "matplotlib>=3.7", "pyyaml>=6", "tensorboard>=2.10"]
+TRAIN = MODEL + ["av>=17", "imageio>=2.30", "imageio-ffmpeg>=0.4", "matplotlib>=3.7", "peft>=0.10", "pyyaml>=6", "tensorboard>=2.10"]
 BENCH = ["pytest-benchmark>=4.0", "nvtx>=0.2", "matplotlib>=3.7"]
 
 setup(
