@@ -229,15 +229,7 @@ def launch_strides(*specs) -> tuple[int, tuple]:
     align = 16 // specs[0][0].element_size()
     if any(s % align or s >= 2 ** 31 for st in strides if st is not None for s in st[:-1]):
         align = 1
-    out = []
-    for st, (_, n) in zip(strides, specs):
-        if st is None:
-            out.extend((0,) * n)
-        elif align == 1:
-            out.extend(st[:n])
-        else:
-            out.extend(s // align for s in st[:n])
-    return align, tuple(out)
+    return align, tuple(s for t, n in specs for s in operand_strides(t, n, align))
 
 
 def operand_strides(t, n: int, align: int) -> tuple:

@@ -73,10 +73,6 @@ class Launch:
             args[i] = ops[key]
         launch(self.kernel, self.grid, *args, **self._options)
 
-    def argument(self, name: str):
-        """The argument ``name`` as a launch passes it (a constexpr, scalar or table)."""
-        return self.consts[name] if name in self.consts else self.args[name]
-
 
 @contextlib.contextmanager
 def intercept(hook: Callable):
